@@ -1,0 +1,44 @@
+"""nerve: serverless, event-driven microservices for Python."""
+
+from nerve.app import App, EventType, Function, RetryPolicy, Subscription
+from nerve.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DeadLetter,
+    DecodeError,
+    DefinitionError,
+    EmitError,
+    InvalidEvent,
+    LeaseLost,
+    NerveError,
+    PayloadTooLarge,
+    Retry,
+    StoreError,
+    TransportError,
+)
+from nerve.event import Event
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "BrokerUnavailable",
+    "ConfigError",
+    "DeadLetter",
+    "DecodeError",
+    "DefinitionError",
+    "EmitError",
+    "Event",
+    "EventType",
+    "Function",
+    "InvalidEvent",
+    "LeaseLost",
+    "NerveError",
+    "PayloadTooLarge",
+    "Retry",
+    "RetryPolicy",
+    "StoreError",
+    "Subscription",
+    "TransportError",
+    "__version__",
+]

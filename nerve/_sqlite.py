@@ -1,0 +1,210 @@
+"""A SQLite connection on its own thread, with group commit.
+
+Python's sqlite3 blocks; a commit with ``synchronous=FULL`` waits for an fsync. So
+each database gets one worker thread owning one connection, and the event loop hands
+it work:
+
+- :meth:`Worker.write` runs a function inside a write transaction *shared* with every
+  other write queued meanwhile (group commit): one fsync for the whole batch. Each
+  function runs under its own SAVEPOINT, so one failing does not undo the others. The
+  caller's future resolves only after COMMIT, so a returned write is durable.
+- :meth:`Worker.call` runs a function as-is (no transaction management), for callers
+  that manage their own transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nerve.errors import StoreError
+
+T = TypeVar("T")
+
+MAX_BATCH = 1024
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    in_transaction: bool
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Stop:
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def connect(path: str, *, synchronous: str = "FULL", busy_timeout: float = 30.0) -> sqlite3.Connection:
+    """Open a connection with nerve's settings: WAL, the given sync level, autocommit."""
+    if path != ":memory:" and not path.startswith("file:"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=busy_timeout,
+        uri=path.startswith("file:"),
+    )
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+    if path != ":memory:":
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal" and "mode=memory" not in path:
+            raise StoreError(f"{path}: could not switch SQLite to WAL mode (got {mode})")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    return conn
+
+
+class Worker:
+    """One SQLite connection served by one thread."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = 30.0,
+        name: str = "",
+        error: type[Exception] = StoreError,
+    ) -> None:
+        self.path = path
+        self._error = error
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._name = name or f"nerve-sqlite:{path}"
+        self._queue: queue.SimpleQueue[_Job | _Stop] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self.commits = 0
+        self.writes = 0
+
+    async def start(self, setup: Callable[[sqlite3.Connection], None] | None = None) -> None:
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            try:
+                self._conn = connect(
+                    self.path, synchronous=self._synchronous, busy_timeout=self._busy_timeout
+                )
+                if setup is not None:
+                    setup(self._conn)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle_one, ready, None, exc)
+                return
+            loop.call_soon_threadsafe(_settle_one, ready, None, None)
+            self._serve(self._conn)
+
+        self._thread = threading.Thread(target=run, name=self._name, daemon=True)
+        self._thread.start()
+        await ready
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        while True:
+            first = self._queue.get()
+            if isinstance(first, _Stop):
+                conn.close()
+                first.done.set()
+                return
+            batch: list[_Job] = [first]
+            stop: _Stop | None = None
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Stop):
+                    stop = item
+                    break
+                batch.append(item)
+            self._run_batch(conn, batch)
+            if stop is not None:
+                conn.close()
+                stop.done.set()
+                return
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        writes = [job for job in batch if job.in_transaction]
+        for job in batch:
+            if not job.in_transaction:
+                try:
+                    job.result = job.fn(conn)
+                except BaseException as exc:
+                    job.error = exc
+        if writes:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for job in writes:
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        job.result = job.fn(conn)
+                    except BaseException as exc:
+                        job.error = exc
+                        conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                conn.execute("COMMIT")
+                self.commits += 1
+                self.writes += len(writes)
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                for job in writes:
+                    job.error = self._error(f"{self.path}: commit failed: {exc}")
+        for job in batch:
+            if isinstance(job.error, sqlite3.Error):
+                job.error = self._error(f"{self.path}: {job.error}")
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for job in batch:
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle_all, jobs)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T], in_transaction: bool) -> asyncio.Future[T]:
+        if self._thread is None or not self._thread.is_alive():
+            raise self._error(f"{self.path}: the database is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn, future, loop, in_transaction))
+        return future
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a group-committed write transaction; return once durable."""
+        return await self._submit(fn, True)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the worker's connection as-is."""
+        return await self._submit(fn, False)
+
+    async def close(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            return
+        stop = _Stop()
+        self._queue.put(stop)
+        await asyncio.to_thread(stop.done.wait, 30)
+        self._thread = None
+
+
+def _settle_one(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _settle_all(jobs: list[_Job]) -> None:
+    for job in jobs:
+        _settle_one(job.future, job.result, job.error)

@@ -1,0 +1,341 @@
+"""The Event: an immutable CloudEvents 1.0 envelope, and its structured-mode JSON codec.
+
+An :class:`Event` never changes once created. What happens to it in transit (attempt
+number, lease, receive time) belongs to a ``Delivery`` that wraps it.
+
+Structured mode (``application/cloudevents+json``) is the wire format of the embedded
+broker and the default everywhere; binary-mode bindings (attributes as protocol
+headers) live in the transports that need them and reuse :func:`from_attributes`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import threading
+import time as _time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from nerve.errors import DecodeError, InvalidEvent
+
+__all__ = [
+    "CONTENT_TYPE_BATCH",
+    "CONTENT_TYPE_JSON",
+    "CONTENT_TYPE_STRUCTURED",
+    "Event",
+    "decode",
+    "decode_batch",
+    "encode",
+    "encode_batch",
+    "from_attributes",
+    "to_attributes",
+    "uuid7",
+]
+
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_STRUCTURED = "application/cloudevents+json"
+CONTENT_TYPE_BATCH = "application/cloudevents-batch+json"
+
+#: Context attributes defined by the CloudEvents 1.0 core spec (everything else is an extension).
+CORE_ATTRIBUTES = frozenset(
+    {"specversion", "id", "source", "type", "time", "subject", "datacontenttype", "dataschema"}
+)
+_EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+_RESERVED = CORE_ATTRIBUTES | {"data", "data_base64"}
+
+ExtensionValue = str | int | bool
+
+
+# ---------------------------------------------------------------------------------------
+# UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness; monotonic within a process.
+
+_uuid_lock = threading.Lock()
+_last_ms = 0
+_last_seq = 0
+
+
+def uuid7() -> str:
+    """A new UUIDv7 string: sorts by creation time, unique without coordination."""
+    global _last_ms, _last_seq
+    ms = _time.time_ns() // 1_000_000
+    with _uuid_lock:
+        if ms <= _last_ms:
+            ms = _last_ms
+            _last_seq = (_last_seq + 1) & 0xFFF
+            if _last_seq == 0:  # 4096 ids in one millisecond: borrow the next one
+                ms += 1
+        else:
+            _last_seq = int.from_bytes(os.urandom(2)) & 0x7FF
+        _last_ms = ms
+        seq = _last_seq
+    rand = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
+    value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
+    return str(uuid.UUID(int=value))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _frozen(mapping: Mapping[str, ExtensionValue] | None) -> Mapping[str, ExtensionValue]:
+    return MappingProxyType(dict(mapping) if mapping else {})
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """A CloudEvents 1.0 event. Immutable: use :meth:`evolve` to derive a changed copy.
+
+    ``data`` is any JSON value, or ``bytes`` for binary payloads (sent as
+    ``data_base64`` in structured JSON). ``extensions`` holds extension attributes
+    (names of 1-20 characters ``[a-z0-9]``; values ``str``, ``int`` or ``bool``),
+    among them nerve's ``partitionkey`` (ordering key), ``traceparent``,
+    ``causationid`` and ``correlationid``.
+    """
+
+    type: str
+    source: str
+    id: str = field(default_factory=uuid7)
+    specversion: str = "1.0"
+    time: datetime | None = field(default_factory=_now)
+    subject: str | None = None
+    datacontenttype: str | None = CONTENT_TYPE_JSON
+    dataschema: str | None = None
+    data: Any = None
+    extensions: Mapping[str, ExtensionValue] = field(default_factory=_frozen)
+
+    def __post_init__(self) -> None:
+        if self.specversion != "1.0":
+            raise InvalidEvent("specversion", f"must be '1.0', got {self.specversion!r}")
+        for name in ("id", "source", "type"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise InvalidEvent(name, f"is required and must be a non-empty string, got {value!r}")
+        for name in ("subject", "datacontenttype", "dataschema"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidEvent(name, f"must be a string, got {type(value).__name__}")
+        if self.time is not None:
+            if not isinstance(self.time, datetime):
+                raise InvalidEvent("time", f"must be a datetime, got {type(self.time).__name__}")
+            if self.time.tzinfo is None:
+                raise InvalidEvent("time", "must be timezone-aware (RFC 3339 needs an offset)")
+        if not isinstance(self.extensions, MappingProxyType):
+            object.__setattr__(self, "extensions", _frozen(self.extensions))
+        for name, value in self.extensions.items():
+            _check_extension(name, value)
+
+    # -- convenient views ------------------------------------------------------------
+
+    @property
+    def partitionkey(self) -> str | None:
+        """The ordering key: events with the same key are handled in publish order."""
+        value = self.extensions.get("partitionkey")
+        return None if value is None else str(value)
+
+    @property
+    def traceparent(self) -> str | None:
+        value = self.extensions.get("traceparent")
+        return None if value is None else str(value)
+
+    def evolve(self, **changes: Any) -> Event:
+        """A copy with ``changes`` applied (and validated). The original is untouched."""
+        return replace(self, **changes)
+
+    def with_extensions(self, **values: ExtensionValue | None) -> Event:
+        """A copy with extension attributes set (``None`` removes one)."""
+        merged = dict(self.extensions)
+        for name, value in values.items():
+            if value is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = value
+        return replace(self, extensions=_frozen(merged))
+
+
+def _check_extension(name: str, value: object) -> None:
+    if not isinstance(name, str) or not _EXTENSION_NAME.match(name):
+        raise InvalidEvent(
+            str(name), "extension attribute names must be 1-20 characters of a-z and 0-9"
+        )
+    if name in _RESERVED:
+        raise InvalidEvent(name, "is a core attribute and cannot be used as an extension")
+    if not isinstance(value, str | int | bool):
+        raise InvalidEvent(
+            name, f"extension values must be str, int or bool, got {type(value).__name__}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Attribute dictionaries (shared by the structured codec and by binary-mode bindings)
+
+
+def to_attributes(event: Event) -> dict[str, Any]:
+    """The event's context attributes as a flat dict (no data), absent ones omitted."""
+    attrs: dict[str, Any] = {
+        "specversion": event.specversion,
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+    }
+    if event.time is not None:
+        attrs["time"] = event.time
+    if event.subject is not None:
+        attrs["subject"] = event.subject
+    if event.datacontenttype is not None:
+        attrs["datacontenttype"] = event.datacontenttype
+    if event.dataschema is not None:
+        attrs["dataschema"] = event.dataschema
+    attrs.update(event.extensions)
+    return attrs
+
+
+def _parse_time(value: object) -> datetime:
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidEvent("time", f"is not an RFC 3339 timestamp: {value!r}") from None
+    else:
+        raise InvalidEvent("time", f"must be an RFC 3339 string, got {type(value).__name__}")
+    if parsed.tzinfo is None:
+        raise InvalidEvent("time", f"needs a UTC offset or 'Z': {value!r}")
+    return parsed
+
+
+def from_attributes(attributes: Mapping[str, Any], data: Any = None) -> Event:
+    """Build an event from context attributes (as a binding receives them) and data."""
+    known: dict[str, Any] = {}
+    extensions: dict[str, ExtensionValue] = {}
+    for name, value in attributes.items():
+        if name in CORE_ATTRIBUTES:
+            known[name] = value
+        elif name in ("data", "data_base64"):
+            continue
+        else:
+            extensions[name] = value
+    for name in ("specversion", "id", "source", "type"):
+        if name not in known:
+            raise InvalidEvent(name, "is required but missing")
+    time_value = known.get("time")
+    return Event(
+        specversion=known["specversion"],
+        id=known["id"],
+        source=known["source"],
+        type=known["type"],
+        time=None if time_value is None else _parse_time(time_value),
+        subject=known.get("subject"),
+        datacontenttype=known.get("datacontenttype"),
+        dataschema=known.get("dataschema"),
+        data=data,
+        extensions=extensions,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Structured-mode JSON codec
+
+_DUMP_OPTIONS = orjson.OPT_UTC_Z
+
+
+def _is_json_content(content_type: str | None) -> bool:
+    if content_type is None:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json") or media.startswith("text/")
+
+
+def _structured(event: Event) -> dict[str, Any]:
+    doc = to_attributes(event)
+    data = event.data
+    if isinstance(data, bytes | bytearray | memoryview):
+        doc["data_base64"] = base64.b64encode(bytes(data)).decode("ascii")
+    elif data is not None:
+        doc["data"] = data
+    return doc
+
+
+def encode(event: Event) -> bytes:
+    """Encode one event as structured-mode CloudEvents JSON."""
+    try:
+        return orjson.dumps(_structured(event), option=_DUMP_OPTIONS)
+    except TypeError as exc:
+        raise InvalidEvent("data", f"is not JSON-serialisable: {exc}") from None
+
+
+def encode_batch(events: Iterable[Event]) -> bytes:
+    """Encode events as a JSON array (``application/cloudevents-batch+json``)."""
+    try:
+        return orjson.dumps([_structured(e) for e in events], option=_DUMP_OPTIONS)
+    except TypeError as exc:
+        raise InvalidEvent("data", f"is not JSON-serialisable: {exc}") from None
+
+
+def _from_document(doc: object, raw: bytes) -> Event:
+    if not isinstance(doc, dict):
+        raise DecodeError("(envelope)", "a structured event must be a JSON object", raw)
+    if "data" in doc and "data_base64" in doc:
+        raise DecodeError("data", "an event cannot carry both 'data' and 'data_base64'", raw)
+    data: Any = doc.get("data")
+    if "data_base64" in doc:
+        encoded = doc["data_base64"]
+        if not isinstance(encoded, str):
+            raise DecodeError("data_base64", "must be a base64 string", raw)
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise DecodeError("data_base64", "is not valid base64", raw) from None
+    try:
+        return from_attributes(doc, data)
+    except DecodeError:
+        raise
+    except InvalidEvent as exc:
+        raise DecodeError(exc.attribute, exc.reason, raw) from None
+
+
+def decode(raw: bytes | bytearray | memoryview | str) -> Event:
+    """Decode one structured-mode CloudEvents JSON document.
+
+    Raises :class:`DecodeError` (carrying the raw bytes) for anything that is not a
+    valid event, naming the attribute at fault.
+    """
+    raw_bytes = raw.encode() if isinstance(raw, str) else bytes(raw)
+    try:
+        doc = orjson.loads(raw_bytes)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError("(envelope)", f"not valid JSON: {exc}", raw_bytes) from None
+    return _from_document(doc, raw_bytes)
+
+
+def decode_batch(raw: bytes | str) -> list[Event]:
+    """Decode a ``application/cloudevents-batch+json`` array of structured events."""
+    raw_bytes = raw.encode() if isinstance(raw, str) else bytes(raw)
+    try:
+        docs = orjson.loads(raw_bytes)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError("(batch)", f"not valid JSON: {exc}", raw_bytes) from None
+    if not isinstance(docs, list):
+        raise DecodeError("(batch)", "a batch must be a JSON array of events", raw_bytes)
+    return [_from_document(doc, raw_bytes) for doc in docs]
+
+
+def is_json_data(event: Event) -> bool:
+    """True when the event's data is JSON (by its ``datacontenttype``)."""
+    return _is_json_content(event.datacontenttype) and not isinstance(event.data, bytes)
+
+
+def payload_bytes(events: Sequence[Event]) -> list[bytes]:
+    """Encode several events one by one (the transports' batch-publish helper)."""
+    return [encode(e) for e in events]

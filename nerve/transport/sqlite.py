@@ -1,0 +1,713 @@
+"""``sqlite:///path/to/nerve.db``: the embedded durable broker, in one SQLite file.
+
+Design: publishing appends to ``log`` and fans out one ``deliveries`` row per matching
+group, in one group-committed transaction (WAL, ``synchronous=FULL`` by default). A
+consumer claims rows with one ``UPDATE ... RETURNING`` that sets a lease and a fresh
+random fencing token; settlements delete or update a row only while the token still
+matches, so a consumer whose lease expired cannot settle what someone else now owns.
+Several processes may share one file: SQLite serialises the writers and a watcher
+thread notices other processes' commits (``PRAGMA data_version``) to wake consumers.
+
+URL options: ``?synchronous=FULL|NORMAL|OFF&visibility_timeout=30&max_payload=1048576``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+
+from nerve import event as codec
+from nerve._sqlite import Worker, connect
+from nerve.app import Subscription
+from nerve.errors import ConfigError, LeaseLost, PayloadTooLarge, TransportError
+from nerve.event import Event
+from nerve.transport.base import DeadLetterEntry, Failure, Features, GroupStats
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS log (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    published_at REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS groups (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    declared_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    key TEXT,
+    available_at REAL NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0,
+    token INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    first_at REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_group ON deliveries (grp, id);
+CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries (grp, key, id) WHERE key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    grp TEXT NOT NULL,
+    event_id TEXT,
+    body BLOB NOT NULL,
+    failure TEXT NOT NULL,
+    dead_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_group ON dead_letters (grp, id);
+CREATE TABLE IF NOT EXISTS counters (
+    grp TEXT PRIMARY KEY,
+    processed INTEGER NOT NULL DEFAULT 0,
+    retried INTEGER NOT NULL DEFAULT 0,
+    dead_lettered INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('groups_version', 0);
+"""
+
+_CLAIM = """
+UPDATE deliveries SET lease_until = :until, token = :token, attempt = attempt + 1,
+       first_at = coalesce(first_at, :now)
+WHERE id IN (
+    SELECT d.id FROM deliveries d
+    WHERE d.grp = :grp AND d.available_at <= :now AND d.lease_until <= :now
+      AND (d.key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM deliveries e WHERE e.grp = d.grp AND e.key = d.key AND e.id < d.id))
+    ORDER BY d.id LIMIT :limit)
+RETURNING id, seq, key, attempt, first_at
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteConfig:
+    path: str = ".nerve/nerve.db"
+    synchronous: str = "FULL"
+    visibility_timeout: float = 30.0
+    max_payload: int = 1024 * 1024
+    poll_interval: float = 0.05
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteConfig:
+        parts = urlsplit(url)
+        if parts.scheme != "sqlite":
+            raise ConfigError(f"not a sqlite URL: {url!r}")
+        if parts.netloc:
+            raise ConfigError(
+                f"{url!r}: a sqlite URL has no host; use sqlite:///relative/path.db "
+                "or sqlite:////absolute/path.db"
+            )
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if not path:
+            raise ConfigError(f"{url!r}: name the database file, e.g. sqlite:///.nerve/nerve.db")
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        known = {"synchronous", "visibility_timeout", "max_payload", "poll_interval"}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(
+                f"{url!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        sync = options.get("synchronous", "FULL").upper()
+        if sync not in ("FULL", "NORMAL", "OFF", "EXTRA"):
+            raise ConfigError(f"{url!r}: synchronous must be FULL, EXTRA, NORMAL or OFF")
+        try:
+            return cls(
+                path=path,
+                synchronous=sync,
+                visibility_timeout=float(options.get("visibility_timeout", 30.0)),
+                max_payload=int(options.get("max_payload", 1024 * 1024)),
+                poll_interval=float(options.get("poll_interval", 0.05)),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{url!r}: {exc}") from None
+
+
+def _token() -> int:
+    return random.getrandbits(62) + 1
+
+
+class _Router:
+    """Which groups an event goes to; lives in the worker thread, reloaded on change."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.groups: list[Subscription] = []
+        self._by_type: dict[str, list[Subscription]] = {}
+
+    def refresh(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("SELECT v FROM meta WHERE k = 'groups_version'").fetchone()[0]
+        if version == self.version:
+            return
+        rows = conn.execute("SELECT spec FROM groups ORDER BY name").fetchall()
+        self.groups = [Subscription.from_json(orjson.loads(spec)) for (spec,) in rows]
+        self._by_type = {}
+        self.version = version
+
+    def targets(self, event: Event) -> list[Subscription]:
+        candidates = self._by_type.get(event.type)
+        if candidates is None:
+            candidates = [
+                g for g in self.groups if Subscription(g.group, g.patterns).matches(event)
+            ]
+            self._by_type[event.type] = candidates
+        return [g for g in candidates if not g.filters or g.matches(event)]
+
+
+class SqliteDelivery:
+    __slots__ = (
+        "_consumer",
+        "_event",
+        "attempt",
+        "first_at",
+        "group",
+        "key",
+        "raw",
+        "received_at",
+        "row_id",
+        "token",
+    )
+
+    def __init__(
+        self,
+        consumer: SqliteConsumer,
+        row_id: int,
+        token: int,
+        raw: bytes,
+        attempt: int,
+        first_at: float,
+        key: str | None,
+        received_at: float,
+    ) -> None:
+        self._consumer = consumer
+        self._event: Event | None = None
+        self.group = consumer.group
+        self.row_id = row_id
+        self.token = token
+        self.raw = raw
+        self.attempt = attempt
+        self.first_at = first_at
+        self.key = key
+        self.received_at = received_at
+
+    @property
+    def event(self) -> Event:
+        if self._event is None:
+            self._event = codec.decode(self.raw)
+        return self._event
+
+    async def ack(self) -> None:
+        await self._consumer.transport._settle(self, "ack", 0.0, None)
+
+    async def nack(self, delay: float = 0.0) -> None:
+        await self._consumer.transport._settle(self, "nack", delay, None)
+
+    async def dead_letter(self, failure: Failure) -> None:
+        await self._consumer.transport._settle(self, "dead", 0.0, failure)
+
+    async def extend(self, seconds: float) -> None:
+        await self._consumer.transport._settle(self, "extend", seconds, None)
+
+    def __repr__(self) -> str:
+        return f"<SqliteDelivery {self.group}#{self.row_id} attempt={self.attempt}>"
+
+
+class SqliteConsumer:
+    def __init__(self, transport: SqliteTransport, subscription: Subscription) -> None:
+        self.transport = transport
+        self.subscription = subscription
+        self.group = subscription.group
+        self.wake = asyncio.Event()
+        self._closed = False
+
+    async def fetch(self, limit: int, timeout: float) -> Sequence[SqliteDelivery]:
+        transport = self.transport
+        deadline = time.monotonic() + timeout
+        while not self._closed:
+            self.wake.clear()
+            rows = await transport._claim(self.group, limit)
+            if rows:
+                now = time.time()
+                return [
+                    SqliteDelivery(self, rid, tok, body, attempt, first_at, key, now)
+                    for rid, tok, body, attempt, first_at, key in rows
+                ]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.wake.wait(), min(remaining, transport.config.poll_interval)
+                )
+        return []
+
+    async def close(self) -> None:
+        self._closed = True
+        self.wake.set()
+        self.transport._consumers.discard(self)
+
+
+class _Watcher(threading.Thread):
+    """Wakes this process's consumers when another connection publishes."""
+
+    def __init__(self, path: str, notify: Callable[[], None]) -> None:
+        super().__init__(name=f"nerve-watch:{path}", daemon=True)
+        self._path = path
+        self._notify = notify
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        conn = connect(self._path, synchronous="NORMAL")
+        try:
+            version = -1
+            last_seq = -1
+            idle = 0.0
+            while not self._halt.is_set():
+                current = conn.execute("PRAGMA data_version").fetchone()[0]
+                if current != version:
+                    version = current
+                    seq = conn.execute("SELECT max(seq) FROM log").fetchone()[0] or 0
+                    if seq != last_seq:
+                        last_seq = seq
+                        idle = 0.0
+                        self._notify()
+                # poll fast while events flow, slower when idle (bounded wake-up latency)
+                idle = min(idle + 0.0002, 0.005)
+                self._halt.wait(0.0005 + idle)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+
+class SqliteTransport:
+    """The embedded durable broker."""
+
+    def __init__(self, config: SqliteConfig | str | None = None) -> None:
+        if isinstance(config, str):
+            config = SqliteConfig.from_url(config)
+        self.config = config or SqliteConfig()
+        self.features = Features(
+            durable=self.config.synchronous in ("FULL", "EXTRA"),
+            shared_across_processes=True,
+            key_ordering=True,
+            dead_letter_queue=True,
+            max_payload=self.config.max_payload,
+        )
+        self._worker = Worker(
+            self.config.path, synchronous=self.config.synchronous, error=TransportError
+        )
+        self._router = _Router()
+        self._consumers: set[SqliteConsumer] = set()
+        self._watcher: _Watcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+        # settlements queued for the next group commit
+        self._pending: list[tuple[SqliteDelivery, str, float, Failure | None]] = []
+        self._pending_futures: list[asyncio.Future[None]] = []
+        self._flushing = False
+
+    def __repr__(self) -> str:
+        return f"SqliteTransport({self.config.path!r})"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._worker.start(lambda conn: conn.executescript(SCHEMA))
+        except (sqlite3.Error, OSError) as exc:
+            raise TransportError(
+                f"cannot open the embedded broker at {self.config.path!r}: {exc}"
+            ) from None
+        self._watcher = _Watcher(self.config.path, self._wake_all_threadsafe)
+        self._watcher.start()
+
+    async def close(self) -> None:
+        for consumer in list(self._consumers):
+            await consumer.close()
+        for timer in self._timers:
+            timer.cancel()
+        if self._watcher is not None:
+            self._watcher.stop()
+            await asyncio.to_thread(self._watcher.join, 5)
+            self._watcher = None
+        await self._worker.close()
+
+    def _wake_all_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake_groups, None)
+
+    def _wake_groups(self, groups: set[str] | None) -> None:
+        for consumer in self._consumers:
+            if groups is None or consumer.group in groups:
+                consumer.wake.set()
+
+    def _wake_later(self, group: str, delay: float) -> None:
+        if self._loop is None:
+            return
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self._wake_groups({group})
+
+        handle = self._loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    # -- declaring and publishing ----------------------------------------------------
+
+    async def declare(self, subscriptions: Sequence[Subscription]) -> None:
+        specs = [(s.group, orjson.dumps(s.to_json()).decode()) for s in subscriptions]
+
+        def declare(conn: sqlite3.Connection) -> None:
+            changed = False
+            now = time.time()
+            for name, spec in specs:
+                row = conn.execute("SELECT spec FROM groups WHERE name = ?", (name,)).fetchone()
+                if row is None or row[0] != spec:
+                    conn.execute(
+                        "INSERT INTO groups (name, spec, declared_at) VALUES (?, ?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+                        (name, spec, now),
+                    )
+                    conn.execute("INSERT OR IGNORE INTO counters (grp) VALUES (?)", (name,))
+                    changed = True
+            if changed:
+                conn.execute("UPDATE meta SET v = v + 1 WHERE k = 'groups_version'")
+
+        await self._worker.write(declare)
+
+    def _encode(self, events: Sequence[Event]) -> list[tuple[Event, bytes]]:
+        limit = self.config.max_payload
+        encoded = []
+        for event in events:
+            body = codec.encode(event)
+            if len(body) > limit:
+                raise PayloadTooLarge(len(body), limit, event.id)
+            encoded.append((event, body))
+        return encoded
+
+    async def publish(self, events: Sequence[Event], *, to_group: str | None = None) -> None:
+        if not events:
+            return
+        encoded = self._encode(events)
+        router = self._router
+
+        def publish(conn: sqlite3.Connection) -> set[str]:
+            router.refresh(conn)
+            now = time.time()
+            touched: set[str] = set()
+            rows: list[tuple[str, int, str | None, float]] = []
+            for event, body in encoded:
+                cur = conn.execute(
+                    "INSERT INTO log (event_id, type, published_at, body) VALUES (?, ?, ?, ?)",
+                    (event.id, event.type, now, body),
+                )
+                seq = cur.lastrowid
+                assert seq is not None
+                if to_group is not None:
+                    targets = [g for g in router.groups if g.group == to_group]
+                    if not targets:
+                        raise TransportError(f"no consumer group named {to_group!r} is declared")
+                else:
+                    targets = router.targets(event)
+                for sub in targets:
+                    key = event.partitionkey if sub.ordered else None
+                    rows.append((sub.group, seq, key, now))
+                    touched.add(sub.group)
+            conn.executemany(
+                "INSERT INTO deliveries (grp, seq, key, available_at) VALUES (?, ?, ?, ?)", rows
+            )
+            return touched
+
+        touched = await self._worker.write(publish)
+        self._wake_groups(touched)
+
+    # -- consuming -------------------------------------------------------------------
+
+    def consumer(self, subscription: Subscription) -> SqliteConsumer:
+        consumer = SqliteConsumer(self, subscription)
+        self._consumers.add(consumer)
+        return consumer
+
+    async def _claim(
+        self, group: str, limit: int
+    ) -> list[tuple[int, int, bytes, int, float, str | None]]:
+        token = _token()
+        lease = self.config.visibility_timeout
+
+        def claim(conn: sqlite3.Connection) -> list[tuple[int, int, bytes, int, float, str | None]]:
+            now = time.time()
+            claimed = conn.execute(
+                _CLAIM,
+                {"until": now + lease, "token": token, "now": now, "grp": group, "limit": limit},
+            ).fetchall()
+            if not claimed:
+                return []
+            seqs = ",".join(str(row[1]) for row in claimed)
+            bodies = dict(conn.execute(f"SELECT seq, body FROM log WHERE seq IN ({seqs})"))
+            claimed.sort()
+            return [
+                (rid, token, bodies[seq], attempt, first_at, key)
+                for rid, seq, key, attempt, first_at in claimed
+            ]
+
+        return await self._worker.write(claim)
+
+    async def _settle(
+        self, delivery: SqliteDelivery, action: str, amount: float, failure: Failure | None
+    ) -> None:
+        assert self._loop is not None
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._pending.append((delivery, action, amount, failure))
+        self._pending_futures.append(future)
+        if not self._flushing:
+            self._flushing = True
+            self._loop.call_soon(self._start_flush)
+        await future
+
+    def _start_flush(self) -> None:
+        asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                futures, self._pending_futures = self._pending_futures, []
+                try:
+                    outcomes = await self._worker.write(lambda conn: _settle_rows(conn, batch))
+                except Exception as exc:
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                wake: set[str] = set()
+                for (delivery, action, amount, _), ok, future in zip(
+                    batch, outcomes, futures, strict=True
+                ):
+                    if future.done():
+                        continue
+                    if not ok:
+                        future.set_exception(
+                            LeaseLost(
+                                f"{delivery!r}: the lease expired and another consumer took "
+                                f"the event over; this {action} was refused"
+                            )
+                        )
+                        continue
+                    future.set_result(None)
+                    if action == "nack":
+                        if amount > 0:
+                            self._wake_later(delivery.group, amount)
+                        else:
+                            wake.add(delivery.group)
+                    elif delivery.key is not None and action != "extend":
+                        wake.add(delivery.group)  # the next event of this key may go now
+                if wake:
+                    self._wake_groups(wake)
+        finally:
+            self._flushing = False
+
+    # -- optional abilities: dead letters, stats, log ----------------------------------
+
+    async def dead_letters(
+        self, group: str | None = None, *, limit: int = 100
+    ) -> list[DeadLetterEntry]:
+        sql = "SELECT id, grp, body, failure FROM dead_letters"
+        params: tuple[Any, ...] = ()
+        if group is not None:
+            sql += " WHERE grp = ?"
+            params = (group,)
+        sql += " ORDER BY id LIMIT ?"
+        rows = await self._worker.call(lambda c: c.execute(sql, (*params, limit)).fetchall())
+        return [_entry(*row) for row in rows]
+
+    async def dead_letter_entry(self, entry_id: str) -> DeadLetterEntry | None:
+        if not entry_id.isdigit():
+            return None
+        row = await self._worker.call(
+            lambda c: c.execute(
+                "SELECT id, grp, body, failure FROM dead_letters WHERE id = ?", (int(entry_id),)
+            ).fetchone()
+        )
+        return None if row is None else _entry(*row)
+
+    def _select_dead(
+        self, entry_ids: Sequence[str] | None, group: str | None
+    ) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if entry_ids is not None:
+            ids = [int(i) for i in entry_ids if str(i).isdigit()]
+            clauses.append(f"id IN ({','.join('?' * len(ids)) or 'NULL'})")
+            params.extend(ids)
+        if group is not None:
+            clauses.append("grp = ?")
+            params.append(group)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        return where, params
+
+    async def replay(
+        self, entry_ids: Sequence[str] | None = None, *, group: str | None = None
+    ) -> int:
+        where, params = self._select_dead(entry_ids, group)
+
+        def replay(conn: sqlite3.Connection) -> tuple[int, set[str]]:
+            now = time.time()
+            rows = conn.execute(
+                f"SELECT id, grp, event_id, body FROM dead_letters{where} ORDER BY id", params
+            ).fetchall()
+            declared = {name for (name,) in conn.execute("SELECT name FROM groups")}
+            touched: set[str] = set()
+            count = 0
+            for rid, grp, event_id, body in rows:
+                if grp not in declared:
+                    continue  # the function is gone; keep its dead letter
+                try:
+                    key = codec.decode(body).partitionkey
+                except Exception:
+                    key = None
+                seq = conn.execute(
+                    "INSERT INTO log (event_id, type, published_at, body) "
+                    "VALUES (?, 'nerve.replay', ?, ?)",
+                    (event_id or "", now, body),
+                ).lastrowid
+                conn.execute(
+                    "INSERT INTO deliveries (grp, seq, key, available_at) VALUES (?, ?, ?, ?)",
+                    (grp, seq, key, now),
+                )
+                conn.execute("DELETE FROM dead_letters WHERE id = ?", (rid,))
+                touched.add(grp)
+                count += 1
+            return count, touched
+
+        count, touched = await self._worker.write(replay)
+        self._wake_groups(touched)
+        return count
+
+    async def purge(
+        self, entry_ids: Sequence[str] | None = None, *, group: str | None = None
+    ) -> int:
+        where, params = self._select_dead(entry_ids, group)
+        return await self._worker.write(
+            lambda c: c.execute(f"DELETE FROM dead_letters{where}", params).rowcount
+        )
+
+    async def stats(self) -> list[GroupStats]:
+        def stats(conn: sqlite3.Connection) -> list[GroupStats]:
+            now = time.time()
+            live = {
+                grp: (ready, delayed, in_flight)
+                for grp, ready, delayed, in_flight in conn.execute(
+                    "SELECT grp, sum(available_at <= ? AND lease_until <= ?), "
+                    "sum(available_at > ? AND lease_until <= ?), sum(lease_until > ?) "
+                    "FROM deliveries GROUP BY grp",
+                    (now, now, now, now, now),
+                )
+            }
+            dead = dict(conn.execute("SELECT grp, count(*) FROM dead_letters GROUP BY grp"))
+            out = []
+            for grp, processed, retried, dead_lettered in conn.execute(
+                "SELECT grp, processed, retried, dead_lettered FROM counters ORDER BY grp"
+            ):
+                ready, delayed, in_flight = live.get(grp, (0, 0, 0))
+                out.append(
+                    GroupStats(
+                        group=grp,
+                        ready=ready or 0,
+                        delayed=delayed or 0,
+                        in_flight=in_flight or 0,
+                        dead_letters=dead.get(grp, 0),
+                        processed=processed,
+                        retried=retried,
+                        dead_lettered=dead_lettered,
+                    )
+                )
+            return out
+
+        return await self._worker.call(stats)
+
+    async def read_log(self, after: int | None, limit: int) -> list[tuple[int, bytes]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            if after is None:
+                seq = conn.execute("SELECT coalesce(max(seq), 0) FROM log").fetchone()[0]
+                return [(seq, b"")]
+            return conn.execute(
+                "SELECT seq, body FROM log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            ).fetchall()
+
+        return await self._worker.call(read)
+
+
+def _settle_rows(
+    conn: sqlite3.Connection, batch: list[tuple[SqliteDelivery, str, float, Failure | None]]
+) -> list[bool]:
+    now = time.time()
+    outcomes: list[bool] = []
+    counts: dict[tuple[str, str], int] = {}
+    for delivery, action, amount, failure in batch:
+        rid, token = delivery.row_id, delivery.token
+        if action == "ack":
+            cur = conn.execute("DELETE FROM deliveries WHERE id = ? AND token = ?", (rid, token))
+        elif action == "nack":
+            cur = conn.execute(
+                "UPDATE deliveries SET available_at = ?, lease_until = 0 "
+                "WHERE id = ? AND token = ?",
+                (now + amount, rid, token),
+            )
+        elif action == "extend":
+            cur = conn.execute(
+                "UPDATE deliveries SET lease_until = ? WHERE id = ? AND token = ?",
+                (now + amount, rid, token),
+            )
+        else:
+            assert failure is not None
+            cur = conn.execute("DELETE FROM deliveries WHERE id = ? AND token = ?", (rid, token))
+            if cur.rowcount:
+                try:
+                    event_id: str | None = codec.decode(delivery.raw).id
+                except Exception:
+                    event_id = None
+                conn.execute(
+                    "INSERT INTO dead_letters (grp, event_id, body, failure, dead_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (delivery.group, event_id, delivery.raw, orjson.dumps(failure.to_json()), now),
+                )
+        ok = cur.rowcount == 1
+        outcomes.append(ok)
+        if ok and action != "extend":
+            counts[(delivery.group, action)] = counts.get((delivery.group, action), 0) + 1
+    column = {"ack": "processed", "nack": "retried", "dead": "dead_lettered"}
+    for (group, action), n in counts.items():
+        conn.execute(
+            f"UPDATE counters SET {column[action]} = {column[action]} + ? WHERE grp = ?",
+            (n, group),
+        )
+    return outcomes
+
+
+def _entry(rid: int, group: str, body: bytes, failure_json: str | bytes) -> DeadLetterEntry:
+    doc = orjson.loads(failure_json)
+    try:
+        event: Event | None = codec.decode(body)
+    except Exception:
+        event = None
+    return DeadLetterEntry(
+        id=str(rid), group=group, raw=bytes(body), failure=Failure(**doc), event=event
+    )
