@@ -17,13 +17,16 @@ from nerve.errors import (
     TransportError,
 )
 from nerve.event import Event
+from nerve.runtime import Client, Context, Runtime
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App",
     "BrokerUnavailable",
+    "Client",
     "ConfigError",
+    "Context",
     "DeadLetter",
     "DecodeError",
     "DefinitionError",
@@ -37,6 +40,7 @@ __all__ = [
     "PayloadTooLarge",
     "Retry",
     "RetryPolicy",
+    "Runtime",
     "StoreError",
     "Subscription",
     "TransportError",

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from nerve import event as codec
+from nerve._batch import Coalescer
 from nerve._sqlite import Worker, connect
 from nerve.app import Subscription
 from nerve.errors import ConfigError, LeaseLost, PayloadTooLarge, TransportError
@@ -133,6 +134,9 @@ class SqliteConfig:
             )
         except ValueError as exc:
             raise ConfigError(f"{url!r}: {exc}") from None
+
+
+_Settlement = tuple["SqliteDelivery", str, float, Failure | None]
 
 
 def _token() -> int:
@@ -315,10 +319,7 @@ class SqliteTransport:
         self._watcher: _Watcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: set[asyncio.TimerHandle] = set()
-        # settlements queued for the next group commit
-        self._pending: list[tuple[SqliteDelivery, str, float, Failure | None]] = []
-        self._pending_futures: list[asyncio.Future[None]] = []
-        self._flushing = False
+        self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
 
     def __repr__(self) -> str:
         return f"SqliteTransport({self.config.path!r})"
@@ -473,56 +474,32 @@ class SqliteTransport:
     async def _settle(
         self, delivery: SqliteDelivery, action: str, amount: float, failure: Failure | None
     ) -> None:
-        assert self._loop is not None
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._pending.append((delivery, action, amount, failure))
-        self._pending_futures.append(future)
-        if not self._flushing:
-            self._flushing = True
-            self._loop.call_soon(self._start_flush)
-        await future
+        await self._settler.submit((delivery, action, amount, failure))
 
-    def _start_flush(self) -> None:
-        asyncio.ensure_future(self._flush())
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                futures, self._pending_futures = self._pending_futures, []
-                try:
-                    outcomes = await self._worker.write(lambda conn: _settle_rows(conn, batch))
-                except Exception as exc:
-                    for future in futures:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                wake: set[str] = set()
-                for (delivery, action, amount, _), ok, future in zip(
-                    batch, outcomes, futures, strict=True
-                ):
-                    if future.done():
-                        continue
-                    if not ok:
-                        future.set_exception(
-                            LeaseLost(
-                                f"{delivery!r}: the lease expired and another consumer took "
-                                f"the event over; this {action} was refused"
-                            )
-                        )
-                        continue
-                    future.set_result(None)
-                    if action == "nack":
-                        if amount > 0:
-                            self._wake_later(delivery.group, amount)
-                        else:
-                            wake.add(delivery.group)
-                    elif delivery.key is not None and action != "extend":
-                        wake.add(delivery.group)  # the next event of this key may go now
-                if wake:
-                    self._wake_groups(wake)
-        finally:
-            self._flushing = False
+    async def _settle_batch(self, batch: list[_Settlement]) -> list[None | BaseException]:
+        outcomes = await self._worker.write(lambda conn: _settle_rows(conn, batch))
+        results: list[None | BaseException] = []
+        wake: set[str] = set()
+        for (delivery, action, amount, _), ok in zip(batch, outcomes, strict=True):
+            if not ok:
+                results.append(
+                    LeaseLost(
+                        f"{delivery!r}: the lease expired and another consumer took "
+                        f"the event over; this {action} was refused"
+                    )
+                )
+                continue
+            results.append(None)
+            if action == "nack":
+                if amount > 0:
+                    self._wake_later(delivery.group, amount)
+                else:
+                    wake.add(delivery.group)
+            elif delivery.key is not None and action != "extend":
+                wake.add(delivery.group)  # the next event of this key may go now
+        if wake:
+            self._wake_groups(wake)
+        return results
 
     # -- optional abilities: dead letters, stats, log ----------------------------------
 
@@ -580,13 +557,13 @@ class SqliteTransport:
                 if grp not in declared:
                     continue  # the function is gone; keep its dead letter
                 try:
-                    key = codec.decode(body).partitionkey
+                    decoded = codec.decode(body)
+                    key, type_name = decoded.partitionkey, decoded.type
                 except Exception:
-                    key = None
+                    key, type_name = None, "(undecodable)"
                 seq = conn.execute(
-                    "INSERT INTO log (event_id, type, published_at, body) "
-                    "VALUES (?, 'nerve.replay', ?, ?)",
-                    (event_id or "", now, body),
+                    "INSERT INTO log (event_id, type, published_at, body) VALUES (?, ?, ?, ?)",
+                    (event_id or "", type_name, now, body),
                 ).lastrowid
                 conn.execute(
                     "INSERT INTO deliveries (grp, seq, key, available_at) VALUES (?, ?, ?, ?)",
@@ -655,9 +632,7 @@ class SqliteTransport:
         return await self._worker.call(read)
 
 
-def _settle_rows(
-    conn: sqlite3.Connection, batch: list[tuple[SqliteDelivery, str, float, Failure | None]]
-) -> list[bool]:
+def _settle_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> list[bool]:
     now = time.time()
     outcomes: list[bool] = []
     counts: dict[tuple[str, str], int] = {}

@@ -1,0 +1,105 @@
+"""``ctx``: what a handler receives beside its payload."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel
+
+from nerve.app import App, Function
+from nerve.errors import EmitError
+from nerve.event import Event
+from nerve.store.sqlite import SqliteUnit
+
+logger = logging.getLogger("nerve.function")
+
+
+class Context:
+    """The handler's view of its invocation.
+
+    - ``event``: the envelope (id, source, subject, time, extensions...).
+    - ``attempt``: 1 on the first try, then 2, 3...
+    - ``store``: the function's transactional store; its writes commit together with
+      the record that this event was processed, or not at all.
+    - ``emit(payload, ...)``: queue an event; it is published only if the handler
+      succeeds (outbox), carrying causation and correlation ids.
+    - ``log``: a logger bound to the event id, type, function and attempt.
+    """
+
+    __slots__ = ("_app", "_function", "_log", "attempt", "emitted", "event", "store")
+
+    def __init__(
+        self, app: App, function: Function, event: Event, attempt: int, store: SqliteUnit
+    ) -> None:
+        self._app = app
+        self._function = function
+        self.event = event
+        self.attempt = attempt
+        self.store = store
+        self.emitted: list[Event] = []
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def function(self) -> str:
+        return self._function.name
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        if self._log is None:
+            self._log = logging.LoggerAdapter(
+                logger,
+                {
+                    "event_id": self.event.id,
+                    "event_type": self.event.type,
+                    "function": self._function.name,
+                    "attempt": self.attempt,
+                    "correlation_id": self.correlation_id,
+                },
+            )
+        return self._log
+
+    @property
+    def correlation_id(self) -> str:
+        value = self.event.extensions.get("correlationid")
+        return self.event.id if value is None else str(value)
+
+    def emit(
+        self,
+        payload: BaseModel | Mapping[str, Any],
+        *,
+        type: str | None = None,
+        subject: str | None = None,
+        key: str | None = None,
+        extensions: Mapping[str, str | int | bool] | None = None,
+    ) -> Event:
+        """Queue an event of a type this function declares in ``emits``.
+
+        The partition key defaults to the type's declared key, else to the incoming
+        event's key, so one flow (an order) stays on one key. Raises
+        :class:`~nerve.errors.EmitError` for an undeclared type.
+        """
+        if type is not None:
+            type_name = type
+        elif isinstance(payload, BaseModel):
+            type_name = self._app.event_type(payload.__class__).name
+        else:
+            raise EmitError("ctx.emit(mapping) needs type='event.type'")
+        self._function.check_emit(type_name)
+        exts: dict[str, str | int | bool] = {
+            "causationid": self.event.id,
+            "correlationid": self.correlation_id,
+        }
+        trace = self.event.extensions.get("traceparent")
+        if trace is not None:
+            exts["traceparent"] = trace
+        exts.update(extensions or {})
+        declared = self._app.events[type_name]
+        if key is None and declared.key is None:
+            key = self.event.partitionkey
+        event = self._app.make_event(
+            payload, type=type_name, subject=subject, key=key, extensions=exts
+        )
+        self.emitted.append(event)
+        return event

@@ -1,0 +1,219 @@
+"""The Runtime: runs an App's functions against a transport and a store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from nerve import event as codec
+from nerve.app import App
+from nerve.errors import ConfigError, InvalidEvent, NerveError
+from nerve.event import Event
+from nerve.runtime.runner import FunctionRunner
+from nerve.store.sqlite import SqliteStore, default_store_url
+from nerve.transport import DEFAULT_BROKER, Transport, from_url
+from nerve.transport.base import Inspectable
+
+log = logging.getLogger("nerve.runtime")
+
+OUTBOX_RELAY_EVERY = 5.0
+OUTBOX_STALE_AFTER = 15.0
+
+
+class Client:
+    """Publishes events of an App's declared types (validated before anything is sent)."""
+
+    def __init__(self, app: App, transport: Transport) -> None:
+        self.app = app
+        self.transport = transport
+
+    async def publish(
+        self,
+        payload: BaseModel | Mapping[str, Any],
+        *,
+        type: str | None = None,
+        subject: str | None = None,
+        key: str | None = None,
+        source: str | None = None,
+        extensions: Mapping[str, str | int | bool] | None = None,
+    ) -> Event:
+        """Publish one event; returns it once the broker holds it durably."""
+        event = self.app.make_event(
+            payload, type=type, subject=subject, key=key, source=source, extensions=extensions
+        )
+        await self.transport.publish([event])
+        return event
+
+    async def publish_events(self, events: Sequence[Event]) -> None:
+        """Publish ready-made events (batch fast path); declared types are validated."""
+        for event in events:
+            declared = self.app.events.get(event.type)
+            if declared is not None:
+                try:
+                    declared.model.model_validate(event.data)
+                except ValidationError as exc:
+                    raise InvalidEvent("data", f"does not match {event.type!r}: {exc}") from None
+        await self.transport.publish(events)
+
+
+class Runtime:
+    """Runs ``app``'s functions (all, or ``only`` some) until stopped.
+
+    ``broker`` is a URL or a transport (default: the embedded broker,
+    ``sqlite:///.nerve/nerve.db``); ``store`` a URL or store (default: beside it).
+    Use as ``async with Runtime(app) as rt: ...`` or ``await Runtime(app).serve()``.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        broker: str | Transport | None = None,
+        store: str | SqliteStore | None = None,
+        *,
+        only: Sequence[str] | None = None,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        self.app = app
+        if broker is None or isinstance(broker, str):
+            url = broker or DEFAULT_BROKER
+            self.transport: Transport = from_url(url)
+            broker_url = url
+        else:
+            self.transport = broker
+            broker_url = "memory://" if "Memory" in type(broker).__name__ else DEFAULT_BROKER
+        self.store = store if isinstance(store, SqliteStore) else SqliteStore(
+            store or default_store_url(broker_url)
+        )
+        if only:
+            unknown = [name for name in only if name not in app.functions]
+            if unknown:
+                raise ConfigError(
+                    f"no function named {', '.join(map(repr, unknown))}; "
+                    f"this app has {', '.join(app.functions) or 'no functions'}"
+                )
+        self.functions = [f for f in app.functions.values() if not only or f.name in only]
+        self.shutdown_timeout = shutdown_timeout
+        self.runners: dict[str, FunctionRunner] = {}
+        self.client = Client(app, self.transport)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self._started = False
+
+    async def start(self) -> None:
+        await self.transport.start()
+        try:
+            await self.store.start(self.app.store_schema)
+            await self.transport.declare([f.subscription for f in self.functions])
+        except BaseException:
+            await self.transport.close()
+            raise
+        for function in self.functions:
+            runner = FunctionRunner(self, function)
+            self.runners[function.name] = runner
+            self._tasks.append(asyncio.create_task(runner.run(), name=f"nerve:{function.name}"))
+        self._tasks.append(asyncio.create_task(self._relay_outbox(), name="nerve:outbox"))
+        self._started = True
+
+    async def stop(self) -> None:
+        """Graceful: stop taking work, let in-flight finish (up to the shutdown
+        timeout), release the rest for redelivery, flush, close."""
+        if not self._started:
+            return
+        self._started = False
+        deadline = time.monotonic() + self.shutdown_timeout
+        await asyncio.gather(*(r.stop(deadline) for r in self.runners.values()))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+        await self.store.close()
+        await self.transport.close()
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until SIGINT/SIGTERM (or :meth:`request_stop`), then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    def background(self, work: Awaitable[Any]) -> None:
+        """Run housekeeping without making the caller wait; errors are logged."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)  # type: ignore[arg-type]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background work failed: %s", task.exception())
+
+    async def _relay_outbox(self) -> None:
+        """Publish emitted events left in the outbox by a crash after commit."""
+        while True:
+            await asyncio.sleep(OUTBOX_RELAY_EVERY)
+            try:
+                rows = await self.store.outbox_pending(OUTBOX_STALE_AFTER)
+                if not rows:
+                    continue
+                events = []
+                for _, body in rows:
+                    try:
+                        events.append(codec.decode(body))
+                    except NerveError as exc:
+                        log.error("outbox row is not an event, dropping it: %s", exc)
+                await self.transport.publish(events)
+                await self.store.outbox_cleared([row_id for row_id, _ in rows])
+                log.info("outbox relay published %d stranded event(s)", len(events))
+            except NerveError as exc:
+                log.warning("outbox relay failed, will retry: %s", exc)
+
+    # -- for tests and tools -----------------------------------------------------------
+
+    async def wait_idle(self, timeout: float = 30.0, settle: float = 0.05) -> None:
+        """Wait until no function has work: nothing in flight, nothing ready or
+        delayed in the broker (needs an Inspectable transport)."""
+        deadline = time.monotonic() + timeout
+        names = {f.name for f in self.functions}
+        quiet_since: float | None = None
+        while True:
+            busy = any(r.in_flight for r in self.runners.values())
+            if not busy and isinstance(self.transport, Inspectable):
+                stats = await self.transport.stats()
+                busy = any(s.backlog or s.in_flight for s in stats if s.group in names)
+            now = time.monotonic()
+            if busy:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= settle:
+                return
+            if now > deadline:
+                raise TimeoutError(f"functions still busy after {timeout} s")
+            await asyncio.sleep(0.01)

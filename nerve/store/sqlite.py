@@ -1,0 +1,375 @@
+"""The SQLite store: idempotency records, the outbox and functions' own tables.
+
+A handler's writes through ``ctx.store``, the record "(function, event id) processed"
+and the events it emitted (the outbox) commit in ONE transaction, so a crash can never
+leave the effects applied without the record (or the record without the effects).
+
+SQLite has one writer at a time, so units of work take turns: a unit's transaction
+starts at its first ``ctx.store`` call (the handler holds the write turn from then
+until it returns; keep store work at the end of a handler). Units that follow each
+other are group-committed: each runs under its own SAVEPOINT inside a shared write
+transaction, which commits (one fsync) when nobody is waiting for a turn, or every
+``max_batch`` units. A unit's ``commit`` returns only after that COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from nerve._batch import Coalescer
+from nerve._sqlite import Worker
+from nerve.errors import ConfigError, StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nerve_processed (
+    function TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    processed_at REAL NOT NULL,
+    PRIMARY KEY (function, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nerve_outbox (
+    id INTEGER PRIMARY KEY,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+Params = Sequence[Any] | dict[str, Any]
+
+
+class SqliteStore:
+    """``sqlite:///path/store.db`` (durable) or ``memory://`` (one process, for tests)."""
+
+    def __init__(self, url: str = "sqlite:///.nerve/store.db", *, max_batch: int = 256) -> None:
+        parts = urlsplit(url)
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if parts.scheme == "memory":
+            self.path = ":memory:"
+        elif parts.scheme == "sqlite":
+            path = parts.path[1:] if parts.path.startswith("/") else parts.path
+            if not path or parts.netloc:
+                raise ConfigError(
+                    f"store URL {url!r}: use sqlite:///relative/store.db or sqlite:////abs/store.db"
+                )
+            self.path = path
+        else:
+            raise ConfigError(f"store URL {url!r}: use sqlite:///path/store.db or memory://")
+        synchronous = options.get("synchronous", "FULL").upper()
+        self.url = url
+        self._worker = Worker(self.path, synchronous=synchronous, name=f"nerve-store:{self.path}")
+        self._reader = (
+            self._worker
+            if self.path == ":memory:"
+            else Worker(self.path, synchronous=synchronous, name=f"nerve-store-read:{self.path}")
+        )
+        self._max_batch = max_batch
+        self._turn = asyncio.Lock()
+        self._waiting = 0
+        self._tx_open = False  # only read/written inside worker jobs
+        self._batch: list[asyncio.Future[None]] = []
+        self._batch_started = 0.0
+        self._checks: Coalescer[tuple[str, str], bool] = Coalescer(self._check_many)
+        self._light: Coalescer[tuple[str, str, list[bytes]], list[int] | None] = Coalescer(
+            self._commit_light
+        )
+        self._outbox_deletes: Coalescer[int, None] = Coalescer(self._delete_outbox)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, schema: Sequence[str] = ()) -> None:
+        def setup(conn: sqlite3.Connection) -> None:
+            conn.row_factory = sqlite3.Row
+            conn.executescript(SCHEMA)
+            for ddl in schema:
+                conn.executescript(ddl)
+
+        try:
+            await self._worker.start(setup)
+            if self._reader is not self._worker:
+                await self._reader.start()
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the store at {self.path!r}: {exc}") from None
+
+    async def close(self) -> None:
+        await self._outbox_deletes.drain()
+        if self._reader is not self._worker:
+            await self._reader.close()
+        await self._worker.close()
+
+    # -- idempotency -----------------------------------------------------------------
+
+    async def is_processed(self, function: str, event_id: str) -> bool:
+        return await self._checks.submit((function, event_id))
+
+    async def _check_many(self, items: list[tuple[str, str]]) -> list[bool]:
+        def check(conn: sqlite3.Connection) -> list[bool]:
+            found: set[tuple[str, str]] = set()
+            for start in range(0, len(items), 400):
+                chunk = items[start : start + 400]
+                clause = " OR ".join("(function = ? AND event_id = ?)" for _ in chunk)
+                flat = [v for pair in chunk for v in pair]
+                found.update(
+                    (f, e)
+                    for f, e in conn.execute(
+                        f"SELECT function, event_id FROM nerve_processed WHERE {clause}", flat
+                    )
+                )
+            return [item in found for item in items]
+
+        return await self._reader.call(check)
+
+    # -- write turns and group commit --------------------------------------------------
+
+    async def _take_turn(self) -> None:
+        self._waiting += 1
+        try:
+            await self._turn.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            await self._worker.call(self._open_savepoint)
+        except BaseException:
+            self._turn.release()
+            raise
+
+    def _open_savepoint(self, conn: sqlite3.Connection) -> None:
+        if not self._tx_open:
+            conn.execute("BEGIN IMMEDIATE")
+            self._tx_open = True
+            self._batch_started = time.monotonic()
+        conn.execute("SAVEPOINT unit")
+
+    async def _end_turn(self, keep: bool) -> asyncio.Future[None]:
+        """Release (keep) or roll back the turn's savepoint; maybe commit; pass the turn."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            await self._worker.call(_release if keep else _rollback)
+            if keep:
+                self._batch.append(done)
+            else:
+                done.set_result(None)
+            if (
+                self._waiting == 0
+                or len(self._batch) >= self._max_batch
+                or time.monotonic() - self._batch_started > 0.05
+            ):
+                await self._commit_batch()
+        finally:
+            self._turn.release()
+        return done
+
+    async def _commit_batch(self) -> None:
+        batch, self._batch = self._batch, []
+
+        def commit(conn: sqlite3.Connection) -> None:
+            if not self._tx_open:
+                return
+            self._tx_open = False
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._worker.call(commit)
+        except Exception as exc:
+            for future in batch:
+                if not future.done():
+                    future.set_exception(StoreError(f"store commit failed: {exc}"))
+            return
+        for future in batch:
+            if not future.done():
+                future.set_result(None)
+
+    # -- units of work ---------------------------------------------------------------
+
+    def unit(self, function: str, event_id: str) -> SqliteUnit:
+        return SqliteUnit(self, function, event_id)
+
+    async def _commit_light(
+        self, items: list[tuple[str, str, list[bytes]]]
+    ) -> list[list[int] | None]:
+        """Commit units that never touched ctx.store, many in one turn."""
+        await self._take_turn()
+        try:
+            results = await self._worker.call(lambda conn: [_record(conn, *it) for it in items])
+        except BaseException:
+            await (await self._end_turn(False))
+            raise
+        await (await self._end_turn(True))
+        return results
+
+    # -- outbox ----------------------------------------------------------------------
+
+    async def outbox_cleared(self, ids: Sequence[int]) -> None:
+        """The outbox rows ``ids`` have been published: forget them (batched)."""
+        await asyncio.gather(*(self._outbox_deletes.submit(i) for i in ids))
+
+    async def _delete_outbox(self, ids: list[int]) -> list[None]:
+        await self._take_turn()
+        ok = False
+        try:
+            await self._worker.call(
+                lambda c: c.executemany("DELETE FROM nerve_outbox WHERE id = ?", [(i,) for i in ids])
+            )
+            ok = True
+        finally:
+            await (await self._end_turn(ok))
+        return [None] * len(ids)
+
+    async def outbox_pending(self, older_than: float, limit: int = 1000) -> list[tuple[int, bytes]]:
+        """Outbox rows left behind by a crash between commit and publish."""
+        cutoff = time.time() - older_than
+        rows = await self._reader.call(
+            lambda c: c.execute(
+                "SELECT id, body FROM nerve_outbox WHERE created_at < ? ORDER BY id LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+        )
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    async def prune_processed(self, older_than: float) -> int:
+        """Forget idempotency records older than ``older_than`` seconds."""
+        cutoff = time.time() - older_than
+        await self._take_turn()
+        ok = False
+        try:
+            n: int = await self._worker.call(
+                lambda c: c.execute(
+                    "DELETE FROM nerve_processed WHERE processed_at < ?", (cutoff,)
+                ).rowcount
+            )
+            ok = True
+        finally:
+            await (await self._end_turn(ok))
+        return n
+
+    async def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        """Read committed data (for tools, tests and invariant checks)."""
+        return await self._reader.call(lambda c: _fetchall(c, sql, params))
+
+
+def _fetchall(conn: sqlite3.Connection, sql: str, params: Params) -> list[sqlite3.Row]:
+    conn.row_factory = sqlite3.Row
+    return conn.execute(sql, params).fetchall()
+
+
+def _release(conn: sqlite3.Connection) -> None:
+    conn.execute("RELEASE unit")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    conn.execute("ROLLBACK TO unit")
+    conn.execute("RELEASE unit")
+
+
+def _record(
+    conn: sqlite3.Connection, function: str, event_id: str, outbox: list[bytes]
+) -> list[int] | None:
+    """Mark processed and stage the outbox; None if it was processed already."""
+    cur = conn.execute(
+        "INSERT INTO nerve_processed (function, event_id, processed_at) VALUES (?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
+        (function, event_id, time.time()),
+    )
+    if cur.rowcount == 0:
+        return None
+    now = time.time()
+    ids = []
+    for body in outbox:
+        row = conn.execute(
+            "INSERT INTO nerve_outbox (body, created_at) VALUES (?, ?)", (body, now)
+        ).lastrowid
+        assert row is not None
+        ids.append(row)
+    return ids
+
+
+class SqliteUnit:
+    """``ctx.store``: the handler's transaction. Runs SQL on the store's connection;
+    the transaction opens at the first call and commits with the idempotency record."""
+
+    __slots__ = ("_active", "_store", "event_id", "function")
+
+    def __init__(self, store: SqliteStore, function: str, event_id: str) -> None:
+        self._store = store
+        self.function = function
+        self.event_id = event_id
+        self._active = False
+
+    async def _ensure(self) -> None:
+        if not self._active:
+            await self._store._take_turn()
+            self._active = True
+
+    async def execute(self, sql: str, params: Params = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        await self._ensure()
+        return await self._store._worker.call(lambda c: c.execute(sql, params).rowcount)
+
+    async def executemany(self, sql: str, rows: Sequence[Params]) -> int:
+        await self._ensure()
+        return await self._store._worker.call(lambda c: c.executemany(sql, rows).rowcount)
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        await self._ensure()
+        return await self._store._worker.call(lambda c: c.execute(sql, params).fetchall())
+
+    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        await self._ensure()
+        row: sqlite3.Row | None = await self._store._worker.call(
+            lambda c: c.execute(sql, params).fetchone()
+        )
+        return row
+
+    async def fetchval(self, sql: str, params: Params = ()) -> Any:
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    # -- used by the runtime -------------------------------------------------------
+
+    async def commit(self, outbox: Sequence[bytes]) -> list[int] | None:
+        """Commit the unit with its idempotency record and outbox rows; durable on return.
+
+        Returns the outbox row ids, or None if the event had been processed already
+        (a concurrent duplicate): then the unit's writes are rolled back.
+        """
+        store = self._store
+        if not self._active:
+            return await store._light.submit((self.function, self.event_id, list(outbox)))
+        self._active = False
+        try:
+            ids = await store._worker.call(
+                lambda c: _record(c, self.function, self.event_id, list(outbox))
+            )
+        except BaseException:
+            await (await store._end_turn(False))
+            raise
+        await (await store._end_turn(ids is not None))
+        return ids
+
+    async def rollback(self) -> None:
+        """Undo the unit's writes (the handler failed)."""
+        if self._active:
+            self._active = False
+            await self._store._end_turn(False)
+
+
+def default_store_url(broker_url: str) -> str:
+    """The store that goes with a broker: beside the embedded broker's file."""
+    parts = urlsplit(broker_url)
+    if parts.scheme == "memory":
+        return "memory://"
+    if parts.scheme == "sqlite":
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        return "sqlite:///" + str(Path(path).with_name("store.db"))
+    return "sqlite:///.nerve/store.db"
