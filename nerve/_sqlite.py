@@ -46,7 +46,9 @@ class _Stop:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def connect(path: str, *, synchronous: str = "FULL", busy_timeout: float = 30.0) -> sqlite3.Connection:
+def connect(
+    path: str, *, synchronous: str = "FULL", busy_timeout: float = 30.0
+) -> sqlite3.Connection:
     """Open a connection with nerve's settings: WAL, the given sync level, autocommit."""
     if path != ":memory:" and not path.startswith("file:"):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,7 @@ class Worker:
         self.commits = 0
         self.writes = 0
 
-    async def start(self, setup: Callable[[sqlite3.Connection], None] | None = None) -> None:
+    async def start(self, setup: Callable[[sqlite3.Connection], object] | None = None) -> None:
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
 
@@ -171,7 +173,9 @@ class Worker:
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting
                 loop.call_soon_threadsafe(_settle_all, jobs)
 
-    def _submit(self, fn: Callable[[sqlite3.Connection], T], in_transaction: bool) -> asyncio.Future[T]:
+    def _submit(
+        self, fn: Callable[[sqlite3.Connection], T], in_transaction: bool
+    ) -> asyncio.Future[T]:
         if self._thread is None or not self._thread.is_alive():
             raise self._error(f"{self.path}: the database is not open")
         loop = asyncio.get_running_loop()

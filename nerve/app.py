@@ -157,10 +157,10 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt``."""
-        ceiling = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
+        ceiling = float(min(self.cap, self.base * (2.0 ** max(0, attempt - 1))))
         if not self.jitter:
             return ceiling
-        return random.uniform(ceiling / 2, ceiling)
+        return float(random.uniform(ceiling / 2, ceiling))
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,10 +177,7 @@ class EventType:
         """The partition key of a payload of this type, by the declared ``key``."""
         if self.key is None:
             return None
-        if isinstance(self.key, str):
-            value = getattr(payload, self.key)
-        else:
-            value = self.key(payload)
+        value = getattr(payload, self.key) if isinstance(self.key, str) else self.key(payload)
         return None if value is None else str(value)
 
 
@@ -259,10 +256,11 @@ class App:
                 raise DefinitionError(
                     f"model {model.__name__} is already bound to {self._by_model[model].name!r}"
                 )
-            if isinstance(key, str) and key not in model.model_fields:
+            declared_fields = list(model.model_fields)  # type: ignore[call-overload]
+            if isinstance(key, str) and key not in declared_fields:
                 raise DefinitionError(
                     f"event type {name!r}: key={key!r} is not a field of {model.__name__} "
-                    f"(fields: {', '.join(model.model_fields)})"
+                    f"(fields: {', '.join(declared_fields)})"
                 )
             declared = EventType(name, model, version, key, description or (model.__doc__ or ""))
             self.events[name] = declared
@@ -316,9 +314,7 @@ class App:
         - ``key``: the ordering key as a function of the payload; by default the
           event's ``partitionkey``. ``ordered=False`` gives up ordering for throughput.
         """
-        refs: Sequence[TypeRef] = (
-            [consumes] if isinstance(consumes, str | type) else list(consumes)
-        )
+        refs: Sequence[TypeRef] = [consumes] if isinstance(consumes, str | type) else list(consumes)
 
         def register(handler: H) -> H:
             fname = name or handler.__name__
@@ -329,8 +325,11 @@ class App:
                 )
             if fname in self.functions:
                 raise DefinitionError(f"{where_} is declared twice; give one a name=...")
-            if not inspect.iscoroutinefunction(handler):
-                raise DefinitionError(f"{where_}: the handler must be 'async def {fname}(event, ctx)'")
+            is_async = inspect.iscoroutinefunction(handler)
+            if not is_async:
+                raise DefinitionError(
+                    f"{where_}: the handler must be 'async def {fname}(event, ctx)'"
+                )
             if not refs:
                 raise DefinitionError(f"{where_} consumes nothing; pass consumes=...")
             patterns: list[str] = []

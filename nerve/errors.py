@@ -114,7 +114,7 @@ class StoreError(NerveError):
     """The durable store (idempotency records, outbox, ctx.store) failed."""
 
 
-class Retry(Exception):  # noqa: N818 - a signal named for what the handler asks for
+class Retry(Exception):
     """Raised by a handler: try this event again after ``delay`` seconds.
 
     Counts as a failed attempt; after the function's max attempts the event is
@@ -127,7 +127,7 @@ class Retry(Exception):  # noqa: N818 - a signal named for what the handler asks
         super().__init__(reason or "retry requested")
 
 
-class DeadLetter(Exception):  # noqa: N818 - a signal named for what the handler asks for
+class DeadLetter(Exception):
     """Raised by a handler: this event can never succeed; dead-letter it now with ``reason``."""
 
     def __init__(self, reason: str) -> None:

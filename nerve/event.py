@@ -112,7 +112,7 @@ class Event:
     datacontenttype: str | None = CONTENT_TYPE_JSON
     dataschema: str | None = None
     data: Any = None
-    extensions: Mapping[str, ExtensionValue] = field(default_factory=_frozen)
+    extensions: Mapping[str, ExtensionValue] = field(default_factory=lambda: _frozen(None))
 
     def __post_init__(self) -> None:
         if self.specversion != "1.0":
@@ -120,7 +120,9 @@ class Event:
         for name in ("id", "source", "type"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise InvalidEvent(name, f"is required and must be a non-empty string, got {value!r}")
+                raise InvalidEvent(
+                    name, f"is required and must be a non-empty string, got {value!r}"
+                )
         for name in ("subject", "datacontenttype", "dataschema"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

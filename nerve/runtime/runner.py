@@ -85,7 +85,7 @@ class FunctionRunner:
         self._slot = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started: dict[Delivery, float] = {}
-        self._stopping = False
+        self._stopping = asyncio.Event()
         self._consumer = runtime.transport.consumer(function.subscription)
         self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._idle_since = time.monotonic()
@@ -100,7 +100,7 @@ class FunctionRunner:
     async def run(self) -> None:
         keeper = asyncio.create_task(self._keep_leases())
         try:
-            while not self._stopping:
+            while not self._stopping.is_set():
                 free = self.limit - self.in_flight
                 if free <= 0:
                     self._slot.clear()
@@ -112,7 +112,7 @@ class FunctionRunner:
                     log.error("function %s: fetch failed: %s", self.function.name, exc)
                     await asyncio.sleep(1.0)
                     continue
-                if self._stopping:
+                if self._stopping.is_set():
                     await asyncio.gather(*(d.nack(0) for d in deliveries), return_exceptions=True)
                     break
                 if deliveries and self.in_flight == 0 and time.monotonic() - self._idle_since > 60:
@@ -132,12 +132,14 @@ class FunctionRunner:
             self._idle_since = time.monotonic()
         self._slot.set()
         if not task.cancelled() and task.exception() is not None:
-            log.error("function %s: unexpected error", self.function.name, exc_info=task.exception())
+            log.error(
+                "function %s: unexpected error", self.function.name, exc_info=task.exception()
+            )
 
     async def stop(self, deadline: float) -> None:
         """Stop taking work; let in-flight events finish until ``deadline`` (monotonic),
         then release the rest for redelivery."""
-        self._stopping = True
+        self._stopping.set()
         self._slot.set()
         await self._consumer.close()
         pending = set(self._tasks)
@@ -252,7 +254,12 @@ class FunctionRunner:
                 self.stats.retried += 1
                 log.info(
                     "function %s: event %s attempt %d failed (%s: %s); retrying in %.2fs",
-                    fn.name, event.id, attempt, type(exc).__name__, exc, delay,
+                    fn.name,
+                    event.id,
+                    attempt,
+                    type(exc).__name__,
+                    exc,
+                    delay,
                 )
                 if hold:
                     await asyncio.sleep(delay)
@@ -298,7 +305,10 @@ class FunctionRunner:
         self.stats.dead_lettered += 1
         log.warning(
             "function %s: dead-lettered a delivery (%s: %s: %s)",
-            self.function.name, reason, failure.error_type, failure.message[:200],
+            self.function.name,
+            reason,
+            failure.error_type,
+            failure.message[:200],
         )
         await self._settle(delivery.dead_letter(failure))
 

@@ -89,8 +89,10 @@ class Runtime:
         else:
             self.transport = broker
             broker_url = "memory://" if "Memory" in type(broker).__name__ else DEFAULT_BROKER
-        self.store = store if isinstance(store, SqliteStore) else SqliteStore(
-            store or default_store_url(broker_url)
+        self.store = (
+            store
+            if isinstance(store, SqliteStore)
+            else SqliteStore(store or default_store_url(broker_url))
         )
         if only:
             unknown = [name for name in only if name not in app.functions]
@@ -170,7 +172,7 @@ class Runtime:
         task.add_done_callback(self._background_done)
 
     def _background_done(self, task: asyncio.Future[Any]) -> None:
-        self._background.discard(task)  # type: ignore[arg-type]
+        self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background work failed: %s", task.exception())
 

@@ -219,7 +219,9 @@ class SqliteStore:
         ok = False
         try:
             await self._worker.call(
-                lambda c: c.executemany("DELETE FROM nerve_outbox WHERE id = ?", [(i,) for i in ids])
+                lambda c: c.executemany(
+                    "DELETE FROM nerve_outbox WHERE id = ?", [(i,) for i in ids]
+                )
             )
             ok = True
         finally:
@@ -244,9 +246,11 @@ class SqliteStore:
         ok = False
         try:
             n: int = await self._worker.call(
-                lambda c: c.execute(
-                    "DELETE FROM nerve_processed WHERE processed_at < ?", (cutoff,)
-                ).rowcount
+                lambda c: (
+                    c.execute(
+                        "DELETE FROM nerve_processed WHERE processed_at < ?", (cutoff,)
+                    ).rowcount
+                )
             )
             ok = True
         finally:

@@ -67,6 +67,8 @@ def from_url(url: str) -> Transport:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         hint = f"pip install 'nerve[{extra}]'" if extra else "reinstall nerve"
-        raise ConfigError(f"{scheme}:// needs a client library that is missing ({exc.name}): {hint}") from None
+        raise ConfigError(
+            f"{scheme}:// needs a client library that is missing ({exc.name}): {hint}"
+        ) from None
     transport: Transport = getattr(module, class_name)(url)
     return transport

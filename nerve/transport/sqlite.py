@@ -476,9 +476,9 @@ class SqliteTransport:
     ) -> None:
         await self._settler.submit((delivery, action, amount, failure))
 
-    async def _settle_batch(self, batch: list[_Settlement]) -> list[None | BaseException]:
+    async def _settle_batch(self, batch: list[_Settlement]) -> list[BaseException | None]:
         outcomes = await self._worker.write(lambda conn: _settle_rows(conn, batch))
-        results: list[None | BaseException] = []
+        results: list[BaseException | None] = []
         wake: set[str] = set()
         for (delivery, action, amount, _), ok in zip(batch, outcomes, strict=True):
             if not ok:

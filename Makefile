@@ -1,0 +1,43 @@
+# nerve — the two commands a new machine needs: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit slow bench clean services
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/nerve demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check nerve tests examples benchmarks
+	$(BIN)/ruff format --check nerve
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -m "not slow" -q
+
+slow: $(STAMP)
+	$(BIN)/pytest -m slow -q
+
+test: lint typecheck $(STAMP)
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks embedded
+
+services:
+	bash scripts/services
+
+clean:
+	rm -rf $(VENV) .nerve .mypy_cache .ruff_cache .pytest_cache
