@@ -183,6 +183,11 @@ class Worker:
         self._queue.put(_Job(fn, future, loop, in_transaction))
         return future
 
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``fn`` to run as-is; the returned future settles when it has run.
+        Unlike :meth:`call`, the work is queued even if the caller is cancelled."""
+        return self._submit(fn, False)
+
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a group-committed write transaction; return once durable."""
         return await self._submit(fn, True)

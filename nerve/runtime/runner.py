@@ -276,7 +276,7 @@ class FunctionRunner:
     async def _commit(self, delivery: Delivery, unit: SqliteUnit, emitted: Sequence[Event]) -> None:
         runtime = self.runtime
         bodies = [codec.encode(e) for e in emitted]
-        ids = await asyncio.shield(unit.commit(bodies))
+        ids = await unit.commit(bodies)
         if ids is None:
             self.stats.duplicates += 1  # a concurrent duplicate committed first
         elif emitted:
@@ -313,9 +313,10 @@ class FunctionRunner:
         await self._settle(delivery.dead_letter(failure))
 
     async def _settle(self, settlement: Awaitable[None]) -> None:
-        """Await a settlement without letting cancellation cut it in half."""
+        """Await a settlement. Settlements are queued for a batch as soon as they are
+        awaited, so a cancellation while waiting cannot undo them halfway."""
         try:
-            await asyncio.shield(settlement)
+            await settlement
         except LeaseLost as exc:
             self.stats.lease_lost += 1
             log.warning("function %s: %s", self.function.name, exc)

@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from nerve._batch import Coalescer
@@ -42,6 +42,17 @@ CREATE TABLE IF NOT EXISTS nerve_outbox (
 """
 
 Params = Sequence[Any] | dict[str, Any]
+T = TypeVar("T")
+_Step = tuple[Any, BaseException | None, BaseException | None]
+"""What a turn's last step returns: (result, handler-side error, commit error)."""
+
+
+class _RolledBack(Exception):
+    """The unit was rolled back on purpose (handler failed, or a duplicate)."""
+
+
+def _translate(exc: Exception) -> BaseException:
+    return StoreError(str(exc)) if isinstance(exc, sqlite3.Error) else exc
 
 
 class SqliteStore:
@@ -73,7 +84,7 @@ class SqliteStore:
         self._turn = asyncio.Lock()
         self._waiting = 0
         self._tx_open = False  # only read/written inside worker jobs
-        self._batch: list[asyncio.Future[None]] = []
+        self._batch: list[tuple[asyncio.Future[Any], Any]] = []
         self._batch_started = 0.0
         self._checks: Coalescer[tuple[str, str], bool] = Coalescer(self._check_many)
         self._light: Coalescer[tuple[str, str, list[bytes]], list[int] | None] = Coalescer(
@@ -126,69 +137,144 @@ class SqliteStore:
         return await self._reader.call(check)
 
     # -- write turns and group commit --------------------------------------------------
+    #
+    # One unit holds the write turn at a time. Worker-side, a turn is a SAVEPOINT inside
+    # the shared transaction; each step below is ONE round trip to the worker thread.
+    # Whether a step ends with COMMIT is decided when it is submitted: commit when no one
+    # else waits for a turn, or the batch is large or old. Units whose savepoint was
+    # released wait for that COMMIT; settling them happens in a done-callback, so a
+    # cancelled caller can never strand the others.
 
-    async def _take_turn(self) -> None:
+    async def _acquire(self) -> None:
         self._waiting += 1
         try:
             await self._turn.acquire()
         finally:
             self._waiting -= 1
-        try:
-            await self._worker.call(self._open_savepoint)
-        except BaseException:
-            self._turn.release()
-            raise
 
-    def _open_savepoint(self, conn: sqlite3.Connection) -> None:
+    def _commit_due(self) -> bool:
+        return (
+            self._waiting == 0
+            or len(self._batch) + 1 >= self._max_batch
+            or time.monotonic() - self._batch_started > 0.05
+        )
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
         if not self._tx_open:
             conn.execute("BEGIN IMMEDIATE")
             self._tx_open = True
             self._batch_started = time.monotonic()
         conn.execute("SAVEPOINT unit")
 
-    async def _end_turn(self, keep: bool) -> asyncio.Future[None]:
-        """Release (keep) or roll back the turn's savepoint; maybe commit; pass the turn."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def _finish(self, conn: sqlite3.Connection, keep: bool, commit: bool) -> BaseException | None:
+        """Release or roll back the savepoint; COMMIT if asked. Returns a commit error."""
+        if keep:
+            conn.execute("RELEASE unit")
+        else:
+            conn.execute("ROLLBACK TO unit")
+            conn.execute("RELEASE unit")
+        if not commit or not self._tx_open:
+            return None
+        self._tx_open = False
         try:
-            await self._worker.call(_release if keep else _rollback)
-            if keep:
-                self._batch.append(done)
-            else:
-                done.set_result(None)
-            if (
-                self._waiting == 0
-                or len(self._batch) >= self._max_batch
-                or time.monotonic() - self._batch_started > 0.05
-            ):
-                await self._commit_batch()
-        finally:
-            self._turn.release()
-        return done
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return StoreError(f"store commit failed: {exc}")
+        return None
 
-    async def _commit_batch(self) -> None:
-        batch, self._batch = self._batch, []
-
-        def commit(conn: sqlite3.Connection) -> None:
-            if not self._tx_open:
-                return
-            self._tx_open = False
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-
+    def _shot(
+        self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], commit: bool
+    ) -> tuple[T | None, BaseException | None, BaseException | None]:
+        self._begin(conn)
         try:
-            await self._worker.call(commit)
+            result = fn(conn)
         except Exception as exc:
-            for future in batch:
+            return None, _translate(exc), self._finish(conn, False, commit)
+        return result, None, self._finish(conn, True, commit)
+
+    def _settle_turn(
+        self, step: asyncio.Future[_Step], mine: asyncio.Future[Any], commit: bool
+    ) -> None:
+        """Done-callback of a turn's last step: pass the turn on, settle who waits."""
+        self._turn.release()
+        if step.cancelled() or step.exception() is not None:
+            cause = "cancelled" if step.cancelled() else step.exception()
+            error = StoreError(f"store step failed: {cause}")
+            waiting = [mine] + ([f for f, _ in self._batch] if commit else [])
+            if commit:
+                self._batch = []
+            for future in waiting:
                 if not future.done():
-                    future.set_exception(StoreError(f"store commit failed: {exc}"))
+                    future.set_exception(error)
             return
-        for future in batch:
-            if not future.done():
-                future.set_result(None)
+        result, fn_error, commit_error = step.result()
+        if fn_error is not None:
+            if not mine.done():
+                mine.set_exception(fn_error)
+        else:
+            self._batch.append((mine, result))
+        if not commit:
+            return
+        batch, self._batch = self._batch, []
+        for future, value in batch:
+            if future.done():
+                continue
+            if commit_error is not None:
+                future.set_exception(commit_error)
+            else:
+                future.set_result(value)
+
+    def _step(self, fn: Callable[[sqlite3.Connection], _Step], commit: bool) -> asyncio.Future[Any]:
+        mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        step = self._worker.submit(fn)
+        step.add_done_callback(lambda f: self._settle_turn(f, mine, commit))
+        return mine
+
+    async def _in_turn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` as a whole unit in one round trip; returns once committed."""
+        await self._acquire()
+        commit = self._commit_due()
+        result: T = await self._step(lambda c: self._shot(c, fn, commit), commit)
+        return result
+
+    async def _open_turn(self) -> None:
+        """Take the turn for a unit that will run statements across awaits."""
+        await self._acquire()
+        try:
+            await self._worker.call(self._begin)
+        except BaseException:
+            self._turn.release()
+            raise
+
+    async def _close_turn(
+        self, record: Callable[[sqlite3.Connection], T | None] | None
+    ) -> T | None:
+        """End a unit's turn: run ``record`` (None = roll back), maybe commit.
+
+        Returns what ``record`` returned once committed, or None if it returned None
+        (the event was processed already) or the unit was rolled back: then the
+        unit's writes are undone.
+        """
+        commit = self._commit_due()
+
+        def last(c: sqlite3.Connection) -> _Step:
+            if record is None:
+                return None, _RolledBack(), self._finish(c, False, commit)
+            try:
+                result = record(c)
+            except Exception as exc:
+                return None, _translate(exc), self._finish(c, False, commit)
+            if result is None:
+                return None, _RolledBack(), self._finish(c, False, commit)
+            return result, None, self._finish(c, True, commit)
+
+        try:
+            value: T = await self._step(last, commit)
+        except _RolledBack:
+            return None
+        return value
 
     # -- units of work ---------------------------------------------------------------
 
@@ -199,14 +285,7 @@ class SqliteStore:
         self, items: list[tuple[str, str, list[bytes]]]
     ) -> list[list[int] | None]:
         """Commit units that never touched ctx.store, many in one turn."""
-        await self._take_turn()
-        try:
-            results = await self._worker.call(lambda conn: [_record(conn, *it) for it in items])
-        except BaseException:
-            await (await self._end_turn(False))
-            raise
-        await (await self._end_turn(True))
-        return results
+        return await self._in_turn(lambda conn: [_record(conn, *it) for it in items])
 
     # -- outbox ----------------------------------------------------------------------
 
@@ -215,17 +294,8 @@ class SqliteStore:
         await asyncio.gather(*(self._outbox_deletes.submit(i) for i in ids))
 
     async def _delete_outbox(self, ids: list[int]) -> list[None]:
-        await self._take_turn()
-        ok = False
-        try:
-            await self._worker.call(
-                lambda c: c.executemany(
-                    "DELETE FROM nerve_outbox WHERE id = ?", [(i,) for i in ids]
-                )
-            )
-            ok = True
-        finally:
-            await (await self._end_turn(ok))
+        rows = [(i,) for i in ids]
+        await self._in_turn(lambda c: c.executemany("DELETE FROM nerve_outbox WHERE id = ?", rows))
         return [None] * len(ids)
 
     async def outbox_pending(self, older_than: float, limit: int = 1000) -> list[tuple[int, bytes]]:
@@ -242,20 +312,11 @@ class SqliteStore:
     async def prune_processed(self, older_than: float) -> int:
         """Forget idempotency records older than ``older_than`` seconds."""
         cutoff = time.time() - older_than
-        await self._take_turn()
-        ok = False
-        try:
-            n: int = await self._worker.call(
-                lambda c: (
-                    c.execute(
-                        "DELETE FROM nerve_processed WHERE processed_at < ?", (cutoff,)
-                    ).rowcount
-                )
+        return await self._in_turn(
+            lambda c: (
+                c.execute("DELETE FROM nerve_processed WHERE processed_at < ?", (cutoff,)).rowcount
             )
-            ok = True
-        finally:
-            await (await self._end_turn(ok))
-        return n
+        )
 
     async def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         """Read committed data (for tools, tests and invariant checks)."""
@@ -312,7 +373,7 @@ class SqliteUnit:
 
     async def _ensure(self) -> None:
         if not self._active:
-            await self._store._take_turn()
+            await self._store._open_turn()
             self._active = True
 
     async def execute(self, sql: str, params: Params = ()) -> int:
@@ -351,21 +412,14 @@ class SqliteUnit:
         if not self._active:
             return await store._light.submit((self.function, self.event_id, list(outbox)))
         self._active = False
-        try:
-            ids = await store._worker.call(
-                lambda c: _record(c, self.function, self.event_id, list(outbox))
-            )
-        except BaseException:
-            await (await store._end_turn(False))
-            raise
-        await (await store._end_turn(ids is not None))
-        return ids
+        bodies = list(outbox)
+        return await store._close_turn(lambda c: _record(c, self.function, self.event_id, bodies))
 
     async def rollback(self) -> None:
         """Undo the unit's writes (the handler failed)."""
         if self._active:
             self._active = False
-            await self._store._end_turn(False)
+            await self._store._close_turn(None)
 
 
 def default_store_url(broker_url: str) -> str:

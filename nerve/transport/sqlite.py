@@ -288,8 +288,8 @@ class _Watcher(threading.Thread):
                         idle = 0.0
                         self._notify()
                 # poll fast while events flow, slower when idle (bounded wake-up latency)
-                idle = min(idle + 0.0002, 0.005)
-                self._halt.wait(0.0005 + idle)
+                idle = min(idle + 0.0002, 0.004)
+                self._halt.wait(0.001 + idle)
         finally:
             conn.close()
 
