@@ -2,22 +2,25 @@
 
 ::
 
-    fetch (up to the free concurrency)
+    fetch a batch (up to the free concurrency)
       -> decode            undecodable bytes      -> dead letter at once ('undecodable')
       -> look up the type  type not declared      -> dead letter at once ('not-declared')
       -> validate          payload invalid        -> dead letter at once ('invalid-data')
       -> idempotency       processed already      -> ack, handler not called
+         (one store query for the whole batch)
       -> [key lock]        custom key: one event of a key at a time, in fetch order
-      -> handler(payload, ctx) under the timeout
+      -> handler(payload, ctx) under the timeout           (one task per event)
              DeadLetter / EmitError               -> dead letter at once
              Retry / any other error / timeout    -> nack with backoff, or dead letter
                                                      after max attempts ('max-attempts')
       -> commit            ctx.store writes + processed record + outbox, one transaction
+                           (handlers that did not touch ctx.store: many in one commit)
       -> publish emitted   (only now; a crash here is healed by the outbox relay)
-      -> ack
+      -> ack               (batched: one broker round trip for many deliveries)
 
-Concurrency is a live number (``set_concurrency``): the loop only fetches what free
-slots there are, so a function with no work holds no tasks (scale to zero).
+``in_flight`` counts deliveries from fetch until settled. Concurrency is a live number
+(``set_concurrency``): the loop only fetches what free slots there are, so a function
+with no work holds no tasks (scale to zero).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -70,6 +73,20 @@ class FunctionStats:
             del self.latencies[:2048]
 
 
+@dataclass(slots=True)
+class _Done:
+    """A delivery whose handler succeeded (or that was a duplicate), awaiting settlement."""
+
+    delivery: Delivery
+    event_id: str
+    emitted: list[Event]
+    committed: bool
+    """True when the store commit already happened (the unit used ctx.store), or for
+    duplicates; False when the finisher must commit the idempotency record."""
+    outbox_ids: list[int] | None = None
+    duplicate: bool = False
+
+
 def _summary(exc: BaseException, limit: int = 4000) -> str:
     text = "".join(traceback.format_exception(exc, limit=8))
     return text if len(text) <= limit else "..." + text[-limit:]
@@ -83,12 +100,14 @@ class FunctionRunner:
         self.in_flight = 0
         self.stats = FunctionStats()
         self._slot = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._started: dict[Delivery, float] = {}
         self._stopping = asyncio.Event()
         self._consumer = runtime.transport.consumer(function.subscription)
         self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._idle_since = time.monotonic()
+        self._done: list[_Done] = []
+        self._finisher: asyncio.Task[None] | None = None
 
     # -- the loop --------------------------------------------------------------------
 
@@ -112,29 +131,37 @@ class FunctionRunner:
                     log.error("function %s: fetch failed: %s", self.function.name, exc)
                     await asyncio.sleep(1.0)
                     continue
+                if not deliveries:
+                    continue
                 if self._stopping.is_set():
-                    await asyncio.gather(*(d.nack(0) for d in deliveries), return_exceptions=True)
+                    for delivery in deliveries:
+                        with contextlib.suppress(NerveError):
+                            await delivery.nack(0)
                     break
-                if deliveries and self.in_flight == 0 and time.monotonic() - self._idle_since > 60:
+                if self.in_flight == 0 and time.monotonic() - self._idle_since > 60:
                     self.stats.cold_starts += 1
-                for delivery in deliveries:
-                    self.in_flight += 1
-                    task = asyncio.create_task(self._process(delivery))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._done)
+                self.in_flight += len(deliveries)
+                await self._dispatch(deliveries)
         finally:
             keeper.cancel()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle_since = time.monotonic()
-        self._slot.set()
         if not task.cancelled() and task.exception() is not None:
             log.error(
                 "function %s: unexpected error", self.function.name, exc_info=task.exception()
             )
+
+    def _settled(self, count: int = 1) -> None:
+        self.in_flight -= count
+        if self.in_flight == 0:
+            self._idle_since = time.monotonic()
+        self._slot.set()
 
     async def stop(self, deadline: float) -> None:
         """Stop taking work; let in-flight events finish until ``deadline`` (monotonic),
@@ -149,6 +176,8 @@ class FunctionRunner:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
+        if self._finisher is not None:
+            await asyncio.wait([self._finisher], timeout=5)
 
     async def _keep_leases(self) -> None:
         while True:
@@ -159,42 +188,55 @@ class FunctionRunner:
                     with contextlib.suppress(NerveError):
                         await delivery.extend(LEASE_EXTEND_AFTER * 3)
 
-    # -- one delivery ----------------------------------------------------------------
+    # -- a fetched batch -------------------------------------------------------------
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _dispatch(self, deliveries: Sequence[Delivery]) -> None:
         fn = self.function
+        events = self.runtime.app.events
         stats = self.stats
-        stats.received += 1
+        stats.received += len(deliveries)
+        now = time.time()
+        ready: list[tuple[Delivery, Event, Any]] = []
+        for delivery in deliveries:
+            try:
+                event = delivery.event
+            except DecodeError as exc:
+                self._spawn(self._dead(delivery, "undecodable", exc, delivery.attempt))
+                continue
+            declared = events.get(event.type)
+            if declared is None:
+                error = NerveError(f"event type {event.type!r} is not declared by this app")
+                self._spawn(self._dead(delivery, "not-declared", error, delivery.attempt))
+                continue
+            try:
+                payload = declared.model.model_validate(event.data)
+            except ValidationError as exc:
+                self._spawn(self._dead(delivery, "invalid-data", exc, delivery.attempt))
+                continue
+            if event.time is not None:
+                stats.note_latency(now - event.time.timestamp())
+            ready.append((delivery, event, payload))
+        if not ready:
+            return
         try:
-            event = delivery.event
-        except DecodeError as exc:
-            await self._dead(delivery, "undecodable", exc, retryable_attempts=delivery.attempt)
+            seen = await self.runtime.store.processed_many(fn.name, [e.id for _, e, _ in ready])
+        except NerveError as exc:
+            log.error("function %s: idempotency check failed, retrying later: %s", fn.name, exc)
+            for delivery, _, _ in ready:
+                self._spawn(self._release(delivery, 1.0))
             return
-        declared = self.runtime.app.events.get(event.type)
-        if declared is None:
-            await self._dead(
-                delivery,
-                "not-declared",
-                NerveError(f"event type {event.type!r} is not declared by this app"),
-                delivery.attempt,
-            )
-            return
-        try:
-            payload = declared.model.model_validate(event.data)
-        except ValidationError as exc:
-            await self._dead(delivery, "invalid-data", exc, delivery.attempt)
-            return
-        if event.time is not None:
-            stats.note_latency(time.time() - event.time.timestamp())
-        store = self.runtime.store
-        if await store.is_processed(fn.name, event.id):
-            stats.duplicates += 1
-            await self._settle(delivery.ack())
-            return
-        if fn.key is None:
-            await self._attempt(delivery, event, payload, delivery.attempt, hold=False)
-            return
-        key = fn.key(payload)
+        for delivery, event, payload in ready:
+            if event.id in seen:
+                stats.duplicates += 1
+                self._finish(_Done(delivery, event.id, [], committed=True, duplicate=True))
+            elif fn.key is None:
+                self._spawn(self._attempt(delivery, event, payload, delivery.attempt, hold=False))
+            else:
+                self._spawn(self._keyed(delivery, event, payload))
+
+    async def _keyed(self, delivery: Delivery, event: Event, payload: Any) -> None:
+        assert self.function.key is not None
+        key = self.function.key(payload)
         if key is None:
             await self._attempt(delivery, event, payload, delivery.attempt, hold=False)
             return
@@ -210,8 +252,10 @@ class FunctionRunner:
             else:
                 self._key_locks[key] = (lock, users - 1)
 
+    # -- one handler call --------------------------------------------------------------
+
     async def _attempt(
-        self, delivery: Delivery, event: Event, payload: object, attempt: int, *, hold: bool
+        self, delivery: Delivery, event: Event, payload: Any, attempt: int, *, hold: bool
     ) -> None:
         """Run the handler until it succeeds, or its failure is settled.
 
@@ -232,16 +276,16 @@ class FunctionRunner:
                     async with asyncio.timeout(fn.timeout):
                         await fn.handler(payload, ctx)
             except asyncio.CancelledError:
-                await self._settle(unit.rollback())
-                await self._settle(delivery.nack(0))
+                await unit.rollback()
+                await self._release(delivery, 0.0)
                 raise
             except (DeadLetter, EmitError) as exc:
-                await self._settle(unit.rollback())
+                await unit.rollback()
                 reason = "dead-letter" if isinstance(exc, DeadLetter) else "emit-not-declared"
                 await self._dead(delivery, reason, exc, attempt)
                 return
             except Exception as exc:
-                await self._settle(unit.rollback())
+                await unit.rollback()
                 self.stats.failed += 1
                 if isinstance(exc, TimeoutError):
                     exc = TimeoutError(f"handler ran over its timeout of {fn.timeout} s")
@@ -265,32 +309,109 @@ class FunctionRunner:
                     await asyncio.sleep(delay)
                     attempt += 1
                     continue
-                await self._settle(delivery.nack(delay))
+                await self._release(delivery, delay)
                 return
             finally:
                 self.stats.handler_seconds += time.monotonic() - started
                 self._started.pop(delivery, None)
-            await self._commit(delivery, unit, ctx.emitted)
+            await self._succeeded(delivery, event, unit, ctx.emitted)
             return
 
-    async def _commit(self, delivery: Delivery, unit: SqliteUnit, emitted: Sequence[Event]) -> None:
+    async def _succeeded(
+        self, delivery: Delivery, event: Event, unit: SqliteUnit, emitted: list[Event]
+    ) -> None:
+        if not unit.active:
+            self._finish(_Done(delivery, event.id, emitted, committed=False))
+            return
+        # The unit holds the store's write turn: commit it here, then settle in a batch.
+        try:
+            ids = await unit.commit([codec.encode(e) for e in emitted])
+        except NerveError as exc:
+            log.error("function %s: commit failed, will retry: %s", self.function.name, exc)
+            await self._release(delivery, 1.0)
+            return
+        duplicate = ids is None  # a concurrent duplicate committed first
+        if duplicate:
+            self.stats.duplicates += 1
+            emitted = []
+        self._finish(
+            _Done(delivery, event.id, emitted, committed=True, outbox_ids=ids, duplicate=duplicate)
+        )
+
+    # -- settling ----------------------------------------------------------------------
+
+    def _finish(self, done: _Done) -> None:
+        self._done.append(done)
+        if self._finisher is None:
+            self._finisher = asyncio.create_task(self._finish_batches())
+
+    async def _finish_batches(self) -> None:
+        """Commit, publish and ack successful deliveries, a batch at a time."""
+        try:
+            while self._done:
+                batch, self._done = self._done, []
+                await self._finish_batch(batch)
+        finally:
+            self._finisher = None
+
+    async def _finish_batch(self, batch: list[_Done]) -> None:
         runtime = self.runtime
-        bodies = [codec.encode(e) for e in emitted]
-        ids = await unit.commit(bodies)
-        if ids is None:
-            self.stats.duplicates += 1  # a concurrent duplicate committed first
-        elif emitted:
+        fn = self.function
+        light = [d for d in batch if not d.committed]
+        if light:
             try:
-                await asyncio.shield(runtime.transport.publish(emitted))
+                results = await runtime.store.commit_records(
+                    [(fn.name, d.event_id, [codec.encode(e) for e in d.emitted]) for d in light]
+                )
+            except NerveError as exc:
+                log.error("function %s: commit failed, will retry: %s", fn.name, exc)
+                for d in light:
+                    await self._release(d.delivery, 1.0)
+                batch = [d for d in batch if d.committed]
+                results = []
+            for d, ids in zip(light, results, strict=True):
+                d.outbox_ids = ids
+                if ids is None:
+                    self.stats.duplicates += 1
+                    d.emitted = []
+                    d.duplicate = True
+        emitted = [e for d in batch for e in d.emitted]
+        if emitted:
+            try:
+                await runtime.transport.publish(emitted)
             except NerveError as exc:
                 log.warning("publishing emitted events failed (the outbox will retry): %s", exc)
             else:
+                ids = [i for d in batch for i in (d.outbox_ids or [])]
                 runtime.background(runtime.store.outbox_cleared(ids))
-        self.stats.processed += 1
-        await self._settle(delivery.ack())
+        deliveries = [d.delivery for d in batch]
+        try:
+            lost = await self._consumer.ack_many(deliveries)
+        except NerveError as exc:
+            log.error("function %s: ack failed (events will be redelivered): %s", fn.name, exc)
+            lost = deliveries
+        if lost:
+            self.stats.lease_lost += len(lost)
+            log.warning("function %s: %d ack(s) refused: lease lost", fn.name, len(lost))
+        self.stats.processed += sum(1 for d in batch if not d.duplicate)
+        self._settled(len(batch))
+
+    async def _release(self, delivery: Delivery, delay: float) -> None:
+        """Hand a delivery back to its group after ``delay`` seconds."""
+        try:
+            await delivery.nack(delay)
+        except LeaseLost as exc:
+            self.stats.lease_lost += 1
+            log.warning("function %s: %s", self.function.name, exc)
+        except NerveError as exc:
+            log.error(
+                "function %s: nack failed (the lease will expire): %s", self.function.name, exc
+            )
+        finally:
+            self._settled()
 
     async def _dead(
-        self, delivery: Delivery, reason: str, exc: BaseException, retryable_attempts: int
+        self, delivery: Delivery, reason: str, exc: BaseException, attempts: int
     ) -> None:
         now = time.time()
         failure = Failure(
@@ -298,7 +419,7 @@ class FunctionRunner:
             error_type=type(exc).__name__,
             message=str(exc)[:4000],
             traceback=_summary(exc),
-            attempts=retryable_attempts,
+            attempts=attempts,
             first_attempt_at=float(getattr(delivery, "first_at", None) or delivery.received_at),
             failed_at=now,
         )
@@ -310,13 +431,12 @@ class FunctionRunner:
             failure.error_type,
             failure.message[:200],
         )
-        await self._settle(delivery.dead_letter(failure))
-
-    async def _settle(self, settlement: Awaitable[None]) -> None:
-        """Await a settlement. Settlements are queued for a batch as soon as they are
-        awaited, so a cancellation while waiting cannot undo them halfway."""
         try:
-            await settlement
+            await delivery.dead_letter(failure)
         except LeaseLost as exc:
             self.stats.lease_lost += 1
             log.warning("function %s: %s", self.function.name, exc)
+        except NerveError as exc:
+            log.error("function %s: dead-lettering failed: %s", self.function.name, exc)
+        finally:
+            self._settled()

@@ -119,6 +119,38 @@ class SqliteStore:
     async def is_processed(self, function: str, event_id: str) -> bool:
         return await self._checks.submit((function, event_id))
 
+    async def processed_many(self, function: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of ``event_ids`` ``function`` has processed already (one query)."""
+        ids = list(event_ids)
+
+        def check(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT event_id FROM nerve_processed "
+                        f"WHERE function = ? AND event_id IN ({marks})",
+                        (function, *chunk),
+                    )
+                )
+            return found
+
+        return await self._reader.call(check)
+
+    async def commit_records(
+        self, items: Sequence[tuple[str, str, list[bytes]]]
+    ) -> list[list[int] | None]:
+        """Record many (function, event id, outbox) as processed in one commit.
+
+        For units that never touched ctx.store. Returns, per item, its outbox row ids,
+        or None if it had been processed already.
+        """
+        rows = list(items)
+        return await self._in_turn(lambda conn: [_record(conn, *it) for it in rows])
+
     async def _check_many(self, items: list[tuple[str, str]]) -> list[bool]:
         def check(conn: sqlite3.Connection) -> list[bool]:
             found: set[tuple[str, str]] = set()
@@ -370,6 +402,11 @@ class SqliteUnit:
         self.function = function
         self.event_id = event_id
         self._active = False
+
+    @property
+    def active(self) -> bool:
+        """True once the handler used the store: the unit holds the write turn."""
+        return self._active
 
     async def _ensure(self) -> None:
         if not self._active:

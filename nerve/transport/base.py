@@ -162,6 +162,11 @@ class Consumer(Protocol):
         """Up to ``limit`` deliveries, waiting at most ``timeout`` seconds for the first."""
         ...
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> Sequence[Delivery]:
+        """Ack several deliveries of this consumer at once (one broker round trip where
+        the broker allows). Returns those refused because their lease was lost."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -21,7 +21,7 @@ from nerve import event as codec
 from nerve.app import Subscription
 from nerve.errors import ConfigError, LeaseLost, PayloadTooLarge, TransportError
 from nerve.event import Event
-from nerve.transport.base import DeadLetterEntry, Failure, Features, GroupStats
+from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +154,15 @@ class MemoryConsumer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(group.wake.wait(), min(remaining, 0.05))
         return []
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        lost: list[Delivery] = []
+        for delivery in deliveries:
+            try:
+                await delivery.ack()
+            except LeaseLost:
+                lost.append(delivery)
+        return lost
 
     async def close(self) -> None:
         self._closed = True

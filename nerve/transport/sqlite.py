@@ -32,7 +32,7 @@ from nerve._sqlite import Worker, connect
 from nerve.app import Subscription
 from nerve.errors import ConfigError, LeaseLost, PayloadTooLarge, TransportError
 from nerve.event import Event
-from nerve.transport.base import DeadLetterEntry, Failure, Features, GroupStats
+from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS log (
@@ -256,6 +256,16 @@ class SqliteConsumer:
                     self.wake.wait(), min(remaining, transport.config.poll_interval)
                 )
         return []
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        batch: list[_Settlement] = []
+        for delivery in deliveries:
+            assert isinstance(delivery, SqliteDelivery)
+            batch.append((delivery, "ack", 0.0, None))
+        if not batch:
+            return []
+        results = await self.transport._settle_batch(batch)
+        return [d for d, r in zip(deliveries, results, strict=True) if r is not None]
 
     async def close(self) -> None:
         self._closed = True
