@@ -1,0 +1,84 @@
+"""``python -m benchmarks embedded [--runs 3] [--events N] [--rate R] [--seconds S]
+[--quick] [--profile]``.
+
+The last line printed is a one-line JSON summary (``events_per_s``, ``p50_ms``,
+``p99_ms``, ``floor_events_per_s``, ``floor_p50_ms``, ``floor_p99_ms``, ``ratio``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+from rich.console import Console
+
+from benchmarks.embedded import Settings, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="nerve's reproducible benchmarks"
+    )
+    sub = parser.add_subparsers(dest="suite", required=True)
+    emb = sub.add_parser("embedded", help="the embedded SQLite broker vs the raw sqlite3 floor")
+    emb.add_argument("--runs", type=int, default=3, help="runs per workload (default 3)")
+    emb.add_argument("--events", type=int, help="throughput: events to publish (20000)")
+    emb.add_argument("--batch", type=int, default=100, help="throughput: publish batch (100)")
+    emb.add_argument("--rate", type=float, help="latency: events per second (1000)")
+    emb.add_argument("--seconds", type=float, help="latency: seconds to publish for (10)")
+    emb.add_argument(
+        "--synchronous", default="FULL", choices=["FULL", "NORMAL", "OFF"], help="(FULL)"
+    )
+    emb.add_argument(
+        "--floor-claim",
+        default="lease",
+        choices=["lease", "delete"],
+        help="floor consumer: lease then delete (at-least-once, default) or delete on claim",
+    )
+    emb.add_argument(
+        "--floor-busy",
+        default="spin",
+        choices=["spin", "sqlite"],
+        help="floor: retry the write lock every 50 us (default) or use SQLite's busy handler",
+    )
+    emb.add_argument("--quick", action="store_true", help="smoke run: 2,000 events, 2 s latency")
+    emb.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: profile the nerve consumer under py-spy during the throughput workload",
+    )
+    args = parser.parse_args(argv)
+
+    settings = Settings(
+        runs=max(1, args.runs),
+        batch=args.batch,
+        synchronous=args.synchronous,
+        floor_claim=args.floor_claim,
+        floor_busy=args.floor_busy,
+    )
+    if args.quick:
+        settings.events, settings.seconds = 2_000, 2.0
+    if args.events is not None:
+        settings.events = args.events
+    if args.rate is not None:
+        settings.rate = args.rate
+    if args.seconds is not None:
+        settings.seconds = args.seconds
+    if settings.events < 1 or settings.rate <= 0 or settings.seconds <= 0:
+        parser.error("--events, --rate and --seconds must be positive")
+
+    console = Console(stderr=False)
+    if args.profile:
+        from benchmarks.profiling import run_profile
+
+        run_profile(settings, console)
+        return 0
+    summary = run(settings, console)
+    sys.stdout.flush()
+    print(orjson.dumps(summary).decode(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

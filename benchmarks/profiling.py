@@ -1,0 +1,193 @@
+"""``python -m benchmarks embedded --profile``: where the nerve consumer spends its time.
+
+Runs the throughput workload once with ``py-spy record`` attached to the consumer
+process (all threads: the event loop and the SQLite worker and watcher threads),
+and summarises the folded stacks: the top frames by own time (the frame was on top
+of the stack) and by cumulative time (the frame was anywhere on the stack). Idle
+threads are not sampled (py-spy's default), so blocking in ``fsync`` inside SQLite
+shows up only while the thread is counted as running.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from benchmarks.embedded import (
+    PYTHON,
+    READY_TIMEOUT,
+    RESULTS_DIR,
+    ROOT,
+    RUNS_DIR,
+    Settings,
+    nerve_cli_available,
+    nerve_consumer_cmd,
+    process,
+    producer_result,
+    read_only,
+    wait_count,
+    wait_ready,
+)
+
+TOP = 15
+_LOCATION = re.compile(r"^(?P<func>.*) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
+
+
+def _py_spy() -> str | None:
+    here = Path(PYTHON).parent / "py-spy"
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
+def _short(frame: str) -> str:
+    """``func (path/to/file.py:12)`` -> ``func (file.py)``: one entry per function."""
+    match = _LOCATION.match(frame.strip())
+    if not match:
+        return frame.strip()
+    path = match.group("file")
+    for marker in ("/site-packages/", "/lib/python3", str(ROOT) + "/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{match.group('func')} ({path})"
+
+
+def summarise(folded: Path) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
+    """Total samples, own and cumulative samples per function, samples per thread."""
+    own: Counter[str] = Counter()
+    cumulative: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in folded.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        if frames and frames[0].startswith(("process ", "thread ")):
+            thread = frames[0]
+            frames = frames[1:]
+            if frames and frames[0].startswith("thread "):
+                thread = frames[0]
+                frames = frames[1:]
+            threads[thread] += count
+        names = [_short(f) for f in frames if f]
+        if not names:
+            continue
+        total += count
+        own[names[-1]] += count
+        for name in set(names):
+            cumulative[name] += count
+    return total, own, cumulative, threads
+
+
+def run_profile(settings: Settings, console: Console, rate: int = 250) -> str:
+    spy = _py_spy()
+    if spy is None:
+        raise SystemExit("py-spy is not installed: pip install py-spy")
+    use_cli = nerve_cli_available()
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    logdir = RUNS_DIR / stamp / "profile"
+    logdir.mkdir(parents=True, exist_ok=True)
+    db = logdir / "nerve.db"
+    url = f"sqlite:///{db}?synchronous={settings.synchronous}"
+    folded = logdir / "consumer.folded"
+    columns = (
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        TextColumn("{task.completed:>7,}/{task.total:,}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("profiled throughput", total=settings.events)
+        consumer_cmd = nerve_consumer_cmd("benchmarks.apps:app", url, use_cli)
+        with process(consumer_cmd, logdir, "consumer") as consumer:
+            conn = read_only(db, time.monotonic() + READY_TIMEOUT)
+            try:
+                wait_ready(conn, "SELECT count(*) FROM counters", consumer, logdir)
+                spy_cmd = [
+                    spy, "record", "--pid", str(consumer.pid), "--rate", str(rate),
+                    "--format", "raw", "--threads", "--output", str(folded),
+                ]  # fmt: skip
+                with process(spy_cmd, logdir, "py-spy") as recorder:
+                    time.sleep(1.0)  # py-spy attaches
+                    if recorder.poll() is not None:
+                        err = (logdir / "py-spy.err").read_text(errors="replace")
+                        raise SystemExit(f"py-spy could not attach: {err.strip()[-500:]}")
+                    producer_cmd = [
+                        PYTHON, "-m", "benchmarks._producer", "throughput", url,
+                        str(settings.events), str(settings.batch),
+                    ]  # fmt: skip
+                    with process(producer_cmd, logdir, "producer") as producer:
+                        done_at = wait_count(
+                            conn,
+                            "SELECT processed FROM counters WHERE grp = ?",
+                            ("sink",),
+                            settings.events,
+                            300,
+                            [consumer, producer],
+                            logdir,
+                            lambda n: progress.update(task, completed=n),
+                        )
+                        sent = producer_result(producer, logdir, "producer")
+                    # SIGINT makes py-spy write its output (leaving the block sends SIGTERM)
+                    recorder.send_signal(2)
+                    recorder.wait(30)
+            finally:
+                conn.close()
+    eps = settings.events / (done_at - sent["first_publish"])
+    total, own, cumulative, threads = summarise(folded)
+    text = report(total, own, cumulative, threads, eps, settings, rate, use_cli)
+    for title, counter in (("own time", own), ("cumulative time", cumulative)):
+        table = Table(title=f"nerve consumer, top {TOP} by {title} ({total:,} samples)")
+        table.add_column("%", justify="right")
+        table.add_column("function (file)")
+        for name, count in counter.most_common(TOP):
+            table.add_row(f"{100 * count / max(total, 1):.1f}", name)
+        console.print(table)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "embedded-profile.md").write_text(text)
+    console.print(
+        f"profiled run: {eps:,.0f} events/s under py-spy (slower than unprofiled); "
+        f"wrote {(RESULTS_DIR / 'embedded-profile.md').relative_to(ROOT)}; "
+        f"folded stacks in {folded.relative_to(ROOT)}"
+    )
+    return text
+
+
+def report(
+    total: int,
+    own: Counter[str],
+    cumulative: Counter[str],
+    threads: Counter[str],
+    eps: float,
+    settings: Settings,
+    rate: int,
+    use_cli: bool,
+) -> str:
+    lines = [
+        "# Embedded broker: profile of the nerve consumer",
+        "",
+        f"`py-spy record --rate {rate} --threads` attached to the consumer "
+        f"(`{'nerve run' if use_cli else 'benchmarks._consumer'}`) during the throughput "
+        f"workload ({settings.events:,} events, batches of {settings.batch}, "
+        f"synchronous={settings.synchronous}). {total:,} samples of non-idle threads. "
+        f"Throughput while profiled: {eps:,.0f} events/s.",
+        "",
+        "## Samples per thread",
+        "",
+    ]
+    for thread, count in threads.most_common():
+        lines.append(f"- {thread}: {100 * count / max(total, 1):.1f}%")
+    for title, counter in (("own time", own), ("cumulative time", cumulative)):
+        lines += ["", f"## Top {TOP} by {title}", "", "| % | function (file) |", "|---:|---|"]
+        for name, count in counter.most_common(TOP):
+            lines.append(f"| {100 * count / max(total, 1):.1f} | `{name}` |")
+    lines.append("")
+    return "\n".join(lines)
