@@ -8,7 +8,8 @@ matches, so a consumer whose lease expired cannot settle what someone else now o
 Several processes may share one file: SQLite serialises the writers and a watcher
 thread notices other processes' commits (``PRAGMA data_version``) to wake consumers.
 
-URL options: ``?synchronous=FULL|NORMAL|OFF&visibility_timeout=30&max_payload=1048576``.
+URL options: ``?synchronous=FULL|NORMAL|OFF&visibility_timeout=30&max_payload=1048576
+&poll_interval=0.05&log_retention=86400`` (see docs/embedded-broker.md).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class SqliteConfig:
     visibility_timeout: float = 30.0
     max_payload: int = 1024 * 1024
     poll_interval: float = 0.05
+    log_retention: float = 86400.0
 
     @classmethod
     def from_url(cls, url: str) -> SqliteConfig:
@@ -114,7 +116,13 @@ class SqliteConfig:
         if not path:
             raise ConfigError(f"{url!r}: name the database file, e.g. sqlite:///.nerve/nerve.db")
         options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        known = {"synchronous", "visibility_timeout", "max_payload", "poll_interval"}
+        known = {
+            "synchronous",
+            "visibility_timeout",
+            "max_payload",
+            "poll_interval",
+            "log_retention",
+        }
         unknown = set(options) - known
         if unknown:
             raise ConfigError(
@@ -131,6 +139,7 @@ class SqliteConfig:
                 visibility_timeout=float(options.get("visibility_timeout", 30.0)),
                 max_payload=int(options.get("max_payload", 1024 * 1024)),
                 poll_interval=float(options.get("poll_interval", 0.05)),
+                log_retention=float(options.get("log_retention", 86400.0)),
             )
         except ValueError as exc:
             raise ConfigError(f"{url!r}: {exc}") from None
@@ -327,6 +336,7 @@ class SqliteTransport:
         self._router = _Router()
         self._consumers: set[SqliteConsumer] = set()
         self._watcher: _Watcher | None = None
+        self._maintenance: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
@@ -346,8 +356,33 @@ class SqliteTransport:
             ) from None
         self._watcher = _Watcher(self.config.path, self._wake_all_threadsafe)
         self._watcher.start()
+        self._maintenance = asyncio.create_task(self._maintain())
+
+    async def _maintain(self) -> None:
+        """Prune the log: events older than the retention that no delivery needs."""
+        while True:
+            await asyncio.sleep(30.0)
+            with contextlib.suppress(TransportError):
+                await self.prune_log()
+
+    async def prune_log(self, older_than: float | None = None) -> int:
+        """Delete logged events older than ``older_than`` seconds (default: the
+        configured retention) that no pending delivery refers to."""
+        cutoff = time.time() - (self.config.log_retention if older_than is None else older_than)
+
+        def prune(conn: sqlite3.Connection) -> int:
+            oldest = conn.execute("SELECT min(seq) FROM deliveries").fetchone()[0]
+            limit = oldest if oldest is not None else 1 << 62
+            return conn.execute(
+                "DELETE FROM log WHERE seq < ? AND published_at < ?", (limit, cutoff)
+            ).rowcount
+
+        return await self._worker.write(prune)
 
     async def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            self._maintenance = None
         for consumer in list(self._consumers):
             await consumer.close()
         for timer in self._timers:
