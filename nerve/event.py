@@ -50,6 +50,7 @@ CORE_ATTRIBUTES = frozenset(
 )
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
 _RESERVED = CORE_ATTRIBUTES | {"data", "data_base64"}
+_REQUIRED = ("specversion", "id", "source", "type")
 
 ExtensionValue = str | int | bool
 
@@ -117,12 +118,20 @@ class Event:
     def __post_init__(self) -> None:
         if self.specversion != "1.0":
             raise InvalidEvent("specversion", f"must be '1.0', got {self.specversion!r}")
-        for name in ("id", "source", "type"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise InvalidEvent(
-                    name, f"is required and must be a non-empty string, got {value!r}"
-                )
+        if not (
+            type(self.id) is str
+            and self.id
+            and type(self.source) is str
+            and self.source
+            and type(self.type) is str
+            and self.type
+        ):
+            for name in ("id", "source", "type"):
+                value = getattr(self, name)
+                if not isinstance(value, str) or not value:
+                    raise InvalidEvent(
+                        name, f"is required and must be a non-empty string, got {value!r}"
+                    )
         for name in ("subject", "datacontenttype", "dataschema"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -165,17 +174,24 @@ class Event:
         return replace(self, extensions=_frozen(merged))
 
 
+_checked_names: set[str] = set()
+
+
 def _check_extension(name: str, value: object) -> None:
+    if not isinstance(value, str | int | bool):
+        raise InvalidEvent(
+            name, f"extension values must be str, int or bool, got {type(value).__name__}"
+        )
+    if name in _checked_names:
+        return
     if not isinstance(name, str) or not _EXTENSION_NAME.match(name):
         raise InvalidEvent(
             str(name), "extension attribute names must be 1-20 characters of a-z and 0-9"
         )
     if name in _RESERVED:
         raise InvalidEvent(name, "is a core attribute and cannot be used as an extension")
-    if not isinstance(value, str | int | bool):
-        raise InvalidEvent(
-            name, f"extension values must be str, int or bool, got {type(value).__name__}"
-        )
+    if len(_checked_names) < 1024:
+        _checked_names.add(name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,30 +235,23 @@ def _parse_time(value: object) -> datetime:
 
 def from_attributes(attributes: Mapping[str, Any], data: Any = None) -> Event:
     """Build an event from context attributes (as a binding receives them) and data."""
-    known: dict[str, Any] = {}
-    extensions: dict[str, ExtensionValue] = {}
-    for name, value in attributes.items():
-        if name in CORE_ATTRIBUTES:
-            known[name] = value
-        elif name in ("data", "data_base64"):
-            continue
-        else:
-            extensions[name] = value
-    for name in ("specversion", "id", "source", "type"):
-        if name not in known:
+    for name in _REQUIRED:
+        if attributes.get(name) is None:
             raise InvalidEvent(name, "is required but missing")
-    time_value = known.get("time")
+    # CloudEvents JSON format 2.2: an attribute whose value is null is treated as unset
+    extensions = {k: v for k, v in attributes.items() if k not in _RESERVED and v is not None}
+    time_value = attributes.get("time")
     return Event(
-        specversion=known["specversion"],
-        id=known["id"],
-        source=known["source"],
-        type=known["type"],
+        specversion=attributes["specversion"],
+        id=attributes["id"],
+        source=attributes["source"],
+        type=attributes["type"],
         time=None if time_value is None else _parse_time(time_value),
-        subject=known.get("subject"),
-        datacontenttype=known.get("datacontenttype"),
-        dataschema=known.get("dataschema"),
+        subject=attributes.get("subject"),
+        datacontenttype=attributes.get("datacontenttype"),
+        dataschema=attributes.get("dataschema"),
         data=data,
-        extensions=extensions,
+        extensions=MappingProxyType(extensions),
     )
 
 
