@@ -1,0 +1,247 @@
+"""SqliteStore: idempotency records, units of work (ctx.store), group commit, outbox."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nerve.errors import ConfigError, StoreError
+from nerve.store import SqliteStore, default_store_url
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)"
+
+
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/store.db"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(url(tmp_path))
+    await s.start([SCHEMA])
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def table(store: SqliteStore) -> list[tuple[str, int]]:
+    return [(r[0], r[1]) for r in await store.query("SELECT k, v FROM t ORDER BY k")]
+
+
+async def test_commit_returns_outbox_ids_and_records_processed(store: SqliteStore) -> None:
+    unit = store.unit("f", "e1")
+    assert await unit.execute("INSERT INTO t VALUES (?, ?)", ("a", 1)) == 1
+    ids = await unit.commit([b"first", b"second"])
+    assert ids is not None and len(ids) == 2 and ids[0] < ids[1]
+    assert await store.is_processed("f", "e1")
+    assert not await store.is_processed("g", "e1")
+    assert not await store.is_processed("f", "e2")
+    assert await table(store) == [("a", 1)]
+    assert await store.outbox_pending(older_than=0) == [(ids[0], b"first"), (ids[1], b"second")]
+
+
+async def test_commit_without_store_writes(store: SqliteStore) -> None:
+    ids = await store.unit("f", "light").commit([b"x"])
+    assert ids is not None and len(ids) == 1
+    assert await store.unit("f", "light-empty").commit([]) == []
+    assert await store.is_processed("f", "light")
+    assert await store.is_processed("f", "light-empty")
+    assert await store.outbox_pending(older_than=0) == [(ids[0], b"x")]
+
+
+async def test_second_commit_for_the_same_event_is_refused_and_rolled_back(
+    store: SqliteStore,
+) -> None:
+    first = store.unit("f", "e1")
+    await first.execute("INSERT INTO t VALUES ('a', 1)")
+    assert await first.commit([b"one"]) is not None
+
+    again = store.unit("f", "e1")
+    await again.execute("INSERT INTO t VALUES ('b', 2)")
+    await again.execute("UPDATE t SET v = 99 WHERE k = 'a'")
+    assert await again.commit([b"two"]) is None
+    assert await table(store) == [("a", 1)]
+    assert [body for _, body in await store.outbox_pending(older_than=0)] == [b"one"]
+
+    assert await store.unit("f", "e1").commit([b"three"]) is None  # light path too
+    assert [body for _, body in await store.outbox_pending(older_than=0)] == [b"one"]
+
+    other = store.unit("g", "e1")  # another function may process the same event
+    await other.execute("INSERT INTO t VALUES ('c', 3)")
+    assert await other.commit([]) == []
+    assert await table(store) == [("a", 1), ("c", 3)]
+
+
+async def test_rollback_undoes_writes(store: SqliteStore) -> None:
+    unit = store.unit("f", "e1")
+    await unit.execute("INSERT INTO t VALUES ('a', 1)")
+    await unit.executemany("INSERT INTO t VALUES (?, ?)", [("b", 2), ("c", 3)])
+    assert await unit.fetchval("SELECT count(*) FROM t") == 3  # sees its own writes
+    await unit.rollback()
+    assert await table(store) == []
+    assert not await store.is_processed("f", "e1")
+    retry = store.unit("f", "e1")
+    await retry.execute("INSERT INTO t VALUES ('a', 2)")
+    assert await retry.commit([]) == []
+    assert await table(store) == [("a", 2)]
+    await store.unit("f", "unused").rollback()  # rolling back an unused unit is harmless
+
+
+async def test_uncommitted_writes_are_invisible_to_readers(store: SqliteStore) -> None:
+    unit = store.unit("f", "e1")
+    await unit.execute("INSERT INTO t VALUES ('a', 1)")
+    row = await unit.fetchone("SELECT k, v FROM t")
+    assert row is not None and tuple(row) == ("a", 1)
+    assert [tuple(r) for r in await unit.fetchall("SELECT k FROM t")] == [("a",)]
+    assert await table(store) == []
+    assert not await store.is_processed("f", "e1")
+    await unit.commit([])
+    assert await table(store) == [("a", 1)]  # durable and visible once commit returns
+
+
+async def test_sql_errors_become_store_errors_and_the_unit_can_roll_back(
+    store: SqliteStore,
+) -> None:
+    unit = store.unit("f", "e1")
+    await unit.execute("INSERT INTO t VALUES ('a', 1)")
+    with pytest.raises(StoreError):
+        await unit.execute("INSERT INTO t VALUES ('a', 2)")  # primary key conflict
+    with pytest.raises(StoreError):
+        await unit.execute("SELECT * FROM no_such_table")
+    await unit.rollback()
+    assert await table(store) == []
+    ok = store.unit("f", "e2")
+    await ok.execute("INSERT INTO t VALUES ('a', 3)")
+    assert await ok.commit([]) == []
+    assert await table(store) == [("a", 3)]
+
+
+async def test_concurrent_units_are_group_committed(store: SqliteStore) -> None:
+    async def work(i: int) -> list[int] | None:
+        unit = store.unit("f", f"e{i}")
+        await asyncio.sleep(0)
+        await unit.execute("INSERT INTO t VALUES (?, ?)", (f"k{i:02d}", i))
+        ids = await unit.commit([f"out{i}".encode()])
+        # a returned commit is committed: another connection sees it at once
+        assert await store.query("SELECT v FROM t WHERE k = ?", (f"k{i:02d}",)) != []
+        assert await store.is_processed("f", f"e{i}")
+        return ids
+
+    results = await asyncio.wait_for(asyncio.gather(*(work(i) for i in range(50))), 20)
+    assert all(r is not None and len(r) == 1 for r in results)
+    outbox_ids = [r[0] for r in results if r is not None]
+    assert len(set(outbox_ids)) == 50
+    assert await table(store) == [(f"k{i:02d}", i) for i in range(50)]
+    checks = await asyncio.gather(*(store.is_processed("f", f"e{i}") for i in range(50)))
+    assert all(checks)
+    pending = dict(await store.outbox_pending(older_than=0))
+    assert {outbox_ids[i]: f"out{i}".encode() for i in range(50)} == pending
+
+
+async def test_rollbacks_in_a_group_commit_undo_only_their_own_unit(store: SqliteStore) -> None:
+    async def work(i: int) -> list[int] | None:
+        unit = store.unit("f", f"e{i}")
+        await unit.execute("INSERT INTO t VALUES (?, ?)", (f"k{i:02d}", i))
+        if i % 5 == 0:
+            await unit.rollback()
+            return None
+        return await unit.commit([])
+
+    light = [store.unit("g", f"l{i}").commit([b"l"]) for i in range(20)]
+    await asyncio.wait_for(asyncio.gather(*(work(i) for i in range(50)), *light), 20)
+    assert await table(store) == [(f"k{i:02d}", i) for i in range(50) if i % 5]
+    checks = await asyncio.gather(*(store.is_processed("f", f"e{i}") for i in range(50)))
+    assert checks == [bool(i % 5) for i in range(50)]
+    assert all(await asyncio.gather(*(store.is_processed("g", f"l{i}") for i in range(20))))
+
+
+async def test_concurrent_duplicates_commit_once(store: SqliteStore) -> None:
+    async def work(i: int) -> list[int] | None:
+        unit = store.unit("f", "same")
+        await unit.execute("INSERT INTO t VALUES (?, ?)", (f"k{i}", i))
+        return await unit.commit([b"x"])
+
+    results = await asyncio.wait_for(asyncio.gather(*(work(i) for i in range(10))), 20)
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert len(await table(store)) == 1
+    assert len(await store.outbox_pending(older_than=0)) == 1
+
+
+async def test_outbox_pending_and_cleared(store: SqliteStore) -> None:
+    ids = []
+    for i in range(5):
+        got = await store.unit("f", f"e{i}").commit([f"b{i}".encode()])
+        assert got is not None
+        ids.extend(got)
+    assert [i for i, _ in await store.outbox_pending(older_than=0)] == ids
+    assert await store.outbox_pending(older_than=60) == []  # none is stale yet
+    assert [i for i, _ in await store.outbox_pending(older_than=0, limit=2)] == ids[:2]
+    await store.outbox_cleared(ids[:3])
+    assert await store.outbox_pending(older_than=0) == [(ids[3], b"b3"), (ids[4], b"b4")]
+    await store.outbox_cleared(ids[3:])
+    assert await store.outbox_pending(older_than=0) == []
+    await store.outbox_cleared([])
+
+
+async def test_prune_processed(store: SqliteStore) -> None:
+    for i in range(3):
+        await store.unit("f", f"e{i}").commit([])
+    assert await store.prune_processed(older_than=3600) == 0
+    assert await store.is_processed("f", "e0")
+    await asyncio.sleep(0.01)
+    assert await store.prune_processed(older_than=0) == 3
+    assert not any(await asyncio.gather(*(store.is_processed("f", f"e{i}") for i in range(3))))
+    assert await store.unit("f", "e0").commit([]) == []  # may be processed again
+
+
+async def test_data_survives_reopening(tmp_path: Path) -> None:
+    first = SqliteStore(url(tmp_path))
+    await first.start([SCHEMA])
+    unit = first.unit("f", "e1")
+    await unit.execute("INSERT INTO t VALUES ('a', 1)")
+    ids = await unit.commit([b"keep me"])
+    await first.close()
+
+    second = SqliteStore(url(tmp_path))
+    await second.start([SCHEMA])  # the DDL is idempotent
+    try:
+        assert await second.is_processed("f", "e1")
+        assert await table(second) == [("a", 1)]
+        assert ids is not None
+        assert await second.outbox_pending(older_than=0) == [(ids[0], b"keep me")]
+        assert await second.unit("f", "e1").commit([]) is None
+    finally:
+        await second.close()
+
+
+async def test_memory_store() -> None:
+    store = SqliteStore("memory://")
+    await store.start([SCHEMA])
+    try:
+        unit = store.unit("f", "e1")
+        await unit.execute("INSERT INTO t VALUES ('a', 1)")
+        assert await unit.commit([b"x"]) is not None
+        assert await store.is_processed("f", "e1")
+        assert await table(store) == [("a", 1)]
+        assert await store.unit("f", "e1").commit([]) is None
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "bad", ["postgres://localhost/db", "sqlite://host/store.db", "sqlite:///", "store.db"]
+)
+def test_bad_store_urls(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        SqliteStore(bad)
+
+
+def test_default_store_url() -> None:
+    assert default_store_url("sqlite:///.nerve/nerve.db") == "sqlite:///.nerve/store.db"
+    assert default_store_url("sqlite:////var/lib/n/nerve.db") == "sqlite:////var/lib/n/store.db"
+    assert default_store_url("memory://") == "memory://"
