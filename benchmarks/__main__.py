@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead: profile the nerve consumer under py-spy during the throughput workload",
     )
+    emb.add_argument(
+        "--native", action="store_true", help="with --profile: include C frames (py-spy --native)"
+    )
     args = parser.parse_args(argv)
 
     settings = Settings(
@@ -68,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if settings.events < 1 or settings.rate <= 0 or settings.seconds <= 0:
         parser.error("--events, --rate and --seconds must be positive")
 
-    console = Console(stderr=False)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
     if args.profile:
         from benchmarks.profiling import run_profile
 
-        run_profile(settings, console)
+        run_profile(settings, console, native=args.native)
         return 0
     summary = run(settings, console)
     sys.stdout.flush()

@@ -10,13 +10,16 @@ shows up only while the thread is counted as running.
 
 from __future__ import annotations
 
+import linecache
 import re
 import shutil
+import sysconfig
 import time
 from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -45,21 +48,76 @@ def _py_spy() -> str | None:
     return str(here) if here.exists() else shutil.which("py-spy")
 
 
-def _short(frame: str) -> str:
-    """``func (path/to/file.py:12)`` -> ``func (file.py)``: one entry per function."""
+def _short(frame: str, *, line: bool = False) -> str:
+    """``func (path/to/file.py:12)`` -> ``func (file.py)``, or ``func (file.py:12)``."""
     match = _LOCATION.match(frame.strip())
     if not match:
         return frame.strip()
     path = match.group("file")
-    for marker in ("/site-packages/", "/lib/python3", str(ROOT) + "/"):
+    for marker in ("/site-packages/", "/lib/python3.11/", str(ROOT) + "/"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break
+    if line and match.group("line"):
+        path += ":" + match.group("line")
     return f"{match.group('func')} ({path})"
 
 
+def _boilerplate(name: str) -> bool:
+    """Frames every sample of a thread goes through (entry points, the event loop)."""
+    return any(marker in name for marker in _BOILERPLATE)
+
+
+_BOILERPLATE = (
+    "(threading.py",
+    "(<frozen runpy>",
+    "(typer/",
+    "(click/",
+    "(uvloop/__init__.py",
+    "(asyncio/runners.py",
+    "(asyncio/base_events.py",
+    "(asyncio/events.py",
+    "nerve/cli.py",
+    "nerve/__main__.py",
+    "benchmarks/_consumer.py",
+    "Worker.start.<locals>.run",
+)
+
+
+def _thread_name(field: str) -> str:
+    """``thread (123): nerve-sqlite:/path/x.db`` -> ``nerve-sqlite``."""
+    name = field.split(": ", 1)[-1]
+    return name.split(":", 1)[0] if name.startswith("nerve-") else name
+
+
+_WAITS = re.compile(r"\.(get|wait|acquire)\(|\bsleep\(|select\(")
+
+
+def source_of(frame: str) -> str:
+    """The source line a folded frame points at (``''`` when it cannot be read)."""
+    match = _LOCATION.match(frame.strip())
+    if not match or not match.group("line"):
+        return ""
+    path = match.group("file")
+    paths = sysconfig.get_paths()
+    candidates = [path] + [
+        str(Path(base) / path) for base in (ROOT, paths["stdlib"], paths["purelib"])
+    ]
+    for candidate in candidates:
+        text = linecache.getline(candidate, int(match.group("line"))).strip()
+        if text:
+            return text
+    return ""
+
+
+def is_waiting(source: str) -> bool:
+    """Blocked on a queue, lock, event or sleep: py-spy does not always call it idle."""
+    return bool(_WAITS.search(source))
+
+
 def summarise(folded: Path) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
-    """Total samples, own and cumulative samples per function, samples per thread."""
+    """Total samples; own samples per source line; cumulative samples per function
+    (entry-point and event-loop frames left out); samples per thread."""
     own: Counter[str] = Counter()
     cumulative: Counter[str] = Counter()
     threads: Counter[str] = Counter()
@@ -70,24 +128,19 @@ def summarise(folded: Path) -> tuple[int, Counter[str], Counter[str], Counter[st
             continue
         count = int(count_text)
         frames = stack.split(";")
-        if frames and frames[0].startswith(("process ", "thread ")):
-            thread = frames[0]
-            frames = frames[1:]
-            if frames and frames[0].startswith("thread "):
-                thread = frames[0]
-                frames = frames[1:]
-            threads[thread] += count
-        names = [_short(f) for f in frames if f]
-        if not names:
+        if frames[0].startswith(("process ", "thread ")):
+            threads[_thread_name(frames.pop(0))] += count
+        if not frames:
             continue
         total += count
-        own[names[-1]] += count
-        for name in set(names):
-            cumulative[name] += count
+        own[frames[-1].strip()] += count
+        for name in {_short(f) for f in frames}:
+            if not _boilerplate(name):
+                cumulative[name] += count
     return total, own, cumulative, threads
 
 
-def run_profile(settings: Settings, console: Console, rate: int = 250) -> str:
+def run_profile(settings: Settings, console: Console, rate: int = 250, native: bool = False) -> str:
     spy = _py_spy()
     if spy is None:
         raise SystemExit("py-spy is not installed: pip install py-spy")
@@ -114,6 +167,7 @@ def run_profile(settings: Settings, console: Console, rate: int = 250) -> str:
                 spy_cmd = [
                     spy, "record", "--pid", str(consumer.pid), "--rate", str(rate),
                     "--format", "raw", "--threads", "--output", str(folded),
+                    *(["--native"] if native else []),
                 ]  # fmt: skip
                 with process(spy_cmd, logdir, "py-spy") as recorder:
                     time.sleep(1.0)  # py-spy attaches
@@ -143,14 +197,27 @@ def run_profile(settings: Settings, console: Console, rate: int = 250) -> str:
                 conn.close()
     eps = settings.events / (done_at - sent["first_publish"])
     total, own, cumulative, threads = summarise(folded)
-    text = report(total, own, cumulative, threads, eps, settings, rate, use_cli)
-    for title, counter in (("own time", own), ("cumulative time", cumulative)):
-        table = Table(title=f"nerve consumer, top {TOP} by {title} ({total:,} samples)")
-        table.add_column("%", justify="right")
-        table.add_column("function (file)")
-        for name, count in counter.most_common(TOP):
-            table.add_row(f"{100 * count / max(total, 1):.1f}", name)
-        console.print(table)
+    text = report(total, own, cumulative, threads, eps, settings, rate, use_cli, native)
+    waiting = sum(n for frame, n in own.items() if is_waiting(source_of(frame)))
+    busy = max(total - waiting, 1)
+    table = Table(title=f"nerve consumer, top {TOP} source lines by own time ({total:,} samples)")
+    table.add_column("% all", justify="right")
+    table.add_column("% busy", justify="right")
+    table.add_column("function (file:line)")
+    table.add_column("source")
+    for frame, count in own.most_common(TOP):
+        source = source_of(frame)
+        share = "wait" if is_waiting(source) else f"{100 * count / busy:.1f}"
+        table.add_row(
+            f"{100 * count / max(total, 1):.1f}", share, _short(frame, line=True), escape(source)
+        )
+    console.print(table)
+    table = Table(title=f"nerve consumer, top {TOP} functions by cumulative time")
+    table.add_column("% all", justify="right")
+    table.add_column("function (file)")
+    for name, count in cumulative.most_common(TOP):
+        table.add_row(f"{100 * count / max(total, 1):.1f}", name)
+    console.print(table)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "embedded-profile.md").write_text(text)
     console.print(
@@ -170,11 +237,13 @@ def report(
     settings: Settings,
     rate: int,
     use_cli: bool,
+    native: bool,
 ) -> str:
     lines = [
         "# Embedded broker: profile of the nerve consumer",
         "",
-        f"`py-spy record --rate {rate} --threads` attached to the consumer "
+        f"`py-spy record --rate {rate} --threads{' --native' if native else ''}` "
+        "attached to the consumer "
         f"(`{'nerve run' if use_cli else 'benchmarks._consumer'}`) during the throughput "
         f"workload ({settings.events:,} events, batches of {settings.batch}, "
         f"synchronous={settings.synchronous}). {total:,} samples of non-idle threads. "
@@ -185,9 +254,37 @@ def report(
     ]
     for thread, count in threads.most_common():
         lines.append(f"- {thread}: {100 * count / max(total, 1):.1f}%")
-    for title, counter in (("own time", own), ("cumulative time", cumulative)):
-        lines += ["", f"## Top {TOP} by {title}", "", "| % | function (file) |", "|---:|---|"]
-        for name, count in counter.most_common(TOP):
-            lines.append(f"| {100 * count / max(total, 1):.1f} | `{name}` |")
+    waiting = sum(n for frame, n in own.items() if is_waiting(source_of(frame)))
+    busy = max(total - waiting, 1)
+    lines += [
+        "",
+        f"## Top {TOP} source lines by own time (the line on top of the stack)",
+        "",
+        f"'% busy' leaves out the {100 * waiting / max(total, 1):.0f}% of samples where a "
+        "thread was blocked on a queue, lock or event (py-spy does not always count "
+        "those as idle); C work (SQLite, fsync, uvloop) is charged to the Python line "
+        "that called it.",
+        "",
+        "| % all | % busy | function (file:line) | source |",
+        "|---:|---:|---|---|",
+    ]
+    for frame, count in own.most_common(TOP):
+        source = source_of(frame)
+        share = "wait" if is_waiting(source) else f"{100 * count / busy:.1f}"
+        lines.append(
+            f"| {100 * count / max(total, 1):.1f} | {share} | `{_short(frame, line=True)}` "
+            f"| `{source.replace('|', '/')}` |"
+        )
+    lines += [
+        "",
+        f"## Top {TOP} functions by cumulative time (anywhere on the stack)",
+        "",
+        "Entry points and the event loop's own frames are left out.",
+        "",
+        "| % all | function (file) |",
+        "|---:|---|",
+    ]
+    for name, count in cumulative.most_common(TOP):
+        lines.append(f"| {100 * count / max(total, 1):.1f} | `{name}` |")
     lines.append("")
     return "\n".join(lines)
