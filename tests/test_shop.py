@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -21,11 +20,13 @@ from examples.shop.app import (
     SHIPPED_PENDING,
     TERMINAL_STATES,
     OrderCreated,
+    OrderLine,
     app,
 )
 from examples.shop.chaos import fails, with_failures
-from nerve import Runtime
+from nerve import Client, Event, Runtime
 from nerve.store.sqlite import SqliteStore
+from nerve.transport.sqlite import SqliteTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,3 +186,199 @@ def test_chaos_failures_are_deterministic() -> None:
     assert 800 < len(hits) < 1200
     assert hits != [i for i in ids if fails(2, "payments", i, 0.1)]
     assert not any(fails(1, "payments", i, 0.0) for i in ids)
+
+
+# ---------------------------------------------------------------------------------------
+# several processes on the embedded broker, with failures, poison and a kill -9
+
+
+class Workers:
+    """Shop worker subprocesses (``python -m examples.shop.worker``), logging to files."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        self.directory = directory
+        self.args = args
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> asyncio.subprocess.Process:
+        log = (self.directory / f"worker-{len(self.procs) + 1}.log").open("wb")
+        with log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "examples.shop.worker",
+                *self.args,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        for n, proc in enumerate(self.procs, 1):
+            if proc.returncode is None:
+                continue
+            if proc.returncode != -signal.SIGKILL:
+                log = (self.directory / f"worker-{n}.log").read_text()[-3000:]
+                raise AssertionError(f"worker {n} exited with {proc.returncode}:\n{log}")
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text()[-2000:]}"
+            for path in sorted(self.directory.glob("worker-*.log"))
+        )
+
+
+def poison(count: int) -> tuple[list[OrderCreated], list[Event]]:
+    """Orders that can never succeed: half for a SKU the warehouse does not have
+    (inventory dead-letters them), half with data that breaks the model (a negative
+    quantity, so the runtime dead-letters them before any handler runs)."""
+    unknown_sku = [
+        OrderCreated(
+            order_id=f"bad-sku-{n}",
+            customer_id="cust-0666",
+            lines=[OrderLine(sku="sku-discontinued", qty=1)],
+            amount_cents=1_000,
+        )
+        for n in range(count // 2)
+    ]
+    invalid = [
+        Event(
+            type="order.created",
+            source="/tests/poison",
+            data={
+                "order_id": f"bad-qty-{n}",
+                "customer_id": "cust-0666",
+                "lines": [{"sku": "sku-mug", "qty": -1}],
+                "amount_cents": -899,
+            },
+            extensions={"partitionkey": f"bad-qty-{n}"},
+        )
+        for n in range(count - count // 2)
+    ]
+    return unknown_sku, invalid
+
+
+@pytest.mark.slow
+async def test_chaos_two_workers_failures_poison_and_kill(tmp_path: Path) -> None:
+    started = time.monotonic()
+    broker = f"sqlite:///{tmp_path}/nerve.db?visibility_timeout=2"
+    store_url = f"sqlite:///{tmp_path}/store.db"
+    total = 1000
+    orders = list(load.generate(seed=21, count=total))
+    stock = load.initial_stock(total)
+    expected = expected_outcomes(orders, stock)
+    unknown_sku, invalid = poison(10)
+
+    transport = SqliteTransport(broker)
+    await transport.start()
+    store = SqliteStore(store_url)
+    await store.start(app.store_schema)
+    workers = Workers(
+        tmp_path, "--broker", broker, "--store", store_url, "--fail-rate", "0.1", "--seed", "7"
+    )
+    try:
+        # Declare the groups before publishing, so no event can precede its groups.
+        await transport.declare(app.subscriptions())
+        await load.seed_stock(store, stock)
+        client = Client(app, transport)
+        for _ in range(2):
+            await workers.start()
+
+        poisoned: dict[str, set[str]] = {}  # event id -> groups that must dead-letter it
+
+        async def produce() -> None:
+            step = total // len(unknown_sku + invalid)
+            bad: list[OrderCreated | Event] = [*unknown_sku, *invalid]
+            for n, chunk_start in enumerate(range(0, total, step)):
+                await load.place_orders(client, orders[chunk_start : chunk_start + step])
+                if n < len(bad):
+                    item = bad[n]
+                    if isinstance(item, Event):
+                        await transport.publish([item])
+                        poisoned[item.id] = {"inventory", "orders"}
+                    else:
+                        event = await client.publish(item)
+                        poisoned[event.id] = {"inventory"}
+
+        producer = asyncio.create_task(produce())
+
+        async def terminal_count() -> int:
+            workers.check_alive()
+            if producer.done():
+                producer.result()  # re-raise a failure to publish
+            states = await terminal_states(store)
+            return sum(states[s] for s in TERMINAL_STATES)
+
+        async def at_least(n: int) -> Callable[[], Awaitable[bool]]:
+            async def reached() -> bool:
+                return await terminal_count() >= n
+
+            return reached
+
+        await wait_for(await at_least(total * 3 // 10), 40, "30% of orders terminal", 0.1)
+        victim = workers.procs[0]
+        victim.kill()
+        await victim.wait()
+        killed_at = await terminal_count()
+        await workers.start()
+        killed_after = time.monotonic() - started
+
+        await wait_for(await at_least(total), 70, "every order terminal", 0.2)
+        await producer
+        terminal_after = time.monotonic() - started
+
+        async def idle() -> bool:
+            stats = await transport.stats()
+            busy = sum(s.backlog + s.in_flight for s in stats)
+            outbox = await store.query("SELECT count(*) AS n FROM nerve_outbox")
+            return busy == 0 and outbox[0]["n"] == 0
+
+        # A worker killed between committing and clearing its outbox leaves rows that
+        # another worker's outbox relay publishes (again) after 15 s: duplicates that
+        # the runtime must recognise.
+        await wait_for(idle, 40, "the shop to be idle", 0.2)
+        await asyncio.sleep(0.5)  # anything still moving would show in a second look
+        assert await idle()
+
+        assert await terminal_states(store) == expected + Counter(placed=len(unknown_sku))
+        bad_orders = {o.order_id for o in unknown_sku}
+        assert await invariants.check(store, dead_lettered=bad_orders) == []
+
+        dead = await transport.dead_letters(limit=10_000)
+        found = Counter((entry.group, entry.event.id if entry.event else "?") for entry in dead)
+        assert found == Counter((g, eid) for eid, groups in poisoned.items() for g in groups)
+        reasons = {(e.group, e.failure.reason) for e in dead}
+        assert reasons == {
+            ("inventory", "dead-letter"),
+            ("inventory", "invalid-data"),
+            ("orders", "invalid-data"),
+        }
+
+        stats = await transport.stats()
+        retried = sum(s.retried for s in stats)
+        assert retried >= 100, stats  # ~10% of ~6,000 first attempts failed on purpose
+        print(
+            f"\nchaos run: killed a worker after {killed_after:.1f} s "
+            f"({killed_at} orders terminal), all terminal after {terminal_after:.1f} s, "
+            f"idle and checked after {time.monotonic() - started:.1f} s; {retried} retries"
+        )
+    except BaseException:
+        print(workers.logs())
+        raise
+    finally:
+        await workers.stop()
+        await store.close()
+        await transport.close()
