@@ -555,6 +555,11 @@ def markdown(
         f"- {env['machine']['platform']}; runs on {env['machine']['filesystem_of_runs']}",
         f"- Python {env['machine']['python']}, SQLite {env['machine']['sqlite']}, "
         f"uvloop {'yes' if env['machine']['uvloop'] else 'no'}",
+        "- load average (1, 5, 15 min) before: "
+        + ", ".join(f"{x:.2f}" for x in env["load_average_1_5_15"]["before"])
+        + "; after: "
+        + ", ".join(f"{x:.2f}" for x in env["load_average_1_5_15"]["after"])
+        + " (other work on the machine skews the numbers; compare runs at low load)",
         "",
         "## Settings",
         "",
@@ -642,6 +647,7 @@ def run(settings: Settings, console: Console) -> dict[str, float]:
         ["python", *nerve_consumer_cmd("benchmarks.apps:app", "URL", use_cli)[1:]]
     )
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    load_before = os.getloadavg()
     results: dict[str, Series] = {
         name: Series(*name.split("-", 1))
         for name in ("nerve-throughput", "floor-throughput", "nerve-latency", "floor-latency")
@@ -671,6 +677,7 @@ def run(settings: Settings, console: Console) -> dict[str, float]:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "event_bytes": round(statistics.median(sizes)),
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     doc = {
