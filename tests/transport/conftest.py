@@ -21,7 +21,7 @@ Fixtures:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
@@ -133,7 +133,7 @@ async def transport(broker: Broker) -> Transport:
 
 
 @pytest.fixture
-def connect(broker: Broker) -> Callable[[], object]:
+def connect(broker: Broker) -> Callable[[], Awaitable[Transport]]:
     return broker.connect
 
 

@@ -37,7 +37,7 @@ from nerve.transport import (
     from_url,
 )
 
-from .conftest import AdapterSpec, Broker, Brokers
+from .conftest import AdapterSpec, Brokers
 
 HERE = Path(__file__).parent
 QUIET = 0.15
@@ -92,7 +92,9 @@ async def drain(
     while len(got) < count:
         remaining = deadline - time.monotonic()
         assert remaining > 0, f"only {len(got)} of {count} deliveries within {timeout} s"
-        batch = await consumer.fetch(min(limit, count - len(got)), min(remaining, 1.0))
+        asked = min(limit, count - len(got))
+        batch = await consumer.fetch(asked, min(remaining, 1.0))
+        assert len(batch) <= asked, f"fetch({asked}) returned {len(batch)} deliveries"
         if ack:
             for delivery in batch:
                 await delivery.ack()
@@ -102,7 +104,9 @@ async def drain(
 
 async def nothing(consumer: Consumer, wait: float = QUIET) -> None:
     """Nothing is handed out to ``consumer`` within ``wait`` seconds."""
+    started = time.monotonic()
     extra = await consumer.fetch(100, wait)
+    assert time.monotonic() - started < wait + 1.0, f"fetch(timeout={wait}) overran"
     assert list(extra) == [], f"unexpected deliveries: {[(d.event.id, d.attempt) for d in extra]}"
 
 
@@ -211,6 +215,22 @@ async def test_fan_out_every_group_receives_every_event_once(transport: Transpor
         assert sorted(numbers(got)) == list(range(50))
     await nothing(a, 0.1)
     await nothing(b, 0.1)
+
+
+async def test_a_waiting_fetch_returns_as_soon_as_an_event_is_published(
+    transport: Transport, connect: Connect
+) -> None:
+    (consumer,) = await setup(transport, Subscription("g", ("order.created",)))
+    # publish through this connection, then through another one on the same broker
+    for publisher in (transport, await connect()):
+        waiting = asyncio.create_task(consumer.fetch(10, 8.0))
+        await asyncio.sleep(0.1)
+        assert not waiting.done(), "fetch returned before anything was published"
+        published_at = time.monotonic()
+        await publisher.publish([make(1)])
+        (delivery,) = await asyncio.wait_for(waiting, 8.0)
+        assert time.monotonic() - published_at < 1.0, "the waiting fetch was not woken"
+        await delivery.ack()
 
 
 # -- 4. work sharing --------------------------------------------------------------------
@@ -338,6 +358,8 @@ async def test_unsettled_delivery_is_redelivered_after_its_lease_and_fenced(
             await settle()
     # the stale settlements changed nothing: the new owner still holds the delivery
     await nothing(consumer, 0.1)
+    if isinstance(transport, DeadLetterQueue):
+        assert await transport.dead_letters() == []
     await fresh.nack(0)
     (again,) = await drain(consumer, 1, ack=False)
     assert again.attempt == 3 and again.event.id == sent.id
@@ -719,25 +741,28 @@ async def test_oversized_event_is_refused_and_nothing_of_its_batch_is_sent(
 # -- 15. durability ---------------------------------------------------------------------
 
 
-async def test_published_events_survive_a_restart(
-    adapter: AdapterSpec, broker: Broker, transport: Transport
-) -> None:
+async def test_published_events_survive_a_restart(adapter: AdapterSpec, brokers: Brokers) -> None:
+    broker = brokers.new(visibility_timeout=0.5)
+    transport = await broker.connect()
     need(adapter, transport, "durable", "published events are lost when the broker stops")
     if not adapter.restartable:
         pytest.skip(f"{adapter.name} declares durable but the suite cannot restart it")
     sub = Subscription("g", ("order.created",))
     (consumer,) = await setup(transport, sub)
-    await transport.publish([make(i) for i in range(5)])
+    await transport.publish([make(i) for i in range(6)])
     acked = await drain(consumer, 2)
+    (unsettled,) = await drain(consumer, 1, ack=False)  # in flight when the broker stops
     await transport.close()
 
     reopened = await broker.connect()
     assert reopened is not transport
     await reopened.declare([sub])
     consumer = reopened.consumer(sub)
-    rest = await drain(consumer, 3)
-    assert sorted(numbers(acked) + numbers(rest)) == list(range(5))
-    assert all(d.attempt == 1 for d in rest)
+    rest = await drain(consumer, 4, timeout=5)
+    assert sorted(numbers(acked) + numbers(rest)) == list(range(6))
+    attempts = {d.event.data["n"]: d.attempt for d in rest}
+    assert attempts.pop(unsettled.event.data["n"]) == 2
+    assert set(attempts.values()) == {1}
     await nothing(consumer)
 
 
