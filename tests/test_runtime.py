@@ -161,20 +161,7 @@ async def test_errors_retry_with_backoff_then_dead_letter(broker: str) -> None:
     assert before <= failure.first_attempt_at <= failure.failed_at <= after
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(
-            "memory",
-            marks=pytest.mark.xfail(
-                reason="core bug: MemoryDelivery has no first_at, so the runner records the "
-                "LAST delivery's received_at as Failure.first_attempt_at",
-                strict=True,
-            ),
-        ),
-        "sqlite",
-    ],
-)
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_dead_letter_first_attempt_time_is_the_first_attempt(
     kind: str, tmp_path: Path
 ) -> None:

@@ -420,7 +420,7 @@ class FunctionRunner:
             message=str(exc)[:4000],
             traceback=_summary(exc),
             attempts=attempts,
-            first_attempt_at=float(getattr(delivery, "first_at", None) or delivery.received_at),
+            first_attempt_at=delivery.first_at,
             failed_at=now,
         )
         self.stats.dead_lettered += 1

@@ -88,7 +88,7 @@ class Runtime:
             broker_url = url
         else:
             self.transport = broker
-            broker_url = "memory://" if "Memory" in type(broker).__name__ else DEFAULT_BROKER
+            broker_url = str(getattr(broker, "url", DEFAULT_BROKER))
         self.store = (
             store
             if isinstance(store, SqliteStore)

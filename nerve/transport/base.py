@@ -131,6 +131,9 @@ class Delivery(Protocol):
     """1 on first delivery, one higher on each redelivery (nack, lease expiry)."""
     raw: bytes
     received_at: float
+    """When this consumer received it (Unix time)."""
+    first_at: float
+    """When the event was first handed to this group (Unix time), across redeliveries."""
 
     @property
     def event(self) -> Event:
@@ -175,6 +178,9 @@ class Transport(Protocol):
     """A broker connection: publish events, consume them per group."""
 
     features: Features
+    url: str
+    """The broker URL this transport was built from. It may hold credentials: never
+    log or print it without redacting the password."""
 
     async def start(self) -> None:
         """Connect (and create what the broker needs). Raises BrokerUnavailable."""

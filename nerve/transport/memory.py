@@ -79,7 +79,17 @@ class _Group:
 
 
 class MemoryDelivery:
-    __slots__ = ("_event", "_row", "_transport", "attempt", "group", "raw", "received_at", "token")
+    __slots__ = (
+        "_event",
+        "_row",
+        "_transport",
+        "attempt",
+        "first_at",
+        "group",
+        "raw",
+        "received_at",
+        "token",
+    )
 
     def __init__(self, transport: MemoryTransport, group: str, row: _Row) -> None:
         self._transport = transport
@@ -90,6 +100,7 @@ class MemoryDelivery:
         self.raw = row.raw
         self.attempt = row.attempt
         self.received_at = time.time()
+        self.first_at = row.first_at if row.first_at is not None else self.received_at
 
     @property
     def event(self) -> Event:
@@ -175,6 +186,7 @@ class MemoryTransport:
         if isinstance(config, str):
             config = MemoryConfig.from_url(config)
         self.config = config or MemoryConfig()
+        self.url = "memory://"
         self.features = Features(
             durable=False,
             shared_across_processes=False,

@@ -244,9 +244,13 @@ class SqliteConsumer:
         self.group = subscription.group
         self.wake = asyncio.Event()
         self._closed = False
+        self._declared = False
 
     async def fetch(self, limit: int, timeout: float) -> Sequence[SqliteDelivery]:
         transport = self.transport
+        if not self._declared:
+            await transport._require_group(self.group)
+            self._declared = True
         deadline = time.monotonic() + timeout
         while not self._closed:
             self.wake.clear()
@@ -323,6 +327,7 @@ class SqliteTransport:
         if isinstance(config, str):
             config = SqliteConfig.from_url(config)
         self.config = config or SqliteConfig()
+        self.url = f"sqlite:///{self.config.path}"
         self.features = Features(
             durable=self.config.synchronous in ("FULL", "EXTRA"),
             shared_across_processes=True,
@@ -491,6 +496,13 @@ class SqliteTransport:
         consumer = SqliteConsumer(self, subscription)
         self._consumers.add(consumer)
         return consumer
+
+    async def _require_group(self, group: str) -> None:
+        row = await self._worker.call(
+            lambda c: c.execute("SELECT 1 FROM groups WHERE name = ?", (group,)).fetchone()
+        )
+        if row is None:
+            raise TransportError(f"declare group {group!r} before consuming it")
 
     async def _claim(
         self, group: str, limit: int

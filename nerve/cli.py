@@ -1,0 +1,1031 @@
+"""The ``nerve`` command line: run an App, publish and tail events, inspect the broker.
+
+::
+
+    nerve run MODULE:APP        run the App's functions (one process, or a supervised few)
+    nerve publish TYPE          publish one event
+    nerve tail [PATTERN]        follow published events as they happen
+    nerve status                backlog and counters per function
+    nerve dlq list|show|replay|purge
+    nerve demo                  the shop example, end to end
+
+The CLI is the synchronous edge of an async library: each command opens what it
+needs, runs one coroutine and closes. Data goes to stdout (``--json`` where offered
+makes it parseable); banners, logs and errors go to stderr. A bad argument or a
+broker that cannot be used is reported as ONE line saying what is wrong and how to
+fix it, with exit code 2 and no traceback. Passwords never appear in any output
+(:func:`redact`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from nerve import __version__
+from nerve import event as codec
+from nerve.app import App, matches_pattern
+from nerve.errors import NerveError, TransportError
+from nerve.event import Event
+from nerve.store import default_store_url
+from nerve.transport import (
+    DEFAULT_BROKER,
+    DeadLetterEntry,
+    DeadLetterQueue,
+    EventLog,
+    Inspectable,
+    Transport,
+    from_url,
+)
+
+__all__ = ["CliError", "cli", "load_app", "main", "redact", "redact_text"]
+
+T = TypeVar("T")
+
+EXIT_USAGE = 2
+"""Exit code of a bad argument or an unusable broker (as for typer's own usage errors)."""
+DEFAULT_SOURCE = "/nerve/cli"
+TAIL_POLL_SECONDS = 0.2
+SHUTDOWN_GRACE_SECONDS = 30.0
+"""How long the supervisor waits for its workers to drain before killing them."""
+RESTART_BACKOFF = (0.5, 10.0)
+"""First and largest wait (seconds) before restarting a worker that died."""
+
+log = logging.getLogger("nerve.cli")
+
+
+class CliError(Exception):
+    """A bad argument or an unusable broker: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------
+# Redaction: no output ever shows a password
+
+
+_SECRET_PARAM = re.compile(
+    r"(^|[&;])([^=&;]*(?:pass|secret|token|credential|api_?key|auth)[^=&;]*)=([^&;]*)",
+    re.IGNORECASE,
+)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+_USERINFO = re.compile(r"(://[^/@:\s]*:)[^@\s]*@")
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (and secret-looking query parameters) replaced by ``***``.
+
+    ``amqp://guest:guest@host/`` -> ``amqp://guest:***@host/``; URLs without
+    credentials come back unchanged.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub(r"\1***@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if has_password else netloc
+    query = _SECRET_PARAM.sub(r"\1\2=***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`redact`."""
+    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+
+
+# ---------------------------------------------------------------------------------------
+# Output and errors
+
+
+def _stdout() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _fail(message: str) -> NoReturn:
+    line = Text("error: ", style="bold red") + Text(_one_line(redact_text(message)))
+    _stderr().print(line, soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _note(message: str, style: str = "yellow") -> None:
+    _stderr().print(Text(_one_line(redact_text(message)), style=style), soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _edge() -> Iterator[None]:
+    """Turn nerve's errors and CliError into one line on stderr and exit code 2."""
+    try:
+        yield
+    except (CliError, NerveError) as exc:
+        _fail(str(exc))
+
+
+def _write_json(doc: Any) -> None:
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _run_async(coro: Coroutine[Any, Any, T], *, fast: bool = False) -> T:
+    """Run ``coro`` to completion on a new event loop (uvloop when ``fast`` and installed)."""
+    if fast:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def _when(timestamp: float) -> str:
+    if not timestamp:
+        return "-"
+    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading an App
+
+
+def _add_cwd_to_path() -> None:
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def load_app(target: str) -> App:
+    """Import ``MODULE:APP`` (``APP`` may be dotted) from the current directory or
+    ``sys.path``; raises :class:`CliError` saying what is wrong."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(
+            f"{target!r} is not MODULE:APP; name the module and the App in it, "
+            "like 'examples.shop.app:app'"
+        )
+    _add_cwd_to_path()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise CliError(
+                f"cannot import module {module_name!r} (from {target!r}): no module named "
+                f"{exc.name!r}; run from the directory that contains it or add it to PYTHONPATH"
+            ) from None
+        raise CliError(f"importing {module_name!r} failed: {exc}") from None
+    except NerveError as exc:
+        raise CliError(f"{module_name!r} declares its App wrongly: {exc}") from None
+    except Exception as exc:
+        raise CliError(f"importing {module_name!r} failed: {_describe(exc)}") from None
+    found: Any = module
+    for part in attr.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            apps = [n for n, v in vars(module).items() if isinstance(v, App)]
+            hint = f"; it defines {', '.join(apps)}" if apps else "; it defines no nerve.App"
+            raise CliError(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
+    if not isinstance(found, App):
+        raise CliError(
+            f"{target!r} is a {type(found).__name__}, not a nerve.App; "
+            "point at the object created with nerve.App(...)"
+        )
+    return found
+
+
+def _describe(exc: BaseException) -> str:
+    """One line naming an exception and where (in user code) it was raised."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+# ---------------------------------------------------------------------------------------
+# Brokers
+
+
+def _transport(url: str, *, shared: str | None = None) -> Transport:
+    """An unstarted transport for ``url``. With ``shared`` (what the command does), a
+    broker that lives inside one process is refused: another process cannot see it."""
+    transport = from_url(url)
+    if shared is not None and not transport.features.shared_across_processes:
+        raise CliError(
+            f"{redact(url)} lives inside one process, so {shared} from another process "
+            f"sees nothing; use a shared broker such as {DEFAULT_BROKER} (--broker or "
+            "NERVE_BROKER)"
+        )
+    return transport
+
+
+def _require_existing(url: str) -> None:
+    """For reading commands: a sqlite broker file that does not exist is a typo (or
+    nothing has run yet), not an empty broker to create."""
+    if urlsplit(url).scheme.lower() != "sqlite":
+        return
+    from nerve.transport.sqlite import SqliteConfig
+
+    path = SqliteConfig.from_url(url).path
+    if not Path(path).exists():
+        raise CliError(
+            f"no broker database at {path!r}: nothing has run against {url} yet; start the "
+            "functions with 'nerve run MODULE:APP', or pass the right --broker (or NERVE_BROKER)"
+        )
+
+
+@contextlib.asynccontextmanager
+async def _connected(transport: Transport, url: str) -> AsyncIterator[Transport]:
+    try:
+        await transport.start()
+    except TransportError as exc:
+        raise CliError(f"{exc}; check --broker (or NERVE_BROKER)") from None
+    except OSError as exc:
+        raise CliError(f"cannot reach the broker at {redact(url)}: {exc}") from None
+    try:
+        yield transport
+    finally:
+        await transport.close()
+
+
+# ---------------------------------------------------------------------------------------
+# The commands
+
+cli = typer.Typer(
+    name="nerve",
+    help="nerve: serverless, event-driven microservices. Run functions, publish and "
+    "follow events, inspect backlogs and dead letters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold credentials
+)
+dlq_cli = typer.Typer(
+    help="Dead letters: list, show, replay, purge.", no_args_is_help=True, add_completion=False
+)
+cli.add_typer(dlq_cli, name="dlq")
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+BrokerOption = Annotated[
+    str,
+    typer.Option(
+        "--broker",
+        "-b",
+        envvar="NERVE_BROKER",
+        metavar="URL",
+        help="Broker URL (sqlite:///path.db, memory://, ...).",
+    ),
+]
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="NERVE_STORE",
+        metavar="URL",
+        help="Store URL (default: store.db beside the broker).",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nerve {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """nerve: serverless, event-driven microservices."""
+
+
+# -- run -----------------------------------------------------------------------------
+
+
+@cli.command()
+def run(
+    target: Annotated[str, typer.Argument(metavar="MODULE:APP", help="The App to run.")],
+    broker: BrokerOption = DEFAULT_BROKER,
+    store: StoreOption = None,
+    function: Annotated[
+        list[str] | None,
+        typer.Option("--function", "-f", metavar="NAME", help="Run only this function."),
+    ] = None,
+    processes: Annotated[
+        int, typer.Option("--processes", "-p", min=1, help="Worker processes to supervise.")
+    ] = 1,
+    log_level: Annotated[LogLevel, typer.Option("--log-level")] = LogLevel.info,
+) -> None:
+    """Run an App's functions until Ctrl-C / SIGTERM (then drain gracefully)."""
+    only = list(function or [])
+    with _edge():
+        app = load_app(target)
+        unknown = [name for name in only if name not in app.functions]
+        if unknown:
+            raise CliError(
+                f"{target} has no function {', '.join(map(repr, unknown))}; "
+                f"its functions: {', '.join(app.functions) or 'none'}"
+            )
+        if not app.functions:
+            raise CliError(f"{target} declares no functions; add some with @app.function(...)")
+        _transport(broker, shared="running several processes" if processes > 1 else None)
+        store_url = store or default_store_url(broker)
+        _setup_logging(log_level)
+        names = ", ".join(only or app.functions)
+        if processes > 1:
+            _note(
+                f"nerve {__version__}: supervising {processes} processes of app {app.name!r} "
+                f"(functions: {names}) on {broker}, store {store_url}",
+                style="bold",
+            )
+            code = _supervise(target, broker, store, only, processes, log_level)
+            raise typer.Exit(code)
+        _note(
+            f"nerve {__version__}: app {app.name!r} (functions: {names}) on {broker}, "
+            f"store {store_url}, pid {os.getpid()}",
+            style="bold",
+        )
+        # KeyboardInterrupt: a Ctrl-C that came before the runtime's signal handler was set.
+        with contextlib.suppress(KeyboardInterrupt):
+            _run_async(_serve(app, broker, store_url, only), fast=True)
+        _note("nerve: stopped", style="dim")
+
+
+async def _serve(app: App, broker: str, store: str, only: Sequence[str]) -> None:
+    from nerve.runtime import Runtime
+
+    runtime = Runtime(app, broker=broker, store=store, only=only or None)
+    try:
+        await runtime.serve()
+    except TransportError as exc:
+        raise CliError(f"{exc}; check --broker (or NERVE_BROKER)") from None
+
+
+def _setup_logging(level: LogLevel) -> None:
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=_stderr(), show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=level.value.upper(), handlers=[handler], force=True)
+
+
+class _Supervisor:
+    """Keeps ``count`` worker processes running; forwards SIGINT/SIGTERM to them."""
+
+    def __init__(self, command: list[str], env: dict[str, str], count: int) -> None:
+        self.command = command
+        self.env = env
+        self.workers: list[subprocess.Popen[bytes] | None] = [None] * count
+        self.started_at = [0.0] * count
+        self.restart_at = [0.0] * count
+        self.backoff = [RESTART_BACKOFF[0]] * count
+        self.stop_signal: int | None = None
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_signal = signum
+        for worker in list(self.workers):
+            if worker is not None and worker.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.send_signal(signum)
+
+    def _spawn(self, slot: int) -> None:
+        worker = subprocess.Popen(self.command, env=self.env)  # noqa: S603 (our own argv)
+        self.workers[slot] = worker
+        self.started_at[slot] = time.monotonic()
+        log.info("worker %d started (pid %d)", slot + 1, worker.pid)
+
+    def run(self) -> int:
+        previous = {
+            sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            for slot in range(len(self.workers)):
+                self._spawn(slot)
+            fatal = self._watch()
+            return self._drain(fatal)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _watch(self) -> bool:
+        """Restart workers that die until a stop signal; True if one failed fatally."""
+        while self.stop_signal is None:
+            now = time.monotonic()
+            for slot, worker in enumerate(self.workers):
+                if worker is None:
+                    if now >= self.restart_at[slot] and self.stop_signal is None:
+                        self._spawn(slot)
+                    continue
+                code = worker.poll()
+                if code is None:
+                    continue
+                if code == EXIT_USAGE:
+                    log.error(
+                        "worker %d (pid %d) exited with code 2 (a configuration error, see "
+                        "above); stopping instead of restarting it",
+                        slot + 1,
+                        worker.pid,
+                    )
+                    self._forward(signal.SIGTERM, None)
+                    return True
+                if now - self.started_at[slot] > 30:
+                    self.backoff[slot] = RESTART_BACKOFF[0]
+                delay = self.backoff[slot]
+                self.backoff[slot] = min(delay * 2, RESTART_BACKOFF[1])
+                self.workers[slot] = None
+                self.restart_at[slot] = now + delay
+                log.warning(
+                    "worker %d (pid %d) died unexpectedly (exit code %s); restarting in %.1f s",
+                    slot + 1,
+                    worker.pid,
+                    code,
+                    delay,
+                )
+            time.sleep(0.05)
+        return False
+
+    def _drain(self, fatal: bool) -> int:
+        # Forward once more: a worker spawned while the signal arrived may have missed it.
+        self._forward(self.stop_signal or signal.SIGTERM, None)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        clean = True
+        for slot, worker in enumerate(self.workers):
+            if worker is None:
+                continue
+            try:
+                code = worker.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error(
+                    "worker %d (pid %d) did not stop in time; killing it", slot + 1, worker.pid
+                )
+                worker.kill()
+                code = worker.wait()
+            if code not in (0, -signal.SIGINT, -signal.SIGTERM):
+                clean = False
+        if fatal:
+            return EXIT_USAGE
+        return 0 if clean else 1
+
+
+def _supervise(
+    target: str,
+    broker: str,
+    store: str | None,
+    only: Sequence[str],
+    processes: int,
+    log_level: LogLevel,
+) -> int:
+    command = [sys.executable, "-m", "nerve", "run", target, "--processes", "1"]
+    command += ["--log-level", log_level.value]
+    for name in only:
+        command += ["--function", name]
+    # URLs travel in the environment, not in argv, where 'ps' would show credentials.
+    env = dict(os.environ, NERVE_BROKER=broker)
+    if store:
+        env["NERVE_STORE"] = store
+    else:
+        env.pop("NERVE_STORE", None)
+    return _Supervisor(command, env, processes).run()
+
+
+# -- publish ---------------------------------------------------------------------------
+
+
+@cli.command()
+def publish(
+    type: Annotated[str, typer.Argument(metavar="TYPE", help="Event type, like order.created.")],
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", metavar="JSON", help="The event data as JSON.")
+    ] = None,
+    subject: Annotated[str | None, typer.Option("--subject", "-s")] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", "-k", help="Partition (ordering) key.")
+    ] = None,
+    source: Annotated[str | None, typer.Option("--source", metavar="URI")] = None,
+    broker: BrokerOption = DEFAULT_BROKER,
+    app_target: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            metavar="MODULE:APP",
+            help="Validate the data against the App's declared model first.",
+        ),
+    ] = None,
+) -> None:
+    """Publish one event and print its id."""
+    with _edge():
+        payload: Any = None
+        if data is not None:
+            try:
+                payload = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise CliError(
+                    f"--data is not valid JSON ({exc}); quote it for the shell, like "
+                    """--data '{"order_id": "o-1"}'"""
+                ) from None
+        if app_target is not None:
+            event = _declared_event(load_app(app_target), type, payload, subject, key, source)
+        else:
+            event = Event(
+                type=type,
+                source=source or DEFAULT_SOURCE,
+                subject=subject,
+                data=payload,
+                extensions={"partitionkey": key} if key is not None else {},
+            )
+        transport = _transport(broker, shared="publishing")
+        _run_async(_publish(transport, broker, event))
+    typer.echo(event.id)
+
+
+def _declared_event(
+    app: App, type_name: str, payload: Any, subject: str | None, key: str | None, source: str | None
+) -> Event:
+    if type_name not in app.events:
+        app.event_type(type_name)  # raises DefinitionError naming the type (did you mean...)
+    if not isinstance(payload, dict):
+        raise CliError(
+            f"--data for {type_name!r} must be a JSON object with the fields of "
+            f"{app.events[type_name].model.__name__}, got {_json_kind(payload)}"
+        )
+    try:
+        return app.make_event(payload, type=type_name, subject=subject, key=key, source=source)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field {'.'.join(str(p) for p in err['loc']) or '(root)'!r}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise CliError(f"invalid data for {type_name!r}: {problems}") from None
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "no data (pass --data)"
+    return {list: "an array", str: "a string", bool: "a boolean"}.get(type(value), "a number")
+
+
+async def _publish(transport: Transport, url: str, event: Event) -> None:
+    async with _connected(transport, url):
+        await transport.publish([event])
+
+
+# -- tail ------------------------------------------------------------------------------
+
+
+@cli.command()
+def tail(
+    pattern: Annotated[
+        str | None,
+        typer.Argument(help="Only types matching this ('order.*', 'order.>').", show_default=False),
+    ] = None,
+    broker: BrokerOption = DEFAULT_BROKER,
+    from_start: Annotated[
+        bool, typer.Option("--from-start", help="Begin with the oldest event kept.")
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", min=1, help="Stop after N events.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Follow published events live (Ctrl-C to stop)."""
+    with _edge():
+        transport = _transport(broker, shared="tailing")
+        with contextlib.suppress(KeyboardInterrupt):
+            _run_async(_tail(transport, broker, pattern, from_start, limit, as_json))
+
+
+async def _tail(
+    transport: Transport,
+    url: str,
+    pattern: str | None,
+    from_start: bool,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    if not isinstance(transport, EventLog):
+        raise CliError(f"{redact(url)}: this broker keeps no event log that 'nerve tail' can read")
+    out = _stdout()
+    shown = 0
+    async with _connected(transport, url):
+        position: int | None = 0 if from_start else None
+        if position is None:
+            position = (await transport.read_log(None, 1))[0][0]
+        while limit is None or shown < limit:
+            batch = await transport.read_log(position, 256)
+            if not batch:
+                await asyncio.sleep(TAIL_POLL_SECONDS)
+                continue
+            for seq, raw in batch:
+                position = seq
+                try:
+                    event = codec.decode(raw)
+                except NerveError as exc:
+                    if pattern is None and not as_json:
+                        out.print(Text(f"#{seq} undecodable: {exc}", style="red"), soft_wrap=True)
+                    continue
+                if pattern is not None and not matches_pattern(pattern, event.type):
+                    continue
+                if as_json:
+                    sys.stdout.write(bytes(raw).decode("utf-8", "replace").strip() + "\n")
+                    sys.stdout.flush()
+                else:
+                    out.print(_tail_line(event), no_wrap=True, overflow="ellipsis")
+                shown += 1
+                if limit is not None and shown >= limit:
+                    break
+
+
+def _tail_line(event: Event) -> Text:
+    when = event.time.astimezone().strftime("%H:%M:%S.%f")[:-3] if event.time else "--:--:--"
+    line = Text(when, style="dim")
+    line.append("  ")
+    line.append(event.type, style="bold cyan")
+    where = []
+    if event.subject:
+        where.append(event.subject)
+    if event.partitionkey:
+        where.append(f"key={event.partitionkey}")
+    if where:
+        line.append("  " + " ".join(where), style="magenta")
+    line.append(f"  …{event.id[-8:]}", style="dim")
+    if event.data is not None:
+        if isinstance(event.data, bytes):
+            shown = f"<{len(event.data)} bytes>"
+        else:
+            shown = orjson.dumps(event.data).decode()
+        line.append("  " + (shown if len(shown) <= 200 else shown[:199] + "…"))
+    return line
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+@cli.command()
+def status(broker: BrokerOption = DEFAULT_BROKER, as_json: JsonOption = False) -> None:
+    """Backlog, in flight, processed, retried and dead letters per function."""
+    with _edge():
+        _require_existing(broker)
+        transport = _transport(broker, shared="reading status")
+        rows = _run_async(_stats(transport, broker))
+    if as_json:
+        _write_json(rows)
+        return
+    if not rows:
+        _note("no functions are declared on this broker yet; start them with 'nerve run'")
+        return
+    table = Table(title=f"nerve status · {redact(broker)}", title_justify="left")
+    table.add_column("function", style="bold")
+    for header in ("backlog", "in flight", "processed", "retried", "dead-lettered", "DLQ"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(
+            row["function"],
+            str(row["backlog"]),
+            str(row["in_flight"]),
+            str(row["processed"]),
+            str(row["retried"]),
+            str(row["dead_lettered"]),
+            Text(str(row["dlq"]), style="red" if row["dlq"] else ""),
+        )
+    _stdout().print(table)
+
+
+async def _stats(transport: Transport, url: str) -> list[dict[str, Any]]:
+    if not isinstance(transport, Inspectable):
+        raise CliError(f"{redact(url)}: this broker does not report backlogs and counters")
+    async with _connected(transport, url):
+        stats = await transport.stats()
+    return [
+        {
+            "function": s.group,
+            "backlog": s.backlog,
+            "ready": s.ready,
+            "delayed": s.delayed,
+            "in_flight": s.in_flight,
+            "processed": s.processed,
+            "retried": s.retried,
+            "dead_lettered": s.dead_lettered,
+            "dlq": s.dead_letters,
+        }
+        for s in stats
+    ]
+
+
+# -- dlq -------------------------------------------------------------------------------
+
+
+def _dlq_transport(url: str) -> Transport:
+    _require_existing(url)
+    transport = _transport(url, shared="reading dead letters")
+    if not isinstance(transport, DeadLetterQueue):
+        raise CliError(f"{redact(url)}: this broker has no dead-letter queue nerve can browse")
+    return transport
+
+
+async def _check_function(transport: Transport, function: str | None) -> None:
+    """A --function that names no group on this broker is a typo: say so."""
+    if function is None or not isinstance(transport, Inspectable):
+        return
+    groups = [s.group for s in await transport.stats()]
+    if function not in groups:
+        raise CliError(
+            f"no function named {function!r} on this broker; "
+            f"its functions: {', '.join(groups) or 'none yet'}"
+        )
+
+
+def _entry_json(entry: DeadLetterEntry) -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": entry.id, "function": entry.group}
+    doc.update(entry.failure.to_json())
+    if entry.event is not None:
+        doc["event"] = orjson.loads(codec.encode(entry.event))
+    else:
+        doc["event"] = None
+        doc["raw"] = entry.raw.decode("utf-8", "replace")
+    return doc
+
+
+@dlq_cli.command("list")
+def dlq_list(
+    function: Annotated[str | None, typer.Option("--function", "-f", metavar="NAME")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 100,
+    broker: BrokerOption = DEFAULT_BROKER,
+    as_json: JsonOption = False,
+) -> None:
+    """List dead letters (all, or one function's)."""
+    with _edge():
+        transport = _dlq_transport(broker)
+        entries = _run_async(_dlq_entries(transport, broker, function, limit))
+    if as_json:
+        _write_json([_entry_json(e) for e in entries])
+        return
+    if not entries:
+        which = f" for {function!r}" if function else ""
+        _note(f"no dead letters{which}", style="green")
+        return
+    table = Table(title=f"dead letters · {redact(broker)}", title_justify="left")
+    for header in ("id", "function", "type", "reason", "error", "attempts", "failed at"):
+        table.add_column(header, justify="right" if header in ("id", "attempts") else "left")
+    for e in entries:
+        f = e.failure
+        table.add_row(
+            e.id,
+            e.group,
+            e.event.type if e.event else "(undecodable)",
+            f.reason,
+            Text(_one_line(f"{f.error_type}: {f.message}")[:80], style="red"),
+            str(f.attempts),
+            _when(f.failed_at),
+        )
+    _stdout().print(table)
+
+
+async def _dlq_entries(
+    transport: Transport, url: str, function: str | None, limit: int
+) -> list[DeadLetterEntry]:
+    assert isinstance(transport, DeadLetterQueue)
+    async with _connected(transport, url):
+        await _check_function(transport, function)
+        return await transport.dead_letters(function, limit=limit)
+
+
+@dlq_cli.command("show")
+def dlq_show(
+    entry_id: Annotated[str, typer.Argument(metavar="ID", help="A dead letter's id.")],
+    broker: BrokerOption = DEFAULT_BROKER,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one dead letter: the event, why it failed, the traceback."""
+    with _edge():
+        transport = _dlq_transport(broker)
+        entry = _run_async(_dlq_entry(transport, broker, entry_id))
+        if entry is None:
+            raise CliError(f"no dead letter with id {entry_id!r}; see 'nerve dlq list'")
+    if as_json:
+        _write_json(_entry_json(entry))
+        return
+    out = _stdout()
+    f = entry.failure
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("dead letter", f"{entry.id} of function {entry.group!r}")
+    grid.add_row("reason", Text(f.reason, style="red"))
+    grid.add_row("error", Text(f"{f.error_type}: {f.message}"))
+    grid.add_row("attempts", str(f.attempts))
+    grid.add_row("first attempt", _when(f.first_attempt_at))
+    grid.add_row("failed at", _when(f.failed_at))
+    event = entry.event
+    if event is None:
+        grid.add_row("event", Text("(undecodable)", style="red"))
+        grid.add_row("raw", Text(entry.raw.decode("utf-8", "replace")[:2000]))
+    else:
+        grid.add_row("type", event.type)
+        grid.add_row("event id", event.id)
+        grid.add_row("source", event.source)
+        grid.add_row("time", event.time.isoformat() if event.time else "-")
+        if event.subject:
+            grid.add_row("subject", event.subject)
+        for name, value in sorted(event.extensions.items()):
+            grid.add_row(name, str(value))
+        if isinstance(event.data, bytes):
+            grid.add_row("data", f"<{len(event.data)} bytes>")
+        else:
+            grid.add_row("data", orjson.dumps(event.data, option=orjson.OPT_INDENT_2).decode())
+    out.print(grid)
+    if f.traceback:
+        out.print(Text("traceback", style="bold"))
+        out.print(Text(f.traceback.rstrip(), style="dim"))
+
+
+async def _dlq_entry(transport: Transport, url: str, entry_id: str) -> DeadLetterEntry | None:
+    assert isinstance(transport, DeadLetterQueue)
+    async with _connected(transport, url):
+        return await transport.dead_letter_entry(entry_id)
+
+
+IdsArgument = Annotated[
+    list[str] | None,
+    typer.Argument(metavar="[ID]...", help="Dead letter ids.", show_default=False),
+]
+FunctionSelector = Annotated[
+    str | None,
+    typer.Option("--function", "-f", metavar="NAME", help="All dead letters of a function."),
+]
+AllSelector = Annotated[bool, typer.Option("--all", help="Every dead letter.")]
+
+
+def _selection(action: str, ids: list[str] | None, function: str | None, every: bool) -> None:
+    chosen = sum((bool(ids), function is not None, every))
+    if chosen == 0:
+        raise CliError(
+            f"say which dead letters to {action}: give their IDs (see 'nerve dlq list'), "
+            f"--function NAME for one function's, or --all"
+        )
+    if chosen > 1:
+        raise CliError(
+            f"choose ONE way to select dead letters to {action}: IDs, --function NAME or --all"
+        )
+
+
+@dlq_cli.command("replay")
+def dlq_replay(
+    ids: IdsArgument = None,
+    function: FunctionSelector = None,
+    every: AllSelector = False,
+    broker: BrokerOption = DEFAULT_BROKER,
+) -> None:
+    """Re-deliver dead letters to their own function (only)."""
+    with _edge():
+        _selection("replay", ids, function, every)
+        transport = _dlq_transport(broker)
+        count, kept = _run_async(_dlq_apply(transport, broker, "replay", ids, function))
+    typer.echo(f"replayed {count} dead letter{'s' if count != 1 else ''}")
+    if kept:
+        _note(f"kept {kept}: their function is no longer declared on this broker")
+
+
+@dlq_cli.command("purge")
+def dlq_purge(
+    ids: IdsArgument = None,
+    function: FunctionSelector = None,
+    every: AllSelector = False,
+    broker: BrokerOption = DEFAULT_BROKER,
+) -> None:
+    """Delete dead letters for good."""
+    with _edge():
+        _selection("purge", ids, function, every)
+        transport = _dlq_transport(broker)
+        count, _ = _run_async(_dlq_apply(transport, broker, "purge", ids, function))
+    typer.echo(f"purged {count} dead letter{'s' if count != 1 else ''}")
+
+
+async def _dlq_apply(
+    transport: Transport, url: str, action: str, ids: list[str] | None, function: str | None
+) -> tuple[int, int]:
+    """Replay or purge the selection; returns (done, kept back). Unknown ids are refused
+    before anything changes."""
+    assert isinstance(transport, DeadLetterQueue)
+    async with _connected(transport, url):
+        await _check_function(transport, function)
+        if ids:
+            missing = [i for i in ids if await transport.dead_letter_entry(i) is None]
+            if missing:
+                raise CliError(
+                    f"no dead letter with id {', '.join(map(repr, missing))}; nothing was "
+                    f"{action}d; see 'nerve dlq list'"
+                )
+            wanted = len(set(ids))
+        elif isinstance(transport, Inspectable):
+            wanted = sum(
+                s.dead_letters
+                for s in await transport.stats()
+                if function is None or s.group == function
+            )
+        else:
+            wanted = 0
+        if action == "replay":
+            done = await transport.replay(ids or None, group=function)
+        else:
+            done = await transport.purge(ids or None, group=function)
+    return done, max(0, wanted - done)
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+@cli.command()
+def demo(
+    orders: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Orders to place (default: continuous until Ctrl-C).", show_default=False
+        ),
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, help="Orders per second (default: as fast as it goes).", show_default=False
+        ),
+    ] = None,
+    processes: Annotated[int, typer.Option("--processes", "-p", min=1)] = 1,
+    broker: BrokerOption = DEFAULT_BROKER,
+    store: StoreOption = None,
+) -> None:
+    """Run the shop example end to end (from the repository root)."""
+    with _edge():
+        _add_cwd_to_path()
+        try:
+            module = importlib.import_module("examples.shop.demo")
+        except ModuleNotFoundError as exc:
+            if exc.name in ("examples", "examples.shop", "examples.shop.demo"):
+                raise CliError(
+                    "the demo lives in examples/shop/ of the nerve repository: run "
+                    "'nerve demo' from the repository root"
+                ) from None
+            raise CliError(f"the demo cannot start: {exc}") from None
+        store_url = store or default_store_url(broker)
+        try:
+            code = module.run(
+                orders=orders, rate=rate, processes=processes, broker=broker, store=store_url
+            )
+        except KeyboardInterrupt:
+            code = 0
+    raise typer.Exit(int(code or 0))
+
+
+def main() -> None:
+    """Console-script entry point (``nerve``, ``python -m nerve``)."""
+    cli(prog_name="nerve")
