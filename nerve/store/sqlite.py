@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from nerve._batch import Coalescer
-from nerve._sqlite import Worker
+from nerve._sqlite import Worker, begin_immediate
 from nerve.errors import ConfigError, StoreError
 
 SCHEMA = """
@@ -78,7 +78,12 @@ class SqliteStore:
         self._reader = (
             self._worker
             if self.path == ":memory:"
-            else Worker(self.path, synchronous=synchronous, name=f"nerve-store-read:{self.path}")
+            else Worker(
+                self.path,
+                synchronous=synchronous,
+                name=f"nerve-store-read:{self.path}",
+                writer=False,
+            )
         )
         self._max_batch = max_batch
         self._turn = asyncio.Lock()
@@ -193,7 +198,7 @@ class SqliteStore:
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         if not self._tx_open:
-            conn.execute("BEGIN IMMEDIATE")
+            begin_immediate(conn)
             self._tx_open = True
             self._batch_started = time.monotonic()
         conn.execute("SAVEPOINT unit")

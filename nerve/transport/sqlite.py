@@ -264,10 +264,14 @@ class SqliteConsumer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.wake.wait(), min(remaining, transport.config.poll_interval)
-                )
+            transport.waiting += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.wake.wait(), min(remaining, transport.config.poll_interval)
+                    )
+            finally:
+                transport.waiting -= 1
         return []
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
@@ -289,10 +293,11 @@ class SqliteConsumer:
 class _Watcher(threading.Thread):
     """Wakes this process's consumers when another connection publishes."""
 
-    def __init__(self, path: str, notify: Callable[[], None]) -> None:
+    def __init__(self, path: str, notify: Callable[[], None], hungry: Callable[[], bool]) -> None:
         super().__init__(name=f"nerve-watch:{path}", daemon=True)
         self._path = path
         self._notify = notify
+        self._hungry = hungry
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -310,9 +315,10 @@ class _Watcher(threading.Thread):
                         last_seq = seq
                         idle = 0.0
                         self._notify()
-                # poll fast while events flow, slower when idle (bounded wake-up latency)
+                # poll fast while a consumer waits and events flow; slower otherwise
+                # (a consumer that is busy fetches again by itself when it has room)
                 idle = min(idle + 0.0002, 0.004)
-                self._halt.wait(0.001 + idle)
+                self._halt.wait(0.001 + idle if self._hungry() else 0.005)
         finally:
             conn.close()
 
@@ -342,6 +348,8 @@ class SqliteTransport:
         self._consumers: set[SqliteConsumer] = set()
         self._watcher: _Watcher | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self.waiting = 0
+        """Consumers of this transport waiting for work right now."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
@@ -359,7 +367,9 @@ class SqliteTransport:
             raise TransportError(
                 f"cannot open the embedded broker at {self.config.path!r}: {exc}"
             ) from None
-        self._watcher = _Watcher(self.config.path, self._wake_all_threadsafe)
+        self._watcher = _Watcher(
+            self.config.path, self._wake_all_threadsafe, lambda: self.waiting > 0
+        )
         self._watcher.start()
         self._maintenance = asyncio.create_task(self._maintain())
 
