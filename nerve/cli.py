@@ -41,7 +41,8 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 import typer
 from pydantic import ValidationError
-from rich.console import Console
+from rich.box import SIMPLE_HEAD
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -171,10 +172,11 @@ def _run_async(coro: Coroutine[Any, Any, T], *, fast: bool = False) -> T:
     return asyncio.run(coro)
 
 
-def _when(timestamp: float) -> str:
+def _when(timestamp: float, *, short: bool = False) -> str:
     if not timestamp:
         return "-"
-    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    layout = "%m-%d %H:%M:%S" if short else "%Y-%m-%d %H:%M:%S %z"
+    return datetime.fromtimestamp(timestamp).astimezone().strftime(layout)
 
 
 # ---------------------------------------------------------------------------------------
@@ -725,7 +727,7 @@ def status(broker: BrokerOption = DEFAULT_BROKER, as_json: JsonOption = False) -
     if not rows:
         _note("no functions are declared on this broker yet; start them with 'nerve run'")
         return
-    table = Table(title=f"nerve status · {redact(broker)}", title_justify="left")
+    table = Table(title=f"nerve status · {redact(broker)}", title_justify="left", box=SIMPLE_HEAD)
     table.add_column("function", style="bold")
     for header in ("backlog", "in flight", "processed", "retried", "dead-lettered", "DLQ"):
         table.add_column(header, justify="right")
@@ -815,21 +817,29 @@ def dlq_list(
         which = f" for {function!r}" if function else ""
         _note(f"no dead letters{which}", style="green")
         return
-    table = Table(title=f"dead letters · {redact(broker)}", title_justify="left")
-    for header in ("id", "function", "type", "reason", "error", "attempts", "failed at"):
-        table.add_column(header, justify="right" if header in ("id", "attempts") else "left")
+    out = _stdout()
+    wide = out.width >= 110  # on a narrow terminal the error matters more than the time
+    table = Table(title=f"dead letters · {redact(broker)}", title_justify="left", box=SIMPLE_HEAD)
+    for header in ("id", "function", "type", "reason", "tries", "failed at"):
+        if header == "failed at" and not wide:
+            continue
+        justify: JustifyMethod = "right" if header in ("id", "tries") else "left"
+        table.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis")
+    table.add_column("error", ratio=1, overflow="fold")
     for e in entries:
         f = e.failure
-        table.add_row(
+        cells: list[str | Text] = [
             e.id,
             e.group,
             e.event.type if e.event else "(undecodable)",
             f.reason,
-            Text(_one_line(f"{f.error_type}: {f.message}")[:80], style="red"),
             str(f.attempts),
-            _when(f.failed_at),
-        )
-    _stdout().print(table)
+        ]
+        if wide:
+            cells.append(_when(f.failed_at, short=True))
+        cells.append(Text(_one_line(f"{f.error_type}: {f.message}")[:160], style="red"))
+        table.add_row(*cells)
+    out.print(table)
 
 
 async def _dlq_entries(
