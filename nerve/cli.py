@@ -1007,7 +1007,8 @@ def demo(
     rate: Annotated[
         float | None,
         typer.Option(
-            min=0.0, help="Orders per second (default: as fast as it goes).", show_default=False
+            help="Orders per second (default: as fast as it goes).",
+            show_default=False,
         ),
     ] = None,
     processes: Annotated[int, typer.Option("--processes", "-p", min=1)] = 1,
@@ -1016,6 +1017,8 @@ def demo(
 ) -> None:
     """Run the shop example end to end (from the repository root)."""
     with _edge():
+        if rate is not None and rate <= 0:
+            raise CliError(f"--rate is orders per second and must be more than 0, got {rate}")
         _add_cwd_to_path()
         try:
             module = importlib.import_module("examples.shop.demo")

@@ -505,6 +505,10 @@ def test_demo_passes_its_options_and_exit_code_through(tmp_path: Path) -> None:
 
 
 def test_demo_outside_the_repository_says_where_to_run_it(tmp_path: Path) -> None:
+    # An editable install may put the repository on sys.path; an 'examples' package
+    # without the shop in the current directory stands in for another project's.
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "__init__.py").write_text("")
     result = subprocess.run(
         [sys.executable, "-m", "nerve", "demo", "--orders", "1"],
         cwd=tmp_path, capture_output=True, env=child_env(), timeout=30,
