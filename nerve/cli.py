@@ -51,7 +51,7 @@ from nerve import event as codec
 from nerve.app import App, matches_pattern
 from nerve.errors import NerveError, TransportError
 from nerve.event import Event
-from nerve.store import default_store_url
+from nerve.store import default_store_url, store_from_url
 from nerve.transport import (
     DEFAULT_BROKER,
     DeadLetterEntry,
@@ -375,11 +375,17 @@ def run(
             )
         if not app.functions:
             raise CliError(f"{target} declares no functions; add some with @app.function(...)")
-        _transport(broker, shared="running several processes" if processes > 1 else None)
+        transport = _transport(
+            broker, shared="running several processes" if processes > 1 else None
+        )
         store_url = store or default_store_url(broker)
+        store_from_url(store_url)  # a bad store URL is refused here, before anything starts
         _setup_logging(log_level)
         names = ", ".join(only or app.functions)
         if processes > 1:
+            # Open both once here: a broker or store that cannot be opened is one line
+            # now, not the same error from every worker.
+            _run_async(_probe(transport, broker, store_url))
             _note(
                 f"nerve {__version__}: supervising {processes} processes of app {app.name!r} "
                 f"(functions: {names}) on {broker}, store {store_url}",
@@ -387,23 +393,39 @@ def run(
             )
             code = _supervise(target, broker, store, only, processes, log_level)
             raise typer.Exit(code)
-        _note(
+        banner = (
             f"nerve {__version__}: app {app.name!r} (functions: {names}) on {broker}, "
-            f"store {store_url}, pid {os.getpid()}",
-            style="bold",
+            f"store {store_url}, pid {os.getpid()}"
         )
         # KeyboardInterrupt: a Ctrl-C that came before the runtime's signal handler was set.
         with contextlib.suppress(KeyboardInterrupt):
-            _run_async(_serve(app, broker, store_url, only), fast=True)
+            _run_async(_serve(app, transport, broker, store_url, only, banner), fast=True)
         _note("nerve: stopped", style="dim")
 
 
-async def _serve(app: App, broker: str, store: str, only: Sequence[str]) -> None:
+async def _probe(transport: Transport, broker: str, store: str) -> None:
+    async with _connected(transport, broker):
+        pass
+    probe = store_from_url(store)
+    await probe.start()
+    await probe.close()
+
+
+async def _serve(
+    app: App, transport: Transport, broker: str, store: str, only: Sequence[str], banner: str
+) -> None:
+    """``Runtime.serve()``, with the banner printed once the broker and store are open
+    (so a broker that cannot be opened gets its one-line error and nothing else)."""
     from nerve.runtime import Runtime
 
-    runtime = Runtime(app, broker=broker, store=store, only=only or None)
+    runtime = Runtime(app, broker=transport, store=store, only=only or None)
+    serving = asyncio.ensure_future(runtime.serve())
+    while not runtime.runners and not serving.done():  # start() fills runners once open
+        await asyncio.wait({serving}, timeout=0.01)
+    if runtime.runners:
+        _note(banner, style="bold")
     try:
-        await runtime.serve()
+        await serving
     except TransportError as exc:
         raise CliError(f"{exc}; check --broker (or NERVE_BROKER)") from None
 

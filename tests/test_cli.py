@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -293,30 +294,36 @@ def test_tail_from_start_filters_and_stops_after_limit(broker: str) -> None:
     assert docs[1]["data"] == {"n": 3}
 
 
-def test_tail_follows_events_published_after_it_started(project: Path, broker: str) -> None:
+def test_tail_follows_new_events_until_ctrl_c(project: Path, broker: str) -> None:
     tail = subprocess.Popen(
-        [sys.executable, "-m", "nerve", "tail", "live.*", "--limit", "1", "--json", "-b", broker],
+        [sys.executable, "-m", "nerve", "tail", "live.*", "--json", "-b", broker],
         cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
     )  # fmt: skip
     try:
-        # tail starts at the newest event: publish until it has seen one (bounded).
+        # tail starts at the newest event: publish until it shows one (bounded).
         deadline = time.monotonic() + 15
-        published = 0
-        while tail.poll() is None and time.monotonic() < deadline:
+        first = b""
+        n = 0
+        while not first:
+            assert time.monotonic() < deadline and tail.poll() is None, "tail showed nothing"
             assert nerve("publish", "other.type", "-b", broker).exit_code == 0
-            assert (
-                nerve("publish", "live.tick", "--data", str(published), "-b", broker).exit_code == 0
-            )
-            published += 1
-            time.sleep(0.1)
+            assert nerve("publish", "live.tick", "--data", str(n), "-b", broker).exit_code == 0
+            n += 1
+            ready, _, _ = select.select([tail.stdout], [], [], 0.2)
+            if ready:
+                assert tail.stdout is not None
+                first = tail.stdout.readline()
+        tail.send_signal(signal.SIGINT)
         out, err = tail.communicate(timeout=10)
     finally:
         if tail.poll() is None:
             tail.kill()
             tail.wait()
     assert tail.returncode == 0, err
-    [line] = out.decode().splitlines()
-    assert json.loads(line)["type"] == "live.tick"
+    assert b"Traceback" not in err
+    ticks = [json.loads(line) for line in [first, *out.splitlines()]]
+    assert {t["type"] for t in ticks} == {"live.tick"}
+    assert [t["data"] for t in ticks] == sorted(t["data"] for t in ticks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,6 +344,10 @@ def test_tail_follows_events_published_after_it_started(project: Path, broker: s
         (["run", "cliapp:not_an_app"], ["is a int, not a nerve.App"]),
         (["run", "cliapp:app", "--function", "nope"], ["no function 'nope'", "record"]),
         (["run", "cliapp:app", "-p", "2", "--broker", "memory://"], ["inside one process"]),
+        (["run", "cliapp:app", "-b", "sqlite:////dev/null/x.db"], ["cannot open", "--broker"]),
+        (["run", "cliapp:app", "-p", "2", "-b", "sqlite:////dev/null/x.db"], ["cannot open"]),
+        (["run", "cliapp:app", "--store", "bogus://x"], ["store URL 'bogus://x'"]),
+        (["run", "cliapp:app", "-b", "sqlite:///x.db?visibility_timeout=abc"], ["abc"]),
         (["publish", "order.created", "--data", "{bad", "-b", "{broker}"], ["not valid JSON"]),
         (
             [
