@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from examples.shop import invariants, load
+from examples.shop import demo, invariants, load
 from examples.shop.app import (
     OUT_OF_STOCK,
     PAYMENT_DECLINED,
@@ -382,3 +382,103 @@ async def test_chaos_two_workers_failures_poison_and_kill(tmp_path: Path) -> Non
         await workers.stop()
         await store.close()
         await transport.close()
+
+
+# ---------------------------------------------------------------------------------------
+# the demo (what `nerve demo` runs)
+
+
+def test_demo_in_process_on_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.run(orders=120, rate=None, processes=1, broker="memory://", store=None) == 0
+    out = capsys.readouterr().out
+    assert "all invariants hold for 120 orders" in out
+    assert "shipped-pending" in out
+
+
+def test_demo_refuses_bad_options_and_foreign_files(tmp_path: Path) -> None:
+    assert demo.run(orders=10, rate=None, processes=2, broker="memory://", store=None) == 2
+    assert demo.run(orders=10, rate=0, processes=1, broker="memory://", store=None) == 2
+    assert demo.run(orders=0, rate=None, processes=1, broker="memory://", store=None) == 2
+    precious = tmp_path / "precious.db"
+    precious.write_bytes(b"not the demo's")
+    broker = f"sqlite:///{precious}"
+    assert demo.run(orders=10, rate=None, processes=1, broker=broker, store=None) == 2
+    assert precious.read_bytes() == b"not the demo's"
+
+
+@pytest.mark.slow
+def test_demo_with_worker_processes_starts_fresh(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker = f"sqlite:///{tmp_path}/.nerve/nerve.db"
+    for _ in range(2):  # the second run deletes the first one's files and starts over
+        assert demo.run(orders=300, rate=None, processes=2, broker=broker, store=None) == 0
+        out = capsys.readouterr().out
+        assert "all invariants hold for 300 orders" in out
+    assert "fresh start: removed" in out
+    assert (tmp_path / ".nerve" / "store.db").exists()
+    assert sorted(p.name for p in (tmp_path / ".nerve").glob("worker-*.log")) == [
+        "worker-1.log",
+        "worker-2.log",
+    ]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # the process ended while we looked
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find worker processes")
+async def test_demo_runs_until_ctrl_c_then_drains_and_checks(tmp_path: Path) -> None:
+    broker = f"sqlite:///{tmp_path}/.nerve/nerve.db"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "examples.shop.demo",
+        "--broker",
+        broker,
+        "--rate",
+        "100",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        store_file = tmp_path / ".nerve" / "store.db"
+
+        async def store_exists() -> bool:
+            return store_file.exists()
+
+        await wait_for(store_exists, 30, "the demo to create its store", 0.1)
+        store = SqliteStore(f"sqlite:///{store_file}")
+        await store.start(app.store_schema)
+
+        async def some_orders_ended() -> bool:
+            states = await terminal_states(store)
+            return sum(states[s] for s in TERMINAL_STATES) >= 50
+
+        try:
+            await wait_for(some_orders_ended, 30, "the demo to end 50 orders", 0.2)
+        finally:
+            await store.close()
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "all invariants hold" in text
+
+    async def workers_gone() -> bool:
+        return not _processes_mentioning(str(tmp_path))
+
+    await wait_for(workers_gone, 10, "the demo's workers to exit")
