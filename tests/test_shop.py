@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -404,6 +406,20 @@ def test_demo_refuses_bad_options_and_foreign_files(tmp_path: Path) -> None:
     broker = f"sqlite:///{precious}"
     assert demo.run(orders=10, rate=None, processes=1, broker=broker, store=None) == 2
     assert precious.read_bytes() == b"not the demo's"
+
+    # Even in .nerve/, a broker or store that another app uses is left alone.
+    (tmp_path / ".nerve").mkdir()
+    for name, ddl in [
+        ("nerve.db", "CREATE TABLE groups (name TEXT); INSERT INTO groups VALUES ('billing');"),
+        ("store.db", "CREATE TABLE invoices (id TEXT);"),
+    ]:
+        other = tmp_path / ".nerve" / name
+        with contextlib.closing(sqlite3.connect(other)) as conn:
+            conn.executescript(ddl)
+        broker = f"sqlite:///{tmp_path}/.nerve/nerve.db"
+        assert demo.run(orders=10, rate=None, processes=1, broker=broker, store=None) == 2
+        assert other.exists()
+        other.unlink()
 
 
 @pytest.mark.slow

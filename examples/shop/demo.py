@@ -20,7 +20,9 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
+import sqlite3
 import sys
 import time
 from collections import Counter, deque
@@ -373,6 +375,31 @@ def log_directory(broker: str) -> Path:
     return database.parent if database is not None else Path(".nerve")
 
 
+SHOP_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", "".join(app.store_schema)))
+SHOP_WRITERS = frozenset({*app.functions, "seed_stock"})
+
+
+def _holds_only_the_shop(database: Path) -> bool:
+    """Is ``database`` an embedded broker or a store used by nothing but the shop?"""
+
+    def names(conn: sqlite3.Connection, sql: str) -> set[str]:
+        return {str(name) for (name,) in conn.execute(sql)}
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
+            tables = names(conn, "SELECT name FROM sqlite_master WHERE type = 'table'")
+            if "groups" in tables:  # the embedded broker: its consumer groups
+                return names(conn, "SELECT name FROM groups") <= set(app.functions)
+            if "nerve_processed" in tables:  # a store: who wrote, and which tables
+                writers = names(conn, "SELECT DISTINCT function FROM nerve_processed")
+                if not writers <= SHOP_WRITERS:
+                    return False
+            own = {t for t in tables if not t.startswith(("nerve_", "sqlite_"))}
+            return own <= SHOP_TABLES
+    except sqlite3.Error:
+        return False
+
+
 def _files_of(database: Path) -> Iterator[Path]:
     for suffix in ("", "-wal", "-shm", "-journal"):
         yield database.with_name(database.name + suffix)
@@ -381,18 +408,20 @@ def _files_of(database: Path) -> Iterator[Path]:
 def fresh_start(urls: list[str]) -> list[Path]:
     """Delete the demo's database files (and worker logs) so each run starts empty.
 
-    Only files inside a directory named ``.nerve`` are deleted; an existing database
-    elsewhere raises :class:`DemoError` rather than being touched.
+    A database is deleted only if it lies in a directory named ``.nerve`` and holds
+    nothing but the shop (its consumer groups, tables and processed records are the
+    shop's); any other existing database raises :class:`DemoError`, untouched.
     """
     doomed: list[Path] = []
     for url in urls:
         database = _sqlite_file(url)
         if database is None or not database.exists():
             continue
-        if database.resolve().parent.name != ".nerve":
+        if database.resolve().parent.name != ".nerve" or not _holds_only_the_shop(database):
             raise DemoError(
-                f"{database} exists and is not in a .nerve/ directory: the demo will not "
-                "delete it; remove it yourself or use a path under .nerve/"
+                f"{database} holds something other than the shop demo, or is not in a "
+                ".nerve/ directory: the demo will not delete it. Remove it yourself, or "
+                "give the demo its own --broker sqlite:///<dir>/.nerve/nerve.db"
             )
         doomed += [path for path in _files_of(database) if path.exists()]
         doomed += sorted(database.parent.glob("worker-*.log"))
