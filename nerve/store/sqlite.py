@@ -356,7 +356,8 @@ class SqliteStore:
         )
 
     async def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
-        """Read committed data (for tools, tests and invariant checks)."""
+        """Read data (for tools, tests and invariant checks): committed data on a file
+        store; on ``memory://`` (one connection) also writes of units still in flight."""
         return await self._reader.call(lambda c: _fetchall(c, sql, params))
 
 
