@@ -531,3 +531,18 @@ def test_null_attributes_are_treated_as_unset() -> None:
     assert event.subject is None and event.dataschema is None
     assert "unsetextension" not in event.extensions
     assert event.data == {"a": 1}
+
+
+@pytest.mark.xfail(
+    reason="core bug: Event keeps a MappingProxyType given as extensions as-is, so the "
+    "caller's underlying dict still changes the 'immutable' event (and bypasses validation)",
+    strict=True,
+)
+def test_extensions_given_as_a_mapping_proxy_are_copied() -> None:
+    from types import MappingProxyType
+
+    underlying: dict[str, Any] = {"tenant": "acme"}
+    event = make(extensions=MappingProxyType(underlying))
+    underlying["tenant"] = "changed"
+    underlying["Bad Name"] = 1.5
+    assert dict(event.extensions) == {"tenant": "acme"}

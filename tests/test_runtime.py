@@ -257,6 +257,30 @@ async def test_timeout_then_success() -> None:
     assert attempts == [1, 2]
 
 
+async def test_replayed_dead_letter_is_processed_after_a_fix(broker: str) -> None:
+    app = make_app()
+    broken = True
+    handled: list[tuple[str, int]] = []
+
+    @app.function("order.placed", retry=RetryPolicy(max_attempts=2, base=0.01, jitter=False))
+    async def fragile(order: OrderPlaced, ctx: Context) -> None:
+        if broken:
+            raise RuntimeError("bug")
+        handled.append((ctx.event.id, ctx.attempt))
+
+    async with Runtime(app, broker) as rt:
+        event = await rt.client.publish(OrderPlaced(order_id="o1"))
+        await rt.wait_idle()
+        [entry] = await dead_letters(rt, "fragile")
+        broken = False
+        assert isinstance(rt.transport, DeadLetterQueue)
+        assert await rt.transport.replay([entry.id]) == 1
+        await until(lambda: bool(handled), 10, "the replayed event")
+        await rt.wait_idle()
+        assert await dead_letters(rt, "fragile") == []
+    assert [event_id for event_id, _ in handled] == [event.id]
+
+
 # ---------------------------------------------------------------------------------------
 # Non-retryable failures
 
@@ -502,6 +526,7 @@ async def test_concurrent_duplicates_take_effect_once(broker: str) -> None:
         stats = rt.runners["record"].stats
         assert stats.received == 3
         assert stats.duplicates == 2
+        assert stats.processed == 1
     assert calls.count(("downstream:o1", 1)) == 1
 
 
