@@ -50,7 +50,7 @@ _FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,99}$")
 
 
 def _is_pattern(name: str) -> bool:
-    return "*" in name or name.endswith(">")
+    return "*" in name or ">" in name
 
 
 @lru_cache(maxsize=4096)
@@ -157,7 +157,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt``."""
-        ceiling = float(min(self.cap, self.base * (2.0 ** max(0, attempt - 1))))
+        exponent = min(max(0, attempt - 1), 64)  # past 2**64 every policy is at its cap
+        ceiling = float(min(self.cap, self.base * (2.0**exponent)))
         if not self.jitter:
             return ceiling
         return float(random.uniform(ceiling / 2, ceiling))
@@ -356,6 +357,11 @@ class App:
                     emitted.add(self.event_type(ref).name)
                 except DefinitionError as exc:
                     raise DefinitionError(f"{where_} emits {exc}") from None
+            if retry is not None and not isinstance(retry, RetryPolicy):
+                raise DefinitionError(
+                    f"{where_}: retry must be a RetryPolicy(max_attempts=..., base=..., cap=...), "
+                    f"got {retry!r}"
+                )
             if timeout is not None and timeout <= 0:
                 raise DefinitionError(f"{where_}: timeout must be > 0 seconds or None")
             if concurrency < 1:

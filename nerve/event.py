@@ -141,8 +141,8 @@ class Event:
                 raise InvalidEvent("time", f"must be a datetime, got {type(self.time).__name__}")
             if self.time.tzinfo is None:
                 raise InvalidEvent("time", "must be timezone-aware (RFC 3339 needs an offset)")
-        if not isinstance(self.extensions, MappingProxyType):
-            object.__setattr__(self, "extensions", _frozen(self.extensions))
+        # always a private copy: a caller's dict (or a proxy of one) must not change us
+        object.__setattr__(self, "extensions", _frozen(self.extensions))
         for name, value in self.extensions.items():
             _check_extension(name, value)
 
@@ -251,7 +251,7 @@ def from_attributes(attributes: Mapping[str, Any], data: Any = None) -> Event:
         datacontenttype=attributes.get("datacontenttype"),
         dataschema=attributes.get("dataschema"),
         data=data,
-        extensions=MappingProxyType(extensions),
+        extensions=extensions,
     )
 
 

@@ -127,12 +127,6 @@ def test_bad_pattern_syntax(pattern: str) -> None:
     assert "not valid" in str(info.value)
 
 
-@pytest.mark.xfail(
-    reason="core bug: a '>' that is not the last token is not recognised as a pattern, so the "
-    "error says the type is not declared (and suggests @app.event with that name) instead "
-    "of saying the pattern is invalid",
-    strict=True,
-)
 @pytest.mark.parametrize("pattern", ["order.>.created", "order.>x", "a>b"])
 def test_pattern_with_misplaced_rest_wildcard_is_reported_as_invalid(pattern: str) -> None:
     app = shop()
@@ -228,11 +222,6 @@ def test_bad_retry_policy(kwargs: dict[str, Any], message: str) -> None:
         RetryPolicy(**kwargs)
 
 
-@pytest.mark.xfail(
-    reason="core bug: App.function accepts retry= values that are not a RetryPolicy "
-    "(retry=3 is stored as-is and fails only at runtime)",
-    strict=True,
-)
 def test_retry_must_be_a_policy() -> None:
     with pytest.raises(DefinitionError, match="RetryPolicy"):
         declare(shop(), retry=3)
@@ -400,11 +389,6 @@ def test_retry_delay_grows_on_average() -> None:
     assert all(b > a * 1.6 for a, b in itertools.pairwise(means))
 
 
-@pytest.mark.xfail(
-    reason="core bug: RetryPolicy.delay computes base * 2**(attempt-1) before capping, which "
-    "raises OverflowError for attempt > 1024 (a policy with many attempts crashes the runner)",
-    strict=True,
-)
 def test_retry_delay_for_huge_attempt_numbers_is_the_cap() -> None:
     assert RetryPolicy(base=0.1, cap=5.0, jitter=False).delay(5_000) == 5.0
 

@@ -533,11 +533,6 @@ def test_null_attributes_are_treated_as_unset() -> None:
     assert event.data == {"a": 1}
 
 
-@pytest.mark.xfail(
-    reason="core bug: Event keeps a MappingProxyType given as extensions as-is, so the "
-    "caller's underlying dict still changes the 'immutable' event (and bypasses validation)",
-    strict=True,
-)
 def test_extensions_given_as_a_mapping_proxy_are_copied() -> None:
     from types import MappingProxyType
 
