@@ -445,8 +445,21 @@ def _setup_logging(level: LogLevel) -> None:
     logging.basicConfig(level=level.value.upper(), handlers=[handler], force=True)
 
 
+def _die_with_parent() -> None:
+    """In a worker (Linux): get SIGTERM if the supervisor dies, so none is orphaned."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class _Supervisor:
-    """Keeps ``count`` worker processes running; forwards SIGINT/SIGTERM to them."""
+    """Keeps ``count`` worker processes running; stops them on SIGINT/SIGTERM.
+
+    Workers run in their own process group, so a Ctrl-C in the terminal reaches only
+    the supervisor, which asks every worker to stop with SIGTERM (a graceful drain
+    once a worker is running; a quiet exit while it is still starting up).
+    """
 
     def __init__(self, command: list[str], env: dict[str, str], count: int) -> None:
         self.command = command
@@ -462,10 +475,15 @@ class _Supervisor:
         for worker in list(self.workers):
             if worker is not None and worker.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    worker.send_signal(signum)
+                    worker.send_signal(signal.SIGTERM)
 
     def _spawn(self, slot: int) -> None:
-        worker = subprocess.Popen(self.command, env=self.env)  # noqa: S603 (our own argv)
+        worker = subprocess.Popen(  # noqa: S603 (our own argv)
+            self.command,
+            env=self.env,
+            process_group=0,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         self.workers[slot] = worker
         self.started_at[slot] = time.monotonic()
         log.info("worker %d started (pid %d)", slot + 1, worker.pid)

@@ -494,13 +494,37 @@ def test_processes_2_share_the_work_and_restart_a_dead_worker(
     )
 
     current = children_of(proc.pid)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
     _, err = proc.communicate(timeout=40)
     log = err.decode()
     assert proc.returncode == 0, log
     assert "died unexpectedly" in log and "restarting in" in log
     assert "Traceback" not in log
     assert all(not Path(f"/proc/{pid}").exists() for pid in current | workers)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited (nobody reaped it yet)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers follow their parent via prctl")
+def test_workers_stop_when_the_supervisor_is_killed(
+    project: Path, broker: str, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nerve", "run", "cliapp:app", "-p", "2", "--broker", broker],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
+    )  # fmt: skip
+    processes.append(proc)
+    wait_for(lambda: len(children_of(proc.pid)) == 2, 15, "two worker processes")
+    workers = children_of(proc.pid)
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_for(lambda: not any(alive(pid) for pid in workers), 20, "orphaned workers to stop")
 
 
 # ---------------------------------------------------------------------------------------
