@@ -18,7 +18,11 @@
       -> publish emitted   (only now; a crash here is healed by the outbox relay)
       -> ack               (batched: one broker round trip for many deliveries)
 
-``in_flight`` counts deliveries from fetch until settled. Concurrency is a live number
+``in_flight`` counts deliveries from fetch until settled; ``settling`` those among them
+whose handler is done and that wait for their commit and ack. The concurrency limit
+bounds the others (handlers running or about to), so the next batch is fetched and
+handled while the previous one is being committed: the fsyncs overlap with work. At
+most ``SETTLE_BUFFER`` times the limit may wait to settle. Concurrency is a live number
 (``set_concurrency``): the loop only fetches what free slots there are, so a function
 with no work holds no tasks (scale to zero).
 """
@@ -51,6 +55,9 @@ log = logging.getLogger("nerve.runtime")
 
 LEASE_EXTEND_AFTER = 10.0
 """Seconds a handler may run before the runner starts extending its lease."""
+
+SETTLE_BUFFER = 4
+"""How many times the concurrency limit may wait for commit and ack at once."""
 
 
 @dataclass
@@ -98,6 +105,7 @@ class FunctionRunner:
         self.function = function
         self.limit = function.concurrency
         self.in_flight = 0
+        self.settling = 0
         self.stats = FunctionStats()
         self._slot = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -120,7 +128,10 @@ class FunctionRunner:
         keeper = asyncio.create_task(self._keep_leases())
         try:
             while not self._stopping.is_set():
-                free = self.limit - self.in_flight
+                free = min(
+                    self.limit - (self.in_flight - self.settling),
+                    self.limit * SETTLE_BUFFER - self.in_flight,
+                )
                 if free <= 0:
                     self._slot.clear()
                     await self._slot.wait()
@@ -341,6 +352,8 @@ class FunctionRunner:
     # -- settling ----------------------------------------------------------------------
 
     def _finish(self, done: _Done) -> None:
+        self.settling += 1
+        self._slot.set()
         self._done.append(done)
         if self._finisher is None:
             self._finisher = asyncio.create_task(self._finish_batches())
@@ -365,6 +378,7 @@ class FunctionRunner:
                 )
             except NerveError as exc:
                 log.error("function %s: commit failed, will retry: %s", fn.name, exc)
+                self.settling -= len(light)
                 for d in light:
                     await self._release(d.delivery, 1.0)
                 batch = [d for d in batch if d.committed]
@@ -394,6 +408,7 @@ class FunctionRunner:
             self.stats.lease_lost += len(lost)
             log.warning("function %s: %d ack(s) refused: lease lost", fn.name, len(lost))
         self.stats.processed += sum(1 for d in batch if not d.duplicate)
+        self.settling -= len(batch)
         self._settled(len(batch))
 
     async def _release(self, delivery: Delivery, delay: float) -> None:
