@@ -420,9 +420,10 @@ async def _serve(
 
     runtime = Runtime(app, broker=transport, store=store, only=only or None)
     serving = asyncio.ensure_future(runtime.serve())
-    while not runtime.runners and not serving.done():  # start() fills runners once open
-        await asyncio.wait({serving}, timeout=0.01)
-    if runtime.runners:
+    started = asyncio.ensure_future(runtime.started.wait())
+    await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
+    started.cancel()
+    if runtime.started.is_set():
         _note(banner, style="bold")
     try:
         await serving

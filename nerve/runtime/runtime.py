@@ -109,6 +109,8 @@ class Runtime:
         self._background: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self._started = False
+        self.started = asyncio.Event()
+        """Set once the broker and store are open and every function is consuming."""
 
     async def start(self) -> None:
         await self.transport.start()
@@ -124,6 +126,7 @@ class Runtime:
             self._tasks.append(asyncio.create_task(runner.run(), name=f"nerve:{function.name}"))
         self._tasks.append(asyncio.create_task(self._relay_outbox(), name="nerve:outbox"))
         self._started = True
+        self.started.set()
 
     async def stop(self) -> None:
         """Graceful: stop taking work, let in-flight finish (up to the shutdown
@@ -131,6 +134,7 @@ class Runtime:
         if not self._started:
             return
         self._started = False
+        self.started.clear()
         deadline = time.monotonic() + self.shutdown_timeout
         await asyncio.gather(*(r.stop(deadline) for r in self.runners.values()))
         for task in self._tasks:
