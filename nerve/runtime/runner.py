@@ -359,15 +359,27 @@ class FunctionRunner:
             self._finisher = asyncio.create_task(self._finish_batches())
 
     async def _finish_batches(self) -> None:
-        """Commit, publish and ack successful deliveries, a batch at a time."""
+        """Commit, publish and ack successful deliveries, a batch at a time, in two
+        overlapping stages: batch N is acked while batch N+1 is committed."""
+        acking: asyncio.Task[None] | None = None
         try:
-            while self._done:
+            while True:
+                if not self._done:
+                    if acking is None:
+                        break
+                    await acking  # more may arrive meanwhile: look again
+                    acking = None
+                    continue
                 batch, self._done = self._done, []
-                await self._finish_batch(batch)
+                batch = await self._commit_batch(batch)
+                if acking is not None:
+                    await acking  # acks stay in order, one batch at a time
+                acking = asyncio.create_task(self._ack_batch(batch))
         finally:
             self._finisher = None
 
-    async def _finish_batch(self, batch: list[_Done]) -> None:
+    async def _commit_batch(self, batch: list[_Done]) -> list[_Done]:
+        """Record the light units as processed, publish what the batch emitted."""
         runtime = self.runtime
         fn = self.function
         light = [d for d in batch if not d.committed]
@@ -398,6 +410,10 @@ class FunctionRunner:
             else:
                 ids = [i for d in batch for i in (d.outbox_ids or [])]
                 runtime.background(runtime.store.outbox_cleared(ids))
+        return batch
+
+    async def _ack_batch(self, batch: list[_Done]) -> None:
+        fn = self.function
         deliveries = [d.delivery for d in batch]
         try:
             lost = await self._consumer.ack_many(deliveries)
