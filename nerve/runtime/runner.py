@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -429,14 +429,20 @@ class FunctionRunner:
 
     async def _release(self, delivery: Delivery, delay: float) -> None:
         """Hand a delivery back to its group after ``delay`` seconds."""
+        await self._settle_one(delivery.nack(delay), "nack")
+
+    async def _settle_one(self, settlement: Awaitable[None], what: str) -> None:
+        """Await one nack or dead-letter. A lost lease or a broker error is logged; the
+        delivery leaves this runner either way (if unsettled, its lease expires and it
+        comes back)."""
         try:
-            await delivery.nack(delay)
+            await settlement
         except LeaseLost as exc:
             self.stats.lease_lost += 1
             log.warning("function %s: %s", self.function.name, exc)
         except NerveError as exc:
             log.error(
-                "function %s: nack failed (the lease will expire): %s", self.function.name, exc
+                "function %s: %s failed (the lease will expire): %s", self.function.name, what, exc
             )
         finally:
             self._settled()
@@ -462,12 +468,4 @@ class FunctionRunner:
             failure.error_type,
             failure.message[:200],
         )
-        try:
-            await delivery.dead_letter(failure)
-        except LeaseLost as exc:
-            self.stats.lease_lost += 1
-            log.warning("function %s: %s", self.function.name, exc)
-        except NerveError as exc:
-            log.error("function %s: dead-lettering failed: %s", self.function.name, exc)
-        finally:
-            self._settled()
+        await self._settle_one(delivery.dead_letter(failure), "dead-lettering")
