@@ -18,18 +18,20 @@
       -> publish emitted   (only now; a crash here is healed by the outbox relay)
       -> ack               (batched: one broker round trip for many deliveries)
 
-``in_flight`` counts deliveries from fetch until settled; ``settling`` those among them
-whose handler is done and that wait for their commit and ack. The concurrency limit
-bounds the others (handlers running or about to), so the next batch is fetched and
-handled while the previous one is being committed: the fsyncs overlap with work. At
-most ``SETTLE_BUFFER`` times the limit may wait to settle. Concurrency is a live number
-(``set_concurrency``): the loop only fetches what free slots there are, so a function
-with no work holds no tasks (scale to zero).
+The concurrency limit is a gate around handler calls: at most ``limit`` handlers run
+at once. ``in_flight`` counts deliveries from fetch until settled; ``settling`` those
+among them whose handler is done and that wait for their commit and ack. The loop
+fetches ahead (up to ``PREFETCH`` times the limit not yet handled, and
+``SETTLE_BUFFER`` times the limit in all), so the next batch is claimed while this one
+runs, and committed while the next one runs: the broker round trips and fsyncs overlap
+with work. Concurrency is a live number (``set_concurrency``); a function with no work
+holds no tasks (scale to zero).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -57,7 +59,48 @@ LEASE_EXTEND_AFTER = 10.0
 """Seconds a handler may run before the runner starts extending its lease."""
 
 SETTLE_BUFFER = 4
-"""How many times the concurrency limit may wait for commit and ack at once."""
+"""How many times the concurrency limit may be fetched and not yet settled."""
+
+PREFETCH = 2
+"""How many times the concurrency limit may be fetched and not yet handled."""
+
+
+class _Gate:
+    """A semaphore whose size can change while it is in use (the concurrency limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.active -= 1  # granted, then cancelled: give the place on
+                self._wake()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.active -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.active < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
 
 
 @dataclass
@@ -104,6 +147,7 @@ class FunctionRunner:
         self.runtime = runtime
         self.function = function
         self.limit = function.concurrency
+        self._gate = _Gate(self.limit)
         self.in_flight = 0
         self.settling = 0
         self.stats = FunctionStats()
@@ -122,6 +166,7 @@ class FunctionRunner:
     def set_concurrency(self, limit: int) -> None:
         """Change how many events this function handles at once, while it runs."""
         self.limit = max(0, limit)
+        self._gate.resize(self.limit)
         self._slot.set()
 
     async def run(self) -> None:
@@ -129,7 +174,7 @@ class FunctionRunner:
         try:
             while not self._stopping.is_set():
                 free = min(
-                    self.limit - (self.in_flight - self.settling),
+                    self.limit * PREFETCH - (self.in_flight - self.settling),
                     self.limit * SETTLE_BUFFER - self.in_flight,
                 )
                 if free <= 0:
@@ -281,11 +326,12 @@ class FunctionRunner:
             started = time.monotonic()
             self._started[delivery] = started
             try:
-                if fn.timeout is None:
-                    await fn.handler(payload, ctx)
-                else:
-                    async with asyncio.timeout(fn.timeout):
+                async with self._gate:
+                    if fn.timeout is None:
                         await fn.handler(payload, ctx)
+                    else:
+                        async with asyncio.timeout(fn.timeout):
+                            await fn.handler(payload, ctx)
             except asyncio.CancelledError:
                 await unit.rollback()
                 await self._release(delivery, 0.0)
