@@ -159,6 +159,8 @@ class FunctionRunner:
         self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._idle_since = time.monotonic()
         self._done: list[_Done] = []
+        self._ready: collections.deque[tuple[Delivery, Event, Any]] = collections.deque()
+        self._workers = 0
         self._finisher: asyncio.Task[None] | None = None
 
     # -- the loop --------------------------------------------------------------------
@@ -225,6 +227,9 @@ class FunctionRunner:
         self._stopping.set()
         self._slot.set()
         await self._consumer.close()
+        while self._ready:  # fetched but not started: straight back to the broker
+            delivery, _, _ = self._ready.popleft()
+            await self._release(delivery, 0.0)
         pending = set(self._tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
@@ -285,10 +290,33 @@ class FunctionRunner:
             if event.id in seen:
                 stats.duplicates += 1
                 self._finish(_Done(delivery, event.id, [], committed=True, duplicate=True))
-            elif fn.key is None:
-                self._spawn(self._attempt(delivery, event, payload, delivery.attempt, hold=False))
             else:
-                self._spawn(self._keyed(delivery, event, payload))
+                self._ready.append((delivery, event, payload))
+                if self._workers < self.limit and self._workers < len(self._ready):
+                    self._workers += 1
+                    self._spawn(self._work())
+
+    async def _work(self) -> None:
+        """A worker: handles queued deliveries one after another while there are any.
+
+        Workers outlive a batch while work keeps coming (no task per event), at most
+        ``limit`` of them; with nothing queued they end, so an idle function holds none.
+        """
+        keyed = self.function.key is not None
+        ready = self._ready
+        done = 0
+        try:
+            while ready and self._workers <= self.limit:
+                delivery, event, payload = ready.popleft()
+                if keyed:
+                    await self._keyed(delivery, event, payload)
+                else:
+                    await self._attempt(delivery, event, payload, delivery.attempt, hold=False)
+                done += 1
+                if done % 64 == 0:
+                    await asyncio.sleep(0)  # handlers that never wait must not starve the loop
+        finally:
+            self._workers -= 1
 
     async def _keyed(self, delivery: Delivery, event: Event, payload: Any) -> None:
         assert self.function.key is not None
