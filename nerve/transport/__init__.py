@@ -8,6 +8,7 @@ the extra to install (``pip install 'nerve[nats]'``), never as an ImportError.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from urllib.parse import urlsplit
 
 from nerve.errors import ConfigError
@@ -45,6 +46,16 @@ DEFAULT_BROKER = "sqlite:///.nerve/nerve.db"
 ADAPTERS: dict[str, tuple[str, str, str | None]] = {
     "memory": ("nerve.transport.memory", "MemoryTransport", None),
     "sqlite": ("nerve.transport.sqlite", "SqliteTransport", None),
+    "nats": ("nerve.transport.nats", "NatsTransport", "nats"),
+    "amqp": ("nerve.transport.rabbitmq", "RabbitMQTransport", "rabbitmq"),
+    "redis": ("nerve.transport.redis", "RedisTransport", "redis"),
+    "postgresql": ("nerve.transport.postgres", "PostgresTransport", "postgres"),
+}
+#: adapters whose module is not in this installation yet (being built) are left out
+ADAPTERS = {
+    scheme: entry
+    for scheme, entry in ADAPTERS.items()
+    if importlib.util.find_spec(entry[0]) is not None
 }
 
 

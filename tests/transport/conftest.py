@@ -21,6 +21,9 @@ Fixtures:
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,10 +60,37 @@ class AdapterSpec:
         return base + joiner + urlencode(options)
 
 
-ADAPTERS: list[AdapterSpec] = [
-    AdapterSpec("memory", lambda d: "memory://", restartable=False, shared_instance=True),
-    AdapterSpec("sqlite", lambda d: f"sqlite:///{d / 'broker.db'}", restartable=True),
-]
+def require_server(name: str, host: str, port: int) -> None:
+    """Skip when a real server is not listening (a laptop without it), but FAIL under
+    ``CI``, where every server must be there. Call it from an adapter's ``make_url``."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return
+    except OSError as exc:
+        message = (
+            f"{name} is not reachable on {host}:{port} ({exc}); start it with "
+            "'bash scripts/services'"
+        )
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _discover() -> list[AdapterSpec]:
+    """The built-in adapters, then one ``SPEC`` from each ``adapter_<broker>.py`` beside
+    this file (a new broker = its transport module plus one such file)."""
+    specs = [
+        AdapterSpec("memory", lambda d: "memory://", restartable=False, shared_instance=True),
+        AdapterSpec("sqlite", lambda d: f"sqlite:///{d / 'broker.db'}", restartable=True),
+    ]
+    for path in sorted(Path(__file__).parent.glob("adapter_*.py")):
+        package = __name__.rpartition(".")[0]  # however pytest named this package
+        module = importlib.import_module(f"{package}.{path.stem}" if package else path.stem)
+        specs.append(module.SPEC)
+    return specs
+
+
+ADAPTERS: list[AdapterSpec] = _discover()
 
 # adapters the session actually ran, for the features table printed at the end
 _USED: dict[str, AdapterSpec] = {}
