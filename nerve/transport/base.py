@@ -66,6 +66,12 @@ class Features:
     """Dead letters can be listed, replayed and purged (:class:`DeadLetterQueue`)."""
     max_payload: int
     """Largest encoded event the transport accepts, in bytes."""
+    lease_expiry: bool = True
+    """A delivery left unsettled by a consumer that is still alive is handed out again
+    after the visibility timeout (not only when the consumer's connection dies)."""
+    fenced_settlement: bool = True
+    """Settling a delivery whose lease was taken over raises LeaseLost and changes
+    nothing (otherwise a stale ack may ack the new owner's delivery)."""
 
 
 @dataclass(frozen=True, slots=True)
