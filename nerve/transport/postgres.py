@@ -1,0 +1,963 @@
+"""``postgresql://user@host:5432/db?schema=nerve``: PostgreSQL as the broker.
+
+Design (the sqlite adapter's, on a server): publishing appends to ``log`` and fans out
+one ``deliveries`` row per matching group, in one autocommitted statement, so
+``publish`` returns after COMMIT. A consumer claims rows with one ``UPDATE ...
+RETURNING`` over ``SELECT ... FOR UPDATE SKIP LOCKED``, setting a lease and a fresh
+random fencing token; settlements delete or update a row only while the token still
+matches. In an ordered group, a row whose key has an earlier row in the group (in
+flight, or waiting for a retry) is not claimed. ``NOTIFY`` on one channel per schema
+wakes consumers in every process on publish; a short poll covers delayed rows and
+expired leases. All times are the database server's clock.
+
+URL options: ``?schema=nerve&visibility_timeout=30&max_payload=1048576
+&poll_interval=0.2&pool_size=10&log_retention=86400`` and the connection options
+``sslmode`` and ``application_name`` (see docs/brokers/postgres.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import time
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit, urlunsplit
+
+import asyncpg  # type: ignore[import-untyped]
+import orjson
+
+from nerve import event as codec
+from nerve._batch import Coalescer
+from nerve.app import Subscription
+from nerve.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    LeaseLost,
+    NerveError,
+    PayloadTooLarge,
+    TransportError,
+)
+from nerve.event import Event
+from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
+
+__all__ = ["PostgresConfig", "PostgresConsumer", "PostgresDelivery", "PostgresTransport"]
+
+_NOW = "extract(epoch FROM clock_timestamp())::float8"
+_MAX_BIGINT = (1 << 63) - 1
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+_OPTIONS = (
+    "schema",
+    "visibility_timeout",
+    "max_payload",
+    "poll_interval",
+    "pool_size",
+    "log_retention",
+)
+_CONNECTION_OPTIONS = ("sslmode", "application_name")
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresConfig:
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    """The connection URL without nerve's options (may hold a password)."""
+    host: str = "127.0.0.1"
+    port: int = 5432
+    schema: str = "nerve"
+    visibility_timeout: float = 30.0
+    max_payload: int = 1024 * 1024
+    poll_interval: float = 0.2
+    pool_size: int = 10
+    log_retention: float = 86400.0
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresConfig:
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"not a postgresql URL: {_redact(url)!r}")
+        shown = _redact(url)
+        options = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        unknown = set(options) - set(_OPTIONS) - set(_CONNECTION_OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"{shown!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(_OPTIONS + _CONNECTION_OPTIONS))}"
+            )
+        schema = options.get("schema", "nerve")
+        if not _SCHEMA_NAME.fullmatch(schema):
+            raise ConfigError(
+                f"{shown!r}: schema must be a lower-case SQL name of at most 48 characters "
+                f"(letters, digits, _), not {schema!r}"
+            )
+        values: dict[str, Any] = {}
+        for name, kind, default in (
+            ("visibility_timeout", float, 30.0),
+            ("max_payload", int, 1024 * 1024),
+            ("poll_interval", float, 0.2),
+            ("pool_size", int, 10),
+            ("log_retention", float, 86400.0),
+        ):
+            try:
+                value = kind(options.get(name, default))
+            except ValueError:
+                raise ConfigError(
+                    f"{shown!r}: option {name} must be a number, not {options[name]!r}"
+                ) from None
+            if not value > 0:
+                raise ConfigError(f"{shown!r}: option {name} must be positive, not {value}")
+            values[name] = value
+        passthrough = {k: v for k, v in options.items() if k in _CONNECTION_OPTIONS}
+        dsn = urlunsplit(
+            ("postgresql", parts.netloc, parts.path, urlencode(passthrough), parts.fragment)
+        )
+        try:
+            port = parts.port or 5432
+        except ValueError:
+            raise ConfigError(f"{shown!r}: the port must be a number") from None
+        return cls(
+            dsn=dsn,
+            host=parts.hostname or "localhost",
+            port=port,
+            schema=schema,
+            **values,
+        )
+
+
+def _redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = quote(unquote(parts.username or ""), safe="")
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(
+        (parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment)
+    )
+
+
+def _token() -> int:
+    return random.getrandbits(62) + 1
+
+
+def _schema_sql(s: str) -> str:
+    return f"""
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.log (
+    seq bigserial PRIMARY KEY,
+    event_id text NOT NULL,
+    type text NOT NULL,
+    published_at float8 NOT NULL,
+    body bytea NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.groups (
+    name text PRIMARY KEY,
+    spec text NOT NULL,
+    declared_at float8 NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.deliveries (
+    grp text NOT NULL,
+    seq bigint NOT NULL,
+    key text,
+    available_at float8 NOT NULL,
+    lease_until float8 NOT NULL DEFAULT 0,
+    token bigint NOT NULL DEFAULT 0,
+    attempt integer NOT NULL DEFAULT 0,
+    first_at float8,
+    PRIMARY KEY (grp, seq)
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_key ON {s}.deliveries (grp, key, seq)
+    WHERE key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {s}.dead_letters (
+    id bigserial PRIMARY KEY,
+    grp text NOT NULL,
+    event_id text,
+    body bytea NOT NULL,
+    failure text NOT NULL,
+    dead_at float8 NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_group ON {s}.dead_letters (grp, id);
+CREATE TABLE IF NOT EXISTS {s}.counters (
+    grp text PRIMARY KEY,
+    processed bigint NOT NULL DEFAULT 0,
+    retried bigint NOT NULL DEFAULT 0,
+    dead_lettered bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS {s}.meta (k text PRIMARY KEY, v bigint NOT NULL);
+INSERT INTO {s}.meta (k, v) VALUES ('groups_version', 0) ON CONFLICT DO NOTHING;
+"""
+
+
+class _Sql:
+    """Every statement, with the schema filled in (a validated SQL name)."""
+
+    def __init__(self, s: str) -> None:
+        self.create = _schema_sql(s)
+        self.routes = (
+            f"SELECT v, CASE WHEN v <> $1 THEN "
+            f"(SELECT array_agg(spec ORDER BY name) FROM {s}.groups) END "
+            f"FROM {s}.meta WHERE k = 'groups_version'"
+        )
+        # $1 count, $2 event ids, $3 types, $4 bodies, $5 target index (1-based),
+        # $6 target groups, $7 target keys, $8 channel, $9 notify payload
+        self.publish = f"""
+WITH now AS (SELECT {_NOW} AS t),
+numbered AS MATERIALIZED (
+    SELECT n, nextval(pg_get_serial_sequence('{s}.log', 'seq')) AS seq
+    FROM generate_series(1, $1::int) AS n),
+input AS (SELECT * FROM unnest($2::text[], $3::text[], $4::bytea[])
+          WITH ORDINALITY AS i(event_id, type, body, n)),
+logged AS (
+    INSERT INTO {s}.log (seq, event_id, type, published_at, body)
+    SELECT nb.seq, i.event_id, i.type, now.t, i.body
+    FROM input i JOIN numbered nb USING (n), now),
+fanned AS (
+    INSERT INTO {s}.deliveries (grp, seq, key, available_at)
+    SELECT t.grp, nb.seq, t.key, now.t
+    FROM unnest($5::int[], $6::text[], $7::text[]) AS t(n, grp, key)
+    JOIN numbered nb USING (n), now)
+SELECT CASE WHEN $9::text = '' THEN NULL ELSE pg_notify($8, $9) END
+"""
+        self.claim = f"""
+WITH now AS (SELECT {_NOW} AS t),
+picked AS (
+    SELECT d.seq FROM {s}.deliveries d, now
+    WHERE d.grp = $1 AND d.available_at <= now.t AND d.lease_until <= now.t
+      AND (d.key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM {s}.deliveries e
+          WHERE e.grp = d.grp AND e.key = d.key AND e.seq < d.seq))
+    ORDER BY d.seq LIMIT $2
+    FOR UPDATE OF d SKIP LOCKED),
+claimed AS (
+    UPDATE {s}.deliveries d
+    SET lease_until = now.t + $3, token = $4, attempt = d.attempt + 1,
+        first_at = coalesce(d.first_at, now.t)
+    FROM picked, now
+    WHERE d.grp = $1 AND d.seq = picked.seq
+    RETURNING d.seq, d.key, d.attempt, d.first_at)
+SELECT c.seq, c.key, c.attempt, c.first_at, l.body
+FROM claimed c JOIN {s}.log l ON l.seq = c.seq
+ORDER BY c.seq
+"""
+        # settlements: $1 groups, $2 seqs, $3 tokens (+ per-row amounts)
+        self.ack = f"""
+DELETE FROM {s}.deliveries d
+USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(grp, seq, token)
+WHERE d.grp = u.grp AND d.seq = u.seq AND d.token = u.token
+RETURNING d.grp, d.seq
+"""
+        self.nack = f"""
+UPDATE {s}.deliveries d SET available_at = {_NOW} + u.delay, lease_until = 0
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::float8[]) AS u(grp, seq, token, delay)
+WHERE d.grp = u.grp AND d.seq = u.seq AND d.token = u.token
+RETURNING d.grp, d.seq
+"""
+        self.extend = f"""
+UPDATE {s}.deliveries d SET lease_until = {_NOW} + u.seconds
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::float8[]) AS u(grp, seq, token, seconds)
+WHERE d.grp = u.grp AND d.seq = u.seq AND d.token = u.token
+RETURNING d.grp, d.seq
+"""
+        self.dead = f"""
+WITH gone AS (
+    DELETE FROM {s}.deliveries d
+    USING unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[])
+          WITH ORDINALITY AS u(grp, seq, token, failure, n)
+    WHERE d.grp = u.grp AND d.seq = u.seq AND d.token = u.token
+    RETURNING d.grp, d.seq, u.failure, u.n),
+kept AS (
+    INSERT INTO {s}.dead_letters (grp, event_id, body, failure, dead_at)
+    SELECT g.grp, nullif(l.event_id, ''), l.body, g.failure, {_NOW}
+    FROM gone g JOIN {s}.log l ON l.seq = g.seq
+    ORDER BY g.n)
+SELECT grp, seq FROM gone
+"""
+        self.lock_counters = (
+            f"SELECT grp FROM {s}.counters WHERE grp = ANY($1::text[]) ORDER BY grp FOR UPDATE"
+        )
+        self.count = f"""
+UPDATE {s}.counters c
+SET processed = c.processed + u.processed, retried = c.retried + u.retried,
+    dead_lettered = c.dead_lettered + u.dead_lettered
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+     AS u(grp, processed, retried, dead_lettered)
+WHERE c.grp = u.grp
+"""
+        self.declare = f"""
+INSERT INTO {s}.groups (name, spec, declared_at)
+SELECT name, spec, {_NOW} FROM unnest($1::text[], $2::text[]) AS u(name, spec)
+ON CONFLICT (name) DO UPDATE SET spec = excluded.spec
+WHERE {s}.groups.spec IS DISTINCT FROM excluded.spec
+RETURNING name
+"""
+        self.declare_counters = (
+            f"INSERT INTO {s}.counters (grp) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING"
+        )
+        self.bump = f"UPDATE {s}.meta SET v = v + 1 WHERE k = 'groups_version'"
+        self.group_exists = f"SELECT 1 FROM {s}.groups WHERE name = $1"
+        self.group_specs = f"SELECT name, spec FROM {s}.groups"
+        self.dead_rows = f"SELECT id, grp, body, failure FROM {s}.dead_letters"
+        self.dead_entry = f"SELECT id, grp, body, failure FROM {s}.dead_letters WHERE id = $1"
+        self.dead_for_replay = f"SELECT id, grp, event_id, body FROM {s}.dead_letters"
+        self.dead_delete = f"DELETE FROM {s}.dead_letters"
+        self.stats_live = f"""
+WITH now AS (SELECT {_NOW} AS t)
+SELECT grp,
+       count(*) FILTER (WHERE available_at <= now.t AND lease_until <= now.t),
+       count(*) FILTER (WHERE available_at > now.t AND lease_until <= now.t),
+       count(*) FILTER (WHERE lease_until > now.t)
+FROM {s}.deliveries, now GROUP BY grp
+"""
+        self.stats_dead = f"SELECT grp, count(*) FROM {s}.dead_letters GROUP BY grp"
+        self.stats_counters = (
+            f"SELECT grp, processed, retried, dead_lettered FROM {s}.counters ORDER BY grp"
+        )
+        self.log_head = f"SELECT coalesce(max(seq), 0) FROM {s}.log"
+        self.log_read = f"SELECT seq, body FROM {s}.log WHERE seq > $1 ORDER BY seq LIMIT $2"
+        self.prune = f"""
+DELETE FROM {s}.log
+WHERE published_at < {_NOW} - $1
+  AND seq < coalesce((SELECT min(seq) FROM {s}.deliveries), {_MAX_BIGINT})
+"""
+
+
+class _Router:
+    """Which groups an event goes to; reloaded when the groups' version changes."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.groups: dict[str, Subscription] = {}
+        self._by_type: dict[str, list[Subscription]] = {}
+
+    def load(self, version: int, specs: Sequence[str] | None) -> None:
+        if version == self.version or specs is None:
+            return
+        groups = [Subscription.from_json(orjson.loads(spec)) for spec in specs]
+        self.groups = {g.group: g for g in groups}
+        self._by_type = {}
+        self.version = version
+
+    def targets(self, event: Event) -> list[Subscription]:
+        candidates = self._by_type.get(event.type)
+        if candidates is None:
+            candidates = [
+                g for g in self.groups.values() if Subscription(g.group, g.patterns).matches(event)
+            ]
+            self._by_type[event.type] = candidates
+        return [g for g in candidates if not g.filters or g.matches(event)]
+
+
+_Settlement = tuple["PostgresDelivery", str, float, Failure | None]
+
+
+class PostgresDelivery:
+    __slots__ = (
+        "_consumer",
+        "_event",
+        "attempt",
+        "first_at",
+        "group",
+        "key",
+        "raw",
+        "received_at",
+        "seq",
+        "token",
+    )
+
+    def __init__(
+        self,
+        consumer: PostgresConsumer,
+        seq: int,
+        token: int,
+        raw: bytes,
+        attempt: int,
+        first_at: float,
+        key: str | None,
+        received_at: float,
+    ) -> None:
+        self._consumer = consumer
+        self._event: Event | None = None
+        self.group = consumer.group
+        self.seq = seq
+        self.token = token
+        self.raw = raw
+        self.attempt = attempt
+        self.first_at = first_at
+        self.key = key
+        self.received_at = received_at
+
+    @property
+    def event(self) -> Event:
+        if self._event is None:
+            self._event = codec.decode(self.raw)
+        return self._event
+
+    async def ack(self) -> None:
+        await self._consumer.transport._settle(self, "ack", 0.0, None)
+
+    async def nack(self, delay: float = 0.0) -> None:
+        await self._consumer.transport._settle(self, "nack", max(delay, 0.0), None)
+
+    async def dead_letter(self, failure: Failure) -> None:
+        await self._consumer.transport._settle(self, "dead", 0.0, failure)
+
+    async def extend(self, seconds: float) -> None:
+        await self._consumer.transport._settle(self, "extend", max(seconds, 0.0), None)
+
+    def __repr__(self) -> str:
+        return f"<PostgresDelivery {self.group}#{self.seq} attempt={self.attempt}>"
+
+
+class PostgresConsumer:
+    def __init__(self, transport: PostgresTransport, subscription: Subscription) -> None:
+        self.transport = transport
+        self.subscription = subscription
+        self.group = subscription.group
+        self.wake = asyncio.Event()
+        self._closed = False
+        self._declared = False
+
+    async def fetch(self, limit: int, timeout: float) -> Sequence[PostgresDelivery]:
+        transport = self.transport
+        if not self._declared:
+            await transport._require_group(self.group)
+            self._declared = True
+        deadline = time.monotonic() + timeout
+        while not self._closed:
+            self.wake.clear()
+            token, rows = await transport._claim(self.group, limit)
+            if rows:
+                now = time.time()
+                return [
+                    PostgresDelivery(self, seq, token, bytes(body), attempt, first_at, key, now)
+                    for seq, key, attempt, first_at, body in rows
+                ]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.wake.wait(), min(remaining, transport.config.poll_interval)
+                )
+        return []
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        batch: list[_Settlement] = []
+        for delivery in deliveries:
+            assert isinstance(delivery, PostgresDelivery)
+            batch.append((delivery, "ack", 0.0, None))
+        if not batch:
+            return []
+        results = await self.transport._settle_batch(batch)
+        return [d for d, r in zip(deliveries, results, strict=True) if r is not None]
+
+    async def close(self) -> None:
+        self._closed = True
+        self.wake.set()
+        self.transport._consumers.discard(self)
+
+
+class PostgresTransport:
+    """A PostgreSQL database (one schema) as a durable, shared broker."""
+
+    def __init__(self, config: PostgresConfig | str | None = None) -> None:
+        if isinstance(config, str):
+            url = config
+            config = PostgresConfig.from_url(config)
+        else:
+            config = config or PostgresConfig()
+            url = config.dsn
+        self.config = config
+        self.url = url
+        self.features = Features(
+            durable=True,
+            shared_across_processes=True,
+            key_ordering=True,
+            dead_letter_queue=True,
+            max_payload=config.max_payload,
+        )
+        self._sql = _Sql(config.schema)
+        self._channel = f"{config.schema}_nerve_wake"
+        self._pool: Any = None
+        self._listener: Any = None
+        self._router = _Router()
+        self._consumers: set[PostgresConsumer] = set()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
+
+    def __repr__(self) -> str:
+        return f"PostgresTransport({_redact(self.url)!r})"
+
+    # -- errors ----------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"PostgreSQL at {self.config.host}:{self.config.port}"
+
+    def _translate(self, exc: BaseException, doing: str) -> NerveError:
+        where = self._where()
+        if isinstance(
+            exc,
+            OSError
+            | TimeoutError
+            | asyncpg.exceptions.ConnectionDoesNotExistError
+            | asyncpg.exceptions.CannotConnectNowError
+            | asyncpg.exceptions.ConnectionFailureError
+            | asyncpg.exceptions.InvalidAuthorizationSpecificationError
+            | asyncpg.exceptions.InvalidCatalogNameError
+            | asyncpg.exceptions.InterfaceError,
+        ):
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return BrokerUnavailable(
+                f"cannot {doing}: {where} is unreachable or refused the connection "
+                f"({detail}); check that the server runs, the host, port, user and "
+                "database in the broker URL, and pg_hba.conf"
+            )
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return TransportError(f"{where} failed to {doing}: {type(exc).__name__}: {detail}")
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, doing: str) -> AsyncIterator[Any]:
+        """A pooled connection; driver and OS errors become nerve errors."""
+        if self._pool is None:
+            raise TransportError(f"cannot {doing}: the transport is not started (or closed)")
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except NerveError:
+            raise
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            raise self._translate(exc, doing) from exc
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        config = self.config
+        try:
+            self._pool = await asyncpg.create_pool(
+                config.dsn, min_size=1, max_size=config.pool_size, timeout=10
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            raise self._translate(exc, "connect") from None
+        try:
+            async with self._connection("create the broker tables") as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    zlib.crc32(f"nerve:{config.schema}".encode()),
+                )
+                await conn.execute(self._sql.create)
+            await self._listen()
+        except BaseException:
+            await self._pool.close()
+            self._pool = None
+            raise
+        self._maintenance = asyncio.create_task(self._maintain())
+
+    async def _listen(self) -> None:
+        """A connection outside the pool, LISTENing for publishes (best effort: the
+        poll fallback covers the time it is down)."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        try:
+            conn = await asyncpg.connect(self.config.dsn, timeout=10)
+            await conn.add_listener(self._channel, self._notified)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            raise self._translate(exc, "listen for publishes") from None
+        self._listener = conn
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self._wake_groups(None if payload == "*" else set(payload.split("\n")))
+
+    async def _maintain(self) -> None:
+        """Re-listen after a lost connection; prune the log every 30 s."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(2.0)
+            ticks += 1
+            with contextlib.suppress(NerveError):
+                await self._listen()
+            if ticks % 15 == 0:
+                with contextlib.suppress(NerveError):
+                    await self.prune_log()
+
+    async def prune_log(self, older_than: float | None = None) -> int:
+        """Delete logged events older than ``older_than`` seconds (default: the
+        configured retention) that no pending delivery refers to."""
+        age = self.config.log_retention if older_than is None else older_than
+        async with self._connection("prune the log") as conn:
+            status: str = await conn.execute(self._sql.prune, age)
+        return int(status.split()[-1])
+
+    async def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        for consumer in list(self._consumers):
+            await consumer.close()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        with contextlib.suppress(Exception):
+            await self._settler.drain()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.close(), 5)
+            if not listener.is_closed():
+                listener.terminate()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (Exception, TimeoutError):
+                pool.terminate()
+
+    def _wake_groups(self, groups: set[str] | None) -> None:
+        for consumer in self._consumers:
+            if groups is None or consumer.group in groups:
+                consumer.wake.set()
+
+    def _wake_later(self, group: str, delay: float) -> None:
+        if self._loop is None:
+            return
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self._wake_groups({group})
+
+        handle = self._loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    # -- declaring and publishing ----------------------------------------------------
+
+    async def declare(self, subscriptions: Sequence[Subscription]) -> None:
+        if not subscriptions:
+            return
+        names = [s.group for s in subscriptions]
+        specs = [orjson.dumps(s.to_json()).decode() for s in subscriptions]
+        async with self._connection("declare groups") as conn, conn.transaction():
+            changed = await conn.fetch(self._sql.declare, names, specs)
+            await conn.execute(self._sql.declare_counters, names)
+            if changed:
+                await conn.execute(self._sql.bump)
+
+    def _encode(self, events: Sequence[Event]) -> list[tuple[Event, bytes]]:
+        limit = self.config.max_payload
+        encoded = []
+        for event in events:
+            body = codec.encode(event)
+            if len(body) > limit:
+                raise PayloadTooLarge(len(body), limit, event.id)
+            encoded.append((event, body))
+        return encoded
+
+    async def publish(self, events: Sequence[Event], *, to_group: str | None = None) -> None:
+        if not events:
+            return
+        encoded = self._encode(events)
+        router = self._router
+        async with self._connection("publish") as conn:
+            version, specs = await conn.fetchrow(self._sql.routes, router.version)
+            router.load(int(version), specs)
+            t_index: list[int] = []
+            t_group: list[str] = []
+            t_key: list[str | None] = []
+            for n, (event, _) in enumerate(encoded, start=1):
+                if to_group is not None:
+                    sub = router.groups.get(to_group)
+                    if sub is None:
+                        raise TransportError(f"no consumer group named {to_group!r} is declared")
+                    targets = [sub]
+                else:
+                    targets = router.targets(event)
+                for sub in targets:
+                    t_index.append(n)
+                    t_group.append(sub.group)
+                    t_key.append(event.partitionkey if sub.ordered else None)
+            touched = set(t_group)
+            await self._insert(
+                conn,
+                [(e.id, e.type, body) for e, body in encoded],
+                t_index,
+                t_group,
+                t_key,
+                touched,
+            )
+        self._wake_groups(touched)
+
+    async def _insert(
+        self,
+        conn: Any,
+        events: list[tuple[str, str, bytes]],
+        t_index: list[int],
+        t_group: list[str],
+        t_key: list[str | None],
+        touched: set[str],
+    ) -> None:
+        """Append ``events`` to the log and fan them out, in one statement (and so one
+        transaction), notifying the touched groups' consumers in every process."""
+        payload = "\n".join(sorted(touched))
+        if len(payload.encode()) > 7000:
+            payload = "*"
+        await conn.execute(
+            self._sql.publish,
+            len(events),
+            [e[0] for e in events],
+            [e[1] for e in events],
+            [e[2] for e in events],
+            t_index,
+            t_group,
+            t_key,
+            self._channel,
+            payload,
+        )
+
+    # -- consuming -------------------------------------------------------------------
+
+    def consumer(self, subscription: Subscription) -> PostgresConsumer:
+        consumer = PostgresConsumer(self, subscription)
+        self._consumers.add(consumer)
+        return consumer
+
+    async def _require_group(self, group: str) -> None:
+        async with self._connection("look up a group") as conn:
+            row = await conn.fetchval(self._sql.group_exists, group)
+        if row is None:
+            raise TransportError(f"declare group {group!r} before consuming it")
+
+    async def _claim(self, group: str, limit: int) -> tuple[int, list[Any]]:
+        token = _token()
+        async with self._connection("claim deliveries") as conn:
+            rows = await conn.fetch(
+                self._sql.claim, group, limit, self.config.visibility_timeout, token
+            )
+        return token, list(rows)
+
+    async def _settle(
+        self, delivery: PostgresDelivery, action: str, amount: float, failure: Failure | None
+    ) -> None:
+        await self._settler.submit((delivery, action, amount, failure))
+
+    async def _settle_batch(self, batch: list[_Settlement]) -> list[BaseException | None]:
+        by_action: dict[str, list[_Settlement]] = {}
+        for item in batch:
+            by_action.setdefault(item[1], []).append(item)
+        done: set[tuple[str, str, int]] = set()
+        for attempt in range(5):
+            try:
+                done = await self._settle_rows(by_action)
+                break
+            except TransportError as exc:
+                cause = exc.__cause__
+                retry = isinstance(
+                    cause,
+                    asyncpg.exceptions.DeadlockDetectedError
+                    | asyncpg.exceptions.SerializationError,
+                )
+                if not retry or attempt == 4:
+                    raise
+        results: list[BaseException | None] = []
+        wake: set[str] = set()
+        for delivery, action, amount, _ in batch:
+            if (action, delivery.group, delivery.seq) not in done:
+                results.append(
+                    LeaseLost(
+                        f"{delivery!r}: the lease expired and another consumer took "
+                        f"the event over; this {action} was refused"
+                    )
+                )
+                continue
+            results.append(None)
+            if action == "nack":
+                if amount > 0:
+                    self._wake_later(delivery.group, amount)
+                else:
+                    wake.add(delivery.group)
+            elif delivery.key is not None and action != "extend":
+                wake.add(delivery.group)  # the next event of this key may go now
+        if wake:
+            self._wake_groups(wake)
+        return results
+
+    async def _settle_rows(
+        self, by_action: dict[str, list[_Settlement]]
+    ) -> set[tuple[str, str, int]]:
+        """Apply the settlements in one transaction; returns (action, group, seq) of
+        those whose token still matched."""
+        sql = self._sql
+        done: set[tuple[str, str, int]] = set()
+        counts: dict[str, list[int]] = {}
+        column = {"ack": 0, "nack": 1, "dead": 2}
+        async with self._connection("settle deliveries") as conn, conn.transaction():
+            for action, items in by_action.items():
+                groups = [d.group for d, _, _, _ in items]
+                seqs = [d.seq for d, _, _, _ in items]
+                tokens = [d.token for d, _, _, _ in items]
+                if action == "ack":
+                    rows = await conn.fetch(sql.ack, groups, seqs, tokens)
+                elif action == "nack":
+                    rows = await conn.fetch(
+                        sql.nack, groups, seqs, tokens, [a for *_, a, _ in items]
+                    )
+                elif action == "extend":
+                    rows = await conn.fetch(
+                        sql.extend, groups, seqs, tokens, [a for *_, a, _ in items]
+                    )
+                else:
+                    failures = [
+                        orjson.dumps(f.to_json()).decode() if f else "{}" for *_, f in items
+                    ]
+                    rows = await conn.fetch(sql.dead, groups, seqs, tokens, failures)
+                for grp, seq in rows:
+                    done.add((action, grp, seq))
+                    if action in column:
+                        counts.setdefault(grp, [0, 0, 0])[column[action]] += 1
+            if counts:
+                names = sorted(counts)
+                await conn.execute(sql.lock_counters, names)
+                await conn.execute(
+                    sql.count,
+                    names,
+                    [counts[g][0] for g in names],
+                    [counts[g][1] for g in names],
+                    [counts[g][2] for g in names],
+                )
+        return done
+
+    # -- optional abilities: dead letters, stats, log ----------------------------------
+
+    async def dead_letters(
+        self, group: str | None = None, *, limit: int = 100
+    ) -> list[DeadLetterEntry]:
+        async with self._connection("list dead letters") as conn:
+            if group is None:
+                rows = await conn.fetch(self._sql.dead_rows + " ORDER BY id LIMIT $1", limit)
+            else:
+                rows = await conn.fetch(
+                    self._sql.dead_rows + " WHERE grp = $1 ORDER BY id LIMIT $2", group, limit
+                )
+        return [_entry(*row) for row in rows]
+
+    async def dead_letter_entry(self, entry_id: str) -> DeadLetterEntry | None:
+        if not entry_id.isdigit() or int(entry_id) > _MAX_BIGINT:
+            return None
+        async with self._connection("read a dead letter") as conn:
+            row = await conn.fetchrow(self._sql.dead_entry, int(entry_id))
+        return None if row is None else _entry(*row)
+
+    @staticmethod
+    def _select_dead(entry_ids: Sequence[str] | None, group: str | None) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if entry_ids is not None:
+            ids = [int(i) for i in entry_ids if str(i).isdigit() and int(i) <= _MAX_BIGINT]
+            params.append(ids)
+            clauses.append(f"id = ANY(${len(params)}::bigint[])")
+        if group is not None:
+            params.append(group)
+            clauses.append(f"grp = ${len(params)}")
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        return where, params
+
+    async def replay(
+        self, entry_ids: Sequence[str] | None = None, *, group: str | None = None
+    ) -> int:
+        where, params = self._select_dead(entry_ids, group)
+        sql = self._sql
+        async with self._connection("replay dead letters") as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"{sql.dead_for_replay}{where} ORDER BY id FOR UPDATE SKIP LOCKED", *params
+            )
+            declared = {
+                name: Subscription.from_json(orjson.loads(spec))
+                for name, spec in await conn.fetch(sql.group_specs)
+            }
+            events: list[tuple[str, str, bytes]] = []
+            t_group: list[str] = []
+            t_key: list[str | None] = []
+            replayed: list[int] = []
+            for rid, grp, event_id, body in rows:
+                sub = declared.get(grp)
+                if sub is None:
+                    continue  # the function is gone; keep its dead letter
+                try:
+                    decoded = codec.decode(bytes(body))
+                    key, type_name = decoded.partitionkey, decoded.type
+                except Exception:
+                    key, type_name = None, "(undecodable)"
+                events.append((event_id or "", type_name, bytes(body)))
+                t_group.append(grp)
+                t_key.append(key if sub.ordered else None)
+                replayed.append(rid)
+            if not replayed:
+                return 0
+            touched = set(t_group)
+            await self._insert(
+                conn, events, list(range(1, len(events) + 1)), t_group, t_key, touched
+            )
+            await conn.execute(f"{sql.dead_delete} WHERE id = ANY($1::bigint[])", replayed)
+        self._wake_groups(touched)
+        return len(replayed)
+
+    async def purge(
+        self, entry_ids: Sequence[str] | None = None, *, group: str | None = None
+    ) -> int:
+        where, params = self._select_dead(entry_ids, group)
+        async with self._connection("purge dead letters") as conn:
+            status: str = await conn.execute(f"{self._sql.dead_delete}{where}", *params)
+        return int(status.split()[-1])
+
+    async def stats(self) -> list[GroupStats]:
+        sql = self._sql
+        async with (
+            self._connection("read stats") as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            live = {grp: (r, d, f) for grp, r, d, f in await conn.fetch(sql.stats_live)}
+            dead = {grp: n for grp, n in await conn.fetch(sql.stats_dead)}
+            counters = await conn.fetch(sql.stats_counters)
+        out = []
+        for grp, processed, retried, dead_lettered in counters:
+            ready, delayed, in_flight = live.get(grp, (0, 0, 0))
+            out.append(
+                GroupStats(
+                    group=grp,
+                    ready=ready,
+                    delayed=delayed,
+                    in_flight=in_flight,
+                    dead_letters=dead.get(grp, 0),
+                    processed=processed,
+                    retried=retried,
+                    dead_lettered=dead_lettered,
+                )
+            )
+        return out
+
+    async def read_log(self, after: int | None, limit: int) -> list[tuple[int, bytes]]:
+        async with self._connection("read the log") as conn:
+            if after is None:
+                return [(int(await conn.fetchval(self._sql.log_head)), b"")]
+            rows = await conn.fetch(self._sql.log_read, after, limit)
+        return [(int(seq), bytes(body)) for seq, body in rows]
+
+
+def _entry(rid: int, group: str, body: bytes, failure_json: str) -> DeadLetterEntry:
+    doc = orjson.loads(failure_json)
+    try:
+        event: Event | None = codec.decode(bytes(body))
+    except Exception:
+        event = None
+    return DeadLetterEntry(
+        id=str(rid), group=group, raw=bytes(body), failure=Failure(**doc), event=event
+    )
