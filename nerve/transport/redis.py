@@ -1,0 +1,905 @@
+"""``redis://host:6379/0``: Redis as a broker, every state change one Lua script.
+
+Design (docs/brokers/redis.md): each consumer group has its own keys under
+``<prefix>:g:<len>:<group>``: ``:body`` and ``:meta`` hashes (entry id -> raw event,
+``attempt|token|first_ms|=key``), a ``:due`` sorted set (entries waiting to be handed
+out, scored by the server time in ms they become available), a ``:lease`` sorted set
+(entries handed out, scored by their lease deadline) and, for ordered groups, one
+``:kq:<key>`` list per partition key whose head is the only entry of that key in
+``:due`` or ``:lease``. Publishing fans out in one script that appends each event to
+every matching group (the routing is computed here from the ``<prefix>:groups``
+registry and the script refuses it if the registry changed meanwhile) and to the
+capped ``<prefix>:log`` stream. A claim moves entries to ``:lease`` with a fresh
+random token; ack, nack, extend and dead-letter succeed only while the token
+matches, so a consumer whose lease was taken over is fenced off. The scripts use
+the server's clock, so clients with skewed clocks agree on leases. A Pub/Sub channel
+``<prefix>:wake`` wakes waiting consumers in every process.
+
+URL options: ``?prefix=nerve&visibility_timeout=30&max_payload=1048576
+&poll_interval=1.0&log_max=10000``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from nerve import event as codec
+from nerve._batch import Coalescer
+from nerve.app import Subscription
+from nerve.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    LeaseLost,
+    PayloadTooLarge,
+    TransportError,
+)
+from nerve.event import Event
+from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
+
+_KNOWN = ("prefix", "visibility_timeout", "max_payload", "poll_interval", "log_max")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    connection_url: str = "redis://127.0.0.1:6379/0"
+    """The URL handed to redis-py (nerve's options removed)."""
+    host: str = "127.0.0.1"
+    port: int = 6379
+    prefix: str = "nerve"
+    visibility_timeout: float = 30.0
+    max_payload: int = 1024 * 1024
+    poll_interval: float = 1.0
+    """Longest a waiting fetch sleeps without a wake-up before it looks again."""
+    log_max: int = 10_000
+    """Approximate length of the ``<prefix>:log`` stream (0: no log)."""
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisConfig:
+        parts = urlsplit(url)
+        if parts.scheme != "redis":
+            raise ConfigError(f"not a redis URL: {_redact(url)!r}")
+        try:
+            host = parts.hostname or "127.0.0.1"
+            port = parts.port or 6379
+        except ValueError as exc:
+            raise ConfigError(f"{_redact(url)!r}: {exc}") from None
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ConfigError(
+                f"{_redact(url)!r}: the path is the database number, e.g. redis://host:6379/0"
+            )
+        options = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        unknown = set(options) - set(_KNOWN)
+        if unknown:
+            raise ConfigError(
+                f"{_redact(url)!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(_KNOWN)}"
+            )
+        try:
+            config = cls(
+                connection_url=urlunsplit(("redis", parts.netloc, f"/{db or 0}", "", "")),
+                host=host,
+                port=port,
+                prefix=options.get("prefix", "nerve"),
+                visibility_timeout=float(options.get("visibility_timeout", 30.0)),
+                max_payload=int(options.get("max_payload", 1024 * 1024)),
+                poll_interval=float(options.get("poll_interval", 1.0)),
+                log_max=int(options.get("log_max", 10_000)),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{_redact(url)!r}: {exc}") from None
+        if not config.prefix:
+            raise ConfigError(f"{_redact(url)!r}: prefix must not be empty")
+        if not config.visibility_timeout > 0 or not config.poll_interval > 0:
+            raise ConfigError(f"{_redact(url)!r}: visibility_timeout and poll_interval must be > 0")
+        if not 1024 <= config.max_payload <= 512 * 1024 * 1024:
+            raise ConfigError(f"{_redact(url)!r}: max_payload must be 1024 .. 536870912 bytes")
+        if config.log_max < 0:
+            raise ConfigError(f"{_redact(url)!r}: log_max must be >= 0")
+        return config
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _base(prefix: str, group: str) -> str:
+    """The key prefix of one group (its length makes group/suffix boundaries unambiguous)."""
+    return f"{prefix}:g:{len(group.encode())}:{group}"
+
+
+# -- Lua ---------------------------------------------------------------------------------
+
+_PRELUDE = """
+local P = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function gbase(g) return P .. ':g:' .. string.len(g) .. ':' .. g end
+local function parse(m)
+  return string.match(m, '^(%d+)|([^|]*)|([^|]*)|(.*)$')
+end
+local function enqueue(base, id, body, k, now)
+  redis.call('HSET', base .. ':body', id, body)
+  redis.call('HSET', base .. ':meta', id, '0|||' .. k)
+  if k ~= '' and redis.call('RPUSH', base .. ':kq:' .. string.sub(k, 2), id) > 1 then
+    return
+  end
+  redis.call('ZADD', base .. ':due', now, id)
+end
+local function append(body, logmax)
+  local seq = redis.call('INCR', P .. ':seq')
+  if logmax > 0 then
+    redis.call('XADD', P .. ':log', 'MAXLEN', '~', logmax, seq .. '-1', 'b', body)
+  end
+  return string.format('%016d', seq)
+end
+"""
+
+# ARGV: P, version, logmax, n, then per event: body, ntargets, (group, keyenc) * ntargets
+_PUBLISH = (
+    _PRELUDE
+    + """
+if (redis.call('GET', P .. ':groups:version') or '0') ~= ARGV[2] then return -1 end
+local now = now_ms()
+local logmax = tonumber(ARGV[3])
+local i = 5
+local touched = {}
+for e = 1, tonumber(ARGV[4]) do
+  local body, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  local id = append(body, logmax)
+  for t = 1, n do
+    local g = ARGV[i]
+    enqueue(gbase(g), id, body, ARGV[i + 1], now)
+    touched[g] = true
+    i = i + 2
+  end
+end
+for g, _ in pairs(touched) do redis.call('PUBLISH', P .. ':wake', '0 ' .. g) end
+return 1
+"""
+)
+
+# ARGV: P, group, limit, lease_ms, token -> {{id, body, attempt, first_ms}...}, wait_ms
+_CLAIM = (
+    _PRELUDE
+    + """
+local base = gbase(ARGV[2])
+local limit, lease, token = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local dz, lz, meta, bodies = base .. ':due', base .. ':lease', base .. ':meta', base .. ':body'
+local now = now_ms()
+local ids = redis.call('ZRANGEBYSCORE', lz, '-inf', now, 'LIMIT', 0, limit)
+if #ids < limit then
+  local more = redis.call('ZRANGEBYSCORE', dz, '-inf', now, 'LIMIT', 0, limit - #ids)
+  for _, id in ipairs(more) do ids[#ids + 1] = id end
+end
+local out = {}
+for _, id in ipairs(ids) do
+  local m = redis.call('HGET', meta, id)
+  local body = redis.call('HGET', bodies, id)
+  redis.call('ZREM', dz, id)
+  if m and body then
+    local a, _, first, k = parse(m)
+    a = tonumber(a) + 1
+    if first == '' then first = tostring(now) end
+    redis.call('HSET', meta, id, a .. '|' .. token .. '|' .. first .. '|' .. k)
+    redis.call('ZADD', lz, now + lease, id)
+    out[#out + 1] = {id, body, a, first}
+  else
+    redis.call('ZREM', lz, id)
+  end
+end
+local wait = -1
+if #out == 0 then
+  local d = redis.call('ZRANGE', dz, 0, 0, 'WITHSCORES')
+  local l = redis.call('ZRANGE', lz, 0, 0, 'WITHSCORES')
+  local nxt = nil
+  if d[2] then nxt = tonumber(d[2]) end
+  if l[2] and (nxt == nil or tonumber(l[2]) < nxt) then nxt = tonumber(l[2]) end
+  if nxt then wait = math.max(0, nxt - now) end
+end
+return {out, wait}
+"""
+)
+
+# ARGV: P, n, then per settlement: group, action, id, token, arg -> {1|0 ...}
+# arg: delay ms (nack), lease ms (extend), failure JSON (dead)
+_SETTLE = (
+    _PRELUDE
+    + """
+local now = now_ms()
+local res = {}
+local wake = {}
+local i = 3
+for s = 1, tonumber(ARGV[2]) do
+  local g, action, id, token, arg = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  i = i + 5
+  local base = gbase(g)
+  local meta, lz, dz = base .. ':meta', base .. ':lease', base .. ':due'
+  local ok = 0
+  local m = redis.call('HGET', meta, id)
+  if m then
+    local a, tok, first, k = parse(m)
+    if tok == token and token ~= '' and redis.call('ZSCORE', lz, id) then
+      ok = 1
+      if action == 'extend' then
+        redis.call('ZADD', lz, now + tonumber(arg), id)
+      elseif action == 'nack' then
+        redis.call('ZREM', lz, id)
+        redis.call('ZADD', dz, now + tonumber(arg), id)
+        redis.call('HSET', meta, id, a .. '||' .. first .. '|' .. k)
+        redis.call('HINCRBY', base .. ':cnt', 'retried', 1)
+        redis.call('PUBLISH', P .. ':wake', arg .. ' ' .. g)
+      else
+        local body = redis.call('HGET', base .. ':body', id)
+        redis.call('ZREM', lz, id)
+        redis.call('HDEL', meta, id)
+        redis.call('HDEL', base .. ':body', id)
+        if k ~= '' then
+          local kq = base .. ':kq:' .. string.sub(k, 2)
+          if redis.call('LINDEX', kq, 0) == id then
+            redis.call('LPOP', kq)
+          else
+            redis.call('LREM', kq, 1, id)
+          end
+          local nxt = redis.call('LINDEX', kq, 0)
+          if nxt then
+            redis.call('ZADD', dz, now, nxt)
+            wake[g] = true
+          end
+        end
+        if action == 'ack' then
+          redis.call('HINCRBY', base .. ':cnt', 'processed', 1)
+        else
+          local dl = redis.call('INCR', P .. ':dl:seq')
+          redis.call('HSET', P .. ':dl:' .. dl, 'g', g, 'b', body, 'f', arg, 't', now)
+          redis.call('ZADD', P .. ':dl', dl, dl)
+          redis.call('ZADD', base .. ':dl', dl, dl)
+          redis.call('HINCRBY', base .. ':cnt', 'dead_lettered', 1)
+        end
+      end
+    end
+  end
+  res[#res + 1] = ok
+end
+for g, _ in pairs(wake) do redis.call('PUBLISH', P .. ':wake', '0 ' .. g) end
+return res
+"""
+)
+
+# ARGV: P, n, then (group, spec) * n -> 1 if the registry changed
+_DECLARE = (
+    _PRELUDE
+    + """
+local changed = 0
+local i = 3
+for s = 1, tonumber(ARGV[2]) do
+  if redis.call('HGET', P .. ':groups', ARGV[i]) ~= ARGV[i + 1] then
+    redis.call('HSET', P .. ':groups', ARGV[i], ARGV[i + 1])
+    changed = 1
+  end
+  i = i + 2
+end
+if changed == 1 then redis.call('INCR', P .. ':groups:version') end
+return changed
+"""
+)
+
+# ARGV: P, logmax, n, then (dead letter id, keyenc) * n -> how many were replayed
+_REPLAY = (
+    _PRELUDE
+    + """
+local now = now_ms()
+local count = 0
+local i = 4
+for s = 1, tonumber(ARGV[3]) do
+  local dl, k = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local h = P .. ':dl:' .. dl
+  local g = redis.call('HGET', h, 'g')
+  if g and redis.call('HEXISTS', P .. ':groups', g) == 1 then
+    local body = redis.call('HGET', h, 'b')
+    local base = gbase(g)
+    enqueue(base, append(body, tonumber(ARGV[2])), body, k, now)
+    redis.call('DEL', h)
+    redis.call('ZREM', P .. ':dl', dl)
+    redis.call('ZREM', base .. ':dl', dl)
+    redis.call('PUBLISH', P .. ':wake', '0 ' .. g)
+    count = count + 1
+  end
+end
+return count
+"""
+)
+
+# ARGV: P, group ('' = any), then dead letter ids (none: all of the group / all)
+_PURGE = (
+    _PRELUDE
+    + """
+local group = ARGV[2]
+local ids = {}
+if #ARGV > 2 then
+  for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+elseif group ~= '' then
+  ids = redis.call('ZRANGE', gbase(group) .. ':dl', 0, -1)
+else
+  ids = redis.call('ZRANGE', P .. ':dl', 0, -1)
+end
+local count = 0
+for _, dl in ipairs(ids) do
+  local h = P .. ':dl:' .. dl
+  local g = redis.call('HGET', h, 'g')
+  if g and (group == '' or g == group) then
+    redis.call('DEL', h)
+    redis.call('ZREM', P .. ':dl', dl)
+    redis.call('ZREM', gbase(g) .. ':dl', dl)
+    count = count + 1
+  end
+end
+return count
+"""
+)
+
+# ARGV: P, then groups -> per group {total, in_flight, delayed, dead, processed, retried, dl'd}
+_STATS = (
+    _PRELUDE
+    + """
+local now = now_ms()
+local out = {}
+for i = 2, #ARGV do
+  local base = gbase(ARGV[i])
+  local c = redis.call('HMGET', base .. ':cnt', 'processed', 'retried', 'dead_lettered')
+  out[#out + 1] = {
+    redis.call('HLEN', base .. ':body'),
+    redis.call('ZCOUNT', base .. ':lease', '(' .. now, '+inf'),
+    redis.call('ZCOUNT', base .. ':due', '(' .. now, '+inf'),
+    redis.call('ZCARD', base .. ':dl'),
+    tonumber(c[1] or 0), tonumber(c[2] or 0), tonumber(c[3] or 0)}
+end
+return out
+"""
+)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _translated(config: RedisConfig) -> Iterator[None]:
+    """Redis client errors -> nerve's tree (never showing the URL's password)."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BrokerUnavailable(
+            f"cannot reach Redis at {config.host}:{config.port} ({detail}); start "
+            "redis-server there or fix the host, port or password in the broker URL"
+        ) from None
+    except redis_errors.RedisError as exc:
+        raise TransportError(
+            f"Redis at {config.host}:{config.port} refused an operation: {exc}"
+        ) from None
+
+
+# -- deliveries and consumers -------------------------------------------------------------
+
+_Settlement = tuple["RedisDelivery", str, str]
+
+
+class RedisDelivery:
+    __slots__ = (
+        "_consumer",
+        "_event",
+        "attempt",
+        "entry_id",
+        "first_at",
+        "group",
+        "raw",
+        "received_at",
+        "token",
+    )
+
+    def __init__(
+        self,
+        consumer: RedisConsumer,
+        entry_id: str,
+        token: str,
+        raw: bytes,
+        attempt: int,
+        first_at: float,
+        received_at: float,
+    ) -> None:
+        self._consumer = consumer
+        self._event: Event | None = None
+        self.group = consumer.group
+        self.entry_id = entry_id
+        self.token = token
+        self.raw = raw
+        self.attempt = attempt
+        self.first_at = first_at
+        self.received_at = received_at
+
+    @property
+    def event(self) -> Event:
+        if self._event is None:
+            self._event = codec.decode(self.raw)
+        return self._event
+
+    async def ack(self) -> None:
+        await self._consumer.transport._settle(self, "ack", "")
+
+    async def nack(self, delay: float = 0.0) -> None:
+        await self._consumer.transport._settle(self, "nack", str(_ms(delay)))
+
+    async def dead_letter(self, failure: Failure) -> None:
+        await self._consumer.transport._settle(
+            self, "dead", orjson.dumps(failure.to_json()).decode()
+        )
+
+    async def extend(self, seconds: float) -> None:
+        await self._consumer.transport._settle(self, "extend", str(_ms(seconds)))
+
+    def __repr__(self) -> str:
+        return f"<RedisDelivery {self.group}#{self.entry_id} attempt={self.attempt}>"
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(seconds * 1000))
+
+
+class RedisConsumer:
+    def __init__(self, transport: RedisTransport, subscription: Subscription) -> None:
+        self.transport = transport
+        self.subscription = subscription
+        self.group = subscription.group
+        self.wake = asyncio.Event()
+        self._closed = False
+        self._declared = False
+
+    async def fetch(self, limit: int, timeout: float) -> Sequence[RedisDelivery]:
+        transport = self.transport
+        if not self._declared:
+            await transport._require_group(self.group)
+            self._declared = True
+        if limit <= 0:
+            return []
+        deadline = time.monotonic() + timeout
+        while not self._closed:
+            self.wake.clear()
+            token = os.urandom(8).hex()
+            rows, wait_ms = await transport._claim(self.group, limit, token)
+            if rows:
+                now = time.time()
+                return [
+                    RedisDelivery(
+                        self, bytes(eid).decode(), token, bytes(body), int(a), int(f) / 1000, now
+                    )
+                    for eid, body, a, f in rows
+                ]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            pause = min(remaining, transport.config.poll_interval)
+            if wait_ms >= 0:
+                pause = min(pause, wait_ms / 1000 + 0.002)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), pause)
+        return []
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        batch: list[_Settlement] = []
+        for delivery in deliveries:
+            assert isinstance(delivery, RedisDelivery)
+            batch.append((delivery, "ack", ""))
+        if not batch:
+            return []
+        results = await self.transport._settle_batch(batch)
+        return [d for d, r in zip(deliveries, results, strict=True) if r is not None]
+
+    async def close(self) -> None:
+        self._closed = True
+        self.wake.set()
+        self.transport._consumers.discard(self)
+
+
+class _Router:
+    """The group registry as last read, and which groups an event goes to."""
+
+    def __init__(self, version: bytes = b"", groups: Sequence[Subscription] = ()) -> None:
+        self.version = version
+        self.groups = {g.group: g for g in groups}
+        self._by_type: dict[str, list[Subscription]] = {}
+
+    def targets(self, event: Event) -> list[Subscription]:
+        candidates = self._by_type.get(event.type)
+        if candidates is None:
+            candidates = [
+                g for g in self.groups.values() if Subscription(g.group, g.patterns).matches(event)
+            ]
+            self._by_type[event.type] = candidates
+        return [g for g in candidates if not g.filters or g.matches(event)]
+
+
+# -- the transport ------------------------------------------------------------------------
+
+
+class RedisTransport:
+    """Redis (standalone, 6.2+) as a broker."""
+
+    def __init__(self, config: RedisConfig | str | None = None) -> None:
+        if isinstance(config, str):
+            self.url = config
+            config = RedisConfig.from_url(config)
+        else:
+            config = config or RedisConfig()
+            self.url = config.connection_url
+        self.config = config
+        self.features = self._features(durable=False)
+        self._prefix = config.prefix
+        self._wake_channel = f"{config.prefix}:wake"
+        self._redis: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._router = _Router()
+        self._consumers: set[RedisConsumer] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
+        self._scripts: dict[str, Any] = {}
+
+    def _features(self, *, durable: bool) -> Features:
+        return Features(
+            durable=durable,
+            shared_across_processes=True,
+            key_ordering=True,
+            dead_letter_queue=True,
+            max_payload=self.config.max_payload,
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisTransport({self.config.host}:{self.config.port}, prefix={self._prefix!r})"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        client = aioredis.Redis.from_url(
+            self.config.connection_url, socket_connect_timeout=5.0, decode_responses=False
+        )
+        self._redis = client
+        try:
+            with _translated(self.config):
+                await client.ping()
+                self.features = self._features(durable=await self._server_is_durable(client))
+                for name, source in (
+                    ("publish", _PUBLISH),
+                    ("claim", _CLAIM),
+                    ("settle", _SETTLE),
+                    ("declare", _DECLARE),
+                    ("replay", _REPLAY),
+                    ("purge", _PURGE),
+                    ("stats", _STATS),
+                ):
+                    self._scripts[name] = client.register_script(source)
+                self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+                await self._pubsub.subscribe(self._wake_channel)
+                await self._refresh_router()
+        except BaseException:
+            await self.close()
+            raise
+        self._listener = asyncio.create_task(self._listen())
+
+    @staticmethod
+    async def _server_is_durable(client: aioredis.Redis) -> bool:
+        """Durable only when every write is in the AOF and fsynced before the reply."""
+        try:
+            aof = await client.config_get("appendonly")
+            fsync = await client.config_get("appendfsync")
+        except redis_errors.ResponseError:  # CONFIG renamed or disabled (managed Redis)
+            return False
+        values: dict[Any, Any] = {**aof, **fsync}
+        return bool(values.get(b"appendonly") == b"yes" and values.get(b"appendfsync") == b"always")
+
+    async def close(self) -> None:
+        for consumer in list(self._consumers):
+            await consumer.close()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+            self._listener = None
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = None
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+
+    async def _listen(self) -> None:
+        """Wake this process's consumers when any process publishes or releases work."""
+        pubsub = self._pubsub
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # connection lost: fetches fall back to polling meanwhile
+                await asyncio.sleep(0.5)
+                continue
+            if not message or message.get("type") != "message":
+                continue
+            delay, _, group = bytes(message["data"]).decode().partition(" ")
+            if delay.isdigit() and int(delay) > 0:
+                self._wake_later(group, int(delay) / 1000)
+            else:
+                self._wake_groups({group})
+
+    def _wake_groups(self, groups: set[str]) -> None:
+        for consumer in self._consumers:
+            if consumer.group in groups:
+                consumer.wake.set()
+
+    def _wake_later(self, group: str, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self._wake_groups({group})
+
+        handle = loop.call_later(delay + 0.002, fire)
+        self._timers.add(handle)
+
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise TransportError("the Redis transport is not started (await start() first)")
+        return self._redis
+
+    async def _run(self, name: str, args: Sequence[str | bytes | int]) -> Any:
+        self._client()
+        with _translated(self.config):
+            return await self._scripts[name](keys=[], args=[self._prefix, *args])
+
+    # -- declaring and publishing ----------------------------------------------------
+
+    async def declare(self, subscriptions: Sequence[Subscription]) -> None:
+        args: list[str | bytes | int] = [len(subscriptions)]
+        for sub in subscriptions:
+            args += [sub.group, orjson.dumps(sub.to_json())]
+        await self._run("declare", args)
+        await self._refresh_router()
+
+    async def _refresh_router(self) -> None:
+        client = self._client()
+        with _translated(self.config):
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.get(f"{self._prefix}:groups:version")
+                pipe.hvals(f"{self._prefix}:groups")
+                version, specs = await pipe.execute()
+        self._router = _Router(
+            version or b"0", [Subscription.from_json(orjson.loads(s)) for s in specs]
+        )
+
+    def _encode(self, events: Sequence[Event]) -> list[tuple[Event, bytes]]:
+        limit = self.config.max_payload
+        encoded = []
+        for event in events:
+            body = codec.encode(event)
+            if len(body) > limit:
+                raise PayloadTooLarge(len(body), limit, event.id)
+            encoded.append((event, body))
+        return encoded
+
+    async def publish(self, events: Sequence[Event], *, to_group: str | None = None) -> None:
+        if not events:
+            return
+        encoded = self._encode(events)
+        for _ in range(10):
+            router = self._router
+            if to_group is not None and to_group not in router.groups:
+                await self._refresh_router()
+                router = self._router
+                if to_group not in router.groups:
+                    raise TransportError(f"no consumer group named {to_group!r} is declared")
+            args: list[str | bytes | int] = [router.version, self.config.log_max, len(encoded)]
+            touched: set[str] = set()
+            for event, body in encoded:
+                targets = [router.groups[to_group]] if to_group else router.targets(event)
+                args += [body, len(targets)]
+                for sub in targets:
+                    key = event.partitionkey if sub.ordered else None
+                    args += [sub.group, "" if key is None else f"={key}"]
+                    touched.add(sub.group)
+            if await self._run("publish", args) != -1:
+                self._wake_groups(touched)
+                return
+            await self._refresh_router()  # another process declared a group meanwhile
+        raise TransportError("the group registry kept changing while publishing; try again")
+
+    # -- consuming -------------------------------------------------------------------
+
+    def consumer(self, subscription: Subscription) -> RedisConsumer:
+        consumer = RedisConsumer(self, subscription)
+        self._consumers.add(consumer)
+        return consumer
+
+    async def _require_group(self, group: str) -> None:
+        client = self._client()
+        with _translated(self.config):
+            declared = await client.hexists(f"{self._prefix}:groups", group)
+        if not declared:
+            raise TransportError(f"declare group {group!r} before consuming it")
+
+    async def _claim(self, group: str, limit: int, token: str) -> tuple[list[Any], int]:
+        lease = _ms(self.config.visibility_timeout)
+        rows, wait_ms = await self._run("claim", [group, limit, lease, token])
+        return rows, int(wait_ms)
+
+    async def _settle(self, delivery: RedisDelivery, action: str, arg: str) -> None:
+        await self._settler.submit((delivery, action, arg))
+
+    async def _settle_batch(self, batch: list[_Settlement]) -> list[BaseException | None]:
+        args: list[str | bytes | int] = [len(batch)]
+        for delivery, action, arg in batch:
+            args += [delivery.group, action, delivery.entry_id, delivery.token, arg]
+        outcomes = await self._run("settle", args)
+        results: list[BaseException | None] = []
+        for (delivery, action, arg), ok in zip(batch, outcomes, strict=True):
+            if not ok:
+                results.append(
+                    LeaseLost(
+                        f"{delivery!r}: the lease expired and another consumer took "
+                        f"the event over; this {action} was refused"
+                    )
+                )
+                continue
+            results.append(None)
+            if action == "nack":
+                delay = int(arg) / 1000
+                if delay > 0:
+                    self._wake_later(delivery.group, delay)
+                else:
+                    self._wake_groups({delivery.group})
+        return results
+
+    # -- optional abilities: dead letters, stats, log ----------------------------------
+
+    async def _dead_entries(self, ids: Sequence[bytes | str]) -> list[DeadLetterEntry]:
+        client = self._client()
+        with _translated(self.config):
+            async with client.pipeline(transaction=False) as pipe:
+                for dl in ids:
+                    pipe.hmget(f"{self._prefix}:dl:{_text(dl)}", "g", "b", "f")
+                rows = await pipe.execute()
+        entries = []
+        for dl, (group, body, failure) in zip(ids, rows, strict=True):
+            if group is None or body is None or failure is None:
+                continue  # purged or replayed meanwhile
+            try:
+                event: Event | None = codec.decode(body)
+            except Exception:
+                event = None
+            entries.append(
+                DeadLetterEntry(
+                    id=_text(dl),
+                    group=group.decode(),
+                    raw=bytes(body),
+                    failure=Failure(**orjson.loads(failure)),
+                    event=event,
+                )
+            )
+        return entries
+
+    def _dead_index(self, group: str | None) -> str:
+        return f"{self._prefix}:dl" if group is None else f"{_base(self._prefix, group)}:dl"
+
+    async def dead_letters(
+        self, group: str | None = None, *, limit: int = 100
+    ) -> list[DeadLetterEntry]:
+        if limit <= 0:
+            return []
+        client = self._client()
+        with _translated(self.config):
+            ids: Any = await client.zrange(self._dead_index(group), 0, limit - 1)
+        return await self._dead_entries(ids)
+
+    async def dead_letter_entry(self, entry_id: str) -> DeadLetterEntry | None:
+        if not entry_id.isdigit():
+            return None
+        found = await self._dead_entries([entry_id])
+        return found[0] if found else None
+
+    async def _select_dead(
+        self, entry_ids: Sequence[str] | None, group: str | None
+    ) -> list[DeadLetterEntry]:
+        if entry_ids is not None:
+            entries = await self._dead_entries([i for i in map(str, entry_ids) if i.isdigit()])
+        else:
+            client = self._client()
+            with _translated(self.config):
+                ids: Any = await client.zrange(self._dead_index(group), 0, -1)
+            entries = await self._dead_entries(ids)
+        return [e for e in entries if group is None or e.group == group]
+
+    async def replay(
+        self, entry_ids: Sequence[str] | None = None, *, group: str | None = None
+    ) -> int:
+        entries = await self._select_dead(entry_ids, group)
+        if not entries:
+            return 0
+        await self._refresh_router()
+        args: list[str | bytes | int] = [self.config.log_max, len(entries)]
+        for entry in entries:
+            sub = self._router.groups.get(entry.group)
+            key = entry.event.partitionkey if entry.event is not None else None
+            ordered = sub is not None and sub.ordered and key is not None
+            args += [entry.id, f"={key}" if ordered else ""]
+        count = int(await self._run("replay", args))
+        self._wake_groups({e.group for e in entries})
+        return count
+
+    async def purge(
+        self, entry_ids: Sequence[str] | None = None, *, group: str | None = None
+    ) -> int:
+        if entry_ids is not None:
+            ids = [i for i in map(str, entry_ids) if i.isdigit()]
+            if not ids:
+                return 0
+            return int(await self._run("purge", [group or "", *ids]))
+        return int(await self._run("purge", [group or ""]))
+
+    async def stats(self) -> list[GroupStats]:
+        await self._refresh_router()
+        groups = sorted(self._router.groups)
+        rows = await self._run("stats", groups) if groups else []
+        out = []
+        for group, row in zip(groups, rows, strict=True):
+            total, in_flight, delayed, dead, processed, retried, dead_lettered = map(int, row)
+            out.append(
+                GroupStats(
+                    group=group,
+                    ready=max(0, total - in_flight - delayed),
+                    delayed=delayed,
+                    in_flight=in_flight,
+                    dead_letters=dead,
+                    processed=processed,
+                    retried=retried,
+                    dead_lettered=dead_lettered,
+                )
+            )
+        return out
+
+    async def read_log(self, after: int | None, limit: int) -> list[tuple[int, bytes]]:
+        client = self._client()
+        with _translated(self.config):
+            if after is None:
+                seq = await client.get(f"{self._prefix}:seq")
+                return [(int(seq or 0), b"")]
+            rows: Any = await client.xrange(
+                f"{self._prefix}:log", f"({after}-1", "+", count=limit
+            )
+        return [(int(bytes(rid).split(b"-")[0]), bytes(fields[b"b"])) for rid, fields in rows]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
