@@ -503,24 +503,16 @@ class PostgresTransport:
 
     def _translate(self, exc: BaseException, doing: str) -> NerveError:
         where = self._where()
-        if isinstance(
-            exc,
-            OSError
-            | TimeoutError
-            | asyncpg.exceptions.ConnectionDoesNotExistError
-            | asyncpg.exceptions.CannotConnectNowError
-            | asyncpg.exceptions.ConnectionFailureError
-            | asyncpg.exceptions.InvalidAuthorizationSpecificationError
-            | asyncpg.exceptions.InvalidCatalogNameError
-            | asyncpg.exceptions.InterfaceError,
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, _CONNECTION_ERRORS) or (
+            isinstance(exc, asyncpg.PostgresError)
+            and str(getattr(exc, "sqlstate", "")).startswith(("08", "28", "3D", "57"))
         ):
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return BrokerUnavailable(
                 f"cannot {doing}: {where} is unreachable or refused the connection "
                 f"({detail}); check that the server runs, the host, port, user and "
                 "database in the broker URL, and pg_hba.conf"
             )
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return TransportError(f"{where} failed to {doing}: {type(exc).__name__}: {detail}")
 
     @contextlib.asynccontextmanager
@@ -531,9 +523,9 @@ class PostgresTransport:
         try:
             async with self._pool.acquire() as conn:
                 yield conn
-        except NerveError:
-            raise
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except Exception as exc:
+            if not _is_driver_error(exc):
+                raise
             raise self._translate(exc, doing) from exc
 
     # -- lifecycle -------------------------------------------------------------------
@@ -545,7 +537,9 @@ class PostgresTransport:
             self._pool = await asyncpg.create_pool(
                 config.dsn, min_size=1, max_size=config.pool_size, timeout=10
             )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except Exception as exc:
+            if not _is_driver_error(exc):
+                raise
             raise self._translate(exc, "connect") from None
         try:
             async with self._connection("create the broker tables") as conn, conn.transaction():
@@ -569,7 +563,9 @@ class PostgresTransport:
         try:
             conn = await asyncpg.connect(self.config.dsn, timeout=10)
             await conn.add_listener(self._channel, self._notified)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except Exception as exc:
+            if not _is_driver_error(exc):
+                raise
             raise self._translate(exc, "listen for publishes") from None
         self._listener = conn
 
@@ -950,6 +946,21 @@ class PostgresTransport:
                 return [(int(await conn.fetchval(self._sql.log_head)), b"")]
             rows = await conn.fetch(self._sql.log_read, after, limit)
         return [(int(seq), bytes(body)) for seq, body in rows]
+
+
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,  # connection closed / in a bad state
+    asyncpg.exceptions.InternalClientError,  # a connection the server ended while idle
+)
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    """An error of the layers below nerve (the driver, the OS), to translate."""
+    if isinstance(exc, NerveError):
+        return False
+    return isinstance(exc, OSError | TimeoutError) or type(exc).__module__.startswith("asyncpg")
 
 
 def _entry(rid: int, group: str, body: bytes, failure_json: str) -> DeadLetterEntry:

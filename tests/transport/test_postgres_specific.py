@@ -180,3 +180,48 @@ async def test_hundred_shop_orders_with_failures_on_postgres(tmp_path: Path) -> 
         assert await invariants.check(rt.store) == []
         assert await rt.transport.dead_letters() == []  # type: ignore[attr-defined]
         assert sum(r.stats.retried for r in rt.runners.values()) > 0
+
+
+async def test_connections_killed_by_the_server_are_replaced(tmp_path: Path) -> None:
+    """The server ends every connection of one transport (failover, idle killer): the
+    pool reconnects, and the LISTEN connection is re-opened, so publishes from
+    elsewhere wake its consumers again without waiting for the (long) poll."""
+    base = make_url(tmp_path)
+    name = "nerve_" + base.rpartition("schema=")[2]
+    victim = from_url(f"{base}&poll_interval=30&application_name={name}")
+    publisher = from_url(base)
+    await victim.start()
+    await publisher.start()
+    try:
+        sub = Subscription("g", ("order.created",))
+        await publisher.declare([sub])
+        consumer = victim.consumer(sub)
+        assert isinstance(publisher, PostgresTransport)
+        assert publisher._pool is not None
+        killed = await publisher._pool.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1",
+            name,
+        )
+        assert killed >= 2  # the pool's connection and the LISTEN connection
+        deadline = time.monotonic() + 20
+        n = 0
+        while True:
+            assert time.monotonic() < deadline, "no wake-up after the connections were killed"
+            n += 1
+            try:  # settle what earlier rounds left, so only a wake-up can deliver event n
+                await consumer.ack_many(await consumer.fetch(100, 0))
+                waiting = asyncio.create_task(consumer.fetch(10, 3.0))
+                await asyncio.sleep(0.1)
+                published_at = time.monotonic()
+                await publisher.publish([make(n)])
+                got = await waiting
+                woken = time.monotonic() - published_at < 1.0
+            except BrokerUnavailable:
+                continue  # a pooled connection that died under a query: the next is fresh
+            assert await consumer.ack_many(got) == []
+            if woken and [d.event.data["n"] for d in got] == [n]:
+                break  # woken by NOTIFY (the poll is 30 s, the fetch 3 s)
+    finally:
+        await victim.close()
+        await publisher.close()
