@@ -13,8 +13,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import asyncpg  # type: ignore[import-untyped]
-
 from .conftest import AdapterSpec, require_server
 
 HOST = os.environ.get("NERVE_TEST_PGHOST", "127.0.0.1")
@@ -33,6 +31,8 @@ def server_url(schema: str | None = None) -> str:
 
 def drop_schemas(*schemas: str) -> None:
     """DROP the schemas, from a thread of its own (callers may run inside an event loop)."""
+
+    import asyncpg  # type: ignore[import-untyped]  # only where PostgreSQL is tested
 
     async def drop() -> None:
         conn = await asyncpg.connect(server_url(), timeout=10)
