@@ -617,7 +617,8 @@ class SqliteTransport:
             rows = conn.execute(
                 f"SELECT id, grp, event_id, body FROM dead_letters{where} ORDER BY id", params
             ).fetchall()
-            declared = {name for (name,) in conn.execute("SELECT name FROM groups")}
+            self._router.refresh(conn)
+            declared = {sub.group: sub for sub in self._router.groups}
             touched: set[str] = set()
             count = 0
             for rid, grp, event_id, body in rows:
@@ -628,6 +629,8 @@ class SqliteTransport:
                     key, type_name = decoded.partitionkey, decoded.type
                 except Exception:
                     key, type_name = None, "(undecodable)"
+                if not declared[grp].ordered:
+                    key = None
                 seq = conn.execute(
                     "INSERT INTO log (event_id, type, published_at, body) VALUES (?, ?, ?, ?)",
                     (event_id or "", type_name, now, body),
