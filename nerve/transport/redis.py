@@ -16,7 +16,7 @@ the server's clock, so clients with skewed clocks agree on leases. A Pub/Sub cha
 ``<prefix>:wake`` wakes waiting consumers in every process.
 
 URL options: ``?prefix=nerve&visibility_timeout=30&max_payload=1048576
-&poll_interval=1.0&log_max=10000``.
+&poll_interval=1.0&log_max=10000&ingest=false``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from nerve.app import Subscription
 from nerve.errors import (
     BrokerUnavailable,
     ConfigError,
+    InvalidEvent,
     LeaseLost,
     PayloadTooLarge,
     TransportError,
@@ -47,7 +48,10 @@ from nerve.errors import (
 from nerve.event import Event
 from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
 
-_KNOWN = ("prefix", "visibility_timeout", "max_payload", "poll_interval", "log_max")
+_INGEST_BLOCK = 0.25
+"""Seconds one read of the ingest stream blocks (bounds how long close() waits)."""
+
+_KNOWN = ("prefix", "visibility_timeout", "max_payload", "poll_interval", "log_max", "ingest")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,9 @@ class RedisConfig:
     """Longest a waiting fetch sleeps without a wake-up before it looks again."""
     log_max: int = 10_000
     """Approximate length of the ``<prefix>:log`` stream (0: no log)."""
+    ingest: bool = False
+    """Route events that other programs XADD to ``<prefix>:ingest`` (field ``event``:
+    a structured CloudEvents JSON document) to the matching groups."""
 
     @classmethod
     def from_url(cls, url: str) -> RedisConfig:
@@ -96,6 +103,7 @@ class RedisConfig:
                 max_payload=int(options.get("max_payload", 1024 * 1024)),
                 poll_interval=float(options.get("poll_interval", 1.0)),
                 log_max=int(options.get("log_max", 10_000)),
+                ingest=_flag(options.get("ingest", "false")),
             )
         except ValueError as exc:
             raise ConfigError(f"{_redact(url)!r}: {exc}") from None
@@ -108,6 +116,14 @@ class RedisConfig:
         if config.log_max < 0:
             raise ConfigError(f"{_redact(url)!r}: log_max must be >= 0")
         return config
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"ingest must be true or false, not {value!r}")
 
 
 def _redact(url: str) -> str:
@@ -152,7 +168,9 @@ local function append(body, logmax)
 end
 """
 
-# ARGV: P, version, logmax, n, then per event: body, ntargets, (group, keyenc) * ntargets
+# ARGV: P, version, logmax, n, then per event: body, ingest id ('' if none), ntargets,
+# (group, keyenc) * ntargets. An event read from the ingest stream is routed only if
+# this script is the one that acknowledges it there (exactly one fan-out).
 _PUBLISH = (
     _PRELUDE
     + """
@@ -162,13 +180,19 @@ local logmax = tonumber(ARGV[3])
 local i = 5
 local touched = {}
 for e = 1, tonumber(ARGV[4]) do
-  local body, n = ARGV[i], tonumber(ARGV[i + 1])
-  i = i + 2
-  local id = append(body, logmax)
+  local body, iid, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  local id = nil
+  if iid == '' or redis.call('XACK', P .. ':ingest', 'nerve', iid) == 1 then
+    if iid ~= '' then redis.call('XDEL', P .. ':ingest', iid) end
+    id = append(body, logmax)
+  end
   for t = 1, n do
-    local g = ARGV[i]
-    enqueue(gbase(g), id, body, ARGV[i + 1], now)
-    touched[g] = true
+    if id then
+      local g = ARGV[i]
+      enqueue(gbase(g), id, body, ARGV[i + 1], now)
+      touched[g] = true
+    end
     i = i + 2
   end
 end
@@ -557,6 +581,8 @@ class RedisTransport:
         self._redis: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
+        self._ingester: asyncio.Task[None] | None = None
+        self._stopping = False
         self._router = _Router()
         self._consumers: set[RedisConsumer] = set()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -603,6 +629,10 @@ class RedisTransport:
             await self.close()
             raise
         self._listener = asyncio.create_task(self._listen())
+        if self.config.ingest:
+            with _translated(self.config):
+                await self._create_ingest_group()
+            self._ingester = asyncio.create_task(self._ingest_loop())
 
     @staticmethod
     async def _server_is_durable(client: aioredis.Redis) -> bool:
@@ -612,8 +642,8 @@ class RedisTransport:
             fsync = await client.config_get("appendfsync")
         except redis_errors.ResponseError:  # CONFIG renamed or disabled (managed Redis)
             return False
-        values: dict[Any, Any] = {**aof, **fsync}
-        return bool(values.get(b"appendonly") == b"yes" and values.get(b"appendfsync") == b"always")
+        values = {_text(k or ""): _text(v or "") for k, v in {**aof, **fsync}.items()}
+        return values.get("appendonly") == "yes" and values.get("appendfsync") == "always"
 
     async def close(self) -> None:
         for consumer in list(self._consumers):
@@ -621,11 +651,16 @@ class RedisTransport:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
-            self._listener = None
+        self._stopping = True
+        if self._ingester is not None:
+            # let the blocking read end by itself (cancelling redis-py mid-command can
+            # leave the task waiting on its connection); cancel only as a last resort
+            await asyncio.wait([self._ingester], timeout=2 * _INGEST_BLOCK)
+        for task in (self._listener, self._ingester):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=2.0)
+        self._listener = self._ingester = None
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
@@ -653,6 +688,66 @@ class RedisTransport:
                 self._wake_later(group, int(delay) / 1000)
             else:
                 self._wake_groups({group})
+
+    async def _create_ingest_group(self) -> None:
+        try:
+            await self._client().xgroup_create(
+                f"{self._prefix}:ingest", "nerve", "0", mkstream=True
+            )
+        except redis_errors.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _ingest_loop(self) -> None:
+        """Route what other programs XADD to ``<prefix>:ingest``. The stream's consumer
+        group shares the work between nerve processes; an entry a dead process read but
+        never routed is taken over after the visibility timeout."""
+        client = self._client()
+        stream = f"{self._prefix}:ingest"
+        name = f"{os.getpid()}-{os.urandom(4).hex()}"
+        idle = _ms(self.config.visibility_timeout)
+        while not self._stopping:
+            try:
+                reply: Any = await client.xautoclaim(stream, "nerve", name, idle, "0-0", count=100)
+                batch = [(i, f) for i, f in reply[1] if f]
+                if not batch:
+                    read: Any = await client.xreadgroup(
+                        "nerve", name, {stream: ">"}, 100, int(_INGEST_BLOCK * 1000)
+                    )
+                    batch = [(i, f) for i, f in read[0][1] if f] if read else []
+                if batch:
+                    await self._ingest(stream, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the broker is away or refused: try again shortly
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Exception):  # the stream was deleted: recreate
+                    await self._create_ingest_group()
+
+    async def _ingest(self, stream: str, batch: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        valid: list[tuple[Event, bytes, str]] = []
+        client = self._client()
+        for entry_id, fields in batch:
+            raw = fields.get(b"event", b"")
+            try:
+                if len(raw) > self.config.max_payload:
+                    raise PayloadTooLarge(len(raw), self.config.max_payload)
+                valid.append((codec.decode(raw), raw, entry_id.decode()))
+            except (PayloadTooLarge, InvalidEvent) as exc:
+                # not an event: keep it aside with the reason, never route it
+                rejected: dict[Any, Any] = {**fields, b"error": str(exc).encode()}
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.xadd(
+                        f"{stream}:rejected",
+                        rejected,
+                        maxlen=10_000,
+                        approximate=True,
+                    )
+                    pipe.xack(stream, "nerve", entry_id)
+                    pipe.xdel(stream, entry_id)
+                    await pipe.execute()
+        if valid:
+            await self._publish(valid, None)
 
     def _wake_groups(self, groups: set[str]) -> None:
         for consumer in self._consumers:
@@ -713,7 +808,9 @@ class RedisTransport:
     async def publish(self, events: Sequence[Event], *, to_group: str | None = None) -> None:
         if not events:
             return
-        encoded = self._encode(events)
+        await self._publish([(event, body, "") for event, body in self._encode(events)], to_group)
+
+    async def _publish(self, encoded: list[tuple[Event, bytes, str]], to_group: str | None) -> None:
         for _ in range(10):
             router = self._router
             if to_group is not None and to_group not in router.groups:
@@ -723,9 +820,9 @@ class RedisTransport:
                     raise TransportError(f"no consumer group named {to_group!r} is declared")
             args: list[str | bytes | int] = [router.version, self.config.log_max, len(encoded)]
             touched: set[str] = set()
-            for event, body in encoded:
+            for event, body, ingest_id in encoded:
                 targets = [router.groups[to_group]] if to_group else router.targets(event)
-                args += [body, len(targets)]
+                args += [body, ingest_id, len(targets)]
                 for sub in targets:
                     key = event.partitionkey if sub.ordered else None
                     args += [sub.group, "" if key is None else f"={key}"]
@@ -895,9 +992,7 @@ class RedisTransport:
             if after is None:
                 seq = await client.get(f"{self._prefix}:seq")
                 return [(int(seq or 0), b"")]
-            rows: Any = await client.xrange(
-                f"{self._prefix}:log", f"({after}-1", "+", count=limit
-            )
+            rows: Any = await client.xrange(f"{self._prefix}:log", f"({after}-1", "+", count=limit)
         return [(int(bytes(rid).split(b"-")[0]), bytes(fields[b"b"])) for rid, fields in rows]
 
 

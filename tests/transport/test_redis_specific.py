@@ -1,0 +1,230 @@
+"""What the conformance suite cannot check for ``redis://``: restarts on a server
+without persistence, error translation, URL options, the ingest stream (events that
+a plain Redis client XADDs) and that settled events leave no keys behind."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from nerve import event as codec
+from nerve.app import Subscription
+from nerve.errors import BrokerUnavailable, ConfigError, TransportError
+from nerve.event import Event
+from nerve.transport import from_url
+from nerve.transport.redis import RedisConfig, RedisTransport
+
+from .adapter_redis import make_url
+
+SOON = 10.0
+
+
+def make(n: int, **extensions: str) -> Event:
+    return Event(type="order.created", source="/redis-test", data={"n": n}, extensions=extensions)
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return make_url(tmp_path)
+
+
+@pytest.fixture
+async def raw(url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(host="127.0.0.1", port=6379)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def transport(url: str) -> AsyncIterator[RedisTransport]:
+    opened = RedisTransport(url + "&visibility_timeout=0.5")
+    await opened.start()
+    yield opened
+    await opened.close()
+
+
+def prefix_of(url: str) -> str:
+    return RedisConfig.from_url(url).prefix
+
+
+async def drain(consumer: object, count: int) -> list[object]:
+    got: list[object] = []
+    deadline = time.monotonic() + SOON
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {len(got)} of {count}"
+        got.extend(await consumer.fetch(count - len(got), 1.0))  # type: ignore[attr-defined]
+    return got
+
+
+# -- restarts ---------------------------------------------------------------------------
+
+
+async def test_a_new_transport_on_the_same_server_sees_the_events_and_leases(url: str) -> None:
+    """The conformance durability test skips (this server has no persistence, so the
+    adapter declares durable=False); a client restart must still lose nothing."""
+    sub = Subscription("g", ("order.created",))
+    first = RedisTransport(url + "&visibility_timeout=0.5")
+    await first.start()
+    await first.declare([sub])
+    await first.publish([make(i) for i in range(4)])
+    consumer = first.consumer(sub)
+    for delivery in await drain(consumer, 1):
+        await delivery.ack()  # type: ignore[attr-defined]
+    (held,) = await drain(consumer, 1)  # in flight when the process goes away
+    await first.close()
+
+    second = RedisTransport(url + "&visibility_timeout=0.5")
+    await second.start()
+    try:
+        rest = await drain(second.consumer(sub), 3)
+        attempts = {d.event.data["n"]: d.attempt for d in rest}  # type: ignore[attr-defined]
+        assert attempts.pop(held.event.data["n"]) == 2  # type: ignore[attr-defined]
+        assert set(attempts.values()) == {1}
+    finally:
+        await second.close()
+
+
+async def test_durable_follows_the_server_persistence_settings(
+    transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    settings = {**await raw.config_get("appendonly"), **await raw.config_get("appendfsync")}
+    durable = settings == {"appendonly": "yes", "appendfsync": "always"}
+    assert transport.features.durable == durable
+
+
+# -- errors and options -----------------------------------------------------------------
+
+
+async def test_an_absent_server_is_broker_unavailable_without_the_password() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    transport = from_url(f"redis://user:s3cret@127.0.0.1:{port}/0?prefix=x")
+    with pytest.raises(BrokerUnavailable) as caught:
+        await transport.start()
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "s3cret" not in message
+    assert "\n" not in message
+    await transport.close()
+
+
+async def test_using_a_transport_before_start_says_so() -> None:
+    transport = RedisTransport("redis://127.0.0.1:6379/0?prefix=x")
+    with pytest.raises(TransportError, match="start"):
+        await transport.publish([make(1)])
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis://h:6379/0?colour=blue", "unknown option"),
+        ("redis://h:6379/0?visibility_timeout=soon", "visibility_timeout|could not convert"),
+        ("redis://h:6379/0?visibility_timeout=0", "must be > 0"),
+        ("redis://h:6379/0?max_payload=10", "max_payload"),
+        ("redis://h:6379/0?prefix=", "prefix"),
+        ("redis://h:6379/zero", "database number"),
+        ("redis://h:6379/0?ingest=maybe", "ingest"),
+        ("redis://:pw@h:notaport/0", "port"),
+    ],
+)
+def test_bad_urls_are_config_errors(url: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint) as caught:
+        RedisConfig.from_url(url)
+    assert "pw@" not in str(caught.value)
+
+
+def test_url_options_are_parsed() -> None:
+    config = RedisConfig.from_url(
+        "redis://:pw@example:6390/2?prefix=shop&visibility_timeout=12.5&max_payload=65536"
+        "&poll_interval=0.2&log_max=0&ingest=true"
+    )
+    assert (config.host, config.port, config.prefix) == ("example", 6390, "shop")
+    assert config.connection_url == "redis://:pw@example:6390/2"
+    assert (config.visibility_timeout, config.max_payload) == (12.5, 65536)
+    assert (config.poll_interval, config.log_max, config.ingest) == (0.2, 0, True)
+
+
+# -- interop: a plain Redis client produces ---------------------------------------------
+
+
+async def test_an_event_xadded_by_a_plain_client_reaches_the_matching_groups(
+    url: str, raw: aioredis.Redis
+) -> None:
+    prefix = prefix_of(url)
+    stream = f"{prefix}:ingest"
+    event = make(1, partitionkey="A-1").evolve(time=None)
+    early = Event(type="order.created", source="/other-app", data={"n": 0})
+    transport = RedisTransport(url + "&ingest=true")
+    await transport.start()
+    try:
+        subs = [
+            Subscription("orders", ("order.*",)),
+            Subscription("payments", ("payment.*",)),
+        ]
+        await transport.declare(subs)
+        orders, payments = (transport.consumer(s) for s in subs)
+        # what another program writes: a structured CloudEvents JSON document
+        document = {
+            "specversion": "1.0",
+            "id": event.id,
+            "type": "order.created",
+            "source": "/redis-test",
+            "datacontenttype": "application/json",
+            "data": {"n": 1},
+            "partitionkey": "A-1",
+        }
+        await raw.xadd(stream, {"event": orjson.dumps(document)})
+        await raw.xadd(stream, {"event": b"not json at all"})
+        (got,) = await drain(orders, 1)
+        assert got.event == event  # type: ignore[attr-defined]
+        assert got.event.partitionkey == "A-1"  # type: ignore[attr-defined]
+        await got.ack()  # type: ignore[attr-defined]
+        assert await payments.fetch(10, 0.2) == []
+        # routed exactly once and removed; the undecodable entry is kept aside
+        deadline = time.monotonic() + SOON
+        while await raw.xlen(stream) > 0:
+            assert time.monotonic() < deadline, "the ingest stream was not emptied"
+            await asyncio.sleep(0.02)
+        (rejected,) = await raw.xrange(f"{stream}:rejected")
+        assert rejected[1][b"event"] == b"not json at all"
+        assert b"JSON" in rejected[1][b"error"]
+    finally:
+        await transport.close()
+    # written while no nerve process ran: routed when one starts
+    await raw.xadd(stream, {"event": codec.encode(early)})
+    again = RedisTransport(url + "&ingest=true")
+    await again.start()
+    try:
+        (got,) = await drain(again.consumer(Subscription("orders", ("order.*",))), 1)
+        assert got.event == early  # type: ignore[attr-defined]
+        await got.ack()  # type: ignore[attr-defined]
+    finally:
+        await again.close()
+
+
+# -- hygiene ----------------------------------------------------------------------------
+
+
+async def test_settled_events_leave_no_keys_behind(
+    url: str, transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    sub = Subscription("g", ("order.created",))
+    await transport.declare([sub])
+    consumer = transport.consumer(sub)
+    await transport.publish([make(i, partitionkey=f"k{i % 3}") for i in range(30)])
+    left = 30
+    while left:
+        batch = await consumer.fetch(100, SOON)
+        assert batch
+        assert not await consumer.ack_many(batch)
+        left -= len(batch)
+    keys = sorted([k.decode() async for k in raw.scan_iter(match=f"{prefix_of(url)}:*")])
+    base = f"{prefix_of(url)}:g:1:g"
+    assert [k for k in keys if k.startswith(base)] == [f"{base}:cnt"]
