@@ -54,7 +54,11 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class Features:
     """What an adapter can guarantee. The conformance suite reads this record: a
-    guarantee an adapter does not give is declared here and reported as such."""
+    guarantee an adapter does not give is declared here and reported as such.
+
+    An adapter may refine its record in ``start()`` once it can ask the server (Redis
+    is durable only with ``appendonly yes`` + ``appendfsync always``); read it after
+    starting."""
 
     durable: bool
     """Published events survive a restart of the broker (and of this process)."""
