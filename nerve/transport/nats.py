@@ -661,15 +661,23 @@ class NatsTransport:
             return None
 
         try:
-            self._nc = await nats.connect(
-                servers=[config.server],
-                connect_timeout=config.connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                error_cb=quiet,
-                name="nerve",
+            # one attempt while starting (fail fast); reconnect forever once connected
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=[config.server],
+                    connect_timeout=config.connect_timeout,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.05,
+                    error_cb=quiet,
+                    name="nerve",
+                ),
+                config.connect_timeout + 1.0,
             )
+            nc.options["allow_reconnect"] = True
+            nc.options["max_reconnect_attempts"] = -1
+            nc.options["reconnect_time_wait"] = 1.0
+            self._nc = nc
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             detail = type(exc).__name__
             if isinstance(exc, nats.errors.NoServersError | OSError):

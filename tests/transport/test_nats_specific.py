@@ -1,0 +1,108 @@
+"""NATS JetStream specifics beyond the conformance suite: URL options, connection
+errors, and interoperability with plain NATS clients (CloudEvents NATS binding)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from nerve import event as codec
+from nerve.app import Subscription
+from nerve.errors import BrokerUnavailable, ConfigError
+from nerve.event import Event
+from nerve.transport.nats import NatsConfig, NatsTransport
+
+from .adapter_nats import HOST, PORT, make_url
+
+
+def test_url_options_are_parsed_into_one_config() -> None:
+    config = NatsConfig.from_url(
+        "nats://u:pw@example.com:4223?stream=shop&visibility_timeout=5&max_age=60"
+    )
+    assert (config.host, config.port, config.stream) == ("example.com", 4223, "shop")
+    assert (config.visibility_timeout, config.max_age) == (5.0, 60.0)
+    assert config.server == "nats://u:pw@example.com:4223"
+    assert NatsConfig.from_url("nats://localhost").stream == "nerve"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://u:secret@h?colour=blue",
+        "nats://u:secret@h?stream=has.dot",
+        "nats://u:secret@h?visibility_timeout=soon",
+        "nats://u:secret@h?visibility_timeout=0",
+        "nats://u:secret@h?max_payload=10",
+    ],
+)
+def test_bad_options_are_config_errors_without_the_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        NatsConfig.from_url(url)
+    assert "secret" not in str(caught.value)
+
+
+async def test_an_unreachable_server_is_broker_unavailable_quickly() -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    transport = NatsTransport(f"nats://user:secret@127.0.0.1:{port}?stream=x")
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as caught:
+        await transport.start()
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "secret" not in message
+    assert "\n" not in message
+
+
+async def test_a_binary_mode_cloudevent_from_a_plain_nats_client_is_received(
+    tmp_path: Path,
+) -> None:
+    import nats
+
+    url = make_url(tmp_path)
+    stream = NatsConfig.from_url(url).stream
+    transport = NatsTransport(url)
+    await transport.start()
+    try:
+        sub = Subscription("g", ("order.>",))
+        await transport.declare([sub])
+        consumer = transport.consumer(sub)
+        nc = await nats.connect(f"nats://{HOST}:{PORT}")
+        try:
+            js = nc.jetstream()
+            headers = {
+                "ce-specversion": "1.0",
+                "ce-id": "evt-1",
+                "ce-source": "/plain-client",
+                "ce-type": "order.created",
+                "ce-time": "2024-05-17T12:30:45Z",
+                "ce-partitionkey": "A-1",
+                "content-type": "application/json",
+            }
+            await js.publish(
+                f"{stream}.ev.order.created", orjson.dumps({"order_id": "A-1"}), headers=headers
+            )
+            structured = Event(type="order.paid", source="/plain-client", data={"n": 2})
+            await js.publish(f"{stream}.ev.order.paid", codec.encode(structured))
+        finally:
+            await nc.close()
+        got: list = []
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            got.extend(await consumer.fetch(10, 1.0))
+        by_type = {d.event.type: d for d in got}
+        binary = by_type["order.created"].event
+        assert (binary.id, binary.source, binary.partitionkey) == ("evt-1", "/plain-client", "A-1")
+        assert binary.data == {"order_id": "A-1"}
+        assert binary.datacontenttype == "application/json"
+        assert by_type["order.created"].raw == codec.encode(binary)
+        assert by_type["order.paid"].event == structured
+        for delivery in got:
+            await delivery.ack()
+    finally:
+        await transport.close()
