@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -446,12 +446,18 @@ def _setup_logging(level: LogLevel) -> None:
     logging.basicConfig(level=level.value.upper(), handlers=[handler], force=True)
 
 
-def _die_with_parent() -> None:
-    """In a worker (Linux): get SIGTERM if the supervisor dies, so none is orphaned."""
-    import ctypes
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """For a worker (Linux): get SIGTERM if the supervisor dies, so none is orphaned."""
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    def arm() -> None:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+    return arm
 
 
 class _Supervisor:
@@ -483,7 +489,7 @@ class _Supervisor:
             self.command,
             env=self.env,
             process_group=0,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
         )
         self.workers[slot] = worker
         self.started_at[slot] = time.monotonic()
