@@ -1,6 +1,7 @@
 """RabbitMQ in the conformance suite: every test gets its own name prefix on the local
-server, and its queues expire a minute after their last use (``queue_expires``), so runs never see each
-other's exchanges and queues and the server does not fill up."""
+server, and its queues expire a minute after their last use (``queue_expires``), so
+runs never see each other's exchanges and queues and the server does not fill up
+(each quorum queue holds a few of the broker's file handles)."""
 
 from __future__ import annotations
 
