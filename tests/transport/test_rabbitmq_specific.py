@@ -1,0 +1,98 @@
+"""RabbitMQ-only behaviour: URL options, pattern translation, delay buckets, and a
+CloudEvents AMQP binary-mode message from a plain aio-pika client."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from nerve.app import Subscription
+from nerve.errors import BrokerUnavailable, ConfigError
+from nerve.transport.rabbitmq import RabbitMQConfig, RabbitMQTransport, binding_key, delay_bucket
+
+from .adapter_rabbitmq import make_url
+
+
+def test_url_options_are_parsed_and_checked() -> None:
+    config = RabbitMQConfig.from_url(
+        "amqp://u:s%40cret@broker:5673/prod?prefix=shop&visibility_timeout=5&queue_expires=60"
+    )
+    assert (config.host, config.port, config.username, config.password) == (
+        "broker",
+        5673,
+        "u",
+        "s@cret",
+    )
+    assert (config.vhost, config.prefix, config.visibility_timeout) == ("prod", "shop", 5.0)
+    assert config.queue_expires == 60.0 and "s@cret" not in repr(config)
+    for bad in ("amqp://h/?nope=1", "amqp://h/?prefix=a b", "amqp://h/?prefetch=0", "redis://h"):
+        with pytest.raises(ConfigError):
+            RabbitMQConfig.from_url(bad)
+    transport = RabbitMQTransport("amqp://u:secret@h/")
+    assert "secret" not in repr(transport)
+
+
+def test_patterns_become_binding_keys_that_match_at_least_as_much() -> None:
+    assert binding_key("order.created") == "order.created"
+    assert binding_key("order.*") == "order.*"
+    assert binding_key("order.>") == "order.*.#"  # '>' needs one token at least
+    assert binding_key(">") == "#"
+
+
+def test_delay_buckets_round_up_by_at_most_an_eighth() -> None:
+    for delay in (0.0001, 0.02, 0.5, 1.7, 30.0, 3600.0):
+        ms = delay_bucket(delay)
+        assert delay * 1000 <= ms <= max(1, delay * 1000 * 1.125 + 1)
+
+
+async def test_start_names_host_and_port_when_the_broker_is_unreachable() -> None:
+    transport = RabbitMQTransport("amqp://guest:hunter2@127.0.0.1:1/?connect_timeout=1")
+    with pytest.raises(BrokerUnavailable) as caught:
+        await transport.start()
+    assert "127.0.0.1:1" in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+async def test_a_binary_mode_cloudevent_from_a_plain_client_is_received(tmp_path: Path) -> None:
+    import aio_pika
+
+    url = make_url(tmp_path)
+    transport = RabbitMQTransport(url)
+    await transport.start()
+    try:
+        sub = Subscription("interop", ("order.>",), filters=(("tenant", "acme"),))
+        await transport.declare([sub])
+        consumer = transport.consumer(sub)
+        connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(transport._exchange_name, ensure=False)
+            for tenant in ("other", "acme"):
+                await exchange.publish(
+                    aio_pika.Message(
+                        b'{"order_id": "A-1"}',
+                        content_type="application/json",
+                        headers={
+                            "cloudEvents_specversion": "1.0",
+                            "cloudEvents_id": f"ext-{tenant}",
+                            "cloudEvents_source": "/legacy",
+                            "cloudEvents_type": "order.created",
+                            "cloudEvents:tenant": tenant,
+                        },
+                    ),
+                    routing_key="order.created",
+                )
+        deadline = time.monotonic() + 10
+        got = []
+        while not got and time.monotonic() < deadline:
+            got = list(await consumer.fetch(10, 1.0))
+        (delivery,) = got
+        event = delivery.event
+        assert (event.id, event.source, event.type) == ("ext-acme", "/legacy", "order.created")
+        assert event.data == {"order_id": "A-1"} and event.extensions["tenant"] == "acme"
+        assert event.datacontenttype == "application/json" and delivery.attempt == 1
+        await delivery.ack()
+        assert list(await consumer.fetch(10, 0.2)) == []
+    finally:
+        await transport.close()
