@@ -24,7 +24,6 @@ import contextlib
 import importlib
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, NoReturn, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import typer
@@ -48,6 +47,7 @@ from rich.text import Text
 
 from nerve import __version__
 from nerve import event as codec
+from nerve._urls import redact, redact_text
 from nerve.app import App, matches_pattern
 from nerve.errors import NerveError, TransportError
 from nerve.event import Event
@@ -84,40 +84,6 @@ class CliError(Exception):
 
 # ---------------------------------------------------------------------------------------
 # Redaction: no output ever shows a password
-
-
-_SECRET_PARAM = re.compile(
-    r"(^|[&;])([^=&;]*(?:pass|secret|token|credential|api_?key|auth)[^=&;]*)=([^&;]*)",
-    re.IGNORECASE,
-)
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
-_USERINFO = re.compile(r"(://[^/@:\s]*:)[^@\s]*@")
-
-
-def redact(url: str) -> str:
-    """``url`` with its password (and secret-looking query parameters) replaced by ``***``.
-
-    ``amqp://guest:guest@host/`` -> ``amqp://guest:***@host/``; URLs without
-    credentials come back unchanged.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return _USERINFO.sub(r"\1***@", url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if has_password else netloc
-    query = _SECRET_PARAM.sub(r"\1\2=***", parts.query)
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact_text(text: str) -> str:
-    """``text`` with every URL in it passed through :func:`redact`."""
-    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
 
 
 # ---------------------------------------------------------------------------------------

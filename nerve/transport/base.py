@@ -34,7 +34,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from nerve import event as codec
 from nerve.app import Subscription
+from nerve.errors import PayloadTooLarge
 from nerve.event import Event
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "GroupStats",
     "Inspectable",
     "Transport",
+    "encode_checked",
 ]
 
 
@@ -248,3 +251,15 @@ class EventLog(Protocol):
         """Events published after position ``after`` (None: only the newest position
         is returned, with no events), as (position, raw) pairs."""
         ...
+
+
+def encode_checked(events: Sequence[Event], limit: int) -> list[tuple[Event, bytes]]:
+    """Encode ``events`` (structured JSON), refusing the whole batch with
+    :class:`~nerve.errors.PayloadTooLarge` if any is over ``limit`` bytes."""
+    encoded = []
+    for event in events:
+        body = codec.encode(event)
+        if len(body) > limit:
+            raise PayloadTooLarge(len(body), limit, event.id)
+        encoded.append((event, body))
+    return encoded

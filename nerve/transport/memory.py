@@ -19,9 +19,16 @@ from urllib.parse import parse_qs, urlsplit
 
 from nerve import event as codec
 from nerve.app import Subscription
-from nerve.errors import ConfigError, LeaseLost, PayloadTooLarge, TransportError
+from nerve.errors import ConfigError, LeaseLost, TransportError
 from nerve.event import Event
-from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
+from nerve.transport.base import (
+    DeadLetterEntry,
+    Delivery,
+    Failure,
+    Features,
+    GroupStats,
+    encode_checked,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,12 +231,7 @@ class MemoryTransport:
         group.wake.set()
 
     async def publish(self, events: Sequence[Event], *, to_group: str | None = None) -> None:
-        encoded = []
-        for event in events:
-            raw = codec.encode(event)
-            if len(raw) > self.config.max_payload:
-                raise PayloadTooLarge(len(raw), self.config.max_payload, event.id)
-            encoded.append((event, raw))
+        encoded = encode_checked(events, self.config.max_payload)
         if to_group is not None and to_group not in self._groups:
             raise TransportError(f"no consumer group named {to_group!r} is declared")
         for event, raw in encoded:

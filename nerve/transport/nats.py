@@ -38,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from nerve import event as codec
+from nerve._urls import redact as _redact
 from nerve.app import Subscription, matches_pattern
 from nerve.errors import (
     BrokerUnavailable,
@@ -45,11 +46,17 @@ from nerve.errors import (
     DecodeError,
     InvalidEvent,
     LeaseLost,
-    PayloadTooLarge,
     TransportError,
 )
 from nerve.event import Event
-from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
+from nerve.transport.base import (
+    DeadLetterEntry,
+    Delivery,
+    Failure,
+    Features,
+    GroupStats,
+    encode_checked,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -135,14 +142,6 @@ class NatsConfig:
                 f"{_redact(url)!r}: max_payload must be >= 1024, max_ack_pending and replicas >= 1"
             )
         return config
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None and "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, ""))
 
 
 def _safe(group: str) -> str:
@@ -781,14 +780,7 @@ class NatsTransport:
             self._groups.add(sub.group)
 
     def _encode(self, events: Sequence[Event]) -> list[tuple[Event, bytes]]:
-        limit = self.config.max_payload
-        encoded = []
-        for event in events:
-            body = codec.encode(event)
-            if len(body) > limit:
-                raise PayloadTooLarge(len(body), limit, event.id)
-            encoded.append((event, body))
-        return encoded
+        return encode_checked(events, self.config.max_payload)
 
     async def _require_group(self, group: str) -> None:
         if group in self._groups:

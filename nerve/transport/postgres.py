@@ -26,24 +26,31 @@ import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
 
 from nerve import event as codec
 from nerve._batch import Coalescer
+from nerve._urls import redact as _redact
 from nerve.app import Subscription
 from nerve.errors import (
     BrokerUnavailable,
     ConfigError,
     LeaseLost,
     NerveError,
-    PayloadTooLarge,
     TransportError,
 )
 from nerve.event import Event
-from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
+from nerve.transport.base import (
+    DeadLetterEntry,
+    Delivery,
+    Failure,
+    Features,
+    GroupStats,
+    encode_checked,
+)
 
 __all__ = ["PostgresConfig", "PostgresConsumer", "PostgresDelivery", "PostgresTransport"]
 
@@ -125,21 +132,6 @@ class PostgresConfig:
             schema=schema,
             **values,
         )
-
-
-def _redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = quote(unquote(parts.username or ""), safe="")
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(
-        (parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment)
-    )
 
 
 def _token() -> int:
@@ -649,14 +641,7 @@ class PostgresTransport:
                 await conn.execute(self._sql.bump)
 
     def _encode(self, events: Sequence[Event]) -> list[tuple[Event, bytes]]:
-        limit = self.config.max_payload
-        encoded = []
-        for event in events:
-            body = codec.encode(event)
-            if len(body) > limit:
-                raise PayloadTooLarge(len(body), limit, event.id)
-            encoded.append((event, body))
-        return encoded
+        return encode_checked(events, self.config.max_payload)
 
     async def publish(self, events: Sequence[Event], *, to_group: str | None = None) -> None:
         if not events:

@@ -42,6 +42,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from nerve import event as codec
+from nerve._urls import redact as _redact
 from nerve.app import Subscription, matches_pattern
 from nerve.errors import (
     BrokerUnavailable,
@@ -146,14 +147,6 @@ class RabbitMQConfig:
     @property
     def where(self) -> str:
         return f"RabbitMQ at {self.host}:{self.port} (vhost {self.vhost!r})"
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def binding_key(pattern: str) -> str:

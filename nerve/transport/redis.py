@@ -36,6 +36,7 @@ from redis import exceptions as redis_errors
 
 from nerve import event as codec
 from nerve._batch import Coalescer
+from nerve._urls import redact as _redact
 from nerve.app import Subscription
 from nerve.errors import (
     BrokerUnavailable,
@@ -46,7 +47,14 @@ from nerve.errors import (
     TransportError,
 )
 from nerve.event import Event
-from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
+from nerve.transport.base import (
+    DeadLetterEntry,
+    Delivery,
+    Failure,
+    Features,
+    GroupStats,
+    encode_checked,
+)
 
 _INGEST_BLOCK = 0.25
 """Seconds one read of the ingest stream blocks (bounds how long close() waits)."""
@@ -124,14 +132,6 @@ def _flag(value: str) -> bool:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"ingest must be true or false, not {value!r}")
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _base(prefix: str, group: str) -> str:
@@ -796,14 +796,7 @@ class RedisTransport:
         )
 
     def _encode(self, events: Sequence[Event]) -> list[tuple[Event, bytes]]:
-        limit = self.config.max_payload
-        encoded = []
-        for event in events:
-            body = codec.encode(event)
-            if len(body) > limit:
-                raise PayloadTooLarge(len(body), limit, event.id)
-            encoded.append((event, body))
-        return encoded
+        return encode_checked(events, self.config.max_payload)
 
     async def publish(self, events: Sequence[Event], *, to_group: str | None = None) -> None:
         if not events:

@@ -31,9 +31,16 @@ from nerve import event as codec
 from nerve._batch import Coalescer
 from nerve._sqlite import Worker, connect
 from nerve.app import Subscription
-from nerve.errors import ConfigError, LeaseLost, PayloadTooLarge, TransportError
+from nerve.errors import ConfigError, LeaseLost, TransportError
 from nerve.event import Event
-from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
+from nerve.transport.base import (
+    DeadLetterEntry,
+    Delivery,
+    Failure,
+    Features,
+    GroupStats,
+    encode_checked,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS log (
@@ -455,14 +462,7 @@ class SqliteTransport:
         await self._worker.write(declare)
 
     def _encode(self, events: Sequence[Event]) -> list[tuple[Event, bytes]]:
-        limit = self.config.max_payload
-        encoded = []
-        for event in events:
-            body = codec.encode(event)
-            if len(body) > limit:
-                raise PayloadTooLarge(len(body), limit, event.id)
-            encoded.append((event, body))
-        return encoded
+        return encode_checked(events, self.config.max_payload)
 
     async def publish(self, events: Sequence[Event], *, to_group: str | None = None) -> None:
         if not events:
