@@ -50,6 +50,8 @@ ADAPTERS: dict[str, tuple[str, str, str | None]] = {
     "amqp": ("nerve.transport.rabbitmq", "RabbitMQTransport", "rabbitmq"),
     "redis": ("nerve.transport.redis", "RedisTransport", "redis"),
     "postgresql": ("nerve.transport.postgres", "PostgresTransport", "postgres"),
+    "kafka": ("nerve.transport.kafka", "KafkaTransport", "kafka"),
+    "sqs": ("nerve.transport.sqs", "SqsTransport", "aws"),
 }
 #: adapters whose module is not in this installation yet (being built) are left out
 ADAPTERS = {
