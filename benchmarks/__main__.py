@@ -1,4 +1,5 @@
-"""``python -m benchmarks embedded [--runs 3] [--events N] [--rate R] [--seconds S]
+"""``python -m benchmarks brokers [--brokers nats,...] [--events N] [--runs 3]``, or
+``python -m benchmarks embedded [--runs 3] [--events N] [--rate R] [--seconds S]
 [--quick] [--profile]``.
 
 The last line printed is a one-line JSON summary (``events_per_s``, ``p50_ms``,
@@ -51,7 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     emb.add_argument(
         "--native", action="store_true", help="with --profile: include C frames (py-spy --native)"
     )
+    brk = sub.add_parser(
+        "brokers", help="nerve vs the raw client on nats, rabbitmq, redis, postgres"
+    )
+    brk.add_argument("--brokers", default="nats,rabbitmq,redis,postgres", help="comma-separated")
+    brk.add_argument("--events", type=int, default=10_000, help="events per run (10000)")
+    brk.add_argument("--batch", type=int, default=100, help="publish batch (100)")
+    brk.add_argument("--runs", type=int, default=3, help="runs per side and broker (3)")
     args = parser.parse_args(argv)
+    if args.suite == "brokers":
+        return _brokers(parser, args)
 
     settings = Settings(
         runs=max(1, args.runs),
@@ -80,6 +90,29 @@ def main(argv: list[str] | None = None) -> int:
         run_profile(settings, console, native=args.native)
         return 0
     summary = run(settings, console)
+    sys.stdout.flush()
+    print(orjson.dumps(summary).decode(), flush=True)
+    return 0
+
+
+def _brokers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from benchmarks.brokers import BROKERS
+    from benchmarks.brokers import Settings as BrokerSettings
+    from benchmarks.brokers import run as run_brokers
+
+    brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    unknown = [b for b in brokers if b not in BROKERS]
+    if unknown or not brokers:
+        parser.error(f"--brokers: choose from {','.join(BROKERS)}")
+    if args.events < 1 or args.batch < 1:
+        parser.error("--events and --batch must be positive")
+    settings = BrokerSettings(
+        brokers=brokers, events=args.events, batch=args.batch, runs=max(1, args.runs)
+    )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
+    summary = run_brokers(settings, console)
     sys.stdout.flush()
     print(orjson.dumps(summary).decode(), flush=True)
     return 0

@@ -1,0 +1,482 @@
+"""``python -m benchmarks brokers``: nerve against the raw client on each broker.
+
+For each broker (nats, rabbitmq, redis, postgres) the throughput workload of
+``benchmarks embedded``: N ~500-byte ``order.placed`` events published in batches by a
+producer process, consumed durably by a separate consumer process; events/s = N /
+(last ack - first publish).
+
+- nerve: consumer ``python -m nerve run benchmarks.broker_apps:app --broker URL`` (one
+  no-op function, concurrency 100), producer ``python -m benchmarks.broker_apps``
+  (``client.publish_events`` per batch).
+- raw: ``python -m benchmarks.raw_clients consume|produce`` (the broker's own client
+  doing the same durable work; see that module).
+
+Both sides: the producer first sends a warm-up message until the consumer has seen one
+(so connection set-up and declarations are not timed), then starts the clock; the
+consumer writes the wall time to a file when it has handled the N-th event (raw: after
+its ack; nerve: when the handler of the N-th event runs, the ack follows it). Runs of
+nerve and raw alternate; every run uses fresh streams/queues/keys/schemas, deleted
+after the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from benchmarks import raw_clients
+from benchmarks.embedded import (
+    PYTHON,
+    RESULTS_DIR,
+    ROOT,
+    RUNS_DIR,
+    _fail,
+    machine,
+    nerve_cli_available,
+    nerve_consumer_cmd,
+    process,
+    producer_result,
+)
+
+BROKERS = ("nats", "rabbitmq", "redis", "postgres")
+RUN_TIMEOUT = 180.0
+
+NERVE_URLS = {
+    "nats": "nats://127.0.0.1:4222?stream={name}",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/?prefix={name}",
+    "redis": "redis://127.0.0.1:6379/0?prefix={name}",
+    "postgresql": "postgresql://postgres@127.0.0.1:5432/test?schema={name}",
+}
+NERVE_URLS["postgres"] = NERVE_URLS.pop("postgresql")
+
+
+@dataclass
+class Settings:
+    brokers: list[str] = field(default_factory=lambda: list(BROKERS))
+    events: int = 10_000
+    batch: int = 100
+    runs: int = 3
+    consumer: str = ""
+
+
+# ---------------------------------------------------------------------------------------
+# Cleanup of what nerve created (raw_clients.teardown does the raw side)
+
+
+async def nerve_teardown(broker: str, name: str) -> None:
+    from benchmarks.broker_apps import app
+
+    groups = [sub.group for sub in app.subscriptions()]
+    if broker == "nats":
+        import nats
+
+        nc = await nats.connect(raw_clients.NATS_URL)
+        try:
+            js = nc.jetstream()
+            for stream in (name, f"{name}_dlq"):
+                with contextlib.suppress(Exception):
+                    await js.delete_stream(stream)
+        finally:
+            await nc.close()
+    elif broker == "rabbitmq":
+        import aio_pika
+
+        conn = await aio_pika.connect(raw_clients.AMQP_URL)
+        async with conn:
+            for group in groups:
+                for queue in (f"{name}.g.{group}", f"{name}.g.{group}.dlq"):
+                    channel = await conn.channel()
+                    with contextlib.suppress(Exception):
+                        await channel.queue_delete(queue)
+            channel = await conn.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(f"{name}.events")
+    elif broker == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(raw_clients.REDIS_URL)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{name}:*", count=1000)]
+            for start in range(0, len(keys), 500):
+                await client.delete(*keys[start : start + 500])
+        finally:
+            await client.aclose()
+    elif broker == "postgres":
+        import asyncpg
+
+        conn = await asyncpg.connect(raw_clients.PG_DSN)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        finally:
+            await conn.close()
+
+
+async def server_version(broker: str) -> str:
+    with contextlib.suppress(Exception):
+        if broker == "nats":
+            import nats
+
+            nc = await nats.connect(raw_clients.NATS_URL)
+            try:
+                return f"nats-server {nc.connected_server_version}"
+            finally:
+                await nc.close()
+        if broker == "rabbitmq":
+            import aio_pika
+
+            conn = await aio_pika.connect(raw_clients.AMQP_URL)
+            async with conn:
+                props = conn.transport.connection.server_properties  # type: ignore[union-attr]
+                return f"RabbitMQ {props.get('version', '?')}"
+        if broker == "redis":
+            import redis.asyncio as aioredis
+
+            client = aioredis.from_url(raw_clients.REDIS_URL)
+            try:
+                info = await client.info("server")
+                persistence = await client.config_get("appendonly")
+                fsync = await client.config_get("appendfsync")
+                return (
+                    f"Redis {info['redis_version']} (appendonly {persistence.get('appendonly')}, "
+                    f"appendfsync {fsync.get('appendfsync')})"
+                )
+            finally:
+                await client.aclose()
+        if broker == "postgres":
+            import asyncpg
+
+            conn = await asyncpg.connect(raw_clients.PG_DSN)
+            try:
+                version = await conn.fetchval("SHOW server_version")
+                sync = await conn.fetchval("SHOW synchronous_commit")
+                return f"PostgreSQL {version} (synchronous_commit {sync})"
+            finally:
+                await conn.close()
+    return "unknown"
+
+
+CLIENTS = {"nats": "nats-py", "rabbitmq": "aio-pika", "redis": "redis", "postgres": "asyncpg"}
+
+
+def client_version(broker: str) -> str:
+    dist = CLIENTS[broker]
+    try:
+        return f"{dist} {importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{dist} ?"
+
+
+# ---------------------------------------------------------------------------------------
+# One run
+
+
+def wait_done(path: Path, procs: list[Any], logdir: Path) -> float:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not path.exists():
+        for proc in procs:
+            if proc.poll() not in (None, 0):
+                raise _fail(f"a process exited with code {proc.returncode}", logdir)
+        if time.monotonic() > deadline:
+            raise _fail(f"{path.name} did not appear within {RUN_TIMEOUT:.0f} s", logdir)
+        time.sleep(0.005)
+    return float(path.read_text())
+
+
+class Bench:
+    def __init__(self, settings: Settings, use_cli: bool, progress: Progress, stamp: str) -> None:
+        self.s = settings
+        self.use_cli = use_cli
+        self.progress = progress
+        self.base = RUNS_DIR / f"brokers-{stamp}"
+        self.tag = stamp[-6:]
+
+    def one(self, broker: str, side: str, run: int) -> dict[str, float]:
+        s = self.s
+        logdir = self.base / f"{broker}-{side}-{run}"
+        logdir.mkdir(parents=True, exist_ok=True)
+        name = f"{'nb' if side == 'nerve' else 'rb'}_{self.tag}_{run}"
+        if broker == "rabbitmq":
+            name = name.replace("_", ".")
+        ready, done = logdir / "ready", logdir / "done"
+        task = self.progress.add_task(f"{broker} {side} #{run}", total=s.events)
+        env = {
+            "NERVE_BENCH_READY": str(ready),
+            "NERVE_BENCH_DONE": str(done),
+            "NERVE_BENCH_EXPECT": str(s.events),
+            "NERVE_STORE": f"sqlite:///{logdir / 'store.db'}",  # a fresh store per run
+        }
+        if side == "nerve":
+            url = NERVE_URLS[broker].format(name=name)
+            consumer_cmd = nerve_consumer_cmd("benchmarks.broker_apps:app", url, self.use_cli)
+            producer_cmd = [
+                PYTHON, "-m", "benchmarks.broker_apps", url, str(s.events), str(s.batch),
+                str(ready),
+            ]  # fmt: skip
+        else:
+            asyncio.run(raw_clients.setup(broker, name))
+            args = [broker, name, str(s.events), str(s.batch), str(ready)]
+            consumer_cmd = [PYTHON, "-m", "benchmarks.raw_clients", "consume", *args, str(done)]
+            producer_cmd = [PYTHON, "-m", "benchmarks.raw_clients", "produce", *args]
+        try:
+            with (
+                process(consumer_cmd, logdir, "consumer", **env) as consumer,
+                process(producer_cmd, logdir, "producer", **env) as producer,
+            ):
+                done_at = wait_done(done, [consumer, producer], logdir)
+                sent = producer_result(producer, logdir, "producer")
+        finally:
+            if side == "nerve":
+                asyncio.run(nerve_teardown(broker, name))
+            else:
+                asyncio.run(raw_clients.teardown(broker, name))
+        self.progress.update(task, completed=s.events)
+        elapsed = done_at - sent["first_publish"]
+        return {
+            "events_per_s": s.events / elapsed,
+            "seconds": elapsed,
+            "publish_seconds": sent["last_publish"] - sent["first_publish"],
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+
+def stat(runs: list[dict[str, float]], key: str = "events_per_s") -> tuple[float, float, float]:
+    values = [r[key] for r in runs]
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(runs: list[dict[str, float]]) -> str:
+    med, lo, hi = stat(runs)
+    return f"{med:,.0f} [{lo:,.0f}-{hi:,.0f}]"
+
+
+def results_table(results: dict[str, dict[str, list[dict[str, float]]]], s: Settings) -> Table:
+    table = Table(title=f"nerve vs raw client, {s.events:,} events, median \\[min-max] of {s.runs}")
+    for col in ("broker", "nerve events/s", "raw events/s", "nerve/raw"):
+        table.add_column(col, justify="left" if col == "broker" else "right")
+    for broker, sides in results.items():
+        ratio = stat(sides["nerve"])[0] / stat(sides["raw"])[0]
+        table.add_row(broker, fmt(sides["nerve"]), fmt(sides["raw"]), f"{ratio:.2f}x")
+    return table
+
+
+def summary_line(results: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for broker, sides in results.items():
+        nerve, raw = stat(sides["nerve"])[0], stat(sides["raw"])[0]
+        out[broker] = {"nerve": round(nerve), "raw": round(raw), "ratio": round(nerve / raw, 3)}
+    return out
+
+
+def markdown(
+    results: dict[str, dict[str, list[dict[str, float]]]],
+    s: Settings,
+    env: dict[str, Any],
+    summary: dict[str, Any],
+) -> str:
+    m = env["machine"]
+    lines = [
+        "# nerve vs the raw client, per broker",
+        "",
+        f"`python -m benchmarks brokers --events {s.events} --runs {s.runs} --batch {s.batch}"
+        f" --brokers {','.join(s.brokers)}`, {env['when']}.",
+        "",
+        f"Throughput, end to end (first publish to last ack), {s.events:,} events of "
+        f"~{env['event_bytes']} bytes, published in batches of {s.batch}; median [min-max] "
+        f"of {s.runs} runs, nerve and raw alternating.",
+        "",
+        "| broker | nerve events/s | raw events/s | nerve/raw |",
+        "|---|---:|---:|---:|",
+    ]
+    for broker, sides in results.items():
+        lines.append(
+            f"| {broker} | {fmt(sides['nerve'])} | {fmt(sides['raw'])} | "
+            f"{summary[broker]['ratio']:.2f}x |"
+        )
+    lines += [
+        "",
+        "Goal: nerve >= 0.6x the raw client on every broker.",
+        "",
+        "## Machine",
+        "",
+        f"- {m['cores']} cores, {m['cpu']}, {m['platform']}",
+        f"- Python {m['python']}, uvloop {'yes' if m['uvloop'] else 'no'} (both sides)",
+        f"- load average before/after: {env['load_average_1_5_15']}",
+        "- all servers local on 127.0.0.1, single node",
+        "",
+        "## Settings, per broker",
+        "",
+    ]
+    for broker in results:
+        lines += [
+            f"### {broker}",
+            "",
+            f"- server: {env['servers'][broker]}; client: {env['clients'][broker]}",
+            f"- nerve: consumer `{s.consumer.replace('URL', NERVE_URLS[broker])}` "
+            "(`benchmarks.broker_apps:app`, one no-op function, concurrency 100, adapter "
+            "defaults); producer `python -m benchmarks.broker_apps` "
+            f"(`client.publish_events`, batches of {s.batch})",
+            f"- raw: {raw_clients.SETTINGS[broker].replace('BATCH', str(s.batch))}",
+            "",
+        ]
+    lines += [
+        "## How the last ack is seen",
+        "",
+        "The consumer writes `time.time()` to a file when it has handled the N-th event: "
+        "raw, after that event's ack; nerve, when the handler of the N-th event runs "
+        "(nerve acks right after it returns, so nerve's number is optimistic by the cost "
+        "of one ack). Before the clock starts the producer sends warm-up messages until "
+        "the consumer has seen one, so connections and declarations are not timed.",
+        "",
+        "## Summary line",
+        "",
+        "```json",
+        orjson.dumps(summary).decode(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.38
+    brokers = list(results)
+    for i, (side, color) in enumerate((("nerve", "#3b6ea8"), ("raw", "#9a9a9a"))):
+        stats = [stat(results[b][side]) for b in brokers]
+        xs = [j + (i - 0.5) * width for j in range(len(brokers))]
+        ax.bar(
+            xs,
+            [med for med, _, _ in stats],
+            width,
+            yerr=[[med - lo for med, lo, _ in stats], [hi - med for med, _, hi in stats]],
+            color=color,
+            capsize=4,
+            label="nerve" if side == "nerve" else "raw client",
+        )
+    for j, b in enumerate(brokers):
+        ratio = stat(results[b]["nerve"])[0] / stat(results[b]["raw"])[0]
+        top = max(stat(results[b][side])[2] for side in ("nerve", "raw"))
+        ax.annotate(f"{ratio:.2f}x", (j, top), ha="center", va="bottom")
+    ax.set_xticks(range(len(brokers)), brokers)
+    ax.set_ylabel("events/s (median, min-max)")
+    ax.set_title("Throughput, end to end: nerve vs raw client")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def run(settings: Settings, console: Console) -> dict[str, Any]:
+    use_cli = nerve_cli_available()
+    settings.consumer = " ".join(
+        ["python", *nerve_consumer_cmd("benchmarks.broker_apps:app", "URL", use_cli)[1:]]
+    )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    load_before = os.getloadavg()
+    results: dict[str, dict[str, list[dict[str, float]]]] = {
+        b: {"nerve": [], "raw": []} for b in settings.brokers
+    }
+    columns = (
+        TextColumn("{task.description:<20}"),
+        BarColumn(),
+        TextColumn("{task.completed:>7,}/{task.total:,}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bench = Bench(settings, use_cli, progress, stamp)
+        for broker in settings.brokers:
+            for i in range(1, settings.runs + 1):  # alternating, so drift hits both alike
+                results[broker]["nerve"].append(bench.one(broker, "nerve", i))
+                results[broker]["raw"].append(bench.one(broker, "raw", i))
+    summary = summary_line(results)
+    console.print(results_table(results, settings))
+
+    from benchmarks.apps import make_orders
+    from nerve.event import encode
+
+    sizes = [len(encode(e)) for e in make_orders(100)]
+    env = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "event_bytes": round(statistics.median(sizes)),
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
+        "servers": {b: asyncio.run(server_version(b)) for b in settings.brokers},
+        "clients": {b: client_version(b) for b in settings.brokers},
+        "nerve": importlib.metadata.version("nerve") if _has_dist("nerve") else "editable",
+    }
+    doc = {
+        "summary": summary,
+        "settings": asdict(settings),
+        "sides": {
+            b: {
+                "nerve": {
+                    "url": NERVE_URLS[b],
+                    "consumer": settings.consumer,
+                    "producer": "python -m benchmarks.broker_apps URL N BATCH READY",
+                    "function": "sink, concurrency 100, no-op",
+                },
+                "raw": raw_clients.SETTINGS[b].replace("BATCH", str(settings.batch)),
+            }
+            for b in settings.brokers
+        },
+        "environment": env,
+        "results": {
+            b: {
+                side: {
+                    "runs": runs,
+                    "median": stat(runs)[0],
+                    "min": stat(runs)[1],
+                    "max": stat(runs)[2],
+                }
+                for side, runs in sides.items()
+            }
+            for b, sides in results.items()
+        },
+        "goal": {"ratio_at_least": 0.6},
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "brokers.json").write_bytes(
+        orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+    )
+    (RESULTS_DIR / "brokers.md").write_text(markdown(results, settings, env, summary))
+    plotted = plot(results, RESULTS_DIR / "brokers.png")
+    console.print(
+        f"wrote {RESULTS_DIR.relative_to(ROOT)}/brokers.json, brokers.md"
+        + (", brokers.png" if plotted else " (no plot: matplotlib is not installed)")
+    )
+    return summary
+
+
+def _has_dist(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
