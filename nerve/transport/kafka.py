@@ -1,7 +1,7 @@
 """``kafka://``: Apache Kafka (or a Kafka-protocol broker such as Tansu) via aiokafka.
 
 URL: ``kafka://host:9092[,host2:9092]?prefix=nerve&partitions=8&visibility_timeout=30
-&max_payload=1048576&durable=false``
+&max_payload=1048576``
 
 Layout on the broker:
 
@@ -13,8 +13,10 @@ Layout on the broker:
 - ``<prefix>.<group>.retry`` (1 partition): events published ``to_group`` (targeted
   redelivery, DLQ replay by other tools).
 - ``<prefix>.<group>.dlq`` (1 partition): dead letters, value = raw event, failure in
-  ``nerve_failure`` header (kept for inspection with Kafka tools; nerve cannot purge a
-  Kafka topic soundly, so ``dead_letter_queue`` is declared False).
+  the ``nerve_failure`` header (JSON). Browsing reads the topic from its start; purge
+  and replay append a marker record (empty value, ``nerve_purge`` header = JSON list
+  of offsets) that hides those entries; replay first produces the raw event to the
+  group's retry topic. Entry ids are ``<group>@<offset>``.
 
 Delivery model (what is true, see ``features``): each declared group is read by ONE
 reader in this process (manual partition assignment, starting at the log end when the
@@ -53,11 +55,11 @@ from nerve._urls import redact
 from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError, LeaseLost, TransportError
 from nerve.event import Event
-from nerve.transport.base import Delivery, Failure, Features, encode_checked
+from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, encode_checked
 
 __all__ = ["KafkaConfig", "KafkaTransport"]
 
-_OPTIONS = {"prefix", "partitions", "visibility_timeout", "max_payload", "durable"}
+_OPTIONS = {"prefix", "partitions", "visibility_timeout", "max_payload"}
 _CT_STRUCTURED = b"application/cloudevents+json"
 
 
@@ -68,7 +70,6 @@ class KafkaConfig:
     partitions: int = 8
     visibility_timeout: float = 30.0
     max_payload: int = 1024 * 1024
-    durable: bool = False
 
     @classmethod
     def from_url(cls, url: str) -> KafkaConfig:
@@ -88,7 +89,6 @@ class KafkaConfig:
                 partitions=int(options.get("partitions", 8)),
                 visibility_timeout=float(options.get("visibility_timeout", 30.0)),
                 max_payload=int(options.get("max_payload", 1024 * 1024)),
-                durable=options.get("durable", "false").lower() in ("1", "true", "yes"),
             )
         except ValueError as exc:
             raise ConfigError(f"{redact(url)!r}: {exc}") from None
@@ -274,10 +274,12 @@ class KafkaTransport:
             self.url = "kafka://" + ",".join(config.bootstrap)
         self.config = config
         self.features = Features(
-            durable=config.durable,
+            # a group's progress lives in this process (no committed offsets yet), so
+            # a restart of the process loses it, whatever the broker keeps
+            durable=False,
             shared_across_processes=False,
             key_ordering=True,
-            dead_letter_queue=False,
+            dead_letter_queue=True,
             max_payload=config.max_payload,
             lease_expiry=True,
             fenced_settlement=True,
@@ -287,6 +289,7 @@ class KafkaTransport:
         self._timers: set[asyncio.TimerHandle] = set()
         self._producer: Any = None
         self._topics: set[str] = set()
+        self._dlq_lock = asyncio.Lock()
 
     # -- connection ------------------------------------------------------------------
 
@@ -534,3 +537,119 @@ class KafkaTransport:
 
         handle = loop.call_later(delay, fire)
         self._timers.add(handle)
+
+    # -- dead letters (DeadLetterQueue) ----------------------------------------------
+
+    async def _read_dlq(self, group: str) -> dict[int, tuple[bytes, Failure]]:
+        """The live entries of ``group``'s DLQ topic: offset -> (raw, failure), read
+        from the start, with the purge markers (empty records) applied."""
+        tp = TopicPartition(self._group_topic(group, "dlq"), 0)
+        async with self._dlq_lock:
+            # a fresh reader per browse: a reused one kept stale fetch state across seeks
+            browser = AIOKafkaConsumer(
+                bootstrap_servers=list(self.config.bootstrap),
+                group_id=None,
+                enable_auto_commit=False,
+                fetch_max_wait_ms=50,
+                max_partition_fetch_bytes=self.config.max_payload + 64 * 1024,
+            )
+            try:
+                await browser.start()
+            except (KafkaError, OSError) as exc:
+                with contextlib.suppress(Exception):
+                    await browser.stop()
+                raise self._unavailable(exc) from None
+            try:
+                browser.assign([tp])
+                end = (await browser.end_offsets([tp]))[tp]
+                await browser.seek_to_beginning(tp)
+                live: dict[int, tuple[bytes, Failure]] = {}
+                deadline = time.monotonic() + 10
+                while await browser.position(tp) < end:
+                    if time.monotonic() > deadline:
+                        raise TransportError(f"reading dead letters of {group!r} timed out")
+                    batches = await browser.getmany(tp, timeout_ms=200)
+                    for record in batches.get(tp, []):
+                        head = dict(record.headers or ())
+                        if "nerve_purge" in head:
+                            for offset in json.loads(head["nerve_purge"]):
+                                live.pop(int(offset), None)
+                        elif "nerve_failure" in head:
+                            doc = json.loads(head["nerve_failure"])
+                            live[record.offset] = (record.value or b"", Failure(**doc))
+            except KafkaConnectionError as exc:
+                raise self._unavailable(exc) from None
+            except KafkaError as exc:
+                raise TransportError(f"reading dead letters of {group!r}: {exc!r}") from None
+            finally:
+                with contextlib.suppress(Exception):
+                    await browser.stop()
+            return live
+
+    def _entry(self, group: str, offset: int, raw: bytes, failure: Failure) -> DeadLetterEntry:
+        try:
+            event: Event | None = codec.decode(raw)
+        except Exception:
+            event = None
+        return DeadLetterEntry(f"{group}@{offset}", group, raw, failure, event)
+
+    async def _entries(self, group: str | None) -> list[DeadLetterEntry]:
+        names = [group] if group is not None else list(self._groups)
+        out: list[DeadLetterEntry] = []
+        for name in names:
+            if name not in self._groups:
+                continue
+            for offset, (raw, failure) in sorted((await self._read_dlq(name)).items()):
+                out.append(self._entry(name, offset, raw, failure))
+        out.sort(key=lambda e: (e.failure.failed_at, e.group, int(e.id.rpartition("@")[2])))
+        return out
+
+    async def dead_letters(
+        self, group: str | None = None, *, limit: int = 100
+    ) -> list[DeadLetterEntry]:
+        return (await self._entries(group))[:limit]
+
+    async def dead_letter_entry(self, entry_id: str) -> DeadLetterEntry | None:
+        group, _, offset = entry_id.rpartition("@")
+        if group not in self._groups or not offset.isdigit():
+            return None
+        found = (await self._read_dlq(group)).get(int(offset))
+        return None if found is None else self._entry(group, int(offset), *found)
+
+    async def _select(
+        self, entry_ids: Sequence[str] | None, group: str | None
+    ) -> list[DeadLetterEntry]:
+        entries = await self._entries(group)
+        if entry_ids is None:
+            return entries
+        wanted = set(entry_ids)
+        return [e for e in entries if e.id in wanted]
+
+    async def _purge_marker(self, group: str, offsets: list[int]) -> None:
+        headers = [("nerve_purge", json.dumps(offsets).encode())]
+        await self._send(self._group_topic(group, "dlq"), [(b"", None, headers)])
+
+    async def replay(
+        self, entry_ids: Sequence[str] | None = None, *, group: str | None = None
+    ) -> int:
+        entries = await self._select(entry_ids, group)
+        for entry in entries:
+            key = entry.event.partitionkey if entry.event is not None else None
+            headers = [("content-type", _CT_STRUCTURED), ("nerve_ts", str(time.time_ns()).encode())]
+            await self._send(
+                self._group_topic(entry.group, "retry"),
+                [(entry.raw, key.encode() if key else None, headers)],
+            )
+            await self._purge_marker(entry.group, [int(entry.id.rpartition("@")[2])])
+        return len(entries)
+
+    async def purge(
+        self, entry_ids: Sequence[str] | None = None, *, group: str | None = None
+    ) -> int:
+        entries = await self._select(entry_ids, group)
+        by_group: dict[str, list[int]] = {}
+        for entry in entries:
+            by_group.setdefault(entry.group, []).append(int(entry.id.rpartition("@")[2]))
+        for name, offsets in by_group.items():
+            await self._purge_marker(name, offsets)
+        return len(entries)
