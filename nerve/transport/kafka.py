@@ -36,6 +36,7 @@ import heapq
 import itertools
 import json
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ __all__ = ["KafkaConfig", "KafkaTransport"]
 
 _OPTIONS = {"prefix", "partitions", "visibility_timeout", "max_payload"}
 _CT_STRUCTURED = b"application/cloudevents+json"
+_TOPIC_SAFE = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,11 @@ class KafkaConfig:
         parts = urlsplit(url)
         if parts.scheme != "kafka":
             raise ConfigError(f"not a kafka URL: {redact(url)!r}")
-        hosts = tuple(h.rpartition("@")[2] for h in parts.netloc.split(",") if h)
+        if "@" in parts.netloc:
+            raise ConfigError(
+                f"{redact(url)!r}: SASL credentials are not supported by nerve's kafka:// yet"
+            )
+        hosts = tuple(h for h in parts.netloc.split(",") if h)
         options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         unknown = set(options) - _OPTIONS
         if unknown:
@@ -92,8 +98,11 @@ class KafkaConfig:
             )
         except ValueError as exc:
             raise ConfigError(f"{redact(url)!r}: {exc}") from None
-        if config.partitions < 1 or not config.prefix:
-            raise ConfigError(f"{redact(url)!r}: partitions must be >= 1 and prefix non-empty")
+        if config.partitions < 1 or not _TOPIC_SAFE.fullmatch(config.prefix):
+            raise ConfigError(
+                f"{redact(url)!r}: partitions must be >= 1 and prefix made of "
+                "letters, digits, '.', '_' and '-'"
+            )
         return config
 
 
