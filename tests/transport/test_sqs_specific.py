@@ -1,0 +1,167 @@
+"""SQS-only behaviour: URL options, queue names, SNS filter policies, errors, and what
+moto does with a stale receipt handle (why ``fenced_settlement`` is False)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from nerve.app import Subscription
+from nerve.errors import BrokerUnavailable, ConfigError
+from nerve.event import Event
+from nerve.transport.sqs import SqsConfig, SqsTransport, _filter_policy, _queue_name, _seconds
+
+for _name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    os.environ.setdefault(_name, "testing")
+
+
+def test_url_options_are_parsed_and_checked() -> None:
+    config = SqsConfig.from_url(
+        "sqs://127.0.0.1:4566?region=eu-west-1&prefix=shop&visibility_timeout=5"
+        "&max_payload=65536&endpoint=http"
+    )
+    assert config.endpoint_url == "http://127.0.0.1:4566"
+    assert (config.region, config.prefix, config.visibility_timeout) == ("eu-west-1", "shop", 5.0)
+    assert config.max_payload == 65536
+    aws = SqsConfig.from_url("sqs://?region=us-west-2")
+    assert aws.endpoint_url is None and aws.region == "us-west-2"
+    assert SqsConfig.from_url("sqs://sqs.example.com").endpoint_url == "https://sqs.example.com"
+    for bad in (
+        "sqs://h?nope=1",
+        "sqs://h?prefix=a b",
+        "sqs://h?visibility_timeout=0",
+        "sqs://h?max_payload=262144",  # no room left for the message attributes
+        "sqs://h?endpoint=ftp",
+        "sqs://key:secret@h",  # credentials belong in the environment
+        "redis://h",
+    ):
+        with pytest.raises(ConfigError):
+            SqsConfig.from_url(bad)
+    with pytest.raises(ConfigError) as caught:
+        SqsConfig.from_url("sqs://key:secret@h")
+    assert "secret" not in str(caught.value)
+
+
+def test_queue_names_are_valid_and_unambiguous() -> None:
+    assert _queue_name("nerve", "billing_v2") == "nerve-billing_v2"
+    odd = _queue_name("nerve", "billing.v2")
+    assert odd.startswith("nerve-billing_v2-") and odd != _queue_name("nerve", "billing_v2")
+    # a group named like another group's dead-letter queue gets its own name
+    assert _queue_name("nerve", "x-dlq") != _queue_name("nerve", "x") + "-dlq"
+    assert len(_queue_name("nerve", "g" * 200) + "-dlq") <= 80
+    assert [_seconds(v) for v in (0, 0.2, 1, 1.01, 10**9)] == [0, 1, 1, 2, 43200]
+
+
+def test_filter_policies_let_through_at_least_what_matches() -> None:
+    policy = _filter_policy(Subscription("g", ("order.created", "order.*", "pay.>")))
+    assert policy is not None
+    assert orjson.loads(policy) == {
+        "type": ["order.created", {"prefix": "order."}, {"prefix": "pay."}]
+    }
+    assert _filter_policy(Subscription("g", ("*.created",))) is None  # no literal prefix
+
+
+async def test_an_unreachable_endpoint_is_one_line_without_credentials() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    transport = SqsTransport(f"sqs://127.0.0.1:{port}?endpoint=http")
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as caught:
+        await transport.start()
+    assert time.monotonic() - started < 30
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "\n" not in message
+    assert "testing" not in message  # the dummy credentials of this test
+
+
+# -- against moto (its own server, so this file does not depend on the suite's) -----------
+
+
+@pytest.fixture(scope="module")
+def moto_port() -> Iterator[int]:
+    beside = Path(sys.executable).parent / "moto_server"
+    binary = str(beside) if beside.exists() else shutil.which("moto_server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("moto_server is not installed")
+        pytest.skip("moto_server is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.1)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def test_a_stale_receipt_handle_is_not_fenced(moto_port: int) -> None:
+    """After a redelivery the first receipt handle still deletes the message (moto, and
+    SQS does not promise otherwise): hence ``fenced_settlement=False``."""
+    transport = SqsTransport(
+        f"sqs://127.0.0.1:{moto_port}?prefix=stale&visibility_timeout=1&endpoint=http"
+    )
+    await transport.start()
+    try:
+        assert transport.features.fenced_settlement is False
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        consumer = transport.consumer(sub)
+        await transport.publish([Event(type="order.created", source="/t", data={})])
+        (stale,) = await consumer.fetch(1, 5)
+        await asyncio.sleep(1.2)
+        (fresh,) = await consumer.fetch(1, 5)
+        assert fresh.attempt == 2 and fresh.event.id == stale.event.id
+        await stale.ack()  # accepted: it removed the new owner's copy
+        assert await consumer.fetch(1, 1.5) == []
+    finally:
+        await transport.close()
+
+
+async def test_non_matching_events_never_reach_the_queue_or_are_dropped(moto_port: int) -> None:
+    transport = SqsTransport(f"sqs://127.0.0.1:{moto_port}?prefix=filters&endpoint=http")
+    await transport.start()
+    try:
+        star = Subscription("star", ("order.*",))
+        await transport.declare([star])
+        consumer = transport.consumer(star)
+        await transport.publish(
+            [
+                Event(type="order.created", source="/t", data={"n": 1}),
+                Event(type="order.line.added", source="/t", data={"n": 2}),  # prefix only
+                Event(type="payment.done", source="/t", data={"n": 3}),  # filtered by SNS
+            ]
+        )
+        (got,) = await consumer.fetch(10, 2)
+        assert got.event.type == "order.created"
+        await got.ack()
+        assert await consumer.fetch(10, 0.3) == []
+        (stats,) = await transport.stats()
+        assert (stats.ready, stats.in_flight, stats.processed) == (0, 0, 1)
+    finally:
+        await transport.close()
