@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import re
 import time
@@ -53,6 +54,8 @@ from nerve.transport.base import (
 )
 
 __all__ = ["PostgresConfig", "PostgresConsumer", "PostgresDelivery", "PostgresTransport"]
+
+log = logging.getLogger("nerve.transport.postgres")
 
 _NOW = "extract(epoch FROM clock_timestamp())::float8"
 _MAX_BIGINT = (1 << 63) - 1
@@ -191,6 +194,7 @@ class _Sql:
 
     def __init__(self, s: str) -> None:
         self.create = _schema_sql(s)
+        self.analyze = f"ANALYZE {s}.deliveries"
         self.routes = (
             f"SELECT v, CASE WHEN v <> $1 THEN "
             f"(SELECT array_agg(spec ORDER BY name) FROM {s}.groups) END "
@@ -481,6 +485,10 @@ class PostgresTransport:
         self._router = _Router()
         self._consumers: set[PostgresConsumer] = set()
         self._maintenance: asyncio.Task[None] | None = None
+        # planner statistics: see _note_changes
+        self._changed_rows = 0
+        self._analyzed_at = 0.0
+        self._analyzing: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
@@ -590,6 +598,9 @@ class PostgresTransport:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
             self._maintenance = None
+        if self._analyzing is not None:
+            with contextlib.suppress(Exception):
+                await self._analyzing
         for consumer in list(self._consumers):
             await consumer.close()
         for timer in self._timers:
@@ -676,6 +687,36 @@ class PostgresTransport:
                 touched,
             )
         self._wake_groups(touched)
+        self._note_changes(len(t_group))
+
+    def _note_changes(self, rows: int) -> None:
+        """Keep the planner's statistics on ``deliveries`` fresh.
+
+        The claim is fast only as an index scan in ``seq`` order that stops at its
+        LIMIT; with statistics from a nearly empty table the planner instead scans and
+        sorts the whole group (measured: 27 ms instead of 5 ms per claim with 10,000
+        pending). Autovacuum analyzes at most once a minute, too late for a burst, so
+        after 1,000 changed rows (at most every 2 s) this process runs ANALYZE in the
+        background.
+        """
+        self._changed_rows += rows
+        if (
+            self._changed_rows >= 1000
+            and self._analyzing is None
+            and time.monotonic() - self._analyzed_at >= 2.0
+        ):
+            self._analyzing = asyncio.ensure_future(self._analyze())
+
+    async def _analyze(self) -> None:
+        try:
+            async with self._connection("analyze deliveries") as conn:
+                await conn.execute(self._sql.analyze)
+        except NerveError as exc:
+            log.debug("ANALYZE failed (will try again): %s", exc)
+        finally:
+            self._changed_rows = 0
+            self._analyzed_at = time.monotonic()
+            self._analyzing = None
 
     async def _insert(
         self,
@@ -723,6 +764,7 @@ class PostgresTransport:
             rows = await conn.fetch(
                 self._sql.claim, group, limit, self.config.visibility_timeout, token
             )
+        self._note_changes(len(rows))
         return token, list(rows)
 
     async def _settle(
