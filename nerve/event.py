@@ -16,7 +16,7 @@ import re
 import threading
 import time as _time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -340,13 +340,3 @@ def decode_batch(raw: bytes | str) -> list[Event]:
     if not isinstance(docs, list):
         raise DecodeError("(batch)", "a batch must be a JSON array of events", raw_bytes)
     return [_from_document(doc, raw_bytes) for doc in docs]
-
-
-def is_json_data(event: Event) -> bool:
-    """True when the event's data is JSON (by its ``datacontenttype``)."""
-    return _is_json_content(event.datacontenttype) and not isinstance(event.data, bytes)
-
-
-def payload_bytes(events: Sequence[Event]) -> list[bytes]:
-    """Encode several events one by one (the transports' batch-publish helper)."""
-    return [encode(e) for e in events]

@@ -91,9 +91,8 @@ class SqliteStore:
         self._tx_open = False  # only read/written inside worker jobs
         self._batch: list[tuple[asyncio.Future[Any], Any]] = []
         self._batch_started = 0.0
-        self._checks: Coalescer[tuple[str, str], bool] = Coalescer(self._check_many)
         self._light: Coalescer[tuple[str, str, list[bytes]], list[int] | None] = Coalescer(
-            self._commit_light
+            self.commit_records
         )
         self._outbox_deletes: Coalescer[int, None] = Coalescer(self._delete_outbox)
 
@@ -122,7 +121,7 @@ class SqliteStore:
     # -- idempotency -----------------------------------------------------------------
 
     async def is_processed(self, function: str, event_id: str) -> bool:
-        return await self._checks.submit((function, event_id))
+        return event_id in await self.processed_many(function, [event_id])
 
     async def processed_many(self, function: str, event_ids: Sequence[str]) -> set[str]:
         """Which of ``event_ids`` ``function`` has processed already (one query)."""
@@ -155,23 +154,6 @@ class SqliteStore:
         """
         rows = list(items)
         return await self._in_turn(lambda conn: [_record(conn, *it) for it in rows])
-
-    async def _check_many(self, items: list[tuple[str, str]]) -> list[bool]:
-        def check(conn: sqlite3.Connection) -> list[bool]:
-            found: set[tuple[str, str]] = set()
-            for start in range(0, len(items), 400):
-                chunk = items[start : start + 400]
-                clause = " OR ".join("(function = ? AND event_id = ?)" for _ in chunk)
-                flat = [v for pair in chunk for v in pair]
-                found.update(
-                    (f, e)
-                    for f, e in conn.execute(
-                        f"SELECT function, event_id FROM nerve_processed WHERE {clause}", flat
-                    )
-                )
-            return [item in found for item in items]
-
-        return await self._reader.call(check)
 
     # -- write turns and group commit --------------------------------------------------
     #
@@ -317,12 +299,6 @@ class SqliteStore:
 
     def unit(self, function: str, event_id: str) -> SqliteUnit:
         return SqliteUnit(self, function, event_id)
-
-    async def _commit_light(
-        self, items: list[tuple[str, str, list[bytes]]]
-    ) -> list[list[int] | None]:
-        """Commit units that never touched ctx.store, many in one turn."""
-        return await self._in_turn(lambda conn: [_record(conn, *it) for it in items])
 
     # -- outbox ----------------------------------------------------------------------
 
