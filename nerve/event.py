@@ -178,7 +178,7 @@ _checked_names: set[str] = set()
 
 
 def _check_extension(name: str, value: object) -> None:
-    if not isinstance(value, str | int | bool):
+    if not isinstance(value, (str, int)):  # bool is an int
         raise InvalidEvent(
             name, f"extension values must be str, int or bool, got {type(value).__name__}"
         )
@@ -233,26 +233,68 @@ def _parse_time(value: object) -> datetime:
     return parsed
 
 
-def from_attributes(attributes: Mapping[str, Any], data: Any = None) -> Event:
-    """Build an event from context attributes (as a binding receives them) and data."""
+def _refuse_core(attributes: Mapping[str, Any]) -> None:
+    """Raise the error :class:`Event` would raise for bad required attributes (if any)."""
     for name in _REQUIRED:
         if attributes.get(name) is None:
             raise InvalidEvent(name, "is required but missing")
+    if attributes["specversion"] != "1.0":
+        raise InvalidEvent("specversion", f"must be '1.0', got {attributes['specversion']!r}")
+    for name in ("id", "source", "type"):
+        value = attributes[name]
+        if not isinstance(value, str) or not value:
+            raise InvalidEvent(name, f"is required and must be a non-empty string, got {value!r}")
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def from_attributes(attributes: Mapping[str, Any], data: Any = None) -> Event:
+    """Build an event from context attributes (as a binding receives them) and data.
+
+    Checks exactly what :class:`Event` checks, with the same errors, but builds the
+    event directly: this is the receive path of every transport, run once per event.
+    """
+    get = attributes.get
+    event_id, source, type_ = get("id"), get("source"), get("type")
+    if not (
+        type(event_id) is str
+        and event_id
+        and type(source) is str
+        and source
+        and type(type_) is str
+        and type_
+        and get("specversion") == "1.0"
+    ):
+        _refuse_core(attributes)
+    time_value = get("time")
+    subject, content_type, schema = get("subject"), get("datacontenttype"), get("dataschema")
+    for name, value in (
+        ("subject", subject),
+        ("datacontenttype", content_type),
+        ("dataschema", schema),
+    ):
+        if value is not None and not isinstance(value, str):
+            raise InvalidEvent(name, f"must be a string, got {type(value).__name__}")
+    extensions: dict[str, ExtensionValue] = {}
     # CloudEvents JSON format 2.2: an attribute whose value is null is treated as unset
-    extensions = {k: v for k, v in attributes.items() if k not in _RESERVED and v is not None}
-    time_value = attributes.get("time")
-    return Event(
-        specversion=attributes["specversion"],
-        id=attributes["id"],
-        source=attributes["source"],
-        type=attributes["type"],
-        time=None if time_value is None else _parse_time(time_value),
-        subject=attributes.get("subject"),
-        datacontenttype=attributes.get("datacontenttype"),
-        dataschema=attributes.get("dataschema"),
-        data=data,
-        extensions=extensions,
-    )
+    for name, value in attributes.items():
+        if value is not None and name not in _RESERVED:
+            _check_extension(name, value)
+            extensions[name] = value
+    event: Event = _new(Event)
+    _set(event, "type", type_)
+    _set(event, "source", source)
+    _set(event, "id", event_id)
+    _set(event, "specversion", "1.0")
+    _set(event, "time", None if time_value is None else _parse_time(time_value))
+    _set(event, "subject", subject)
+    _set(event, "datacontenttype", content_type)
+    _set(event, "dataschema", schema)
+    _set(event, "data", data)
+    _set(event, "extensions", MappingProxyType(extensions))
+    return event
 
 
 # ---------------------------------------------------------------------------------------
