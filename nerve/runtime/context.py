@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -12,6 +12,9 @@ from nerve.app import App, Function
 from nerve.errors import EmitError
 from nerve.event import Event
 from nerve.store.sqlite import SqliteUnit
+
+if TYPE_CHECKING:
+    from nerve.observe.tracing import HandlerTrace
 
 logger = logging.getLogger("nerve.function")
 
@@ -24,11 +27,13 @@ class Context:
     - ``store``: the function's transactional store; its writes commit together with
       the record that this event was processed, or not at all.
     - ``emit(payload, ...)``: queue an event; it is published only if the handler
-      succeeds (outbox), carrying causation and correlation ids.
-    - ``log``: a logger bound to the event id, type, function and attempt.
+      succeeds (outbox), carrying causation and correlation ids and the trace context.
+    - ``log``: a logger bound to the event id, type, function, attempt, correlation id
+      (and trace id when tracing is on).
+    - ``trace``: this attempt's ``process`` span when tracing is on, else None.
     """
 
-    __slots__ = ("_app", "_function", "_log", "attempt", "emitted", "event", "store")
+    __slots__ = ("_app", "_function", "_log", "attempt", "emitted", "event", "store", "trace")
 
     def __init__(
         self, app: App, function: Function, event: Event, attempt: int, store: SqliteUnit
@@ -40,6 +45,7 @@ class Context:
         self.store = store
         self.emitted: list[Event] = []
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
+        self.trace: HandlerTrace | None = None
 
     @property
     def function(self) -> str:
@@ -56,6 +62,7 @@ class Context:
                     "function": self._function.name,
                     "attempt": self.attempt,
                     "correlation_id": self.correlation_id,
+                    "trace_id": None if self.trace is None else self.trace.trace_id,
                 },
             )
         return self._log
@@ -91,9 +98,13 @@ class Context:
             "causationid": self.event.id,
             "correlationid": self.correlation_id,
         }
-        trace = self.event.extensions.get("traceparent")
-        if trace is not None:
-            exts["traceparent"] = trace
+        if self.trace is not None:
+            exts.update(self.trace.emitting(type_name))
+        else:
+            for name in ("traceparent", "tracestate"):
+                value = self.event.extensions.get(name)
+                if value is not None:
+                    exts[name] = value
         exts.update(extensions or {})
         declared = self._app.events[type_name]
         if key is None and declared.key is None:

@@ -46,6 +46,7 @@ from nerve import event as codec
 from nerve.app import Function
 from nerve.errors import DeadLetter, DecodeError, EmitError, LeaseLost, NerveError, Retry
 from nerve.event import Event
+from nerve.observe.hooks import observer_for
 from nerve.runtime.context import Context
 from nerve.store.sqlite import SqliteUnit
 from nerve.transport.base import Delivery, Failure
@@ -162,6 +163,10 @@ class FunctionRunner:
         self._ready: collections.deque[tuple[Delivery, Event, Any]] = collections.deque()
         self._workers = 0
         self._finisher: asyncio.Task[None] | None = None
+        self._observer = observer_for(runtime, function.name)  # None: nothing observes
+        self._handler = function.handler
+        if self._observer is not None:
+            self._handler = self._observer.wrap(function.handler)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -279,6 +284,8 @@ class FunctionRunner:
             ready.append((delivery, event, payload))
         if not ready:
             return
+        if self._observer is not None:
+            self._observer.dispatched([e for _, e, _ in ready], now)
         try:
             seen = await self.runtime.store.processed_many(fn.name, [e.id for _, e, _ in ready])
         except NerveError as exc:
@@ -348,25 +355,33 @@ class FunctionRunner:
         """
         fn = self.function
         runtime = self.runtime
+        handler, obs = self._handler, self._observer
         while True:
             unit = runtime.store.unit(fn.name, event.id)
             ctx = Context(runtime.app, fn, event, attempt, unit)
             started = time.monotonic()
             self._started[delivery] = started
+            mark = 0.0
             try:
                 async with self._gate:
+                    if obs is not None:
+                        mark = obs.start(ctx)
                     if fn.timeout is None:
-                        await fn.handler(payload, ctx)
+                        await handler(payload, ctx)
                     else:
                         async with asyncio.timeout(fn.timeout):
-                            await fn.handler(payload, ctx)
+                            await handler(payload, ctx)
             except asyncio.CancelledError:
+                if obs is not None:
+                    obs.end(ctx, mark, "released")
                 await unit.rollback()
                 await self._release(delivery, 0.0)
                 raise
             except (DeadLetter, EmitError) as exc:
                 await unit.rollback()
                 reason = "dead-letter" if isinstance(exc, DeadLetter) else "emit-not-declared"
+                if obs is not None:
+                    obs.end(ctx, mark, "dead_lettered", exc)
                 await self._dead(delivery, reason, exc, attempt)
                 return
             except Exception as exc:
@@ -374,6 +389,9 @@ class FunctionRunner:
                 self.stats.failed += 1
                 if isinstance(exc, TimeoutError):
                     exc = TimeoutError(f"handler ran over its timeout of {fn.timeout} s")
+                if obs is not None:
+                    retry = attempt < fn.retry.max_attempts
+                    obs.end(ctx, mark, "retried" if retry else "dead_lettered", exc)
                 if attempt >= fn.retry.max_attempts:
                     await self._dead(delivery, "max-attempts", exc, attempt)
                     return
@@ -399,6 +417,8 @@ class FunctionRunner:
             finally:
                 self.stats.handler_seconds += time.monotonic() - started
                 self._started.pop(delivery, None)
+            if obs is not None:
+                obs.end(ctx, mark, "processed")
             await self._succeeded(delivery, event, unit, ctx.emitted)
             return
 
@@ -476,6 +496,8 @@ class FunctionRunner:
                     d.emitted = []
                     d.duplicate = True
         emitted = [e for d in batch for e in d.emitted]
+        if emitted and self._observer is not None:
+            self._observer.emitted(emitted)
         if emitted:
             try:
                 await runtime.transport.publish(emitted)
@@ -535,6 +557,9 @@ class FunctionRunner:
             failed_at=now,
         )
         self.stats.dead_lettered += 1
+        if self._observer is not None:
+            early = reason in ("undecodable", "not-declared", "invalid-data")
+            self._observer.dead(delivery, reason, before_handler=early)
         log.warning(
             "function %s: dead-lettered a delivery (%s: %s: %s)",
             self.function.name,

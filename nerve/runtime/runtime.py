@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -21,6 +21,10 @@ from nerve.runtime.runner import FunctionRunner
 from nerve.store.sqlite import SqliteStore, default_store_url
 from nerve.transport import DEFAULT_BROKER, Transport, from_url
 from nerve.transport.base import Inspectable
+
+if TYPE_CHECKING:
+    from nerve.observe.metrics import Metrics
+    from nerve.observe.tracing import Tracing
 
 log = logging.getLogger("nerve.runtime")
 
@@ -34,6 +38,25 @@ class Client:
     def __init__(self, app: App, transport: Transport) -> None:
         self.app = app
         self.transport = transport
+        self.tracing: Tracing | None = None
+        self.metrics: Metrics | None = None
+
+    async def _send(self, events: Sequence[Event]) -> Sequence[Event]:
+        tracing = self.tracing
+        if tracing is None:
+            await self.transport.publish(events)
+        else:
+            events, span = tracing.start_publish(events)
+            try:
+                await self.transport.publish(events)
+            except BaseException as exc:
+                span.record_exception(exc)
+                raise
+            finally:
+                span.end()
+        if self.metrics is not None:
+            self.metrics.client.emitted(events)
+        return events
 
     async def publish(
         self,
@@ -49,8 +72,10 @@ class Client:
         event = self.app.make_event(
             payload, type=type, subject=subject, key=key, source=source, extensions=extensions
         )
-        await self.transport.publish([event])
-        return event
+        if self.tracing is None and self.metrics is None:
+            await self.transport.publish([event])
+            return event
+        return (await self._send([event]))[0]
 
     async def publish_events(self, events: Sequence[Event]) -> None:
         """Publish ready-made events (batch fast path); declared types are validated."""
@@ -61,7 +86,7 @@ class Client:
                     declared.model.model_validate(event.data)
                 except ValidationError as exc:
                     raise InvalidEvent("data", f"does not match {event.type!r}: {exc}") from None
-        await self.transport.publish(events)
+        await self._send(events)
 
 
 class Runtime:
@@ -80,6 +105,8 @@ class Runtime:
         *,
         only: Sequence[str] | None = None,
         shutdown_timeout: float = 10.0,
+        tracing: Tracing | bool | None = None,
+        metrics: Metrics | bool = False,
     ) -> None:
         self.app = app
         if broker is None or isinstance(broker, str):
@@ -104,7 +131,31 @@ class Runtime:
         self.functions = [f for f in app.functions.values() if not only or f.name in only]
         self.shutdown_timeout = shutdown_timeout
         self.runners: dict[str, FunctionRunner] = {}
+        self.tracing: Tracing | None
+        """Spans (nerve.observe.tracing): given, or as the OTEL_* environment says
+        (``tracing=None``), or off (``False``). Decided here, once."""
+        if tracing is None:
+            from nerve.observe import default_tracing
+
+            self.tracing = default_tracing(app.name)
+        elif tracing is True:
+            from nerve.observe.tracing import Tracing
+
+            self.tracing = Tracing()
+        else:
+            self.tracing = tracing or None
+        self.metrics: Metrics | None
+        """Counters and histograms for /metrics (nerve.observe.metrics), or None."""
+        if metrics is True:
+            from nerve.observe.metrics import Metrics
+
+            self.metrics = Metrics()
+        else:
+            self.metrics = metrics or None
+        if self.metrics is not None:
+            self.metrics.runtime = self
         self.client = Client(app, self.transport)
+        self.client.tracing, self.client.metrics = self.tracing, self.metrics
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
@@ -144,6 +195,8 @@ class Runtime:
             await asyncio.wait(self._background, timeout=5)
         await self.store.close()
         await self.transport.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     async def __aenter__(self) -> Runtime:
         await self.start()

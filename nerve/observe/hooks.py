@@ -1,0 +1,81 @@
+"""What the runtime calls to observe one function: spans and metrics, both optional.
+
+A runner holds one :class:`FunctionObserver` when tracing or metrics are on, and
+``None`` otherwise: with both off the pipeline makes no call at all. The calls are
+per fetched batch where they can be (latency, receive span, emitted events) and per
+handler attempt where they must be (duration, outcome, process span).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from nerve.event import Event
+from nerve.observe.metrics import FunctionMetrics
+
+if TYPE_CHECKING:
+    from nerve.observe.tracing import Handler, Tracing
+    from nerve.runtime.context import Context
+    from nerve.transport.base import Delivery
+
+__all__ = ["FunctionObserver"]
+
+
+class FunctionObserver:
+    __slots__ = ("metrics", "name", "tracing")
+
+    def __init__(self, name: str, metrics: FunctionMetrics | None, tracing: Tracing | None):
+        self.name = name
+        self.metrics = metrics
+        self.tracing = tracing
+
+    def wrap(self, handler: Handler) -> Handler:
+        return handler if self.tracing is None else self.tracing.wrap(handler)
+
+    def dispatched(self, events: Sequence[Event], now: float) -> None:
+        """A fetched batch is about to be handled."""
+        if self.metrics is not None:
+            self.metrics.dispatched(events, now)
+        if self.tracing is not None and events:
+            self.tracing.received(self.name, events)
+
+    def start(self, ctx: Context) -> float:
+        """A handler attempt starts; returns the start time for :meth:`end`."""
+        if self.tracing is not None:
+            ctx.trace = self.tracing.start_process(self.name, ctx.event, ctx.attempt)
+        return time.perf_counter()
+
+    def end(
+        self, ctx: Context, started: float, outcome: str, error: BaseException | None = None
+    ) -> None:
+        """A handler attempt ended: 'processed', 'retried', 'dead_lettered' or
+        'released' (cancelled by a shutdown: not counted)."""
+        if self.metrics is not None and outcome != "released":
+            self.metrics.handled(ctx.event.type, time.perf_counter() - started, outcome)
+        if self.tracing is not None and ctx.trace is not None:
+            self.tracing.end_process(ctx.trace, error, outcome)
+
+    def dead(self, delivery: Delivery, reason: str, before_handler: bool) -> None:
+        """A delivery is dead-lettered (``before_handler``: its handler never ran)."""
+        try:
+            event: Event | None = delivery.event
+        except Exception:
+            event = None
+        if self.metrics is not None:
+            self.metrics.dead(event.type if event is not None else "(undecodable)", reason)
+        if self.tracing is not None and before_handler:
+            self.tracing.dead_lettered(self.name, event, reason)
+
+    def emitted(self, events: Sequence[Event]) -> None:
+        if self.metrics is not None:
+            self.metrics.emitted(events)
+
+
+def observer_for(runtime: Any, name: str) -> FunctionObserver | None:
+    """The observer of function ``name`` in ``runtime``, or None when nothing observes."""
+    metrics = runtime.metrics.function(name) if runtime.metrics is not None else None
+    if metrics is None and runtime.tracing is None:
+        return None
+    return FunctionObserver(name, metrics, runtime.tracing)
