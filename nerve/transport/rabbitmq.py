@@ -27,9 +27,10 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -259,6 +260,14 @@ class _Sticky(dict[str, Any]):
 
 class _Unroutable(TransportError):
     """A message for one queue found no queue (mandatory publish returned)."""
+
+
+class _Refused(TransportError):
+    """The broker nacked a publish (a quorum queue that cannot take it right now)."""
+
+
+_REPUBLISH_PAUSES = (0.05, 0.25, 1.0)
+"""Seconds to wait before publishing a refused retry copy or dead letter again."""
 
 
 # -- deliveries and consumers -------------------------------------------------------------
@@ -644,7 +653,8 @@ class RabbitMQTransport:
         self._groups: dict[str, Subscription] = {}
         self._consumers: set[RabbitMQConsumer] = set()
         self._delay_queues: dict[tuple[str, int], float] = {}
-        self._dlqs: set[str] = set()
+        self._dlqs: dict[str, float] = {}
+        self._declaring: dict[str, asyncio.Lock] = {}
         self._counters: dict[str, dict[str, int]] = {}
         self._expires_ms = (
             None if config.queue_expires is None else int(config.queue_expires * 1000)
@@ -850,6 +860,11 @@ class RabbitMQTransport:
                 raise _Unroutable(
                     f"no consumer group named {group!r} is declared on {self.config.where}"
                 )
+            if isinstance(result, aiormq.exceptions.DeliveryError):
+                raise _Refused(
+                    f"{self.config.where} refused a publish ({result.frame!r}): a quorum "
+                    "queue could not take it"
+                )
             if isinstance(result, BaseException):
                 if isinstance(result, Exception):
                     raise _translate(result, "publish", self.config.where)
@@ -890,17 +905,52 @@ class RabbitMQTransport:
         # declared once per half expiry period: declaring keeps an idle queue alive, and
         # everything in it has expired into the group queue before it can expire itself
         expires_ms = 2 * ms + (self._expires_ms or 3_600_000)
-        for retry in (False, True):
-            declared = self._delay_queues.get(key)
-            if retry or declared is None or time.monotonic() - declared > expires_ms / 2000:
-                await self._declare_delay_queue(delivery.group, name, ms, expires_ms)
-                self._delay_queues[key] = time.monotonic()
+
+        async def declare() -> None:
+            await self._declare_delay_queue(delivery.group, name, ms, expires_ms)
+
+        await self._ensure(name, self._delay_queues, key, expires_ms / 2000, declare)
+        await self._publish_retrying(
+            lambda: self._publish_copy(delivery, delivery.attempt + 1, name),
+            lambda: self._ensure(name, self._delay_queues, key, 0.0, declare),
+        )
+
+    async def _ensure(
+        self,
+        name: str,
+        declared: dict[Any, float],
+        key: Any,
+        fresh_for: float,
+        declare: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Declare queue ``name`` unless it was declared within ``fresh_for`` seconds,
+        one declaration at a time per queue: RabbitMQ 3.10 nacks publishes to a quorum
+        queue that another channel is still declaring (the cause of retries that stalled
+        until their lease ran out)."""
+        lock = self._declaring.setdefault(name, asyncio.Lock())
+        asked = time.monotonic()
+        async with lock:
+            at = declared.get(key)
+            if at is not None and (at >= asked or time.monotonic() - at < fresh_for):
+                return  # fresh, or declared by someone else while this one waited
+            await declare()
+            declared[key] = time.monotonic()
+
+    @staticmethod
+    async def _publish_retrying(
+        publish: Callable[[], Awaitable[None]], redeclare: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Publish a copy to a queue nerve declares on demand, declaring it again when it
+        has expired (unroutable) and retrying a few times when the broker refuses it."""
+        for pause in (*_REPUBLISH_PAUSES, None):
             try:
-                await self._publish_copy(delivery, delivery.attempt + 1, name)
+                await publish()
                 return
-            except _Unroutable:
-                if retry:
+            except (_Unroutable, _Refused):
+                if pause is None:
                     raise
+                await asyncio.sleep(pause)
+                await redeclare()
 
     async def _declare_delay_queue(self, group: str, name: str, ms: int, expires_ms: int) -> None:
         async with self._scratch("declare a delay queue") as channel:
@@ -930,21 +980,28 @@ class RabbitMQTransport:
                 _DEAD_AT: time.time(),
             },
         )
-        message = [(delivery.raw, props, self._dlq(delivery.group))]
-        if delivery.group not in self._dlqs:
-            await self._declare_dlq(delivery.group)
-        try:
-            await self._send("", message, True, None)
-        except _Unroutable:  # it expired (queue_expires): make it again
-            await self._declare_dlq(delivery.group)
-            await self._send("", message, True, None)
+        group = delivery.group
+        message = [(delivery.raw, props, self._dlq(group))]
+        await self._ensure(
+            self._dlq(group), self._dlqs, group, math.inf, partial(self._declare_dlq, group)
+        )
+        await self._publish_retrying(
+            partial(self._send, "", message, True, None),
+            partial(
+                self._ensure,
+                self._dlq(group),
+                self._dlqs,
+                group,
+                0.0,
+                partial(self._declare_dlq, group),
+            ),
+        )
 
     async def _declare_dlq(self, group: str) -> None:
         async with self._scratch("declare a dead-letter queue") as channel:
             await channel.queue_declare(
                 self._dlq(group), durable=True, arguments=self._queue_arguments()
             )
-        self._dlqs.add(group)
 
     def _count(self, group: str, counter: str) -> None:
         counters = self._counters.setdefault(

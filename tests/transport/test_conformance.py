@@ -466,6 +466,36 @@ async def test_nack_with_delay_redelivers_later_to_its_own_group_only(
     await nothing(b, 0.1)
 
 
+async def test_many_concurrent_nacks_with_different_delays_all_come_back(
+    transport: Transport,
+) -> None:
+    # Regression (amqp://): concurrent nacks declared one delay queue on several channels
+    # at once, RabbitMQ refused copies published meanwhile, the nack raised and the
+    # delivery stalled until its lease ran out (30 s in the shop). The race is timing
+    # dependent; two rounds of 40 nacks over fresh delay buckets caught it most runs.
+    (consumer,) = await setup(transport, Subscription("g", ("order.created",)))
+    sent = [make(i) for i in range(40)]
+    await transport.publish(sent)
+    pending = await drain(consumer, len(sent), ack=False)
+    rng = random.Random(1)
+    for round_ in range(2):
+        delays = [0.08 * round_ + 0.1 * rng.randint(1, 8) for _ in pending]
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(d.nack(s) for d, s in zip(pending, delays, strict=True)),
+                return_exceptions=True,
+            ),
+            SOON,
+        )
+        assert [r for r in results if r is not None] == []
+        pending = await drain(consumer, len(sent), ack=False, timeout=SOON)
+        assert sorted(ids(pending)) == sorted(e.id for e in sent)
+        assert {d.attempt for d in pending} == {round_ + 2}
+    for delivery in pending:
+        await delivery.ack()
+    await nothing(consumer)
+
+
 # -- 10. targeted redelivery ------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ CloudEvents AMQP binary-mode message from a plain aio-pika client."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -10,7 +11,14 @@ import pytest
 
 from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError
-from nerve.transport.rabbitmq import RabbitMQConfig, RabbitMQTransport, binding_key, delay_bucket
+from nerve.event import Event
+from nerve.transport.rabbitmq import (
+    RabbitMQConfig,
+    RabbitMQDelivery,
+    RabbitMQTransport,
+    binding_key,
+    delay_bucket,
+)
 
 from .adapter_rabbitmq import make_url
 
@@ -94,5 +102,46 @@ async def test_a_binary_mode_cloudevent_from_a_plain_client_is_received(tmp_path
         assert event.datacontenttype == "application/json" and delivery.attempt == 1
         await delivery.ack()
         assert list(await consumer.fetch(10, 0.2)) == []
+    finally:
+        await transport.close()
+
+
+async def test_concurrent_nacks_declare_each_delay_queue_once(tmp_path: Path) -> None:
+    # The cause of the amqp:// stall: concurrent nacks each declared the same delay queue
+    # on their own channel, and RabbitMQ 3.10 refused (nacked) copies published to a
+    # quorum queue while another channel was declaring it; the nack raised and the
+    # delivery waited for its lease. Now one declaration per delay queue is in flight.
+    transport = RabbitMQTransport(make_url(tmp_path))
+    await transport.start()
+    declared: list[str] = []
+    declare = transport._declare_delay_queue
+
+    async def counting(group: str, name: str, ms: int, expires_ms: int) -> None:
+        declared.append(name)
+        await declare(group, name, ms, expires_ms)
+
+    transport._declare_delay_queue = counting  # type: ignore[method-assign]
+    try:
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        consumer = transport.consumer(sub)
+        await transport.publish(
+            [Event(type="order.created", source="/t", data={"n": i}) for i in range(40)]
+        )
+        got: list[RabbitMQDelivery] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 40 and time.monotonic() < deadline:
+            got += await consumer.fetch(40 - len(got), 1.0)
+        delays = [0.1 * (1 + i % 8) for i in range(len(got))]
+        await asyncio.gather(*(d.nack(s) for d, s in zip(got, delays, strict=True)))
+        assert sorted(declared) == sorted(
+            {f"{transport._queue('g')}.delay.{delay_bucket(s)}" for s in delays}
+        )
+        again: list[RabbitMQDelivery] = []
+        deadline = time.monotonic() + 10
+        while len(again) < 40 and time.monotonic() < deadline:
+            again += await consumer.fetch(40 - len(again), 1.0)
+        assert sorted(d.event.id for d in again) == sorted(d.event.id for d in got)
+        await consumer.ack_many(again)
     finally:
         await transport.close()

@@ -50,11 +50,7 @@ async def run_shop(url: str) -> Counter[str]:
 
 
 async def test_the_shop_runs_unchanged(brokers: Brokers) -> None:
-    # A 5 s lease: on amqp:// a delivery is sometimes handed out and then left unsettled
-    # until its lease expires (a known adapter bug, about 1 run in 3, each stall one
-    # visibility timeout long); with the default 30 s two stalls in one order's chain
-    # overran the deadline. Nothing is lost; the stall is a latency bug to fix.
-    states = await run_shop(brokers.new(visibility_timeout=5).url)
+    states = await run_shop(brokers.new().url)
     # the outcomes follow from the order data and the rules alone, so they are the same
     # as on the in-process broker, and every terminal state occurs
     assert states == await run_shop("memory://")
