@@ -1,4 +1,5 @@
-"""``python -m benchmarks brokers [--brokers nats,...] [--events N] [--runs 3]``, or
+"""``python -m benchmarks compare [--quick]`` (everything side by side, RESULTS.md),
+``python -m benchmarks brokers [--brokers nats,...] [--events N] [--runs 3]``, or
 ``python -m benchmarks embedded [--runs 3] [--events N] [--rate R] [--seconds S]
 [--quick] [--profile]``.
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import orjson
 from rich.console import Console
@@ -59,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     brk.add_argument("--events", type=int, default=10_000, help="events per run (10000)")
     brk.add_argument("--batch", type=int, default=100, help="publish batch (100)")
     brk.add_argument("--runs", type=int, default=3, help="runs per side and broker (3)")
+    _add_compare(sub)
     args = parser.parse_args(argv)
     if args.suite == "brokers":
         return _brokers(parser, args)
+    if args.suite == "compare":
+        from benchmarks.compare import main as compare
+
+        return compare(parser, args)
 
     settings = Settings(
         runs=max(1, args.runs),
@@ -93,6 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     print(orjson.dumps(summary).decode(), flush=True)
     return 0
+
+
+def _add_compare(sub: Any) -> None:
+    from benchmarks.compare import add_arguments
+
+    add_arguments(
+        sub.add_parser(
+            "compare",
+            help="everything side by side: nerve, raw clients, FastStream, Dramatiq, Celery, "
+            "taskiq; writes benchmarks/RESULTS.md",
+        )
+    )
 
 
 def _brokers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -58,6 +58,7 @@ class Settings:
     synchronous: str = "FULL"
     floor_claim: str = "lease"
     floor_busy: str = "spin"
+    processes: int = 1  # nerve worker processes (`nerve run --processes`)
     consumer: str = ""  # filled in: the command that runs the nerve consumer
 
     @property
@@ -279,6 +280,8 @@ class Bench:
         url = self._url(db)
         show = self._task(f"nerve throughput #{run}", s.events)
         consumer_cmd = nerve_consumer_cmd("benchmarks.apps:app", url, self.use_cli)
+        if s.processes > 1:
+            consumer_cmd += ["--processes", str(s.processes)]
         with process(consumer_cmd, logdir, "consumer") as consumer:
             conn = read_only(db, time.monotonic() + READY_TIMEOUT)
             try:

@@ -1,0 +1,779 @@
+"""``python -m benchmarks compare``: nerve side by side with the raw clients and the
+frameworks users would pick instead (FastStream, Dramatiq, Celery, taskiq), same
+workloads, same brokers, same run, regenerating ``benchmarks/RESULTS.md`` and charts.
+
+Workloads (the ~520-byte ``order.placed`` CloudEvent of ``benchmarks/apps.py``):
+
+- throughput: N events by a producer process, one durable handler in a consumer
+  process; events/s from first publish to last handled event. nerve and raw on the
+  network brokers are ``benchmarks/brokers.py``'s runs, on the embedded broker
+  ``benchmarks/embedded.py``'s (vs the sqlite3 floor); the peers run through
+  ``python -m benchmarks.peers`` with the same protocol;
+- fanout: every event handled by 4 functions (nerve, raw, FastStream);
+- latency: open-loop producer at fixed rates for a fixed time; p50/p99/p99.9 of handler
+  start minus scheduled send time (nerve, raw, FastStream; embedded: nerve vs floor);
+- pipeline: the shop example (``examples/shop``), orders/s to a terminal state;
+- scale: nerve's embedded-broker throughput with 1 and 2 worker processes.
+
+Runs alternate between the systems of a comparison (nerve, raw, peer, nerve, raw, peer,
+...), each is bounded in count and time: a run that fails or overruns its deadline is
+killed and recorded as failed, and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.metadata
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from benchmarks import brokers as broker_bench
+from benchmarks import embedded
+from benchmarks.embedded import (
+    PYTHON,
+    RESULTS_DIR,
+    ROOT,
+    RUNS_DIR,
+    _fail,
+    machine,
+    nerve_cli_available,
+    nerve_consumer_cmd,
+    percentiles,
+    process,
+    producer_result,
+)
+from benchmarks.peers import DISTRIBUTIONS, MODULES, PEERS
+from benchmarks.peers.common import CONFIG_ENV, Config
+
+WORKLOADS = ("throughput", "fanout", "latency", "pipeline", "scale")
+NETWORK = ("nats", "rabbitmq", "redis", "postgres")
+BROKERS = (*NETWORK, "sqlite")
+FANOUT = 4
+SHORT = {
+    "nerve": "nb",
+    "raw": "rw",
+    "faststream": "fs",
+    "dramatiq": "dq",
+    "celery": "ce",
+    "taskiq": "tq",
+}
+COLORS = {
+    "nerve": "#2f6db5",
+    "raw": "#8c8c8c",
+    "floor": "#8c8c8c",
+    "faststream": "#e08a2c",
+    "dramatiq": "#6aa84f",
+    "celery": "#a64d79",
+    "taskiq": "#c9b037",
+}
+
+# Rough events/s per system, only to print the expected duration and set deadlines.
+EXPECTED_RATE = {
+    "nerve": 4000.0,
+    "raw": 8000.0,
+    "floor": 15000.0,
+    "faststream": 2500.0,
+    "dramatiq": 1500.0,
+    "celery": 600.0,
+    "taskiq": 1500.0,
+}
+STARTUP_S = {"celery": 6.0, "dramatiq": 5.0}
+MIN_RATE = 40.0
+"""A run slower than this (events/s) is stopped and recorded as failed."""
+
+
+@dataclass
+class Settings:
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    brokers: list[str] = field(default_factory=lambda: list(BROKERS))
+    peers: list[str] = field(default_factory=lambda: list(PEERS))
+    runs: int = 3
+    events: int = 10_000
+    batch: int = 100
+    fanout_events: int = 5_000
+    rates: list[float] = field(default_factory=lambda: [500.0, 1000.0, 2000.0])
+    seconds: float = 5.0
+    pipeline_orders: int = 2_000
+    scale_events: int = 20_000
+    quick: bool = False
+
+    @classmethod
+    def quick_mode(cls) -> Settings:
+        return cls(
+            runs=1,
+            events=1_000,
+            fanout_events=500,
+            rates=[500.0, 1000.0],
+            seconds=2.0,
+            pipeline_orders=200,
+            scale_events=2_000,
+            quick=True,
+        )
+
+    def command(self) -> str:
+        parts = ["python -m benchmarks compare"]
+        if self.quick:
+            parts.append("--quick")
+        parts += [
+            f"--workloads {','.join(self.workloads)}",
+            f"--brokers {','.join(self.brokers)}",
+            f"--peers {','.join(self.peers) or 'none'}",
+            f"--runs {self.runs} --events {self.events} --fanout-events {self.fanout_events}",
+            f"--rates {','.join(f'{r:g}' for r in self.rates)} --seconds {self.seconds:g}",
+            f"--orders {self.pipeline_orders} --scale-events {self.scale_events}",
+        ]
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One series: a system, on a broker, in a workload (at a rate / process count)."""
+
+    workload: str
+    broker: str
+    system: str
+    param: float = 0.0
+
+    @property
+    def key(self) -> str:
+        tail = f"@{self.param:g}" if self.param else ""
+        return f"{self.workload}/{self.broker}/{self.system}{tail}"
+
+    @property
+    def label(self) -> str:
+        if self.workload == "latency":
+            return f"{self.broker} {self.system} {self.param:g}/s"
+        if self.workload == "scale":
+            return f"{self.broker} {self.system} x{self.param:g}"
+        return f"{self.broker} {self.system}"
+
+
+@dataclass
+class Series:
+    case: Case
+    runs: list[dict[str, float]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def stat(self, key: str) -> tuple[float, float, float] | None:
+        values = [run[key] for run in self.runs if key in run]
+        if not values:
+            return None
+        return statistics.median(values), min(values), max(values)
+
+    def median(self, key: str) -> float | None:
+        got = self.stat(key)
+        return None if got is None else got[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The plan
+
+
+def plan(s: Settings) -> list[list[Case]]:
+    """Groups of cases; the runs of a group alternate (nerve, raw, peer, nerve, ...)."""
+    groups: list[list[Case]] = []
+    network = [b for b in s.brokers if b in NETWORK]
+    if "throughput" in s.workloads:
+        for broker in network:
+            cases = [Case("throughput", broker, "nerve"), Case("throughput", broker, "raw")]
+            cases += [Case("throughput", broker, peer) for peer in s.peers if broker in PEERS[peer]]
+            groups.append(cases)
+        if "sqlite" in s.brokers:
+            groups.append(
+                [Case("throughput", "sqlite", "nerve"), Case("throughput", "sqlite", "floor")]
+            )
+    if "fanout" in s.workloads:
+        for broker in network:
+            if broker == "postgres":
+                continue  # no raw fan-out client for it here
+            cases = [Case("fanout", broker, "nerve"), Case("fanout", broker, "raw")]
+            if "faststream" in s.peers and broker in PEERS["faststream"]:
+                cases.append(Case("fanout", broker, "faststream"))
+            groups.append(cases)
+    if "latency" in s.workloads:
+        for rate in s.rates:
+            for broker in network:
+                if broker == "postgres":
+                    continue
+                cases = [
+                    Case("latency", broker, "nerve", rate),
+                    Case("latency", broker, "raw", rate),
+                ]
+                if "faststream" in s.peers and broker in PEERS["faststream"]:
+                    cases.append(Case("latency", broker, "faststream", rate))
+                groups.append(cases)
+            if "sqlite" in s.brokers:
+                groups.append(
+                    [
+                        Case("latency", "sqlite", "nerve", rate),
+                        Case("latency", "sqlite", "floor", rate),
+                    ]
+                )
+    if "pipeline" in s.workloads:
+        groups.append(
+            [Case("pipeline", "sqlite", "nerve", 1), Case("pipeline", "sqlite", "nerve", 2)]
+        )
+    if "scale" in s.workloads:
+        groups.append([Case("scale", "sqlite", "nerve", 1), Case("scale", "sqlite", "nerve", 2)])
+    return groups
+
+
+def events_of(case: Case, s: Settings) -> int:
+    if case.workload == "throughput":
+        return s.events
+    if case.workload == "fanout":
+        return s.fanout_events
+    if case.workload == "latency":
+        return int(case.param * s.seconds)
+    if case.workload == "pipeline":
+        return s.pipeline_orders
+    return s.scale_events
+
+
+def expected_seconds(case: Case, s: Settings) -> float:
+    """A rough guess of one run's wall time (process start, warm-up, work, teardown)."""
+    overhead = STARTUP_S.get(case.system, 3.5)
+    if case.workload == "latency":
+        return overhead + s.seconds + 1.0
+    if case.workload == "pipeline":
+        return overhead + s.pipeline_orders / 400.0
+    rate = EXPECTED_RATE[case.system]
+    work = events_of(case, s) * (FANOUT if case.workload == "fanout" else 1)
+    if case.broker == "rabbitmq":
+        rate /= 3
+    return overhead + work / rate
+
+
+def deadline_seconds(case: Case, s: Settings) -> float:
+    if case.workload == "latency":
+        return s.seconds + 60.0
+    work = events_of(case, s) * (FANOUT if case.workload == "fanout" else 1)
+    return min(300.0, 40.0 + work / MIN_RATE)
+
+
+# ---------------------------------------------------------------------------------------
+# Running one case
+
+
+class Runner:
+    def __init__(self, s: Settings, progress: Progress, stamp: str) -> None:
+        self.s = s
+        self.progress = progress
+        self.stamp = stamp
+        self.tag = stamp[-6:]
+        self.base = RUNS_DIR / f"compare-{stamp}"
+        self.use_cli = nerve_cli_available()
+        self._brokers: broker_bench.Bench | None = None
+        self._embedded: dict[tuple[str, float], embedded.Bench] = {}
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def run(self, case: Case, rep: int) -> dict[str, float]:
+        if case.workload == "throughput" and case.system in ("nerve", "raw"):
+            if case.broker == "sqlite":
+                bench = self._embedded_bench("throughput", self.s.events)
+                return bench.nerve_throughput(rep)
+            return self._broker_bench().one(case.broker, case.system, rep)
+        if case.system == "floor":
+            bench = self._embedded_bench(case.workload, self.s.events)
+            if case.workload == "latency":
+                bench.s.rate = case.param
+                bench.s.seconds = self.s.seconds
+                return bench.floor_latency(rep)
+            return bench.floor_throughput(rep)
+        if case.workload == "latency" and case.broker == "sqlite":
+            bench = self._embedded_bench("latency", self.s.events)
+            bench.s.rate, bench.s.seconds = case.param, self.s.seconds
+            return bench.nerve_latency(rep)
+        if case.workload == "scale":
+            bench = self._embedded_bench("scale", self.s.scale_events, int(case.param))
+            return bench.nerve_throughput(rep)
+        if case.workload == "pipeline":
+            return self.pipeline(case, rep)
+        return self.peer(case, rep)
+
+    def _broker_bench(self) -> broker_bench.Bench:
+        if self._brokers is None:
+            settings = broker_bench.Settings(
+                brokers=[b for b in self.s.brokers if b in NETWORK],
+                events=self.s.events,
+                batch=self.s.batch,
+                runs=self.s.runs,
+            )
+            self._brokers = broker_bench.Bench(settings, self.use_cli, self.progress, self.stamp)
+        return self._brokers
+
+    def _embedded_bench(self, workload: str, events: int, processes: int = 1) -> embedded.Bench:
+        key = (workload, float(processes))
+        if key not in self._embedded:
+            settings = embedded.Settings(events=events, runs=self.s.runs, processes=processes)
+            stamp = f"compare-{self.stamp}/{workload}-x{processes}"
+            self._embedded[key] = embedded.Bench(settings, self.use_cli, self.progress, stamp)
+        return self._embedded[key]
+
+    # -- peers, raw and nerve through benchmarks.peers -----------------------------------
+
+    def peer(self, case: Case, rep: int) -> dict[str, float]:
+        s = self.s
+        fanout = FANOUT if case.workload == "fanout" else 1
+        name = f"{SHORT[case.system]}_{case.workload[:2]}_{self.tag}_{rep}"
+        if case.workload == "latency":
+            name += f"_{int(case.param)}"
+        if case.broker == "rabbitmq" and case.system == "nerve":
+            name = name.replace("_", ".")
+        logdir = self.base / f"{case.workload}-{case.broker}-{case.system}-{case.param:g}-{rep}"
+        logdir.mkdir(parents=True, exist_ok=True)
+        ready, done = logdir / "ready", logdir / "done"
+        events = events_of(case, s)
+        cfg = Config(
+            role="consume",
+            broker=case.broker,
+            name=name,
+            events=events,
+            batch=s.batch,
+            ready=str(ready),
+            done=str(done),
+            fanout=fanout,
+            rate=case.param if case.workload == "latency" else 0.0,
+            seconds=s.seconds if case.workload == "latency" else 0.0,
+        )
+        args = [
+            "--broker",
+            case.broker,
+            "--name",
+            name,
+            "--events",
+            str(events),
+            "--batch",
+            str(s.batch),
+            "--ready",
+            str(ready),
+            "--done",
+            str(done),
+            "--fanout",
+            str(fanout),
+        ]
+        if case.workload == "latency":
+            args += ["--rate", f"{case.param:g}", "--seconds", f"{s.seconds:g}"]
+        env = {
+            CONFIG_ENV: orjson.dumps(asdict(cfg)).decode(),
+            "NERVE_STORE": f"sqlite:///{logdir / 'store.db'}",
+        }
+        if case.system == "nerve":
+            from benchmarks.peers.nerve_side import url
+
+            target = "benchmarks.peers.nerve_side:" + ("fanout_app" if fanout > 1 else "app")
+            consumer_cmd = nerve_consumer_cmd(target, url(case.broker, name), self.use_cli)
+        else:
+            consumer_cmd = [PYTHON, "-m", "benchmarks.peers", case.system, "consume", *args]
+        producer_cmd = [PYTHON, "-m", "benchmarks.peers", case.system, "produce", *args]
+        expect = events * fanout
+        task = self.progress.add_task(f"  {case.label} #{rep}", total=expect)
+        module = importlib.import_module(MODULES[case.system])
+        try:
+            with (
+                process(consumer_cmd, logdir, "consumer", **env) as consumer,
+                process(producer_cmd, logdir, "producer", **env) as producer,
+            ):
+                raw = wait_for_file(done, deadline_seconds(case, s), [consumer, producer], logdir)
+                sent = producer_result(producer, logdir, "producer")
+        finally:
+            self.progress.remove_task(task)
+            with contextlib.suppress(Exception):
+                asyncio.run(asyncio.wait_for(module.teardown(case.broker, name, fanout), 30))
+        if case.workload == "latency":
+            result = percentiles(orjson.loads(raw))
+            result["producer_max_behind_ms"] = sent.get("max_behind_s", 0.0) * 1000.0
+            return result
+        elapsed = float(raw) - sent["first_publish"]
+        result = {
+            "events_per_s": events / elapsed,
+            "seconds": elapsed,
+            "publish_seconds": sent["last_publish"] - sent["first_publish"],
+        }
+        if fanout > 1:
+            result["deliveries_per_s"] = expect / elapsed
+        return result
+
+    # -- the shop ---------------------------------------------------------------------
+
+    def pipeline(self, case: Case, rep: int) -> dict[str, float]:
+        """``nerve demo --orders N`` on a fresh embedded broker, timed from inside."""
+        processes = int(case.param)
+        logdir = self.base / f"pipeline-x{processes}-{rep}"
+        logdir.mkdir(parents=True, exist_ok=True)
+        out = logdir / "pipeline.json"
+        cmd = [
+            PYTHON,
+            "-m",
+            "benchmarks.pipeline",
+            "--orders",
+            str(self.s.pipeline_orders),
+            "--processes",
+            str(processes),
+            "--broker",
+            f"sqlite:///{logdir / 'shop.db'}",
+            "--out",
+            str(out),
+        ]
+        task = self.progress.add_task(f"  shop x{processes} #{rep}", total=None)
+        try:
+            with process(cmd, logdir, "demo") as demo:
+                try:
+                    demo.wait(deadline_seconds(case, self.s))
+                except subprocess.TimeoutExpired:
+                    raise _fail("the shop did not finish in time", logdir) from None
+                if demo.returncode != 0:
+                    raise _fail(f"the shop exited with code {demo.returncode}", logdir)
+        finally:
+            self.progress.remove_task(task)
+        result: dict[str, float] = orjson.loads(out.read_bytes())
+        return result
+
+
+def wait_for_file(path: Path, timeout: float, procs: list[Any], logdir: Path) -> bytes:
+    """The consumer's result file, or an error once a process failed or time is up."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        for proc in procs:
+            if proc.poll() not in (None, 0):
+                raise _fail(f"a process exited with code {proc.returncode}", logdir)
+        if time.monotonic() > deadline:
+            raise _fail(f"no result within {timeout:.0f} s (stopped)", logdir)
+        time.sleep(0.005)
+    return path.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------
+# The whole comparison
+
+
+def run(s: Settings, console: Console) -> dict[str, Any]:
+    groups = plan(s)
+    total_runs = sum(len(g) for g in groups) * s.runs
+    estimate = sum(expected_seconds(c, s) for g in groups for c in g) * s.runs
+    console.print(
+        f"[bold]nerve side by side[/]: {total_runs} runs "
+        f"({', '.join(s.workloads)}; brokers {', '.join(s.brokers)}; peers "
+        f"{', '.join(s.peers) or 'none'}), expected duration ~{estimate / 60:.0f} min "
+        f"({estimate:.0f} s)"
+    )
+    missing = missing_peers(s.peers)
+    if missing:
+        console.print(
+            f"[yellow]not installed: {', '.join(missing)} (pip install -e '.[bench,peers]'); "
+            "their runs will fail[/]"
+        )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    results: dict[str, Series] = {c.key: Series(c) for g in groups for c in g}
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        TextColumn("{task.completed:>7,}/{task.total:,}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        overall = progress.add_task("[bold]all runs", total=total_runs)
+        runner = Runner(s, progress, stamp)
+        for group in groups:
+            for rep in range(1, s.runs + 1):
+                for case in group:  # alternating, so drift hits every side alike
+                    one(runner, results[case.key], rep, progress, overall, console)
+    elapsed = time.monotonic() - started
+    env = environment(s, load_before, elapsed, estimate)
+    doc = document(s, results, env)
+    write(doc, results, s, env, console)
+    return doc["summary"]
+
+
+def one(
+    runner: Runner, series: Series, rep: int, progress: Progress, overall: TaskID, console: Console
+) -> None:
+    case = series.case
+    if len(series.failures) >= 2 or (series.failures and not series.runs):
+        series.failures.append(f"run {rep}: skipped after earlier failures")
+        progress.advance(overall)
+        return
+    progress.update(overall, description=f"[bold]all runs[/] ({case.workload})")
+    try:
+        series.runs.append(runner.run(case, rep))
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        series.failures.append(f"run {rep}: {first_line}")
+        console.print(f"[red]x {case.key} run {rep} failed: {first_line}[/]")
+    progress.advance(overall)
+
+
+def missing_peers(peers: list[str]) -> list[str]:
+    missing = []
+    for peer in peers:
+        for dist in DISTRIBUTIONS[peer]:
+            try:
+                importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(dist)
+    return missing
+
+
+def version_of(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(s: Settings, load_before: Any, elapsed: float, estimate: float) -> dict[str, Any]:
+    from benchmarks.apps import make_orders
+    from nerve.event import encode
+
+    network = [b for b in s.brokers if b in NETWORK]
+    sizes = [len(encode(e)) for e in make_orders(100)]
+    versions = {d: version_of(d) for p in s.peers for d in DISTRIBUTIONS[p]}
+    versions.update({d: version_of(d) for d in ("nats-py", "aio-pika", "redis", "asyncpg")})
+    versions["nerve"] = version_of("nerve")
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "event_bytes": round(statistics.median(sizes)),
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
+        "servers": {b: asyncio.run(broker_bench.server_version(b)) for b in network},
+        "versions": versions,
+        "elapsed_s": round(elapsed, 1),
+        "expected_s": round(estimate, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Goals, summary, report
+
+
+def _find(
+    results: dict[str, Series], workload: str, broker: str, system: str, param: float = 0.0
+) -> Series | None:
+    return results.get(Case(workload, broker, system, param).key)
+
+
+def _ratio(a: Series | None, b: Series | None, key: str = "events_per_s") -> float | None:
+    if a is None or b is None:
+        return None
+    x, y = a.median(key), b.median(key)
+    if x is None or y is None or y == 0:
+        return None
+    return x / y
+
+
+@dataclass
+class Goal:
+    text: str
+    value: str
+    met: bool | None  # None: not measured in this run
+
+
+def goals(results: dict[str, Series], s: Settings) -> list[Goal]:
+    out: list[Goal] = []
+
+    def ratio_goal(text: str, ratio: float | None, at_least: float) -> None:
+        if ratio is None:
+            out.append(Goal(text, "not measured", None))
+        else:
+            out.append(Goal(text, f"{ratio:.2f}x", ratio >= at_least))
+
+    for broker in NETWORK:
+        ratio_goal(
+            f"throughput {broker}: nerve >= 0.6x raw",
+            _ratio(
+                _find(results, "throughput", broker, "nerve"),
+                _find(results, "throughput", broker, "raw"),
+            ),
+            0.6,
+        )
+    for broker, target in (("nats", 1.5), ("redis", 1.5), ("rabbitmq", 1.1)):
+        ratio_goal(
+            f"throughput {broker}: nerve >= {target}x FastStream",
+            _ratio(
+                _find(results, "throughput", broker, "nerve"),
+                _find(results, "throughput", broker, "faststream"),
+            ),
+            target,
+        )
+    for peer in ("dramatiq", "celery", "taskiq"):
+        for broker in PEERS[peer]:
+            ratio_goal(
+                f"throughput {broker}: nerve ahead of {peer}",
+                _ratio(
+                    _find(results, "throughput", broker, "nerve"),
+                    _find(results, "throughput", broker, peer),
+                ),
+                1.0,
+            )
+    for broker in ("nats", "redis", "rabbitmq"):
+        nerve = _find(results, "latency", broker, "nerve", 1000.0)
+        raw = _find(results, "latency", broker, "raw", 1000.0)
+        p99 = _ratio(nerve, raw, "p99_ms")
+        if p99 is None:
+            out.append(Goal(f"latency {broker}: p99 at 1,000/s <= 2x raw", "not measured", None))
+        else:
+            value = f"{nerve.median('p99_ms'):.2f} ms vs {raw.median('p99_ms'):.2f} ms = {p99:.2f}x"  # type: ignore[union-attr]
+            out.append(Goal(f"latency {broker}: p99 at 1,000/s <= 2x raw", value, p99 <= 2.0))
+    tp = _find(results, "throughput", "sqlite", "nerve")
+    eps = tp.median("events_per_s") if tp else None
+    out.append(
+        Goal("embedded: >= 15,000 events/s (synchronous=FULL)", "not measured", None)
+        if eps is None
+        else Goal("embedded: >= 15,000 events/s (synchronous=FULL)", f"{eps:,.0f}/s", eps >= 15_000)
+    )
+    lat = _find(results, "latency", "sqlite", "nerve", 1000.0)
+    p99v = lat.median("p99_ms") if lat else None
+    out.append(
+        Goal("embedded: p99 <= 10 ms at 1,000 events/s", "not measured", None)
+        if p99v is None
+        else Goal("embedded: p99 <= 10 ms at 1,000 events/s", f"{p99v:.2f} ms", p99v <= 10.0)
+    )
+    ratio_goal(
+        "embedded: 2 processes >= 1.6x one",
+        _ratio(
+            _find(results, "scale", "sqlite", "nerve", 2),
+            _find(results, "scale", "sqlite", "nerve", 1),
+        ),
+        1.6,
+    )
+    return out
+
+
+def summary(results: dict[str, Series]) -> dict[str, Any]:
+    """Median events/s (throughput, fanout, scale, pipeline) or p99 ms (latency) per series."""
+    out: dict[str, Any] = {}
+    for key, series in results.items():
+        metric = "p99_ms" if series.case.workload == "latency" else "events_per_s"
+        value = series.median(metric)
+        out[key] = None if value is None else round(value, 3 if metric == "p99_ms" else 1)
+    return out
+
+
+def document(s: Settings, results: dict[str, Series], env: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "summary": summary(results),
+        "goals": [asdict(g) for g in goals(results, s)],
+        "settings": asdict(s),
+        "environment": env,
+        "series": {
+            key: {"case": asdict(series.case), "runs": series.runs, "failures": series.failures}
+            for key, series in results.items()
+        },
+    }
+
+
+def write(
+    doc: dict[str, Any],
+    results: dict[str, Series],
+    s: Settings,
+    env: dict[str, Any],
+    console: Console,
+) -> None:
+    from benchmarks import report
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "compare.json").write_bytes(
+        orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+    )
+    charts = report.charts(results, RESULTS_DIR)
+    markdown = report.markdown(results, goals(results, s), s, env, charts)
+    (ROOT / "benchmarks" / "RESULTS.md").write_text(markdown)
+    console.print(report.console_table(results))
+    for goal in goals(results, s):
+        if goal.met is None:
+            continue
+        mark = {True: "[green]met[/]", False: "[red]missed[/]", None: "[dim]not measured[/]"}[
+            goal.met
+        ]
+        console.print(f"  {mark}  {goal.text}: {goal.value}")
+    console.print(
+        f"wrote benchmarks/RESULTS.md, {RESULTS_DIR.relative_to(ROOT)}/compare.json"
+        + "".join(f", {p.name}" for p in charts)
+        + f" in {env['elapsed_s']:.0f} s (expected {env['expected_s']:.0f} s)"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def _names(value: str, allowed: tuple[str, ...] | list[str], option: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip() and v.strip() != "none"]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"{option}: unknown {', '.join(unknown)}; choose from {','.join(allowed)}")
+    return names
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small N, 1 run each, rates 500,1000 for 2 s",
+    )
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
+    parser.add_argument("--brokers", default=",".join(BROKERS), help="comma-separated")
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated, or none")
+    parser.add_argument("--runs", type=int, help="runs per system (3; quick: 1)")
+    parser.add_argument("--events", type=int, help="throughput: events per run (10000)")
+    parser.add_argument("--fanout-events", type=int, help="fan-out: events per run (5000)")
+    parser.add_argument("--rates", help="latency: events/s, comma-separated (500,1000,2000)")
+    parser.add_argument("--seconds", type=float, help="latency: seconds per rate (5)")
+    parser.add_argument("--orders", type=int, help="pipeline: shop orders (2000)")
+    parser.add_argument("--scale-events", type=int, help="scale: events per run (20000)")
+
+
+def main(parser: Any, args: Any) -> int:
+    s = Settings.quick_mode() if args.quick else Settings()
+    try:
+        s.workloads = _names(args.workloads, WORKLOADS, "--workloads")
+        s.brokers = _names(args.brokers, BROKERS, "--brokers")
+        s.peers = _names(args.peers, list(PEERS), "--peers")
+        if args.rates:
+            s.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError as exc:
+        parser.error(str(exc))
+    for option, attr in (
+        ("runs", "runs"),
+        ("events", "events"),
+        ("fanout_events", "fanout_events"),
+        ("seconds", "seconds"),
+        ("orders", "pipeline_orders"),
+        ("scale_events", "scale_events"),
+    ):
+        value = getattr(args, option)
+        if value is not None:
+            if value <= 0:
+                parser.error(f"--{option.replace('_', '-')} must be positive")
+            setattr(s, attr, value)
+    if not s.workloads or not s.brokers or any(r <= 0 for r in s.rates):
+        parser.error("choose at least one workload and broker; --rates must be positive")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=130)
+    result = run(s, console)
+    print(orjson.dumps(result).decode(), flush=True)
+    return 0

@@ -1,0 +1,390 @@
+"""The output of ``python -m benchmarks compare``: ``benchmarks/RESULTS.md``, the charts
+(``results/compare-*.png``) and the console table."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from benchmarks import raw_clients
+from benchmarks.peers import MODULES, PEERS
+
+if TYPE_CHECKING:
+    from benchmarks.compare import Goal, Series, Settings
+
+SYSTEM_ORDER = ("nerve", "raw", "floor", "faststream", "dramatiq", "celery", "taskiq")
+BROKER_ORDER = ("nats", "rabbitmq", "redis", "postgres", "sqlite")
+BROKER_NAMES = {
+    "nats": "NATS JetStream",
+    "rabbitmq": "RabbitMQ",
+    "redis": "Redis Streams",
+    "postgres": "PostgreSQL",
+    "sqlite": "embedded (SQLite)",
+}
+
+
+def _by(results: dict[str, Series], workload: str) -> list[Series]:
+    chosen = [s for s in results.values() if s.case.workload == workload]
+    return sorted(
+        chosen,
+        key=lambda s: (
+            s.case.param if workload == "latency" else 0,
+            BROKER_ORDER.index(s.case.broker),
+            SYSTEM_ORDER.index(s.case.system),
+            s.case.param,
+        ),
+    )
+
+
+def _cell(series: Series, key: str, unit: str = "") -> str:
+    got = series.stat(key)
+    if got is None:
+        return "failed" if series.failures else "-"
+    med, lo, hi = got
+    if unit == "ms":
+        return f"{med:.2f} [{lo:.2f}-{hi:.2f}]"
+    return f"{med:,.0f} [{lo:,.0f}-{hi:,.0f}]"
+
+
+def _nerve_over(results: dict[str, Series], series: Series, key: str) -> str:
+    if series.case.system == "nerve":
+        return ""
+    from benchmarks.compare import Case
+
+    nerve = results.get(
+        Case(series.case.workload, series.case.broker, "nerve", series.case.param).key
+    )
+    a = nerve.median(key) if nerve else None
+    b = series.median(key)
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def console_table(results: dict[str, Series]) -> Table:
+    table = Table(title="nerve side by side (median \\[min-max])")
+    for col in ("workload", "broker", "system", "result", "nerve/system", "runs"):
+        table.add_column(col, justify="right" if col in ("result", "nerve/system") else "left")
+    for workload in ("throughput", "fanout", "latency", "pipeline", "scale"):
+        for series in _by(results, workload):
+            c = series.case
+            latency = workload == "latency"
+            key = "p99_ms" if latency else "events_per_s"
+            result = f"p99 {_cell(series, key, 'ms')} ms" if latency else f"{_cell(series, key)}/s"
+            name = c.system
+            if latency:
+                name += f" @{c.param:g}/s"
+            elif workload in ("scale", "pipeline"):
+                name += f" x{c.param:g}"
+            runs = f"{len(series.runs)} ok" + (
+                f", {len(series.failures)} failed" if series.failures else ""
+            )
+            table.add_row(workload, c.broker, name, result, _nerve_over(results, series, key), runs)
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# Charts
+
+
+def charts(results: dict[str, Series], directory: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from benchmarks.compare import COLORS
+
+    written: list[Path] = []
+    for workload, key, title, ylabel in (
+        ("throughput", "events_per_s", "Throughput, end to end (durable, one handler)", "events/s"),
+        ("fanout", "events_per_s", "Fan-out: every event handled by 4 functions", "events/s"),
+    ):
+        chosen = _by(results, workload)
+        if not chosen:
+            continue
+        brokers = [b for b in BROKER_ORDER if any(s.case.broker == b for s in chosen)]
+        systems = [x for x in SYSTEM_ORDER if any(s.case.system == x for s in chosen)]
+        fig, ax = plt.subplots(figsize=(max(7.0, 1.9 * len(brokers) + 2), 4.5))
+        width = 0.8 / max(1, len(systems))
+        for i, system in enumerate(systems):
+            for j, broker in enumerate(brokers):
+                series = next(
+                    (s for s in chosen if (s.case.broker, s.case.system) == (broker, system)), None
+                )
+                got = series.stat(key) if series else None
+                if got is None:
+                    continue
+                med, lo, hi = got
+                x = j + (i - (len(systems) - 1) / 2) * width
+                ax.bar(
+                    x,
+                    med,
+                    width,
+                    yerr=[[med - lo], [hi - med]],
+                    color=COLORS[system],
+                    capsize=3,
+                    label=system
+                    if j
+                    == next(
+                        k
+                        for k, b in enumerate(brokers)
+                        if any(
+                            (s.case.broker, s.case.system) == (b, system) and s.runs for s in chosen
+                        )
+                    )
+                    else None,
+                )
+        ax.set_xticks(range(len(brokers)), [BROKER_NAMES[b] for b in brokers])
+        ax.set_ylabel(f"{ylabel} (median, min-max)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        path = directory / f"compare-{workload}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    latency = _by(results, "latency")
+    if latency:
+        rate = 1000.0 if any(s.case.param == 1000.0 for s in latency) else latency[0].case.param
+        chosen = [s for s in latency if s.case.param == rate]
+        brokers = [b for b in BROKER_ORDER if any(s.case.broker == b for s in chosen)]
+        fig, axes = plt.subplots(
+            1, len(brokers), figsize=(3.2 * len(brokers) + 1, 4), squeeze=False
+        )
+        for ax, broker in zip(axes[0], brokers, strict=True):
+            here = [s for s in chosen if s.case.broker == broker]
+            keys = ("p50_ms", "p99_ms", "p999_ms")
+            width = 0.8 / max(1, len(here))
+            for i, series in enumerate(here):
+                stats = [series.stat(k) for k in keys]
+                if any(st is None for st in stats):
+                    continue
+                xs = [j + (i - (len(here) - 1) / 2) * width for j in range(len(keys))]
+                ax.bar(
+                    xs,
+                    [st[0] for st in stats if st],
+                    width,
+                    color=COLORS[series.case.system],
+                    label=series.case.system,
+                )
+            ax.set_xticks(range(len(keys)), ["p50", "p99", "p99.9"])
+            ax.set_yscale("log")
+            ax.set_title(BROKER_NAMES[broker], fontsize=10)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("ms, event time to handler start (median run)")
+        fig.suptitle(f"Latency at {rate:g} events/s, open loop")
+        fig.tight_layout()
+        path = directory / "compare-latency.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# RESULTS.md
+
+
+def settings_text(system: str, broker: str, workload: str, s: Settings) -> str:
+    batch = str(s.batch)
+    if system == "nerve":
+        if broker == "sqlite":
+            return (
+                "`nerve run benchmarks.apps:app --broker sqlite:///...?synchronous=FULL` "
+                "(WAL, synchronous=FULL for broker and store); one no-op function, "
+                f"concurrency 100; producer `client.publish_events`, batches of {batch}"
+            )
+        from benchmarks.peers.nerve_side import NERVE_URLS
+
+        return (
+            f"`nerve run ... --broker {NERVE_URLS[broker]}` (adapter defaults), one no-op "
+            f"function (four in fan-out), concurrency 100, ack after the handler; producer "
+            f"`client.publish_events`, batches of {batch}"
+        )
+    if system == "floor":
+        return (
+            "raw `sqlite3` (`benchmarks/floor.py`): WAL, synchronous=FULL, insert batches of "
+            f"{batch}; the consumer leases up to {batch} rows (UPDATE ... RETURNING), then "
+            "deletes them and bumps a counter (= ack)"
+        )
+    if system == "raw":
+        if workload == "throughput" and broker in raw_clients.SETTINGS:
+            return raw_clients.SETTINGS[broker].replace("BATCH", batch)
+        module = importlib.import_module(MODULES["raw"])
+        return str(module.SETTINGS.get(broker, "-")).replace("BATCH", batch)
+    module = importlib.import_module(MODULES[system])
+    return str(module.SETTINGS.get(broker, "-")).replace("BATCH", batch)
+
+
+def markdown(
+    results: dict[str, Series],
+    goal_list: list[Goal],
+    s: Settings,
+    env: dict[str, Any],
+    chart_paths: list[Path],
+) -> str:
+    m = env["machine"]
+    lines = [
+        "# nerve side by side: raw clients and peer frameworks",
+        "",
+        "Regenerated by `python -m benchmarks compare` (`make bench-all`); this run:",
+        "",
+        f"`{s.command()}`, {env['when']}, took {env['elapsed_s'] / 60:.1f} min.",
+        "",
+    ]
+    if s.quick:
+        lines += [
+            "> **Quick mode** (small N, one run): a smoke test of the harness, not a result.",
+            "",
+        ]
+    lines += [
+        f"Every event is the same ~{env['event_bytes']}-byte JSON `order.placed` CloudEvent "
+        "(a customer, two lines, amounts). A producer process and a consumer process per "
+        "run, every handler validates the event and does nothing else, every system acks "
+        "after its handler (durable settings, below). Throughput = N / (last handled event "
+        "- first publish), both `time.time()` on this machine; the consumer writes its time "
+        "when it handled the last event, the producer its first publish after a warm-up "
+        "hand-shake (connections and declarations are not timed). Runs alternate between "
+        f"systems (nerve, raw, peer, nerve, ...); median [min-max] of {s.runs} run(s).",
+        "",
+        "## Goals (issue 6)",
+        "",
+        "| goal | measured | |",
+        "|---|---:|---|",
+    ]
+    for goal in goal_list:
+        mark = {True: "met", False: "**missed**", None: "not measured"}[goal.met]
+        lines.append(f"| {goal.text} | {goal.value} | {mark} |")
+    lines += ["", "## Throughput", "", f"{s.events:,} events per run, one durable handler.", ""]
+    lines += _rate_table(results, "throughput")
+    if _by(results, "fanout"):
+        lines += [
+            "",
+            "## Fan-out",
+            "",
+            f"{s.fanout_events:,} events per run, each handled by 4 functions (4 durable "
+            "consumers/groups/queues); events/s counts an event once all 4 handled it.",
+            "",
+        ]
+        lines += _rate_table(results, "fanout", deliveries=True)
+    if _by(results, "latency"):
+        lines += [
+            "",
+            "## Latency",
+            "",
+            f"Open loop, each rate for {s.seconds:g} s; event time is the *scheduled* send "
+            "time, so a late producer or a stalled broker counts (no coordinated "
+            "omission). Handler start minus event time, ms, median [min-max] over runs.",
+            "",
+            "| broker | rate/s | system | p50 | p99 | p99.9 | max | p99 nerve/system |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for series in _by(results, "latency"):
+            c = series.case
+            lines.append(
+                f"| {c.broker} | {c.param:,.0f} | {c.system} | {_cell(series, 'p50_ms', 'ms')} | "
+                f"{_cell(series, 'p99_ms', 'ms')} | {_cell(series, 'p999_ms', 'ms')} | "
+                f"{_cell(series, 'max_ms', 'ms')} | {_nerve_over(results, series, 'p99_ms')} |"
+            )
+    if _by(results, "pipeline"):
+        lines += [
+            "",
+            "## Pipeline (the shop example)",
+            "",
+            f"`nerve demo --orders {s.pipeline_orders}` on a fresh embedded broker "
+            "(`benchmarks/pipeline.py`): orders that reached a terminal state per second, "
+            "first order placed to last order ended (seen every 0.25 s).",
+            "",
+            "| worker processes | orders/s |",
+            "|---:|---:|",
+        ]
+        for series in _by(results, "pipeline"):
+            lines.append(f"| {series.case.param:g} | {_cell(series, 'events_per_s')} |")
+    if _by(results, "scale"):
+        lines += [
+            "",
+            "## Scale",
+            "",
+            f"nerve on the embedded broker, {s.scale_events:,} events, `nerve run --processes P`.",
+            "",
+            "| processes | events/s | vs 1 process |",
+            "|---:|---:|---:|",
+        ]
+        scale = _by(results, "scale")
+        base = next((x.median("events_per_s") for x in scale if x.case.param == 1), None)
+        for series in scale:
+            med = series.median("events_per_s")
+            vs = f"{med / base:.2f}x" if med and base else "-"
+            lines.append(f"| {series.case.param:g} | {_cell(series, 'events_per_s')} | {vs} |")
+    if chart_paths:
+        lines += ["", "## Charts", ""]
+        lines += [f"![{p.stem}](results/{p.name})" for p in chart_paths]
+    failed = [x for x in results.values() if x.failures]
+    if failed:
+        lines += ["", "## Failed or skipped runs", ""]
+        for series in failed:
+            lines += [f"- `{series.case.key}`: {f}" for f in series.failures]
+        lines += ["", "Logs of every process: `benchmarks/.runs/compare-*/`."]
+    lines += [
+        "",
+        "## Machine and versions",
+        "",
+        f"- {m['cores']} cores, {m['cpu']}, {m['platform']}",
+        f"- Python {m['python']}, SQLite {m['sqlite']}, uvloop {'yes' if m['uvloop'] else 'no'} "
+        "(asyncio sides)",
+        "- load average (1, 5, 15 min) before: "
+        + ", ".join(f"{x:.2f}" for x in env["load_average_1_5_15"]["before"])
+        + "; after: "
+        + ", ".join(f"{x:.2f}" for x in env["load_average_1_5_15"]["after"]),
+    ]
+    for broker, server in env["servers"].items():
+        lines.append(f"- {broker}: {server}, local on 127.0.0.1, single node")
+    lines.append("- " + ", ".join(f"{d} {v}" for d, v in sorted(env["versions"].items())))
+    lines += ["", "## Exact settings", ""]
+    seen: set[tuple[str, str, str]] = set()
+    for series in sorted(
+        results.values(),
+        key=lambda x: (BROKER_ORDER.index(x.case.broker), SYSTEM_ORDER.index(x.case.system)),
+    ):
+        c = series.case
+        if c.workload in ("pipeline", "scale"):
+            continue
+        kind = "throughput" if c.workload == "throughput" else "fan-out/latency"
+        if (c.broker, c.system, kind) in seen:
+            continue
+        seen.add((c.broker, c.system, kind))
+        text = settings_text(c.system, c.broker, c.workload, s)
+        lines.append(f"- **{c.broker}, {c.system}** ({kind}): {text}")
+    where = "; ".join(f"{peer}: {', '.join(on)}" for peer, on in PEERS.items())
+    lines += [
+        "",
+        f"Peers not run on a broker have no adapter for it here ({where}). Kafka is not "
+        "compared: see benchmarks/README.md.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _rate_table(results: dict[str, Series], workload: str, deliveries: bool = False) -> list[str]:
+    head = "| broker | system | events/s | nerve/system |"
+    rule = "|---|---|---:|---:|"
+    if deliveries:
+        head, rule = head[:-1] + " deliveries/s |", rule + "---:|"
+    lines = [head, rule]
+    for series in _by(results, workload):
+        c = series.case
+        row = (
+            f"| {c.broker} | {c.system} | {_cell(series, 'events_per_s')} | "
+            f"{_nerve_over(results, series, 'events_per_s')} |"
+        )
+        if deliveries:
+            row += f" {_cell(series, 'deliveries_per_s')} |"
+        lines.append(row)
+    return lines
