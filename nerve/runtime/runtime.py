@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from nerve import event as codec
 from nerve.app import App
 from nerve.errors import ConfigError, InvalidEvent, NerveError
 from nerve.event import Event
+from nerve.runtime.replies import ReplyWaiters
 from nerve.runtime.runner import FunctionRunner
 from nerve.store.sqlite import SqliteStore, default_store_url
 from nerve.transport import DEFAULT_BROKER, Transport, from_url
@@ -40,6 +41,45 @@ class Client:
         self.transport = transport
         self.tracing: Tracing | None = None
         self.metrics: Metrics | None = None
+        self._replies: ReplyWaiters | None = None
+
+    @property
+    def replies(self) -> ReplyWaiters:
+        """The requests waiting for replies (see :mod:`nerve.runtime.replies`)."""
+        if self._replies is None:
+            self._replies = ReplyWaiters(self.transport)
+        return self._replies
+
+    async def request(
+        self,
+        payload: BaseModel | Mapping[str, Any] | Event,
+        *,
+        replies: Sequence[str | type[BaseModel]],
+        timeout: float = 10.0,
+        type: str | None = None,
+        subject: str | None = None,
+        key: str | None = None,
+        extensions: Mapping[str, str | int | bool] | None = None,
+    ) -> Event:
+        """Publish an event and wait for the first event answering it: one of the
+        ``replies`` types (names, patterns or models) carrying its ``correlationid``.
+        Raises :class:`TimeoutError` after ``timeout`` seconds (the request stays
+        published). See :mod:`nerve.runtime.replies`."""
+        if isinstance(payload, Event):
+            event = payload
+        else:
+            event = self.app.make_event(
+                payload, type=type, subject=subject, key=key, extensions=extensions
+            )
+        patterns = [r if isinstance(r, str) else self.app.event_type(r).name for r in replies]
+        return await self.replies.request(event, patterns, timeout, self._publish_one)
+
+    async def _publish_one(self, event: Event) -> None:
+        await self.transport.publish([event])
+
+    async def close(self) -> None:
+        if self._replies is not None:
+            await self._replies.close()
 
     async def _send(self, events: Sequence[Event]) -> Sequence[Event]:
         tracing = self.tracing
@@ -162,6 +202,9 @@ class Runtime:
         self._started = False
         self.started = asyncio.Event()
         """Set once the broker and store are open and every function is consuming."""
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
+        """Called first in :meth:`stop`, last added first: edges (the HTTP server)
+        stop taking requests before the functions drain."""
 
     async def start(self) -> None:
         await self.transport.start()
@@ -187,6 +230,12 @@ class Runtime:
         self._started = False
         self.started.clear()
         deadline = time.monotonic() + self.shutdown_timeout
+        for hook in reversed(self.on_stop):
+            try:
+                await hook()
+            except Exception as exc:
+                log.warning("a stop hook failed: %s", exc)
+        await self.client.close()
         await asyncio.gather(*(r.stop(deadline) for r in self.runners.values()))
         for task in self._tasks:
             task.cancel()
