@@ -48,9 +48,10 @@ from rich.text import Text
 from nerve import __version__
 from nerve import event as codec
 from nerve._urls import redact, redact_text
-from nerve.app import App, matches_pattern
+from nerve.app import App
 from nerve.errors import NerveError, TransportError
 from nerve.event import Event
+from nerve.observe.terminal import compact_line
 from nerve.store import default_store_url, store_from_url
 from nerve.transport import (
     DEFAULT_BROKER,
@@ -273,6 +274,12 @@ class LogLevel(StrEnum):
     error = "error"
 
 
+class LogFormat(StrEnum):
+    auto = "auto"
+    json = "json"
+    console = "console"
+
+
 BrokerOption = Annotated[
     str,
     typer.Option(
@@ -328,6 +335,14 @@ def run(
         int, typer.Option("--processes", "-p", min=1, help="Worker processes to supervise.")
     ] = 1,
     log_level: Annotated[LogLevel, typer.Option("--log-level")] = LogLevel.info,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            help="json: one JSON object a line (event id, type, function, attempt, trace "
+            "and correlation ids); console: coloured lines; auto: console on a terminal.",
+        ),
+    ] = LogFormat.auto,
 ) -> None:
     """Run an App's functions until Ctrl-C / SIGTERM (then drain gracefully)."""
     only = list(function or [])
@@ -346,7 +361,7 @@ def run(
         )
         store_url = store or default_store_url(broker)
         store_from_url(store_url)  # a bad store URL is refused here, before anything starts
-        _setup_logging(log_level)
+        _setup_logging(log_level, log_format)
         names = ", ".join(only or app.functions)
         if processes > 1:
             # Open both once here: a broker or store that cannot be opened is one line
@@ -357,7 +372,7 @@ def run(
                 f"(functions: {names}) on {broker}, store {store_url}",
                 style="bold",
             )
-            code = _supervise(target, broker, store, only, processes, log_level)
+            code = _supervise(target, broker, store, only, processes, log_level, log_format)
             raise typer.Exit(code)
         banner = (
             f"nerve {__version__}: app {app.name!r} (functions: {names}) on {broker}, "
@@ -384,7 +399,7 @@ async def _serve(
     (so a broker that cannot be opened gets its one-line error and nothing else)."""
     from nerve.runtime import Runtime
 
-    runtime = Runtime(app, broker=transport, store=store, only=only or None)
+    runtime = Runtime(app, broker=transport, store=store, only=only or None, metrics=True)
     serving = asyncio.ensure_future(runtime.serve())
     started = asyncio.ensure_future(runtime.started.wait())
     await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
@@ -397,7 +412,12 @@ async def _serve(
         raise CliError(f"{exc}; check --broker (or NERVE_BROKER)") from None
 
 
-def _setup_logging(level: LogLevel) -> None:
+def _setup_logging(level: LogLevel, fmt: LogFormat = LogFormat.auto) -> None:
+    if fmt is not LogFormat.auto:
+        from nerve.observe.logs import setup_logging
+
+        setup_logging(level.value, fmt.value)
+        return
     handler: logging.Handler
     if sys.stderr.isatty():
         from rich.logging import RichHandler
@@ -541,9 +561,10 @@ def _supervise(
     only: Sequence[str],
     processes: int,
     log_level: LogLevel,
+    log_format: LogFormat = LogFormat.auto,
 ) -> int:
     command = [sys.executable, "-m", "nerve", "run", target, "--processes", "1"]
-    command += ["--log-level", log_level.value]
+    command += ["--log-level", log_level.value, "--log-format", log_format.value]
     for name in only:
         command += ["--function", name]
     # URLs travel in the environment, not in argv, where 'ps' would show credentials.
@@ -653,21 +674,57 @@ def tail(
         int | None, typer.Option("--limit", "-n", min=1, help="Stop after N events.")
     ] = None,
     as_json: JsonOption = False,
+    type_: Annotated[
+        str | None,
+        typer.Option("--type", "-t", metavar="PATTERN", help="Only types matching this."),
+    ] = None,
+    subject: Annotated[
+        str | None,
+        typer.Option("--subject", "-s", help="Only this subject ('eu-*': by prefix)."),
+    ] = None,
+    function: Annotated[
+        str | None,
+        typer.Option(
+            "--function", "-f", metavar="NAME", help="Only what this function receives (--app)."
+        ),
+    ] = None,
+    app_target: Annotated[
+        str | None,
+        typer.Option("--app", metavar="MODULE:APP", help="The App declaring --function."),
+    ] = None,
+    compact: Annotated[bool, typer.Option("--compact", "-c", help="One short line each.")] = False,
 ) -> None:
     """Follow published events live (Ctrl-C to stop)."""
+    from nerve.observe.terminal import tail_filter
+
     with _edge():
+        if pattern is not None and type_ is not None:
+            raise CliError("give the type pattern once: as the argument or as --type")
+        subscription = None
+        if function is not None:
+            if app_target is None:
+                raise CliError("--function needs the App that declares it: add --app MODULE:APP")
+            declared = load_app(app_target).functions
+            if function not in declared:
+                raise CliError(
+                    f"{app_target} has no function {function!r}; its functions: "
+                    f"{', '.join(declared) or 'none'}"
+                )
+            subscription = declared[function].subscription
+        keep = tail_filter(pattern or type_, subject, subscription)
         transport = _transport(broker, shared="tailing")
         with contextlib.suppress(KeyboardInterrupt):
-            _run_async(_tail(transport, broker, pattern, from_start, limit, as_json))
+            _run_async(_tail(transport, broker, keep, from_start, limit, as_json, compact))
 
 
 async def _tail(
     transport: Transport,
     url: str,
-    pattern: str | None,
+    keep: Callable[[Event], bool] | None,
     from_start: bool,
     limit: int | None,
     as_json: bool,
+    compact: bool = False,
 ) -> None:
     if not isinstance(transport, EventLog):
         raise CliError(f"{redact(url)}: this broker keeps no event log that 'nerve tail' can read")
@@ -687,16 +744,17 @@ async def _tail(
                 try:
                     event = codec.decode(raw)
                 except NerveError as exc:
-                    if pattern is None and not as_json:
+                    if keep is None and not as_json:
                         out.print(Text(f"#{seq} undecodable: {exc}", style="red"), soft_wrap=True)
                     continue
-                if pattern is not None and not matches_pattern(pattern, event.type):
+                if keep is not None and not keep(event):
                     continue
                 if as_json:
                     sys.stdout.write(bytes(raw).decode("utf-8", "replace").strip() + "\n")
                     sys.stdout.flush()
                 else:
-                    out.print(_tail_line(event), no_wrap=True, overflow="ellipsis")
+                    line = compact_line(event) if compact else _tail_line(event)
+                    out.print(line, no_wrap=True, overflow="ellipsis")
                 shown += 1
                 if limit is not None and shown >= limit:
                     break
@@ -722,6 +780,63 @@ def _tail_line(event: Event) -> Text:
             shown = orjson.dumps(event.data).decode()
         line.append("  " + (shown if len(shown) <= 200 else shown[:199] + "…"))
     return line
+
+
+# -- trace -----------------------------------------------------------------------------
+
+
+@cli.command()
+def trace(
+    event_id: Annotated[
+        str | None, typer.Argument(metavar="[EVENT_ID]", help="An event of the flow.")
+    ] = None,
+    subject: Annotated[
+        str | None, typer.Option("--subject", "-s", help="The flows of events with this subject.")
+    ] = None,
+    correlation: Annotated[
+        str | None, typer.Option("--correlation", "-c", metavar="ID", help="One flow by its id.")
+    ] = None,
+    broker: BrokerOption = DEFAULT_BROKER,
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a flow's causal chain: every event, what each function did with it, when."""
+    from nerve.observe.flow import find_flow, flow_json
+    from nerve.observe.terminal import render_flows
+
+    with _edge():
+        if sum(x is not None for x in (event_id, subject, correlation)) != 1:
+            raise CliError("say which flow: give an EVENT_ID, or --subject S, or --correlation ID")
+        _require_existing(broker)
+        transport = _transport(broker, shared="tracing")
+        store_url = store or default_store_url(broker)
+
+        async def find() -> list[Any]:
+            flow_store = store_from_url(store_url)
+            async with _connected(transport, broker):
+                await flow_store.start()
+                try:
+                    return await find_flow(
+                        transport,
+                        flow_store,
+                        event_id=event_id,
+                        subject=subject,
+                        correlation=correlation,
+                    )
+                finally:
+                    await flow_store.close()
+
+        roots = _run_async(find())
+        if not roots:
+            which = event_id or subject or correlation
+            raise CliError(
+                f"no event found for {which!r} in the broker's event log (events older than "
+                "its retention are pruned); see 'nerve tail --from-start'"
+            )
+    if as_json:
+        _write_json([flow_json(root) for root in roots])
+        return
+    _stdout().print(render_flows(roots, highlight=event_id))
 
 
 # -- status ----------------------------------------------------------------------------

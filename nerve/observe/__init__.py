@@ -12,9 +12,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nerve.observe.tracing import Tracing
+    from starlette.routing import BaseRoute
 
-__all__ = ["default_tracing", "tracing_configured"]
+    from nerve.observe.tracing import Tracing
+    from nerve.runtime import Runtime
+
+__all__ = ["default_tracing", "http_routes", "tracing_configured"]
 
 _OFF = ("", "none")
 
@@ -45,3 +48,11 @@ def default_tracing(service_name: str) -> Tracing | None:
     from nerve.observe.tracing import tracing_from_env
 
     return tracing_from_env(service_name)
+
+
+def http_routes(runtime: Runtime) -> list[BaseRoute]:
+    """``/metrics`` and the dashboard, for the HTTP edge of ``nerve run`` (which
+    mounts what this returns through its ``extra_routes`` hook)."""
+    from nerve.observe.web import routes
+
+    return routes(runtime)

@@ -143,6 +143,19 @@ def _summary(exc: BaseException, limit: int = 4000) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
+def _log_context(function: str, delivery: Delivery, attempt: int) -> dict[str, Any]:
+    """The event fields of a log record about ``delivery`` (structured logs)."""
+    fields: dict[str, Any] = {"function": function, "attempt": attempt}
+    try:
+        event = delivery.event
+    except DecodeError:
+        return fields
+    fields["event_id"] = event.id
+    fields["event_type"] = event.type
+    fields["correlation_id"] = str(event.extensions.get("correlationid") or event.id)
+    return fields
+
+
 class FunctionRunner:
     def __init__(self, runtime: Runtime, function: Function) -> None:
         self.runtime = runtime
@@ -407,6 +420,7 @@ class FunctionRunner:
                     type(exc).__name__,
                     exc,
                     delay,
+                    extra=ctx.log.extra,
                 )
                 if hold:
                     await asyncio.sleep(delay)
@@ -566,5 +580,6 @@ class FunctionRunner:
             reason,
             failure.error_type,
             failure.message[:200],
+            extra=_log_context(self.function.name, delivery, attempts),
         )
         await self._settle_one(delivery.dead_letter(failure), "dead-lettering")

@@ -701,6 +701,58 @@ class SqliteTransport:
 
         return await self._worker.call(read)
 
+    async def search_log(
+        self,
+        *,
+        ids: Sequence[str] = (),
+        contains: Sequence[str] = (),
+        types: Sequence[str] = (),
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[tuple[int, float, bytes]]:
+        """Logged events, newest first, as (position, published_at, raw): those whose id
+        is in ``ids`` or whose encoded body contains one of ``contains`` (exact text,
+        like ``'"correlationid":"..."'``; no ``ids`` and no ``contains``: any), of one
+        of ``types`` (if given), before position ``before``. For ``nerve trace`` and
+        the dashboard (observability; a scan, not on the hot path)."""
+        match = [f"event_id IN ({','.join('?' * len(ids))})"] if ids else []
+        match += ["instr(CAST(body AS TEXT), ?) > 0"] * len(contains)
+        clauses = [f"({' OR '.join(match)})"] if match else []
+        params: list[Any] = [*ids, *contains]
+        if types:
+            clauses.append(f"type IN ({','.join('?' * len(types))})")
+            params.extend(types)
+        if before is not None:
+            clauses.append("seq < ?")
+            params.append(before)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        sql = f"SELECT seq, published_at, body FROM log{where} ORDER BY seq DESC LIMIT ?"
+        return await self._worker.call(lambda c: c.execute(sql, (*params, limit)).fetchall())
+
+    async def fate(
+        self, event_ids: Sequence[str]
+    ) -> tuple[list[tuple[str, str, int, float, float]], list[DeadLetterEntry]]:
+        """Where events are now: their pending deliveries as (group, event id, attempt,
+        available_at, lease_until), and their dead letters."""
+        marks = ",".join("?" * len(event_ids)) or "NULL"
+
+        def read(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[tuple[str, str, int, float, float]], list[DeadLetterEntry]]:
+            pending = conn.execute(
+                "SELECT d.grp, l.event_id, d.attempt, d.available_at, d.lease_until "
+                f"FROM deliveries d JOIN log l ON l.seq = d.seq WHERE l.event_id IN ({marks})",
+                list(event_ids),
+            ).fetchall()
+            dead = conn.execute(
+                "SELECT id, grp, body, failure FROM dead_letters "
+                f"WHERE event_id IN ({marks}) ORDER BY id",
+                list(event_ids),
+            ).fetchall()
+            return pending, [_entry(*row) for row in dead]
+
+        return await self._worker.call(read)
+
 
 def _settle_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> list[bool]:
     now = time.time()

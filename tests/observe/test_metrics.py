@@ -1,0 +1,156 @@
+"""Metrics: one registry per runtime, the numbers match what happened, and promtool
+accepts the exposition as it is served."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import httpx
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from examples.shop import load
+from examples.shop.app import TERMINAL_STATES, app
+from examples.shop.chaos import with_failures
+from nerve import Runtime
+from nerve.http.server import build_app
+from nerve.observe import http_routes
+from nerve.observe.metrics import Buckets
+
+from .conftest import eventually, require_tool
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def total(
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return sum(
+        v
+        for (n, ls), v in values.items()
+        if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
+    )
+
+
+async def test_metrics_count_what_happened_and_promtool_accepts_them(tmp_path: Path) -> None:
+    promtool = require_tool("promtool", "prometheus")
+    orders = list(load.generate(seed=3, count=40))
+    shop = with_failures(app, 0.3, seed=2)
+    broker = f"sqlite:///{tmp_path}/nerve.db?synchronous=OFF"
+    async with Runtime(shop, broker=broker, metrics=True, tracing=False) as rt:
+        await load.seed_stock(rt.store, load.initial_stock(40))
+        await load.place_orders(rt.client, orders)
+
+        async def all_terminal() -> bool:
+            rows = await rt.store.query("SELECT state, count(*) AS n FROM orders GROUP BY state")
+            return sum(r["n"] for r in rows if r["state"] in TERMINAL_STATES) == 40
+
+        await eventually(all_terminal, 60, "40 terminal orders")
+        await rt.wait_idle(timeout=30)
+        asgi = build_app(rt, extra_routes=http_routes(rt))
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi), base_url="http://nerve"
+        ) as http:
+            response = await http.get("/metrics")
+        runners = rt.runners
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = response.text
+    checked = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == "" and checked.stderr.strip() == ""  # no lint problems
+
+    values = samples(text)
+    # the client published the 40 orders; functions published what they emitted
+    assert total(values, "nerve_events_published_total", function="", type="order.created") == 40
+    assert total(values, "nerve_events_published_total", function="inventory") > 0
+    for name, runner in runners.items():
+        processed = total(values, "nerve_events_processed_total", function=name)
+        retried = total(values, "nerve_events_retried_total", function=name)
+        failed = total(values, "nerve_events_failed_total", function=name)
+        assert processed == runner.stats.processed, name  # no duplicates in this run
+        assert retried == runner.stats.retried == failed, name  # every failure was retried
+        assert total(values, "nerve_handler_duration_seconds_count", function=name) == (
+            processed + failed
+        )
+        assert total(values, "nerve_event_latency_seconds_count", function=name) == (
+            runner.stats.received
+        )
+        assert total(values, "nerve_function_backlog_events", function=name) == 0
+        assert total(values, "nerve_function_in_flight_events", function=name) == 0
+        assert total(values, "nerve_function_concurrency_limit", function=name) == runner.limit
+    # 30% of first attempts fail: some retries happened, by type
+    assert total(values, "nerve_events_retried_total") > 0
+    assert (
+        total(values, "nerve_events_processed_total", function="inventory", type="order.created")
+        == 40
+    )
+    # nothing was registered in prometheus_client's global default registry
+    assert not any(n.startswith("nerve_") for n in REGISTRY._names_to_collectors)
+
+
+async def test_each_runtime_has_its_own_registry() -> None:
+    async with (
+        Runtime(app, broker="memory://", metrics=True, tracing=False) as one,
+        Runtime(app, broker="memory://", metrics=True, tracing=False) as two,
+    ):
+        await one.client.publish(
+            app.make_event(
+                {
+                    "order_id": "o",
+                    "customer_id": "c",
+                    "lines": [{"sku": "x", "qty": 1}],
+                    "amount_cents": 3,
+                },
+                type="order.created",
+            ).data,
+            type="order.created",
+        )
+        assert one.metrics is not None and two.metrics is not None
+        assert one.metrics.registry is not two.metrics.registry
+        first = samples(one.metrics.render().decode())
+        second = samples(two.metrics.render().decode())
+    assert total(first, "nerve_events_published_total") == 1
+    assert total(second, "nerve_events_published_total") == 0
+
+
+async def test_without_metrics_nothing_is_counted_and_metrics_is_404() -> None:
+    async with Runtime(app, broker="memory://", tracing=False) as rt:
+        assert rt.metrics is None
+        assert all(r._observer is None for r in rt.runners.values())
+        asgi = build_app(rt, extra_routes=http_routes(rt))
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi), base_url="http://nerve"
+        ) as http:
+            response = await http.get("/metrics")
+    assert response.status_code == 404
+
+
+def test_bucket_quantiles_interpolate() -> None:
+    buckets = Buckets([0.1, 0.2, 0.4])
+    assert buckets.quantile(0.5) is None
+    for value in [0.05] * 50 + [0.15] * 40 + [0.3] * 10:
+        buckets.observe(value)
+    assert buckets.count == 100
+    assert buckets.cumulative() == [("0.1", 50.0), ("0.2", 90.0), ("0.4", 100.0), ("+Inf", 100.0)]
+    assert buckets.quantile(0.5) == 0.1
+    p90 = buckets.quantile(0.9)
+    assert p90 is not None and abs(p90 - 0.2) < 1e-9
+    p95 = buckets.quantile(0.95)
+    assert p95 is not None and 0.2 < p95 < 0.4
