@@ -51,6 +51,7 @@ from nerve._urls import redact, redact_text
 from nerve.app import App
 from nerve.errors import NerveError, TransportError
 from nerve.event import Event
+from nerve.http.keys_cli import keys_cli
 from nerve.observe.terminal import compact_line
 from nerve.store import default_store_url, store_from_url
 from nerve.transport import (
@@ -265,6 +266,7 @@ dlq_cli = typer.Typer(
     help="Dead letters: list, show, replay, purge.", no_args_is_help=True, add_completion=False
 )
 cli.add_typer(dlq_cli, name="dlq")
+cli.add_typer(keys_cli, name="keys")
 
 
 class LogLevel(StrEnum):
@@ -343,6 +345,25 @@ def run(
             "and correlation ids); console: coloured lines; auto: console on a terminal.",
         ),
     ] = LogFormat.auto,
+    http: Annotated[
+        str,
+        typer.Option(
+            "--http",
+            envvar="NERVE_HTTP",
+            metavar="HOST:PORT",
+            help="Serve the HTTP edge (CloudEvents, webhooks, request/reply) here.",
+        ),
+    ] = "127.0.0.1:8000",
+    no_http: Annotated[bool, typer.Option("--no-http", help="Do not serve HTTP.")] = False,
+    webhook: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--webhook",
+            metavar="NAME=TYPE",
+            help="Accept Standard Webhooks at /webhooks/NAME as TYPE events "
+            "(secret in NERVE_WEBHOOK_SECRET_<NAME>).",
+        ),
+    ] = None,
 ) -> None:
     """Run an App's functions until Ctrl-C / SIGTERM (then drain gracefully)."""
     only = list(function or [])
@@ -362,6 +383,7 @@ def run(
         store_url = store or default_store_url(broker)
         store_from_url(store_url)  # a bad store URL is refused here, before anything starts
         _setup_logging(log_level, log_format)
+        plan = None if no_http else _http_plan(http, store_url, webhook or [])
         names = ", ".join(only or app.functions)
         if processes > 1:
             # Open both once here: a broker or store that cannot be opened is one line
@@ -372,15 +394,17 @@ def run(
                 f"(functions: {names}) on {broker}, store {store_url}",
                 style="bold",
             )
-            code = _supervise(target, broker, store, only, processes, log_level, log_format)
+            code = _supervise(
+                target, broker, store, only, processes, log_level, log_format, http=plan
+            )
             raise typer.Exit(code)
         banner = (
             f"nerve {__version__}: app {app.name!r} (functions: {names}) on {broker}, "
-            f"store {store_url}, pid {os.getpid()}"
+            f"store {store_url}, pid {os.getpid()}" + (f", HTTP on {plan.address}" if plan else "")
         )
         # KeyboardInterrupt: a Ctrl-C that came before the runtime's signal handler was set.
         with contextlib.suppress(KeyboardInterrupt):
-            _run_async(_serve(app, transport, broker, store_url, only, banner), fast=True)
+            _run_async(_serve(app, transport, broker, store_url, only, banner, plan), fast=True)
         _note("nerve: stopped", style="dim")
 
 
@@ -392,8 +416,25 @@ async def _probe(transport: Transport, broker: str, store: str) -> None:
     await probe.close()
 
 
+def _http_plan(listen: str, store_url: str, webhooks: list[str]) -> Any:
+    """Bind the HTTP socket before anything starts (see nerve.http.running); None when
+    the http extra is missing and HTTP was not asked for explicitly."""
+    from nerve.http.running import available, prepare
+
+    if not available() and listen == "127.0.0.1:8000" and not webhooks:
+        _note("nerve: HTTP is off (install the 'http' extra to serve it)", style="dim")
+        return None
+    return prepare(listen, store_url, webhooks, bind=True)
+
+
 async def _serve(
-    app: App, transport: Transport, broker: str, store: str, only: Sequence[str], banner: str
+    app: App,
+    transport: Transport,
+    broker: str,
+    store: str,
+    only: Sequence[str],
+    banner: str,
+    http: Any = None,
 ) -> None:
     """``Runtime.serve()``, with the banner printed once the broker and store are open
     (so a broker that cannot be opened gets its one-line error and nothing else)."""
@@ -404,6 +445,15 @@ async def _serve(
     started = asyncio.ensure_future(runtime.started.wait())
     await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
     started.cancel()
+    if runtime.started.is_set() and http is not None:
+        from nerve.http.running import attach
+
+        try:
+            await attach(runtime, http)
+        except BaseException:
+            runtime.request_stop()
+            await serving
+            raise
     if runtime.started.is_set():
         _note(banner, style="bold")
     try:
@@ -454,8 +504,11 @@ class _Supervisor:
     once a worker is running; a quiet exit while it is still starting up).
     """
 
-    def __init__(self, command: list[str], env: dict[str, str], count: int) -> None:
+    def __init__(
+        self, command: list[str], env: dict[str, str], count: int, pass_fds: Sequence[int] = ()
+    ) -> None:
         self.command = command
+        self.pass_fds = tuple(pass_fds)
         self.env = env
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * count
         self.started_at = [0.0] * count
@@ -475,6 +528,7 @@ class _Supervisor:
             self.command,
             env=self.env,
             process_group=0,
+            pass_fds=self.pass_fds,
             preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
         )
         self.workers[slot] = worker
@@ -562,6 +616,7 @@ def _supervise(
     processes: int,
     log_level: LogLevel,
     log_format: LogFormat = LogFormat.auto,
+    http: Any = None,
 ) -> int:
     command = [sys.executable, "-m", "nerve", "run", target, "--processes", "1"]
     command += ["--log-level", log_level.value, "--log-format", log_format.value]
@@ -573,7 +628,19 @@ def _supervise(
         env["NERVE_STORE"] = store
     else:
         env.pop("NERVE_STORE", None)
-    return _Supervisor(command, env, processes).run()
+    # HTTP: the supervisor bound the socket; every worker accepts on that same socket.
+    fds: tuple[int, ...] = ()
+    if http is None or http.sock is None:
+        command.append("--no-http")
+    else:
+        from nerve.http.running import FD_ENV
+
+        fds = (http.sock.fileno(),)
+        env[FD_ENV] = str(fds[0])
+        command += ["--http", f"{http.host}:{http.port}"]
+        for source in http.webhooks:
+            command += ["--webhook", f"{source.name}={source.type}"]
+    return _Supervisor(command, env, processes, pass_fds=fds).run()
 
 
 # -- publish ---------------------------------------------------------------------------
