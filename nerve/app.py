@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from nerve.errors import DefinitionError, EmitError
 from nerve.event import Event
+from nerve.schema.upcast import EventReader, Upcaster, Upcasters, dataschema_uri
 
 __all__ = [
     "App",
@@ -39,6 +40,7 @@ Handler = Callable[[Any, Any], Awaitable[None]]
 KeyFunc = Callable[[Any], str | None]
 M = TypeVar("M", bound=type[BaseModel])
 H = TypeVar("H", bound=Handler)
+U = TypeVar("U", bound=Upcaster)
 
 _TYPE_NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _PATTERN = re.compile(r"^([A-Za-z0-9_\-]+|\*)(\.([A-Za-z0-9_\-]+|\*))*(\.>)?$|^>$")
@@ -174,12 +176,26 @@ class EventType:
     key: str | KeyFunc | None = None
     description: str = ""
 
+    @property
+    def dataschema(self) -> str:
+        """The ``dataschema`` its events carry: ``nerve:schema/<name>/<version>``."""
+        return dataschema_uri(self.name, self.version)
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema of its data, generated from the model (computed once)."""
+        return _json_schema(self.model)
+
     def key_of(self, payload: BaseModel) -> str | None:
         """The partition key of a payload of this type, by the declared ``key``."""
         if self.key is None:
             return None
         value = getattr(payload, self.key) if isinstance(self.key, str) else self.key(payload)
         return None if value is None else str(value)
+
+
+@lru_cache(maxsize=1024)
+def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(mode="validation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +211,8 @@ class Function:
     concurrency: int
     key: KeyFunc | None
     description: str = ""
+    versions: Mapping[str, int] = field(default_factory=dict)
+    """The version read of each type consumed by model class (others: the latest)."""
 
     def check_emit(self, type_name: str) -> None:
         if type_name not in self.emits:
@@ -220,6 +238,9 @@ class App:
     events: dict[str, EventType] = field(default_factory=dict)
     functions: dict[str, Function] = field(default_factory=dict)
     store_schema: list[str] = field(default_factory=list)
+    versions: dict[str, dict[int, EventType]] = field(default_factory=dict)
+    """Every declared version of each type (``events`` holds the latest of each)."""
+    upcasters: Upcasters = field(default_factory=Upcasters)
     _by_model: dict[type[BaseModel], EventType] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -240,7 +261,9 @@ class App:
 
         ``key`` is a field name (or a function of the payload) giving the partition key
         that producers set on events of this type, so that consumers handle the events
-        of one key in order.
+        of one key in order. ``version`` (from 1) numbers the type's schema: several
+        versions of one type can be declared, each with its own model; events carry
+        ``dataschema: nerve:schema/<name>/<version>``.
         """
         if not isinstance(name, str) or not _TYPE_NAME.match(name):
             raise DefinitionError(
@@ -248,11 +271,20 @@ class App:
                 "letters, digits, '_' or '-', like 'order.created'"
             )
 
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise DefinitionError(
+                f"event type {name!r}: version must be an integer >= 1, got {version!r}"
+            )
+
         def register(model: M) -> M:
             if not (isinstance(model, type) and issubclass(model, BaseModel)):
                 raise DefinitionError(f"@app.event({name!r}) must decorate a pydantic BaseModel")
-            if name in self.events:
-                raise DefinitionError(f"event type {name!r} is declared twice")
+            if version in self.versions.get(name, {}):
+                again = "" if version == 1 else f" at version {version}"
+                raise DefinitionError(
+                    f"event type {name!r} is declared twice{again}; "
+                    "give a new schema a new version=..."
+                )
             if model in self._by_model:
                 raise DefinitionError(
                     f"model {model.__name__} is already bound to {self._by_model[model].name!r}"
@@ -264,7 +296,9 @@ class App:
                     f"(fields: {', '.join(declared_fields)})"
                 )
             declared = EventType(name, model, version, key, description or (model.__doc__ or ""))
-            self.events[name] = declared
+            self.versions.setdefault(name, {})[version] = declared
+            if name not in self.events or self.events[name].version < version:
+                self.events[name] = declared
             self._by_model[model] = declared
             return model
 
@@ -283,6 +317,38 @@ class App:
                 f"model {getattr(ref, '__name__', ref)!r} is not declared with @app.event"
             )
         return by_model
+
+    def event_version(self, name: str, version: int) -> EventType:
+        """A declared event type at one version."""
+        found = self.versions.get(name, {}).get(version)
+        if found is None:
+            known = ", ".join(map(str, sorted(self.versions.get(name, {})))) or "none"
+            raise DefinitionError(
+                f"event type {name!r} has no version {version} (declared versions: {known})"
+            )
+        return found
+
+    def upcaster(self, name: str, from_version: int, to_version: int) -> Callable[[U], U]:
+        """Decorator: ``def up(data: dict) -> dict`` turns the data of ``name`` at
+        ``from_version`` into its data at ``to_version``, so a function reading the
+        later version receives events written at the earlier one (chains compose:
+        v1 -> v2 -> v3). The earlier version need not be declared any more."""
+        if name not in self.versions:
+            raise DefinitionError(f"upcaster: {self._unknown_type(name)}")
+
+        def register(fn: U) -> U:
+            if not callable(fn) or inspect.iscoroutinefunction(fn):
+                raise DefinitionError(
+                    f"upcaster {name!r} {from_version} -> {to_version}: use a plain "
+                    "'def up(data: dict) -> dict' (no I/O, not async)"
+                )
+            try:
+                self.upcasters.add(name, from_version, to_version, fn)
+            except ValueError as exc:
+                raise DefinitionError(f"upcaster for {name!r}: {exc}") from None
+            return fn
+
+        return register
 
     def _unknown_type(self, name: str) -> str:
         close = difflib.get_close_matches(name, list(self.events), n=1)
@@ -351,6 +417,11 @@ class App:
                         patterns.append(self.event_type(ref).name)
                     except DefinitionError as exc:
                         raise DefinitionError(f"{where_} consumes {exc}") from None
+            pinned = {
+                (declared := self.event_type(ref)).name: declared.version
+                for ref in refs
+                if not isinstance(ref, str)
+            }
             emitted: set[str] = set()
             for ref in emits:
                 try:
@@ -377,6 +448,7 @@ class App:
                 concurrency=concurrency,
                 key=key,
                 description=description or (handler.__doc__ or "").strip(),
+                versions=pinned,
             )
             return handler
 
@@ -397,16 +469,23 @@ class App:
         subject: str | None = None,
         key: str | None = None,
         extensions: Mapping[str, str | int | bool] | None = None,
+        version: int | None = None,
     ) -> Event:
         """Build a validated event of a declared type from a payload.
 
         ``payload`` is an instance of the type's model, or a mapping validated against
-        it (a :class:`pydantic.ValidationError` says which field is wrong). The
+        it (a :class:`pydantic.ValidationError` says which field is wrong), at
+        ``version`` (default: the model's version, or the latest for a mapping). The
         partition key comes from ``key``, else from the type's declared key.
         """
         if isinstance(payload, BaseModel):
-            declared = self.event_type(type or payload.__class__)
-            if not isinstance(payload, declared.model):
+            declared = self._by_model.get(payload.__class__) or self.event_type(
+                type or payload.__class__
+            )
+            if (type is not None and declared.name != type) or not isinstance(
+                payload, declared.model
+            ):
+                declared = self.event_type(type or payload.__class__)
                 raise DefinitionError(
                     f"payload is a {payload.__class__.__name__}, but {declared.name!r} "
                     f"carries {declared.model.__name__}"
@@ -415,7 +494,9 @@ class App:
         else:
             if type is None:
                 raise DefinitionError("make_event(mapping) needs type='event.type'")
-            declared = self.event_type(type)
+            declared = (
+                self.event_type(type) if version is None else self.event_version(type, version)
+            )
             model = declared.model.model_validate(payload)
         exts: dict[str, str | int | bool] = dict(extensions or {})
         partition = key if key is not None else declared.key_of(model)
@@ -425,9 +506,31 @@ class App:
             type=declared.name,
             source=source or self.source,
             subject=subject,
+            dataschema=declared.dataschema,
             data=model.model_dump(mode="json"),
             extensions=exts,
         )
+
+    def readers(self, function: Function) -> dict[str, EventReader]:
+        """For each declared type, how ``function`` reads its events: at the version
+        it consumes (by model class), else the latest, upcasting older ones."""
+        out: dict[str, EventReader] = {}
+        for name, latest in self.events.items():
+            declared = self.versions[name].get(function.versions.get(name, 0), latest)
+            out[name] = EventReader(name, declared.version, declared.model, self.upcasters)
+        return out
+
+    def declared_for(self, event: Event) -> EventType | None:
+        """The declared type and version an event says it carries (its
+        ``dataschema``), else the latest version of its type; None if undeclared."""
+        versions = self.versions.get(event.type)
+        if not versions:
+            return None
+        if event.dataschema is not None:
+            for declared in versions.values():
+                if declared.dataschema == event.dataschema:
+                    return declared
+        return self.events[event.type]
 
     def subscriptions(self) -> list[Subscription]:
         return [f.subscription for f in self.functions.values()]

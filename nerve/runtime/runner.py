@@ -5,6 +5,8 @@
     fetch a batch (up to the free concurrency)
       -> decode            undecodable bytes      -> dead letter at once ('undecodable')
       -> look up the type  type not declared      -> dead letter at once ('not-declared')
+      -> read              upcast to the version the function reads (nerve.schema.upcast)
+                           an upcaster failed     -> dead letter at once ('upcast-failed')
       -> validate          payload invalid        -> dead letter at once ('invalid-data')
       -> idempotency       processed already      -> ack, handler not called
          (one store query for the whole batch)
@@ -48,6 +50,7 @@ from nerve.errors import DeadLetter, DecodeError, EmitError, LeaseLost, NerveErr
 from nerve.event import Event
 from nerve.observe.hooks import observer_for
 from nerve.runtime.context import Context
+from nerve.schema.upcast import UpcastError
 from nerve.store.sqlite import SqliteUnit
 from nerve.transport.base import Delivery, Failure
 
@@ -170,6 +173,7 @@ class FunctionRunner:
         self._started: dict[Delivery, float] = {}
         self._stopping = asyncio.Event()
         self._consumer = runtime.transport.consumer(function.subscription)
+        self._readers = runtime.app.readers(function)
         self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._idle_since = time.monotonic()
         self._done: list[_Done] = []
@@ -271,7 +275,7 @@ class FunctionRunner:
 
     async def _dispatch(self, deliveries: Sequence[Delivery]) -> None:
         fn = self.function
-        events = self.runtime.app.events
+        readers = self._readers
         stats = self.stats
         stats.received += len(deliveries)
         now = time.time()
@@ -282,15 +286,18 @@ class FunctionRunner:
             except DecodeError as exc:
                 self._spawn(self._dead(delivery, "undecodable", exc, delivery.attempt))
                 continue
-            declared = events.get(event.type)
-            if declared is None:
+            reader = readers.get(event.type)
+            if reader is None:
                 error = NerveError(f"event type {event.type!r} is not declared by this app")
                 self._spawn(self._dead(delivery, "not-declared", error, delivery.attempt))
                 continue
             try:
-                payload = declared.model.model_validate(event.data)
+                payload = reader.read(event.data, event.dataschema)
             except ValidationError as exc:
                 self._spawn(self._dead(delivery, "invalid-data", exc, delivery.attempt))
+                continue
+            except UpcastError as exc:
+                self._spawn(self._dead(delivery, "upcast-failed", exc, delivery.attempt))
                 continue
             if event.time is not None:
                 stats.note_latency(now - event.time.timestamp())

@@ -107,10 +107,19 @@ class Client:
         key: str | None = None,
         source: str | None = None,
         extensions: Mapping[str, str | int | bool] | None = None,
+        version: int | None = None,
     ) -> Event:
-        """Publish one event; returns it once the broker holds it durably."""
+        """Publish one event; returns it once the broker holds it durably. The data is
+        validated against the type's model (at ``version``, default: the model's or
+        the latest) first: invalid data raises and nothing is sent."""
         event = self.app.make_event(
-            payload, type=type, subject=subject, key=key, source=source, extensions=extensions
+            payload,
+            type=type,
+            subject=subject,
+            key=key,
+            source=source,
+            extensions=extensions,
+            version=version,
         )
         if self.tracing is None and self.metrics is None:
             await self.transport.publish([event])
@@ -118,9 +127,10 @@ class Client:
         return (await self._send([event]))[0]
 
     async def publish_events(self, events: Sequence[Event]) -> None:
-        """Publish ready-made events (batch fast path); declared types are validated."""
+        """Publish ready-made events (batch fast path); declared types are validated
+        (at the version their ``dataschema`` names, else the latest)."""
         for event in events:
-            declared = self.app.events.get(event.type)
+            declared = self.app.declared_for(event)
             if declared is not None:
                 try:
                     declared.model.model_validate(event.data)
