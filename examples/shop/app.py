@@ -42,7 +42,8 @@ from collections import Counter
 
 from pydantic import BaseModel, Field
 
-from nerve import App, Context, DeadLetter, RetryPolicy
+from nerve import App, Context, DeadLetter, Event, RetryPolicy
+from nerve.http import Endpoints
 
 app = App("shop")
 
@@ -391,3 +392,33 @@ async def orders(
         "SET state = excluded.state, outcomes = outcomes + 1, updated_at = excluded.updated_at",
         (event.order_id, event.customer_id, state, time.time()),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP: POST /orders answers with the order's outcome, synchronously, while the flow
+# underneath stays event-driven: the endpoint publishes order.created and waits for
+# the first outcome event carrying its correlationid (every event emitted along the
+# flow carries it; see docs/http.md). An order inventory dead-letters (an unknown SKU)
+# has no outcome: the caller gets 504 and the order waits in the DLQ.
+
+OUTCOME_OF = {
+    "stock.rejected": OUT_OF_STOCK,
+    "payment.failed": PAYMENT_DECLINED,
+    "shipment.prepared": SHIPPED_PENDING,
+}
+
+
+def order_outcome(reply: Event) -> dict[str, str]:
+    """The response of POST /orders: the order's terminal state."""
+    return {"order_id": str(reply.data["order_id"]), "state": OUTCOME_OF[reply.type]}
+
+
+http = Endpoints(app)
+http.reply(
+    "/orders",
+    publishes=OrderCreated,
+    replies=[StockRejected, PaymentFailed, ShipmentPrepared],
+    respond=order_outcome,
+    timeout=10.0,
+    description="Place an order; answers with its outcome (shipped-pending, cancelled: ...)",
+)

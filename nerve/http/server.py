@@ -390,11 +390,29 @@ class HttpContext:
                 headers={"Retry-After": "1"},
             ) from None
 
-    async def request_reply(self, event: Event, patterns: Sequence[str], timeout: float) -> Event:
-        try:
-            return await self.runtime.client.replies.request(
+    async def request_reply(
+        self, request: Request, event: Event, patterns: Sequence[str], timeout: float
+    ) -> Event:
+        """Publish ``event`` and wait for its reply; a caller that hangs up stops the
+        wait at once (its waiter is removed, nothing is left behind)."""
+        waiting = asyncio.ensure_future(
+            self.runtime.client.replies.request(
                 event, patterns, timeout, lambda e: self.publish([e])
             )
+        )
+        hung_up = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({waiting, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hung_up.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+        if waiting.cancelled():
+            raise Problem(400, "hung-up", "the caller went away before the reply")
+        try:
+            return waiting.result()
         except TimeoutError:
             raise Problem(
                 504,
@@ -405,6 +423,14 @@ class HttpContext:
             ) from None
         except NerveError as exc:
             raise Problem(503, "stopping", str(exc), headers={"Retry-After": "1"}) from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _too_large(size: int, limit: int) -> Problem:
@@ -470,7 +496,7 @@ async def post_events(request: Request) -> Response:
         if len(events) != 1:
             raise Problem(400, "malformed-query", "reply= waits for one event: do not batch")
         patterns, timeout = reply
-        answer = await ctx.request_reply(events[0], patterns, timeout)
+        answer = await ctx.request_reply(request, events[0], patterns, timeout)
         return Response(
             codec.encode(answer), status_code=200, media_type=codec.CONTENT_TYPE_STRUCTURED
         )
@@ -633,7 +659,7 @@ def _reply_route(endpoint: ReplyEndpoint) -> Route:
             ) from None
         ctx.limit(request, key, 1)
         event = ctx.app.make_event(payload, type=endpoint.publishes, source=f"/http{endpoint.path}")
-        answer = await ctx.request_reply(event, endpoint.replies, endpoint.timeout)
+        answer = await ctx.request_reply(request, event, endpoint.replies, endpoint.timeout)
         if endpoint.respond is None:
             return Response(codec.encode(answer), media_type=codec.CONTENT_TYPE_STRUCTURED)
         return _json(endpoint.respond(answer))
