@@ -238,6 +238,7 @@ if #out == 0 then
   if d[2] then nxt = tonumber(d[2]) end
   if l[2] and (nxt == nil or tonumber(l[2]) < nxt) then nxt = tonumber(l[2]) end
   if nxt then wait = math.max(0, nxt - now) end
+  if redis.call('HEXISTS', P .. ':groups', ARGV[2]) == 0 then wait = -2 end
 end
 return {out, wait}
 """
@@ -520,6 +521,9 @@ class RedisConsumer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
+            if wait_ms == -2:  # the server lost the group (restarted without persistence)
+                await transport._declare_again([self.subscription])
+                continue
             pause = min(remaining, transport.config.poll_interval)
             if wait_ms >= 0:
                 pause = min(pause, wait_ms / 1000 + 0.002)
@@ -588,6 +592,7 @@ class RedisTransport:
         self._timers: set[asyncio.TimerHandle] = set()
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
         self._scripts: dict[str, Any] = {}
+        self._declared: dict[str, Subscription] = {}
 
     def _features(self, *, durable: bool) -> Features:
         return Features(
@@ -778,22 +783,32 @@ class RedisTransport:
     # -- declaring and publishing ----------------------------------------------------
 
     async def declare(self, subscriptions: Sequence[Subscription]) -> None:
+        await self._declare_again(subscriptions)
+        for sub in subscriptions:
+            self._declared[sub.group] = sub
+
+    async def _declare_again(self, subscriptions: Sequence[Subscription]) -> None:
+        """Declare ``subscriptions`` (again, after a server restart without persistence
+        lost the registry: consumers and publishers of this process heal it)."""
         args: list[str | bytes | int] = [len(subscriptions)]
         for sub in subscriptions:
             args += [sub.group, orjson.dumps(sub.to_json())]
         await self._run("declare", args)
-        await self._refresh_router()
+        await self._refresh_router(heal=False)
 
-    async def _refresh_router(self) -> None:
+    async def _refresh_router(self, *, heal: bool = True) -> None:
         client = self._client()
         with _translated(self.config):
             async with client.pipeline(transaction=True) as pipe:
                 pipe.get(f"{self._prefix}:groups:version")
                 pipe.hvals(f"{self._prefix}:groups")
                 version, specs = await pipe.execute()
-        self._router = _Router(
-            version or b"0", [Subscription.from_json(orjson.loads(s)) for s in specs]
-        )
+        router = _Router(version or b"0", [Subscription.from_json(orjson.loads(s)) for s in specs])
+        lost = [sub for name, sub in self._declared.items() if name not in router.groups]
+        if heal and lost:
+            await self._declare_again(lost)  # the server forgot groups this process declared
+            return
+        self._router = router
 
     def _encode(self, events: Sequence[Event]) -> list[tuple[Event, bytes]]:
         return encode_checked(events, self.config.max_payload)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .conftest import AdapterSpec, require_server
+from .restarts import restart_nats
 
 HOST, PORT = "127.0.0.1", 4222
 PREFIX = "nervetest_"
@@ -60,4 +61,6 @@ def make_url(directory: Path) -> str:
     return f"nats://{HOST}:{PORT}?stream={stream}&max_age=3600&dlq_max_age=3600"
 
 
-SPEC = AdapterSpec("nats", make_url, restartable=True, shared_instance=False)
+SPEC = AdapterSpec(
+    "nats", make_url, restartable=True, shared_instance=False, restart_server=restart_nats
+)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .conftest import AdapterSpec, require_server
+from .restarts import restart_postgres
 
 HOST = os.environ.get("NERVE_TEST_PGHOST", "127.0.0.1")
 PORT = int(os.environ.get("NERVE_TEST_PGPORT", "5432"))
@@ -67,4 +68,4 @@ def _cleanup() -> None:
             drop_schemas(*sorted(_made))
 
 
-SPEC = AdapterSpec("postgres", make_url, restartable=True)
+SPEC = AdapterSpec("postgres", make_url, restartable=True, restart_server=restart_postgres)

@@ -9,6 +9,7 @@ import hashlib
 from pathlib import Path
 
 from .conftest import AdapterSpec, require_server
+from .restarts import restart_rabbitmq
 
 
 def make_url(directory: Path) -> str:
@@ -22,4 +23,4 @@ def make_url(directory: Path) -> str:
     return f"amqp://guest:guest@127.0.0.1:5672/?prefix=t{digest}&queue_expires=60"
 
 
-SPEC = AdapterSpec("rabbitmq", make_url, restartable=True)
+SPEC = AdapterSpec("rabbitmq", make_url, restartable=True, restart_server=restart_rabbitmq)

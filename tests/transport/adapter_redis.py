@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .conftest import AdapterSpec, require_server
+from .restarts import restart_redis
 
 SESSION = os.urandom(3).hex()
 """Salt of this test process's prefixes."""
@@ -37,4 +38,4 @@ def _forget_this_session() -> None:
         client.close()
 
 
-SPEC = AdapterSpec("redis", make_url, restartable=True)
+SPEC = AdapterSpec("redis", make_url, restartable=True, restart_server=restart_redis)

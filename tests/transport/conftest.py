@@ -43,13 +43,16 @@ class AdapterSpec:
     any) live in ``directory``. ``restartable``: a transport can be closed and a new
     one opened on the same broker with its data intact (needed for durability tests).
     ``shared_instance``: a "second connection" to the broker is the same object (an
-    in-process broker), not a new connection.
+    in-process broker), not a new connection. ``restart_server``: stops and starts the
+    real server this adapter talks to (``tests/transport/restarts.py``), for the test of
+    reconnecting mid-stream; None where there is no server to restart.
     """
 
     name: str
     make_url: Callable[[Path], str]
     restartable: bool
     shared_instance: bool = False
+    restart_server: Callable[[], None] | None = None
 
     def url(self, directory: Path, **options: float | int | str) -> str:
         """The broker URL with URL options (``visibility_timeout=0.5``) appended."""

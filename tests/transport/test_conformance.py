@@ -8,6 +8,7 @@ directly (two tests go through the Runtime, as noted). Where an adapter declares
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -848,3 +849,80 @@ async def test_stats_counters_follow_the_deliveries(
     assert (s.processed, s.retried, s.dead_lettered) == (1, 1, 1)
     if transport.features.dead_letter_queue:
         assert s.dead_letters == 1
+
+
+# -- 14. reconnect after a real server restart -------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_stream_resumes_after_the_server_restarts_mid_stream(
+    adapter: AdapterSpec, brokers: Brokers
+) -> None:
+    """Publish a stream, restart the real server in the middle of it (the spec's hook:
+    ``tests/transport/restarts.py``), and let the same transport reconnect by itself:
+    every publish that returned is consumed. Where the adapter declares it is not
+    durable (Redis without persistence), only publishes that returned after the server
+    came back are owed; what it held before the restart may be gone."""
+    if adapter.restart_server is None:
+        pytest.skip(f"{adapter.name} has no server of its own to restart")
+    transport = await brokers.new(visibility_timeout=5).connect()
+    (consumer,) = await setup(transport, Subscription("g", ("order.created",)))
+    total, deadline = 300, time.monotonic() + 200
+    returned: dict[str, float] = {}  # event id -> when its publish returned (monotonic)
+    received: set[str] = set()
+    publish_errors: list[str] = []
+    owed: set[str] | None = None  # known once the stream is published
+    all_in, finished = asyncio.Event(), asyncio.Event()
+
+    async def produce() -> None:
+        for n in range(total):
+            event = make(n)
+            while True:
+                try:
+                    await transport.publish([event])
+                    break
+                except TransportError as exc:  # the server is down: try again
+                    publish_errors.append(type(exc).__name__)
+                    assert time.monotonic() < deadline, f"publish never recovered: {exc}"
+                    await asyncio.sleep(0.2)
+            returned[event.id] = time.monotonic()
+            await asyncio.sleep(0.005)
+
+    async def consume() -> None:
+        while not finished.is_set():
+            try:
+                batch = await consumer.fetch(50, 0.5)
+            except TransportError:
+                await asyncio.sleep(0.2)
+                continue
+            for delivery in batch:
+                received.add(delivery.event.id)
+                with contextlib.suppress(LeaseLost, TransportError):
+                    await delivery.ack()  # a failed ack: it comes back, which is fine
+            if owed is not None and owed <= received:
+                all_in.set()
+
+    producer = asyncio.create_task(produce())
+    consumer_task = asyncio.create_task(consume())
+    try:
+        while len(returned) < total // 3:
+            assert not producer.done(), producer
+            await asyncio.sleep(0.05)
+        down_at = time.monotonic()
+        await asyncio.to_thread(adapter.restart_server)
+        back_at = time.monotonic()
+        await asyncio.wait_for(producer, max(1.0, deadline - time.monotonic()))
+        owed = {i for i, at in returned.items() if transport.features.durable or at > back_at}
+        assert len(owed) > total // 2
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_in.wait(), 60)
+        missing = owed - received
+        assert not missing, (
+            f"{len(missing)} of {len(owed)} acknowledged publishes were never consumed "
+            f"after a {back_at - down_at:.1f} s restart ({len(publish_errors)} publish errors)"
+        )
+    finally:
+        finished.set()
+        producer.cancel()
+        await asyncio.gather(producer, consumer_task, return_exceptions=True)
