@@ -435,7 +435,7 @@ class Runner:
             "--out",
             str(out),
         ]
-        task = self.progress.add_task(f"  shop x{processes} #{rep}", total=None)
+        task = self.progress.add_task(f"  shop x{processes} #{rep}", total=self.s.pipeline_orders)
         try:
             with process(cmd, logdir, "demo") as demo:
                 try:

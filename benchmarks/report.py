@@ -144,7 +144,8 @@ def charts(results: dict[str, Series], directory: Path) -> list[Path]:
         ax.set_ylabel(f"{ylabel} (median, min-max)")
         ax.set_yscale("log")
         ax.set_title(title)
-        ax.legend(fontsize=8, ncol=2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
         path = directory / f"compare-{workload}.png"
         fig.savefig(path, dpi=110)
@@ -177,7 +178,8 @@ def charts(results: dict[str, Series], directory: Path) -> list[Path]:
             ax.set_xticks(range(len(keys)), ["p50", "p99", "p99.9"])
             ax.set_yscale("log")
             ax.set_title(BROKER_NAMES[broker], fontsize=10)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         axes[0][0].set_ylabel("ms, event time to handler start (median run)")
         fig.suptitle(f"Latency at {rate:g} events/s, open loop")
         fig.tight_layout()

@@ -39,6 +39,8 @@ from pydantic import BaseModel
 from benchmarks.apps import OrderPlaced
 
 WARMUP_CUSTOMER = "cus_warmup"
+MAX_IN_FLIGHT = 64
+"""Open loop: publishes awaiting their ack at once, at most (more wait, and it counts)."""
 MAX_SECONDS = 300.0
 """No producer or consumer of the comparison lives longer than this."""
 
@@ -198,6 +200,8 @@ async def open_loop(
             await asyncio.sleep(wait)
         else:
             behind = max(behind, -wait)
+        if len(pending) >= MAX_IN_FLIGHT:  # a client pool has limits: queue here (it counts)
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         body["time"] = iso(due)
         task = loop.create_task(send_one(body))
         pending.add(task)

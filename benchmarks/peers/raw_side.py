@@ -54,12 +54,12 @@ async def produce(cfg: Config) -> dict[str, float]:
 
         conn = await aio_pika.connect(URLS["rabbitmq"])
         async with conn:
-            channel = await conn.channel(publisher_confirms=True)
             exchange: Any = None
 
             async def send_rabbit(body: dict[str, Any]) -> Any:
                 nonlocal exchange
-                if exchange is None:  # declared by the consumer: fails until it is
+                if exchange is None:  # declared by the consumer: fails until it is, and
+                    channel = await conn.channel(publisher_confirms=True)  # closes the channel
                     exchange = await channel.get_exchange(cfg.name, ensure=True)
                 message = aio_pika.Message(
                     orjson.dumps(body),
