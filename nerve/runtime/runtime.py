@@ -19,6 +19,12 @@ from nerve.errors import ConfigError, InvalidEvent, NerveError
 from nerve.event import Event
 from nerve.runtime.replies import ReplyWaiters
 from nerve.runtime.runner import FunctionRunner
+from nerve.schema.registry import (
+    SchemaRegistry,
+    default_registry_url,
+    register_app,
+    registry_from_url,
+)
 from nerve.store.sqlite import SqliteStore, default_store_url
 from nerve.transport import DEFAULT_BROKER, Transport, from_url
 from nerve.transport.base import Inspectable
@@ -144,6 +150,9 @@ class Runtime:
 
     ``broker`` is a URL or a transport (default: the embedded broker,
     ``sqlite:///.nerve/nerve.db``); ``store`` a URL or store (default: beside it).
+    At start the App's schemas are registered in ``registry`` (a URL or registry;
+    default: ``schema.db`` beside the store); an incompatible change refuses to start
+    (:class:`~nerve.schema.IncompatibleSchema`) unless ``allow_incompatible``.
     Use as ``async with Runtime(app) as rt: ...`` or ``await Runtime(app).serve()``.
     """
 
@@ -157,6 +166,8 @@ class Runtime:
         shutdown_timeout: float = 10.0,
         tracing: Tracing | bool | None = None,
         metrics: Metrics | bool = False,
+        registry: str | SchemaRegistry | None = None,
+        allow_incompatible: bool = False,
     ) -> None:
         self.app = app
         if broker is None or isinstance(broker, str):
@@ -179,6 +190,12 @@ class Runtime:
                     f"this app has {', '.join(app.functions) or 'no functions'}"
                 )
         self.functions = [f for f in app.functions.values() if not only or f.name in only]
+        self.registry = (
+            registry
+            if isinstance(registry, SchemaRegistry)
+            else registry_from_url(registry or default_registry_url(self.store.url))
+        )
+        self.allow_incompatible = allow_incompatible
         self.shutdown_timeout = shutdown_timeout
         self.runners: dict[str, FunctionRunner] = {}
         self.tracing: Tracing | None
@@ -220,8 +237,14 @@ class Runtime:
         await self.transport.start()
         try:
             await self.store.start(self.app.store_schema)
+            async with self.registry:
+                await register_app(
+                    self.registry, self.app, allow_incompatible=self.allow_incompatible
+                )
             await self.transport.declare([f.subscription for f in self.functions])
         except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.close()
             await self.transport.close()
             raise
         for function in self.functions:
