@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit slow bench clean services
+.PHONY: demo test lint typecheck unit slow bench bench-all clean services
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: lint typecheck $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks embedded
+
+# Everything side by side (nerve, raw clients, FastStream, Dramatiq, Celery, taskiq) ->
+# benchmarks/RESULTS.md; needs the local brokers (`make services`). ARGS=--quick: smoke run.
+bench-all: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench,peers]'
+	$(BIN)/python -m benchmarks compare $(ARGS)
 
 services:
 	bash scripts/services

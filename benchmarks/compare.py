@@ -115,6 +115,7 @@ class Settings:
     pipeline_orders: int = 2_000
     scale_events: int = 20_000
     quick: bool = False
+    out: str = ""  # where RESULTS.md and results/ go ("": benchmarks/)
 
     @classmethod
     def quick_mode(cls) -> Settings:
@@ -694,23 +695,22 @@ def write(
 ) -> None:
     from benchmarks import report
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "compare.json").write_bytes(
+    out = Path(s.out) if s.out else ROOT / "benchmarks"
+    results_dir = out / "results" if s.out else RESULTS_DIR
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "compare.json").write_bytes(
         orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
     )
-    charts = report.charts(results, RESULTS_DIR)
+    charts = report.charts(results, results_dir)
     markdown = report.markdown(results, goals(results, s), s, env, charts)
-    (ROOT / "benchmarks" / "RESULTS.md").write_text(markdown)
+    (out / "RESULTS.md").write_text(markdown)
     console.print(report.console_table(results))
+    marks = {True: "[green]met[/]", False: "[red]missed[/]"}
     for goal in goals(results, s):
-        if goal.met is None:
-            continue
-        mark = {True: "[green]met[/]", False: "[red]missed[/]", None: "[dim]not measured[/]"}[
-            goal.met
-        ]
-        console.print(f"  {mark}  {goal.text}: {goal.value}")
+        if goal.met is not None:
+            console.print(f"  {marks[goal.met]}  {goal.text}: {goal.value}")
     console.print(
-        f"wrote benchmarks/RESULTS.md, {RESULTS_DIR.relative_to(ROOT)}/compare.json"
+        f"wrote {out / 'RESULTS.md'}, {results_dir / 'compare.json'}"
         + "".join(f", {p.name}" for p in charts)
         + f" in {env['elapsed_s']:.0f} s (expected {env['expected_s']:.0f} s)"
     )
@@ -744,6 +744,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--seconds", type=float, help="latency: seconds per rate (5)")
     parser.add_argument("--orders", type=int, help="pipeline: shop orders (2000)")
     parser.add_argument("--scale-events", type=int, help="scale: events per run (20000)")
+    parser.add_argument(
+        "--out", default="", help="write RESULTS.md and results/ here (default: benchmarks/)"
+    )
 
 
 def main(parser: Any, args: Any) -> int:
@@ -769,6 +772,7 @@ def main(parser: Any, args: Any) -> int:
             if value <= 0:
                 parser.error(f"--{option.replace('_', '-')} must be positive")
             setattr(s, attr, value)
+    s.out = str(Path(args.out).resolve()) if args.out else ""
     if not s.workloads or not s.brokers or any(r <= 0 for r in s.rates):
         parser.error("choose at least one workload and broker; --rates must be positive")
     console = Console()

@@ -1,0 +1,109 @@
+"""The benchmark harness cannot rot: its quick mode runs end to end on the embedded
+broker (real processes: ``nerve run`` consumer, producer, the sqlite3 floor), and the
+goal arithmetic of ``benchmarks/compare.py`` is checked on hand-made series."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.compare import Case, Series, Settings, deadline_seconds, goals, plan  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_throughput_on_the_embedded_broker(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "compare",
+            "--quick",
+            "--workloads",
+            "throughput",
+            "--brokers",
+            "sqlite",
+            "--peers",
+            "none",
+            "--events",
+            "400",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    summary = orjson.loads(done.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"throughput/sqlite/nerve", "throughput/sqlite/floor"}
+    assert summary["throughput/sqlite/nerve"] > 0
+    assert summary["throughput/sqlite/floor"] > 0
+
+    doc = orjson.loads((tmp_path / "results" / "compare.json").read_bytes())
+    for key in summary:
+        series = doc["series"][key]
+        assert series["failures"] == []
+        assert len(series["runs"]) == 1
+        run = series["runs"][0]
+        assert run["events_per_s"] == pytest.approx(400 / run["seconds"])
+    embedded_goal = next(g for g in doc["goals"] if g["text"].startswith("embedded: >= 15,000"))
+    assert embedded_goal["met"] is (summary["throughput/sqlite/nerve"] >= 15_000)
+
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "## Throughput" in results
+    assert "| sqlite | floor |" in results
+    assert "Quick mode" in results
+    assert (tmp_path / "results" / "compare-throughput.png").stat().st_size > 1000
+
+
+def _series(workload: str, broker: str, system: str, values: list[float], param: float = 0.0,
+            key: str = "events_per_s") -> Series:  # fmt: skip
+    return Series(Case(workload, broker, system, param), runs=[{key: v} for v in values])
+
+
+def test_goals_use_medians_and_say_what_was_not_measured() -> None:
+    results = {
+        s.case.key: s
+        for s in (
+            _series("throughput", "nats", "nerve", [5000, 6000, 9000]),
+            _series("throughput", "nats", "raw", [10_000, 10_000, 1]),
+            _series("throughput", "nats", "faststream", [4000, 4000, 4000]),
+            _series("latency", "nats", "nerve", [1.0, 3.0, 5.0], 1000.0, "p99_ms"),
+            _series("latency", "nats", "raw", [1.0, 1.0, 1.0], 1000.0, "p99_ms"),
+        )
+    }
+    by_text = {g.text: g for g in goals(results, Settings())}
+    raw = by_text["throughput nats: nerve >= 0.6x raw"]
+    assert (raw.value, raw.met) == ("0.60x", True)  # 6000 / 10000: medians, not means
+    faststream = by_text["throughput nats: nerve >= 1.5x FastStream"]
+    assert (faststream.value, faststream.met) == ("1.50x", True)
+    latency = by_text["latency nats: p99 at 1,000/s <= 2x raw"]
+    assert latency.met is False  # 3.0 ms vs 1.0 ms
+    assert by_text["throughput redis: nerve >= 0.6x raw"].met is None
+    assert by_text["embedded: 2 processes >= 1.6x one"].value == "not measured"
+
+
+def test_plan_alternates_systems_and_bounds_every_run() -> None:
+    settings = Settings.quick_mode()
+    groups = plan(settings)
+    throughput_nats = next(g for g in groups if g[0].key == "throughput/nats/nerve")
+    assert [c.system for c in throughput_nats] == ["nerve", "raw", "faststream", "taskiq"]
+    assert all(g[0].system == "nerve" for g in groups)
+    latency = [c for g in groups for c in g if c.workload == "latency"]
+    assert {c.param for c in latency} == {500.0, 1000.0}
+    assert not [c for c in latency if c.system in ("dramatiq", "celery", "taskiq")]
+    full = Settings()
+    for case in (c for g in plan(full) for c in g):
+        assert 0 < deadline_seconds(case, full) <= 300
