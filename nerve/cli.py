@@ -364,6 +364,15 @@ def run(
             "(secret in NERVE_WEBHOOK_SECRET_<NAME>).",
         ),
     ] = None,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt",
+            envvar="NERVE_MQTT",
+            metavar="URL",
+            help="Bridge the App's declared MQTT topics from this broker (mqtt://127.0.0.1:1883).",
+        ),
+    ] = None,
 ) -> None:
     """Run an App's functions until Ctrl-C / SIGTERM (then drain gracefully)."""
     only = list(function or [])
@@ -394,6 +403,8 @@ def run(
                 f"(functions: {names}) on {broker}, store {store_url}",
                 style="bold",
             )
+            if mqtt:  # workers read it from the environment (a URL may hold a password)
+                os.environ["NERVE_MQTT"] = mqtt
             code = _supervise(
                 target, broker, store, only, processes, log_level, log_format, http=plan
             )
@@ -404,7 +415,9 @@ def run(
         )
         # KeyboardInterrupt: a Ctrl-C that came before the runtime's signal handler was set.
         with contextlib.suppress(KeyboardInterrupt):
-            _run_async(_serve(app, transport, broker, store_url, only, banner, plan), fast=True)
+            _run_async(
+                _serve(app, transport, broker, store_url, only, banner, plan, mqtt), fast=True
+            )
         _note("nerve: stopped", style="dim")
 
 
@@ -435,6 +448,7 @@ async def _serve(
     only: Sequence[str],
     banner: str,
     http: Any = None,
+    mqtt: str | None = None,
 ) -> None:
     """``Runtime.serve()``, with the banner printed once the broker and store are open
     (so a broker that cannot be opened gets its one-line error and nothing else)."""
@@ -445,11 +459,16 @@ async def _serve(
     started = asyncio.ensure_future(runtime.started.wait())
     await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
     started.cancel()
-    if runtime.started.is_set() and http is not None:
-        from nerve.http.running import attach
-
+    if runtime.started.is_set() and (http is not None or mqtt is not None):
         try:
-            await attach(runtime, http)
+            if http is not None:
+                from nerve.http.running import attach
+
+                await attach(runtime, http)
+            if mqtt is not None:
+                from nerve.sources.mqtt import attach as attach_mqtt
+
+                await attach_mqtt(runtime, mqtt)
         except BaseException:
             runtime.request_stop()
             await serving

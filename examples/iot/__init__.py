@@ -1,0 +1,1 @@
+"""IoT example: sensor readings over MQTT -> anomaly detection -> alerts -> notifications."""
