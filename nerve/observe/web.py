@@ -184,6 +184,9 @@ async def _stats(runtime: Runtime) -> dict[str, Any]:
             }
             doc["duration"] = _quantiles(fm.duration)
             doc["latency"] = _quantiles(fm.latency)
+            # raw buckets: the dashboard computes percentiles over a recent window
+            doc["duration_hist"] = {"bounds": fm.duration.bounds, "counts": fm.duration.counts}
+            doc["latency_hist"] = {"bounds": fm.latency.bounds, "counts": fm.latency.counts}
         functions[name] = doc
     published = dict(metrics.client.published) if metrics is not None else {}
     return {"time": time.time(), "functions": functions, "client_published": published}
