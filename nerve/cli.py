@@ -7,6 +7,8 @@
     nerve tail [PATTERN]        follow published events as they happen
     nerve status                backlog and counters per function
     nerve dlq list|show|replay|purge
+    nerve schema list|show|diff|export|check|mode    event contracts (nerve.schema.cli)
+    nerve asyncapi MODULE:APP   the AsyncAPI 3.0 document; nerve graph MODULE:APP
     nerve demo                  the shop example, end to end
 
 The CLI is the synchronous edge of an async library: each command opens what it
@@ -53,6 +55,7 @@ from nerve.errors import NerveError, TransportError
 from nerve.event import Event
 from nerve.http.keys_cli import keys_cli
 from nerve.observe.terminal import compact_line
+from nerve.schema.cli import asyncapi_command, graph_command, schema_cli
 from nerve.store import default_store_url, store_from_url
 from nerve.transport import (
     DEFAULT_BROKER,
@@ -267,6 +270,7 @@ dlq_cli = typer.Typer(
 )
 cli.add_typer(dlq_cli, name="dlq")
 cli.add_typer(keys_cli, name="keys")
+cli.add_typer(schema_cli, name="schema")
 
 
 class LogLevel(StrEnum):
@@ -1251,6 +1255,11 @@ def demo(
         except KeyboardInterrupt:
             code = 0
     raise typer.Exit(int(code or 0))
+
+
+# Event contracts (nerve.schema.cli): the AsyncAPI document and the topology graph.
+cli.command("asyncapi")(asyncapi_command)
+cli.command("graph")(graph_command)
 
 
 def main() -> None:
