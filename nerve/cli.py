@@ -377,6 +377,24 @@ def run(
             help="Bridge the App's declared MQTT topics from this broker (mqtt://127.0.0.1:1883).",
         ),
     ] = None,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics/--no-metrics",
+            envvar="NERVE_METRICS",
+            help="Count events for /metrics and the dashboard.",
+        ),
+    ] = True,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            envvar="NERVE_METRICS_LISTEN",
+            metavar="HOST:PORT",
+            help="Also serve /metrics on this listener of its own (with --processes N, "
+            "worker k on PORT+k: one scrape target per process).",
+        ),
+    ] = None,
 ) -> None:
     """Run an App's functions until Ctrl-C / SIGTERM (then drain gracefully)."""
     only = list(function or [])
@@ -397,6 +415,9 @@ def run(
         store_from_url(store_url)  # a bad store URL is refused here, before anything starts
         _setup_logging(log_level, log_format)
         plan = None if no_http else _http_plan(http, store_url, webhook or [])
+        from nerve.observe.metrics import parse_listen
+
+        listen = None if metrics_listen is None else parse_listen(metrics_listen)
         names = ", ".join(only or app.functions)
         if processes > 1:
             # Open both once here: a broker or store that cannot be opened is one line
@@ -409,6 +430,9 @@ def run(
             )
             if mqtt:  # workers read it from the environment (a URL may hold a password)
                 os.environ["NERVE_MQTT"] = mqtt
+            os.environ["NERVE_METRICS"] = "1" if metrics else "0"
+            if metrics_listen:
+                os.environ["NERVE_METRICS_LISTEN"] = metrics_listen
             code = _supervise(
                 target, broker, store, only, processes, log_level, log_format, http=plan
             )
@@ -420,8 +444,12 @@ def run(
         # KeyboardInterrupt: a Ctrl-C that came before the runtime's signal handler was set.
         with contextlib.suppress(KeyboardInterrupt):
             _run_async(
-                _serve(app, transport, broker, store_url, only, banner, plan, mqtt), fast=True
-            )
+                _serve(
+                    app, transport, broker, store_url, only, banner, plan, mqtt,
+                    metrics=metrics, metrics_listen=listen,
+                ),
+                fast=True,
+            )  # fmt: skip
         _note("nerve: stopped", style="dim")
 
 
@@ -453,12 +481,15 @@ async def _serve(
     banner: str,
     http: Any = None,
     mqtt: str | None = None,
+    *,
+    metrics: bool = True,
+    metrics_listen: tuple[str, int] | None = None,
 ) -> None:
     """``Runtime.serve()``, with the banner printed once the broker and store are open
     (so a broker that cannot be opened gets its one-line error and nothing else)."""
     from nerve.runtime import Runtime
 
-    runtime = Runtime(app, broker=transport, store=store, only=only or None, metrics=True)
+    runtime = Runtime(app, broker=transport, store=store, only=only or None, metrics=metrics)
     serving = asyncio.ensure_future(runtime.serve())
     started = asyncio.ensure_future(runtime.started.wait())
     await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
@@ -477,12 +508,27 @@ async def _serve(
             runtime.request_stop()
             await serving
             raise
+    stop_metrics = None
+    if runtime.started.is_set() and metrics_listen is not None:
+        from nerve.observe.metrics import serve_metrics
+
+        host, port = metrics_listen
+        worker = int(os.environ.get("NERVE_WORKER", "0"))  # set by the supervisor
+        try:
+            stop_metrics = await serve_metrics(runtime, host, port + worker)
+        except BaseException:
+            runtime.request_stop()
+            await serving
+            raise
     if runtime.started.is_set():
         _note(banner, style="bold")
     try:
         await serving
     except TransportError as exc:
         raise CliError(f"{exc}; check --broker (or NERVE_BROKER)") from None
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 def _setup_logging(level: LogLevel, fmt: LogFormat = LogFormat.auto) -> None:
@@ -549,7 +595,7 @@ class _Supervisor:
     def _spawn(self, slot: int) -> None:
         worker = subprocess.Popen(  # noqa: S603 (our own argv)
             self.command,
-            env=self.env,
+            env=dict(self.env, NERVE_WORKER=str(slot)),
             process_group=0,
             pass_fds=self.pass_fds,
             preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nerve.event import Event
@@ -39,12 +39,18 @@ if TYPE_CHECKING:
     from nerve.runtime.runtime import Runtime
 
 __all__ = [
+    "BACKLOG_EVERY",
     "DURATION_BUCKETS",
     "LATENCY_BUCKETS",
     "Buckets",
     "FunctionMetrics",
     "Metrics",
+    "parse_listen",
+    "serve_metrics",
 ]
+
+BACKLOG_EVERY = 2.0
+"""Seconds between two reads of the backlog when /metrics has its own listener."""
 
 DURATION_BUCKETS = (
     0.0005,
@@ -342,3 +348,59 @@ class _Collector:
                 buckets: Buckets = getattr(fm, attr)
                 family.add_metric([fm.name], buckets.cumulative(), buckets.sum)
             yield family
+
+
+async def serve_metrics(runtime: Runtime, host: str, port: int) -> Callable[[], None]:
+    """Serve ``runtime``'s ``/metrics`` on its own listener ``host:port`` (a thread of
+    ``prometheus_client``), for one scrape target per process under ``--processes``.
+    The backlog is refreshed from the broker every ``BACKLOG_EVERY`` seconds. Returns
+    a function that stops both."""
+    import asyncio
+    import contextlib
+
+    from prometheus_client import start_http_server
+
+    from nerve.errors import ConfigError, NerveError
+
+    metrics = runtime.metrics
+    if metrics is None:
+        raise ConfigError("--metrics-listen needs metrics: do not pass --no-metrics")
+    try:
+        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; pick a free port "
+            "with --metrics-listen HOST:PORT"
+        ) from None
+
+    async def refresh() -> None:
+        while True:
+            with contextlib.suppress(NerveError):
+                await metrics.refresh_backlog(max_age=0.0)
+            await asyncio.sleep(BACKLOG_EVERY)
+
+    task = asyncio.create_task(refresh(), name="nerve:metrics-backlog")
+
+    def stop() -> None:
+        task.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (host 127.0.0.1) -> (host, port)."""
+    from nerve.errors import ConfigError
+
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(
+            f"--metrics-listen {text!r}: give HOST:PORT or PORT with a port from 1 to 65535, "
+            "like 127.0.0.1:9464"
+        )
+    return host, int(port_text)

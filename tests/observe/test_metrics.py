@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +21,8 @@ from nerve.observe import http_routes
 from nerve.observe.metrics import Buckets
 
 from .conftest import eventually, require_tool
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -154,3 +157,87 @@ def test_bucket_quantiles_interpolate() -> None:
     assert p90 is not None and abs(p90 - 0.2) < 1e-9
     p95 = buckets.quantile(0.95)
     assert p95 is not None and 0.2 < p95 < 0.4
+
+
+@pytest.mark.slow
+async def test_each_worker_process_serves_its_own_metrics(tmp_path: Path) -> None:
+    """``nerve run --processes 2 --metrics-listen PORT``: worker k on PORT+k, and
+    together they count every order exactly once."""
+    import socket
+    import sys
+
+    from nerve.runtime import Client
+    from nerve.transport.sqlite import SqliteTransport
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    broker = f"sqlite:///{tmp_path}/nerve.db"
+    log = (tmp_path / "nerve.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nerve",
+        "run",
+        "examples.shop.app:app",
+        "--broker",
+        broker,
+        "--processes",
+        "2",
+        "--metrics-listen",
+        f"127.0.0.1:{port}",
+        "--no-http",
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        async with httpx.AsyncClient() as http:
+
+            async def scrape(target: int) -> str | None:
+                try:
+                    response = await http.get(f"http://127.0.0.1:{target}/metrics")
+                except httpx.HTTPError:
+                    return None
+                return response.text if response.status_code == 200 else None
+
+            async def both_up() -> bool:
+                return all([await scrape(port), await scrape(port + 1)])
+
+            await eventually(both_up, 30, "both workers serving /metrics")
+            transport = SqliteTransport(broker)
+            await transport.start()
+            try:
+                client = Client(app, transport)
+                from nerve.store.sqlite import SqliteStore
+
+                store = SqliteStore(f"sqlite:///{tmp_path}/store.db")
+                await store.start(app.store_schema)
+                await load.seed_stock(store, load.initial_stock(30))
+                await store.close()
+                await load.place_orders(client, list(load.generate(seed=9, count=30)))
+            finally:
+                await transport.close()
+
+            async def counted() -> bool:
+                texts = [await scrape(port), await scrape(port + 1)]
+                return (
+                    sum(
+                        total(
+                            samples(t or ""),
+                            "nerve_events_processed_total",
+                            function="inventory",
+                            type="order.created",
+                        )
+                        for t in texts
+                    )
+                    == 30
+                )
+
+            await eventually(counted, 60, "30 orders counted across the two workers")
+            texts = [await scrape(port), await scrape(port + 1)]
+            assert all(t is not None for t in texts)
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+        log.close()
