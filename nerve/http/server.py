@@ -66,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 from nerve import event as codec
 from nerve.app import App
-from nerve.errors import ConfigError, NerveError, PayloadTooLarge, TransportError
+from nerve.errors import ConfigError, InvalidEvent, NerveError, PayloadTooLarge, TransportError
 from nerve.event import Event
 from nerve.http.auth import ApiKey, KeyStore, RateLimiter
 from nerve.http.binding import parse_request
@@ -381,6 +381,8 @@ class HttpContext:
             await self.runtime.transport.publish(events)
         except PayloadTooLarge as exc:
             raise Problem(413, "payload-too-large", str(exc)) from None
+        except InvalidEvent as exc:  # e.g. an integer JSON cannot carry (over 64 bits)
+            raise Problem(422, "unencodable", str(exc)) from None
         except TransportError as exc:
             log.warning("publish failed: %s", exc)
             raise Problem(

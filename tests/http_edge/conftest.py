@@ -130,3 +130,55 @@ async def edge_factory(tmp_path: Path) -> AsyncIterator[EdgeFactory]:
 async def edge(edge_factory: EdgeFactory) -> Edge:
     made: Edge = await edge_factory()
     return made
+
+
+class ThreadedEdge:
+    """A runtime and its HTTP edge on their own event loop in a thread, for sync
+    clients (schemathesis, load generators)."""
+
+    def __init__(self, directory: Path, **settings: Any) -> None:
+        import asyncio
+        import threading
+
+        self.directory = directory
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.seen = Seen()
+        self.runtime: Runtime | None = None
+        self.server: HttpServer | None = None
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+
+    async def _start(self) -> None:
+        app, endpoints = make_app(self.seen)
+        self.runtime = Runtime(
+            app,
+            broker=f"sqlite:///{self.directory}/nerve.db?poll_interval=0.01",
+            store=f"sqlite:///{self.directory}/store.db",
+        )
+        await self.runtime.start()
+        self.settings.setdefault(
+            "webhooks", [WebhookSource("github", "push.received", (WEBHOOK_SECRET,))]
+        )
+        self.server = HttpServer(
+            self.runtime,
+            HttpSettings(**self.settings),
+            endpoints=endpoints.routes,
+            sock=bind_socket("127.0.0.1", 0),
+        )
+        await self.server.attach()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.address[1]}"
+
+    def close(self) -> None:
+        import asyncio
+
+        assert self.runtime is not None
+        asyncio.run_coroutine_threadsafe(self.runtime.stop(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
