@@ -337,6 +337,15 @@ def run(
         list[str] | None,
         typer.Option("--function", "-f", metavar="NAME", help="Run only this function."),
     ] = None,
+    allow_incompatible: Annotated[
+        bool,
+        typer.Option(
+            "--allow-incompatible",
+            envvar="NERVE_ALLOW_INCOMPATIBLE",
+            help="Start even if the App's event schemas break their registered "
+            "compatibility (the breaks are logged and the schemas registered as forced).",
+        ),
+    ] = False,
     processes: Annotated[
         int, typer.Option("--processes", "-p", min=1, help="Worker processes to supervise.")
     ] = 1,
@@ -419,6 +428,8 @@ def run(
 
         listen = None if metrics_listen is None else parse_listen(metrics_listen)
         names = ", ".join(only or app.functions)
+        if allow_incompatible:  # the runtime (and every worker) reads it from here
+            os.environ["NERVE_ALLOW_INCOMPATIBLE"] = "1"
         if processes > 1:
             # Open both once here: a broker or store that cannot be opened is one line
             # now, not the same error from every worker.
@@ -489,7 +500,14 @@ async def _serve(
     (so a broker that cannot be opened gets its one-line error and nothing else)."""
     from nerve.runtime import Runtime
 
-    runtime = Runtime(app, broker=transport, store=store, only=only or None, metrics=metrics)
+    runtime = Runtime(
+        app,
+        broker=transport,
+        store=store,
+        only=only or None,
+        metrics=metrics,
+        allow_incompatible=os.environ.get("NERVE_ALLOW_INCOMPATIBLE") == "1",
+    )
     serving = asyncio.ensure_future(runtime.serve())
     started = asyncio.ensure_future(runtime.started.wait())
     await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)

@@ -137,15 +137,23 @@ class Finding:
 class IncompatibleSchema(NerveError):
     """A schema breaks its subject's compatibility mode; ``findings`` say where and how."""
 
-    def __init__(self, subject: str, version: int, mode: str, findings: Sequence[Finding]) -> None:
+    def __init__(
+        self,
+        subject: str,
+        version: int,
+        mode: str,
+        findings: Sequence[Finding],
+        hint: str = "",
+    ) -> None:
         self.subject = subject
         self.version = version
         self.mode = mode
         self.findings = list(findings)
         first = self.findings[0].describe() if self.findings else "no details"
         more = f" (+{len(self.findings) - 1} more)" if len(self.findings) > 1 else ""
+        tail = f"; {hint}" if hint else ""
         super().__init__(
-            f"version {version} of {subject!r} breaks {mode} compatibility: {first}{more}"
+            f"version {version} of {subject!r} breaks {mode} compatibility: {first}{more}{tail}"
         )
 
     def diff(self) -> str:

@@ -568,13 +568,26 @@ async def register_app(
                 for k in range(1, version)
                 if (chain := app.upcasters.chain(name, k, version)) and chain[-1][1] == version
             }
-            result = await registry.register(
-                name,
-                version,
-                declared[version].json_schema(),
-                allow_incompatible=allow_incompatible,
-                upcast_from=covered,
-            )
+            try:
+                result = await registry.register(
+                    name,
+                    version,
+                    declared[version].json_schema(),
+                    allow_incompatible=allow_incompatible,
+                    upcast_from=covered,
+                )
+            except IncompatibleSchema as exc:
+                log.error(
+                    "%s version %d breaks its registered schemas:\n%s", name, version, exc.diff()
+                )
+                raise IncompatibleSchema(
+                    exc.subject,
+                    exc.version,
+                    exc.mode,
+                    exc.findings,
+                    hint="declare a new version with an upcaster, make the change compatible, "
+                    "or start anyway with allow_incompatible (nerve run --allow-incompatible)",
+                ) from None
             if result.findings:
                 error = IncompatibleSchema(name, version, "its mode", result.findings)
                 log.warning(

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -242,3 +245,49 @@ def test_graph_command_draws_the_shop_like_the_seed_diagram(
     )
     assert rendered.returncode == 0, rendered.stderr
     assert "<svg" in rendered.stdout and "order.created" in rendered.stdout
+
+
+@pytest.mark.slow
+def test_nerve_run_refuses_a_breaking_change_unless_allowed(project: Path) -> None:
+    broker = f"sqlite:///{project / 'n.db'}"
+
+    async def register_v1() -> None:
+        async with Runtime(load_app("orders_v1:app"), broker=broker):
+            pass
+
+    asyncio.run(register_v1())
+    env = {**os.environ, "NERVE_BROKER": broker, "PYTHONPATH": str(project)}
+    env.pop("NERVE_ALLOW_INCOMPATIBLE", None)
+    command = [sys.executable, "-m", "nerve", "run", "orders_broken:app", "--no-http"]
+    refused = subprocess.run(
+        command, cwd=project, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2, refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: version 1 of 'order.created' breaks BACKWARD compatibility")
+    assert "nerve run --allow-incompatible" in last
+    assert "/amount_cents  [type-narrowed, backward, conflicts with version 1]" in refused.stderr
+
+    with subprocess.Popen(
+        [*command, "--allow-incompatible"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as allowed:
+        assert allowed.stderr is not None
+        seen = ""
+        try:
+            deadline = time.monotonic() + 60
+            while "app 'orders'" not in seen and time.monotonic() < deadline:
+                line = allowed.stderr.readline()
+                if not line and allowed.poll() is not None:
+                    break
+                seen += line
+        finally:
+            allowed.send_signal(signal.SIGTERM)
+            seen += allowed.communicate(timeout=30)[1]
+    assert "app 'orders'" in seen, seen  # the banner: it started
+    assert "although it is incompatible" in seen
+    assert allowed.returncode == 0, seen
