@@ -67,7 +67,7 @@ def make_app(seen: Seen) -> tuple[App, Endpoints]:
         publishes=OrderCreated,
         replies=[OrderConfirmed],
         respond=lambda reply: {"order_id": reply.data["order_id"], "state": reply.data["state"]},
-        timeout=2.0,
+        timeout=10.0,
     )
     return app, endpoints
 

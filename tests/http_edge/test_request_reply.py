@@ -208,6 +208,7 @@ async def test_shop_post_orders_answers_each_outcome(tmp_path: Path) -> None:
         assert shipped.json() == {"order_id": "A", "state": shop.SHIPPED_PENDING}
         assert declined.json() == {"order_id": "B", "state": shop.PAYMENT_DECLINED}
         assert short.json() == {"order_id": "C", "state": shop.OUT_OF_STOCK}
+        await runtime.wait_idle()  # the reply came first; the orders table follows
         states = {
             r["order_id"]: r["state"] for r in await runtime.store.query("SELECT * FROM orders")
         }
