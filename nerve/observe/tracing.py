@@ -37,9 +37,18 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.trace.propagation import set_span_in_context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from nerve import __version__
 from nerve.event import Event
@@ -47,8 +56,8 @@ from nerve.event import Event
 __all__ = ["HandlerTrace", "Tracing", "tracing_from_env"]
 
 SYSTEM = "nerve"
-_PROPAGATOR = TraceContextTextMapPropagator()
-_MAX_LINKS = 128
+_EMPTY = otel_context.Context()
+_MAX_LINKS = 16
 
 Handler = Callable[[Any, Any], Awaitable[None]]
 
@@ -69,15 +78,34 @@ def _extensions_of(span: Span) -> dict[str, str]:
 
 def parent_context(event: Event) -> otel_context.Context | None:
     """The OpenTelemetry context carried by ``event`` (None when it carries none or an
-    invalid one: the span then starts a new trace)."""
-    traceparent = event.extensions.get("traceparent")
-    if traceparent is None:
+    invalid one: the span then starts a new trace). Parsed directly (W3C Trace Context
+    level 1, version 00): this runs once per handled event."""
+    span_context = _span_context(event)
+    if span_context is None:
         return None
-    carrier = {"traceparent": str(traceparent)}
+    return set_span_in_context(NonRecordingSpan(span_context), _EMPTY)
+
+
+def _span_context(event: Event) -> SpanContext | None:
+    value = event.extensions.get("traceparent")
+    if type(value) is not str or len(value) != 55 or value[2] != "-" or value[:2] == "ff":
+        return None
+    try:
+        trace_id = int(value[3:35], 16)
+        span_id = int(value[36:52], 16)
+        flags = int(value[53:55], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id or value[35] != "-" or value[52] != "-":
+        return None
     state = event.extensions.get("tracestate")
-    if state is not None:
-        carrier["tracestate"] = str(state)
-    return _PROPAGATOR.extract(carrier, context=otel_context.Context())
+    return SpanContext(
+        trace_id,
+        span_id,
+        is_remote=True,
+        trace_flags=TraceFlags(flags & 0x01),
+        trace_state=TraceState.from_header([str(state)]) if state else None,
+    )
 
 
 class HandlerTrace:
@@ -155,9 +183,9 @@ class Tracing:
             if event.extensions.get("traceparent") is None:
                 event = event.with_extensions(**self.create(event.type))
             traced.append(event)
-            parent = parent_context(event)
-            if parent is not None and len(links) < _MAX_LINKS:
-                links.append(Link(trace.get_current_span(parent).get_span_context()))
+            linked = _span_context(event)
+            if linked is not None and len(links) < _MAX_LINKS:
+                links.append(Link(linked))
         span = self.tracer.start_span(
             "publish",
             kind=SpanKind.PRODUCER,
@@ -174,12 +202,13 @@ class Tracing:
     # -- consuming -----------------------------------------------------------------
 
     def received(self, function: str, events: Sequence[Event]) -> None:
-        """A ``receive`` span for one fetched batch, linked to each event's context."""
+        """A ``receive`` span for one fetched batch, linked to (the first
+        ``_MAX_LINKS`` of) its events' contexts."""
         links = []
         for event in events[:_MAX_LINKS]:
-            parent = parent_context(event)
-            if parent is not None:
-                links.append(Link(trace.get_current_span(parent).get_span_context()))
+            linked = _span_context(event)
+            if linked is not None:
+                links.append(Link(linked))
         span = self.tracer.start_span(
             f"receive {function}",
             kind=SpanKind.CONSUMER,
@@ -187,7 +216,6 @@ class Tracing:
             attributes={
                 "messaging.system": SYSTEM,
                 "messaging.operation.type": "receive",
-                "messaging.operation.name": "receive",
                 "messaging.consumer.group.name": function,
                 "messaging.batch.message_count": len(events),
             },
@@ -196,16 +224,23 @@ class Tracing:
 
     def start_process(self, function: str, event: Event, attempt: int) -> HandlerTrace:
         """The ``process`` span of one handler attempt (child of the event's context)."""
-        attributes = _message_attributes(event, "process", "process")
-        attributes["messaging.consumer.group.name"] = function
-        attributes["nerve.function"] = function
-        attributes["nerve.attempt"] = attempt
         span = self.tracer.start_span(
             f"process {event.type}",
             context=parent_context(event),
             kind=SpanKind.CONSUMER,
-            attributes=attributes,
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "process",
+                "messaging.destination.name": event.type,
+                "messaging.message.id": event.id,
+                "messaging.consumer.group.name": function,
+                "nerve.attempt": attempt,
+            },
         )
+        if span.is_recording():
+            correlation = event.extensions.get("correlationid")
+            if correlation is not None:
+                span.set_attribute("messaging.message.conversation_id", str(correlation))
         return HandlerTrace(self, span)
 
     def end_process(
@@ -214,6 +249,8 @@ class Tracing:
         """End a ``process`` span with its outcome: 'processed', 'retried',
         'dead_lettered' or 'released' (shutdown)."""
         span = handle.span
+        if not span.is_recording():
+            return
         span.set_attribute("nerve.outcome", outcome)
         if error is not None:
             span.record_exception(error)
