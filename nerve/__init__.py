@@ -18,6 +18,7 @@ from nerve.errors import (
 )
 from nerve.event import Event
 from nerve.runtime import Client, Context, Runtime
+from nerve.schema import Compatibility, IncompatibleSchema
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "App",
     "BrokerUnavailable",
     "Client",
+    "Compatibility",
     "ConfigError",
     "Context",
     "DeadLetter",
@@ -34,6 +36,7 @@ __all__ = [
     "Event",
     "EventType",
     "Function",
+    "IncompatibleSchema",
     "InvalidEvent",
     "LeaseLost",
     "NerveError",

@@ -106,7 +106,11 @@ class Context:
                 if value is not None:
                     exts[name] = value
         exts.update(extensions or {})
-        declared = self._app.events[type_name]
+        declared = (
+            self._app.event_type(payload.__class__)
+            if isinstance(payload, BaseModel)
+            else self._app.events[type_name]
+        )
         if key is None and declared.key is None:
             key = self.event.partitionkey
         event = self._app.make_event(
