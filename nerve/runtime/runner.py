@@ -174,11 +174,14 @@ class FunctionRunner:
         self._stopping = asyncio.Event()
         self._consumer = runtime.transport.consumer(function.subscription)
         self._readers = runtime.app.readers(function)
-        self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._key_turns: dict[str, collections.deque[asyncio.Future[None]] | None] = {}
+        """Keys being handled; the value queues the deliveries waiting for the key's turn."""
         self._idle_since = time.monotonic()
         self._done: list[_Done] = []
         self._ready: collections.deque[tuple[Delivery, Event, Any]] = collections.deque()
         self._workers = 0
+        self._starting = 0
+        """Workers spawned that have not taken their first delivery yet."""
         self._finisher: asyncio.Task[None] | None = None
         self._observer = observer_for(runtime, function.name)  # None: nothing observes
         self._handler = function.handler
@@ -319,9 +322,16 @@ class FunctionRunner:
                 self._finish(_Done(delivery, event.id, [], committed=True, duplicate=True))
             else:
                 self._ready.append((delivery, event, payload))
-                if self._workers < self.limit and self._workers < len(self._ready):
-                    self._workers += 1
-                    self._spawn(self._work())
+        self._more_workers()
+
+    def _more_workers(self) -> None:
+        """Start one more worker if deliveries wait and none is on its way: each worker
+        starts the next as it takes its first delivery, so the pool grows by one per
+        event-loop turn while work waits, up to the limit, without a task per event."""
+        if self._ready and not self._starting and self._workers < self.limit:
+            self._workers += 1
+            self._starting += 1
+            self._spawn(self._work())
 
     async def _work(self) -> None:
         """A worker: handles queued deliveries one after another while there are any.
@@ -332,9 +342,12 @@ class FunctionRunner:
         keyed = self.function.key is not None
         ready = self._ready
         done = 0
+        self._starting -= 1
         try:
             while ready and self._workers <= self.limit:
                 delivery, event, payload = ready.popleft()
+                if ready:
+                    self._more_workers()  # the rest must not wait for this handler
                 if keyed:
                     await self._keyed(delivery, event, payload)
                 else:
@@ -351,17 +364,37 @@ class FunctionRunner:
         if key is None:
             await self._attempt(delivery, event, payload, delivery.attempt, hold=False)
             return
-        lock, users = self._key_locks.get(key) or (asyncio.Lock(), 0)
-        self._key_locks[key] = (lock, users + 1)
+        turns = self._key_turns
+        if key not in turns:
+            turns[key] = None  # the key's turn is ours, nobody waits (the common case)
+        else:
+            waiting = turns[key]
+            if waiting is None:
+                waiting = turns[key] = collections.deque()
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiting.append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._pass_turn(key)  # given the turn, then cancelled: pass it on
+                else:
+                    waiting.remove(turn)
+                raise
         try:
-            async with lock:
-                await self._attempt(delivery, event, payload, delivery.attempt, hold=True)
+            await self._attempt(delivery, event, payload, delivery.attempt, hold=True)
         finally:
-            lock, users = self._key_locks[key]
-            if users <= 1:
-                del self._key_locks[key]
-            else:
-                self._key_locks[key] = (lock, users - 1)
+            self._pass_turn(key)
+
+    def _pass_turn(self, key: str) -> None:
+        """Give ``key``'s turn to the next waiter in arrival order, or free the key."""
+        waiting = self._key_turns[key]
+        while waiting:
+            turn = waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        del self._key_turns[key]
 
     # -- one handler call --------------------------------------------------------------
 

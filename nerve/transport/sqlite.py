@@ -754,15 +754,42 @@ class SqliteTransport:
         return await self._worker.call(read)
 
 
+def _ack_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
+    """Delete the acked rows of ``batch`` whose lease (token) is still theirs, one
+    statement per claim token; returns the row ids deleted."""
+    by_token: dict[int, list[int]] = {}
+    for delivery, action, _, _ in batch:
+        if action == "ack":
+            by_token.setdefault(delivery.token, []).append(delivery.row_id)
+    deleted: set[int] = set()
+    for token, ids in by_token.items():
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            deleted.update(
+                row[0]
+                for row in conn.execute(
+                    f"DELETE FROM deliveries WHERE token = ? AND id IN ({marks}) RETURNING id",
+                    (token, *chunk),
+                )
+            )
+    return deleted
+
+
 def _settle_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> list[bool]:
     now = time.time()
     outcomes: list[bool] = []
     counts: dict[tuple[str, str], int] = {}
+    acked = _ack_rows(conn, batch)
     for delivery, action, amount, failure in batch:
         rid, token = delivery.row_id, delivery.token
         if action == "ack":
-            cur = conn.execute("DELETE FROM deliveries WHERE id = ? AND token = ?", (rid, token))
-        elif action == "nack":
+            ok = rid in acked
+            outcomes.append(ok)
+            if ok:
+                counts[(delivery.group, action)] = counts.get((delivery.group, action), 0) + 1
+            continue
+        if action == "nack":
             cur = conn.execute(
                 "UPDATE deliveries SET available_at = ?, lease_until = 0 "
                 "WHERE id = ? AND token = ?",
