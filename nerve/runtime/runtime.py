@@ -81,7 +81,7 @@ class Client:
         return await self.replies.request(event, patterns, timeout, self._publish_one)
 
     async def _publish_one(self, event: Event) -> None:
-        await self.transport.publish([event])
+        await self._send([event])  # traced and counted like any publish
 
     async def close(self) -> None:
         if self._replies is not None:

@@ -254,3 +254,31 @@ def test_otel_variables_build_an_exporting_provider(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ConfigError, match="zipkin"):
         tracing_from_env("shop")
+
+
+class Pong(BaseModel):
+    n: int
+
+
+async def test_request_reply_is_one_trace() -> None:
+    tracing, exporter = traced()
+    pings = App("pings")
+    pings.event("ping.sent")(Job)
+    pings.event("pong.sent")(Pong)
+
+    @pings.function(consumes=Job, emits=[Pong])
+    async def answer(job: Job, ctx: Context) -> None:
+        ctx.emit(Pong(n=job.n + 1))
+
+    async with Runtime(pings, broker="memory://", tracing=tracing) as rt:
+        reply = await rt.client.request(Job(n=1), replies=[Pong], timeout=10)
+        await rt.wait_idle(timeout=10)
+        await rt.client.close()
+    assert reply.data == {"n": 2}
+    spans = exporter.get_finished_spans()
+    root = next(s for s in spans if s.name == "publish ping.sent")
+    (process,) = [s for s in spans if s.name == "process ping.sent"]
+    (create,) = [s for s in spans if s.name == "create pong.sent"]
+    assert process.parent is not None and process.parent.span_id == root.context.span_id
+    assert create.parent is not None and create.parent.span_id == process.context.span_id
+    assert reply.extensions["traceparent"] == traceparent_of(create.context)
