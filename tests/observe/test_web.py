@@ -1,0 +1,87 @@
+"""The dashboard's API over a log of 100,000 events: every answer is bounded and quick."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import BaseModel
+
+from nerve import App, Context, Runtime
+from nerve.event import Event
+from nerve.http.server import build_app
+from nerve.observe import http_routes
+from nerve.transport.sqlite import SqliteTransport
+
+EVENTS = 100_000
+
+
+class Tick(BaseModel):
+    n: int
+
+
+def ticks_app() -> App:
+    app = App("ticks")
+    app.event("tick.sent")(Tick)
+
+    @app.function(consumes=Tick)
+    async def count(tick: Tick, ctx: Context) -> None:
+        return None
+
+    return app
+
+
+@pytest.mark.slow
+async def test_api_stays_fast_with_100k_events_in_the_log(tmp_path: Path) -> None:
+    broker = f"sqlite:///{tmp_path}/nerve.db?synchronous=OFF"
+    filler = SqliteTransport(broker)
+    await filler.start()
+    try:  # no group is declared yet: the events go to the log only
+        for start in range(0, EVENTS, 5000):
+            await filler.publish(
+                [
+                    Event(
+                        type="tick.sent",
+                        source="/t",
+                        subject=f"s-{n}",
+                        data={"n": n},
+                        extensions={"correlationid": f"c-{n // 10}"},
+                    )
+                    for n in range(start, start + 5000)
+                ]
+            )
+    finally:
+        await filler.close()
+    async with Runtime(ticks_app(), broker=broker, metrics=True, tracing=False) as rt:
+        asgi = build_app(rt, extra_routes=http_routes(rt))
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi), base_url="http://nerve"
+        ) as http:
+
+            async def timed(url: str) -> tuple[float, httpx.Response]:
+                started = time.perf_counter()
+                response = await http.get(url)
+                assert response.status_code == 200, response.text
+                return time.perf_counter() - started, response
+
+            took, page = await timed("/api/events?limit=100")
+            events = page.json()["events"]
+            assert len(events) == 100 and events[0]["data"] == '{"n":99999}'
+            assert took < 1.0
+            took, older = await timed(f"/api/events?limit=100&before={events[-1]['position']}")
+            assert older.json()["events"][0]["data"] == '{"n":99899}' and took < 1.0
+            took, by_type = await timed("/api/events?limit=500&type=tick.*")
+            assert len(by_type.json()["events"]) == 500 and took < 1.0
+            took, by_subject = await timed("/api/events?limit=10&subject=s-12345")
+            assert [e["subject"] for e in by_subject.json()["events"]] == ["s-12345"]
+            assert took < 3.0  # a scan of the log's bodies
+            took, flow = await timed("/api/flow?correlation=c-4321")
+            flows = flow.json()["flows"]
+            assert sorted(f["data"]["n"] for f in flows) == list(range(43210, 43220))
+            assert took < 3.0
+            took, _ = await timed("/api/stats")
+            assert took < 1.0
+            response = await http.get("/api/events?limit=5000")
+            assert response.status_code == 400  # pages are bounded
