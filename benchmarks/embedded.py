@@ -19,6 +19,7 @@ Each workload runs ``--runs`` times; the report gives the median and the min-max
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import signal
@@ -108,8 +109,22 @@ def nerve_cli_available() -> bool:
 
 def nerve_consumer_cmd(target: str, broker: str, use_cli: bool) -> list[str]:
     if use_cli:
-        return [PYTHON, "-m", "nerve", "run", target, "--broker", broker]
+        return [PYTHON, "-m", "nerve", "run", target, "--broker", broker, *_no_http()]
     return [PYTHON, "-m", "benchmarks._consumer", target, broker]
+
+
+@functools.cache
+def _no_http() -> tuple[str, ...]:
+    """``--no-http`` where ``nerve run`` has it: the HTTP edge is not what is measured,
+    and its fixed default port would clash between runs and with other work."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            [PYTHON, "-m", "nerve", "run", "--help"],
+            capture_output=True, timeout=60, cwd=ROOT, env=_env(), check=False,
+        )  # fmt: skip
+        if b"--no-http" in done.stdout:
+            return ("--no-http",)
+    return ()
 
 
 @contextlib.contextmanager

@@ -264,7 +264,14 @@ def markdown(
     for goal in goal_list:
         mark = {True: "met", False: "**missed**", None: "not measured"}[goal.met]
         lines.append(f"| {goal.text} | {goal.value} | {mark} |")
-    lines += ["", "## Throughput", "", f"{s.events:,} events per run, one durable handler.", ""]
+    lines += [
+        "",
+        "## Throughput",
+        "",
+        f"{s.events:,} events per run ({s.embedded_events:,} on the embedded broker), one "
+        "durable handler.",
+        "",
+    ]
     lines += _rate_table(results, "throughput")
     if _by(results, "fanout"):
         lines += [
@@ -283,7 +290,8 @@ def markdown(
             "",
             f"Open loop, each rate for {s.seconds:g} s; event time is the *scheduled* send "
             "time, so a late producer or a stalled broker counts (no coordinated "
-            "omission). Handler start minus event time, ms, median [min-max] over runs.",
+            "omission). Handler start minus event time, ms, median [min-max] over runs "
+            f"({s.runs} at 1,000/s, {min(s.runs, s.other_rate_runs)} at other rates).",
             "",
             "| broker | rate/s | system | p50 | p99 | p99.9 | max | p99 nerve/system |",
             "|---|---:|---|---:|---:|---:|---:|---:|",

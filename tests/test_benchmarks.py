@@ -34,7 +34,7 @@ def test_quick_throughput_on_the_embedded_broker(tmp_path: Path) -> None:
             "sqlite",
             "--peers",
             "none",
-            "--events",
+            "--embedded-events",
             "400",
             "--out",
             str(tmp_path),

@@ -1,7 +1,8 @@
 """taskiq with its broker packages (taskiq-nats, taskiq-redis, taskiq-aio-pika).
 
 - nats: ``PullBasedJetStreamBroker`` (a JetStream stream per run, a durable pull
-  consumer, ``pull_consume_batch=BATCH``);
+  consumer, ``pull_consume_batch=BATCH``, ``pull_consume_timeout=0.2``: without a
+  timeout, a fetch waits until it has BATCH messages);
 - redis: ``RedisStreamBroker`` (a stream per run, a consumer group, ``xread_count=BATCH``);
 - rabbitmq: ``AioPikaBroker`` (durable exchange, durable quorum queue per run, persistent
   messages, aio-pika's publisher confirms, ``qos=BATCH``).
@@ -23,7 +24,7 @@ from benchmarks.peers.common import URLS, Config, OrderEvent, Tracker, publish_a
 
 SETTINGS = {
     "nats": "PullBasedJetStreamBroker: JetStream stream, durable pull consumer (batch "
-    "BATCH); ack when executed; max_async_tasks 100; kiq per event",
+    "BATCH, fetch timeout 0.2 s); ack when executed; max_async_tasks 100; kiq per event",
     "redis": "RedisStreamBroker: stream + consumer group (xread_count BATCH); ack when "
     "executed; max_async_tasks 100; kiq per event",
     "rabbitmq": "AioPikaBroker: durable exchange, durable quorum queue, persistent "
@@ -42,6 +43,8 @@ def _broker(cfg: Config) -> Any:
             stream_name=cfg.name,
             durable="tq",
             pull_consume_batch=cfg.batch,
+            # Without a timeout a fetch of BATCH waits until BATCH messages are there.
+            pull_consume_timeout=0.2,
         )
     if cfg.broker == "redis":
         from taskiq_redis import RedisStreamBroker
