@@ -29,7 +29,7 @@ from nerve.errors import NerveError
 from nerve.event import Event
 from nerve.transport.base import DeadLetterEntry, EventLog, Transport
 
-__all__ = ["FlowEvent", "Outcome", "find_flow", "flow_json", "search_events"]
+__all__ = ["FlowEvent", "Outcome", "attribute_text", "find_flow", "flow_json", "search_events"]
 
 SCAN_LIMIT = 100_000
 """Most log entries scanned on a broker that cannot search its log."""
@@ -83,7 +83,7 @@ class FlowEvent:
         return out
 
 
-def _text(name: str, value: str) -> str:
+def attribute_text(name: str, value: str) -> str:
     """The exact text an attribute has in a structured-mode encoded event."""
     return f'"{name}":{orjson.dumps(value).decode()}'
 
@@ -178,7 +178,9 @@ async def find_flow(
             value = event.extensions.get("correlationid")
             correlations.append(event.id if value is None else str(value))
     if subject is not None:
-        hits = await search_events(transport, contains=[_text("subject", subject)], limit=200)
+        hits = await search_events(
+            transport, contains=[attribute_text("subject", subject)], limit=200
+        )
         for _, _, event in hits:
             value = event.extensions.get("correlationid")
             found = event.id if value is None else str(value)
@@ -190,7 +192,7 @@ async def find_flow(
     rows = await search_events(
         transport,
         ids=correlations,
-        contains=[_text("correlationid", c) for c in correlations],
+        contains=[attribute_text("correlationid", c) for c in correlations],
         limit=MAX_FLOW_EVENTS,
     )
     nodes: dict[str, FlowEvent] = {}

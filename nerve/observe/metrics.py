@@ -240,9 +240,6 @@ class Metrics:
 
         return bytes(generate_latest(self.registry))
 
-    def samples(self) -> Iterator[Any]:
-        return _Collector(self).collect()
-
 
 class _Collector:
     def __init__(self, metrics: Metrics) -> None:

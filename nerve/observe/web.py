@@ -41,7 +41,7 @@ from nerve import event as codec
 from nerve.app import App, matches_pattern
 from nerve.errors import NerveError
 from nerve.event import Event
-from nerve.observe.flow import _text, find_flow, flow_json, search_events
+from nerve.observe.flow import attribute_text, find_flow, flow_json, search_events
 from nerve.transport.base import DeadLetterQueue, EventLog, Inspectable
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ def routes(runtime: Runtime) -> list[BaseRoute]:
         types, subject = _filters(request, app)
         before_text = request.query_params.get("before")
         before = int(before_text) if before_text and before_text.isdigit() else None
-        contains = [_text("subject", subject)] if subject else []
+        contains = [attribute_text("subject", subject)] if subject else []
         rows = await search_events(
             transport, contains=contains, types=types, before=before, limit=_limit(request)
         )

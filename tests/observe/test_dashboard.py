@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from examples.shop import load
@@ -294,3 +295,10 @@ def test_dashboard_topology_live_counters_and_dlq_replay(shop: Shop) -> None:
             assert errors == [], errors
         finally:
             browser.close()
+    # nerve run --log-format json: one JSON object a line, with the event's context
+    records = [
+        orjson.loads(line) for line in shop.log.read_text().splitlines() if line.startswith("{")
+    ]
+    dead = [r for r in records if "dead-lettered" in r["message"]]
+    assert dead and dead[0]["event_id"] == poison and dead[0]["function"] == "inventory"
+    assert dead[0]["correlation_id"] == poison and dead[0]["level"] == "warning"
