@@ -195,7 +195,7 @@ class SqliteSchemaStorage:
         async with self._lock:
             try:
                 return await asyncio.to_thread(fn, *args)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"schema registry ({self.path}): {exc}") from None
 
     def _db(self) -> sqlite3.Connection:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from nerve import App, ConfigError, Context, Runtime
+from nerve import App, ConfigError, Context, Runtime, StoreError
 from nerve.schema import Compatibility, IncompatibleSchema
 from nerve.schema.registry import (
     SchemaRegistry,
@@ -163,6 +163,12 @@ def test_registry_urls() -> None:
     with pytest.raises(ConfigError, match="use sqlite:///relative"):
         registry_from_url("sqlite://host/x.db")
     assert isinstance(registry_from_url("memory://"), SchemaRegistry)
+
+
+async def test_an_unusable_registry_path_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match=r"schema registry \(/dev/null/schema\.db\)"):
+        async with registry_from_url("sqlite:////dev/null/schema.db"):
+            pass
 
 
 # -- the Runtime registers its App at start --------------------------------------------
