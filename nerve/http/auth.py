@@ -40,6 +40,9 @@ from nerve.errors import ConfigError
 __all__ = ["ADMIN_SCOPE", "ApiKey", "KeyStore", "RateLimiter", "TokenBucket"]
 
 ADMIN_SCOPE = "admin"
+RECHECK_EVERY = 0.1
+"""Seconds between checks of the key table for changes made by other processes
+(``nerve keys revoke``): a revoked key is refused within this long."""
 KEY_PREFIX = "nrv_"
 _KEY = re.compile(r"^nrv_([0-9a-f]{12})_([A-Za-z0-9_\-]{43})$")
 _SCOPE = re.compile(r"^([A-Za-z0-9_\-]+|\*)(\.([A-Za-z0-9_\-]+|\*))*(\.>)?$|^>$")
@@ -97,9 +100,10 @@ def _hash(secret: str) -> str:
 class KeyStore:
     """The API keys, in SQLite (``path``; ``:memory:`` for one process).
 
-    Lookups are synchronous and cheap (a dict, reloaded when the file changed:
-    ``PRAGMA data_version``), so a key revoked by ``nerve keys revoke`` in another
-    process is refused by the next request.
+    Lookups are synchronous and cheap: a dict, reloaded when the file changed
+    (``PRAGMA data_version``, checked at most every :data:`RECHECK_EVERY` seconds),
+    so a key revoked by ``nerve keys revoke`` in another process is refused within
+    0.1 s; changes made through this object apply at once.
     """
 
     def __init__(self, path: str | Path = ":memory:") -> None:
@@ -116,6 +120,7 @@ class KeyStore:
             raise ConfigError(f"cannot open the key store at {self.path!r}: {exc}") from None
         self._lock = threading.Lock()
         self._version: int | None = None
+        self._checked = 0.0
         self._by_id: dict[str, tuple[str, ApiKey]] = {}
 
     def close(self) -> None:
@@ -162,7 +167,11 @@ class KeyStore:
     # -- the request path -----------------------------------------------------------
 
     def _refresh(self) -> None:
+        now = time.monotonic()
+        if self._version is not None and now - self._checked < RECHECK_EVERY:
+            return
         with self._lock:
+            self._checked = now
             version = self._conn.execute("PRAGMA data_version").fetchone()[0]
             if version == self._version:
                 return

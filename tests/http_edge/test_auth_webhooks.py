@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -10,7 +11,7 @@ import pytest
 
 from nerve.errors import ConfigError
 from nerve.event import Event
-from nerve.http.auth import KeyStore
+from nerve.http.auth import RECHECK_EVERY, KeyStore
 from nerve.http.binding import binary_headers
 from nerve.http.server import bind_socket, check_exposure
 from nerve.http.webhooks import sign
@@ -75,6 +76,7 @@ async def test_keys_deny_by_default_and_scope_publishing(edge: Edge) -> None:
     other = KeyStore(edge.keys.path)  # as `nerve keys revoke` does, from another process
     assert other.revoke(notes)
     other.close()
+    await asyncio.sleep(RECHECK_EVERY * 1.5)  # another process's change is seen within this
     before = await edge.log_size()
     revoked = await _post(edge, notes)
     assert revoked.status_code == 401
