@@ -73,6 +73,7 @@ _DESCRIPTIONS = {
     "415": "Not a supported CloudEvents content mode.",
     "422": "The event data does not match its declared schema.",
     "429": "Rate limited; see Retry-After.",
+    "501": "Request/reply is not offered by this broker (it has no event log).",
     "503": "The broker is unavailable or the server is stopping; see Retry-After.",
     "504": "No reply arrived in time (the request event was published).",
 }
@@ -185,7 +186,7 @@ def openapi_document(ctx: HttpContext, endpoints: list[ReplyEndpoint] | None = N
                         CONTENT_TYPE_STRUCTURED,
                     ),
                     "202": _ok("Durably published.", ACCEPTED),
-                    **_problems(400, 401, 403, 413, 415, 422, 429, 503, 504),
+                    **_problems(400, 401, 403, 413, 415, 422, 429, 501, 503, 504),
                 },
             }
         },
@@ -280,7 +281,7 @@ def openapi_document(ctx: HttpContext, endpoints: list[ReplyEndpoint] | None = N
                 },
                 "responses": {
                     "200": _ok(f"The reply ({', '.join(endpoint.replies)}).", {}),
-                    **_problems(401, 403, 413, 422, 429, 503, 504),
+                    **_problems(401, 403, 413, 422, 429, 501, 503, 504),
                 },
             }
         }

@@ -26,6 +26,7 @@ _TITLES = {
     422: "Event does not match its schema",
     429: "Rate limited",
     500: "Internal error",
+    501: "Not offered by this broker",
     503: "Broker unavailable",
     504: "No reply in time",
 }

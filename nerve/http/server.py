@@ -423,6 +423,8 @@ class HttpContext:
                 f"{timeout:g} s (it was published and will still be handled)",
                 extra={"event_id": event.id},
             ) from None
+        except ConfigError as exc:  # a broker without an event log
+            raise Problem(501, "no-request-reply", str(exc)) from None
         except NerveError as exc:
             raise Problem(503, "stopping", str(exc), headers={"Retry-After": "1"}) from None
 

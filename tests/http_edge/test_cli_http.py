@@ -201,3 +201,57 @@ def test_nerve_run_bridges_mqtt(tmp_path: Path, spawn: object) -> None:
                 "SELECT sensor_id FROM alerts_sent WHERE sensor_id = ?", (sensor,)
             ).fetchall()
     assert alerts == [(sensor,)]
+
+
+@pytest.mark.slow
+def test_nerve_run_webhook_option(tmp_path: Path, spawn: object) -> None:
+    from nerve.http.webhooks import sign
+
+    from .conftest import WEBHOOK_SECRET
+
+    port = free_port()
+    broker = f"sqlite:///{tmp_path}/nerve.db"
+    proc = spawn(  # type: ignore[operator]
+        "examples.shop.app:app",
+        "-b",
+        broker,
+        "--http",
+        f"127.0.0.1:{port}",
+        "--webhook",
+        "storefront=order.created",
+        env={"NERVE_WEBHOOK_SECRET_STOREFRONT": f"whsec_{'A' * 32} {WEBHOOK_SECRET}"},
+    )
+    wait_healthy(port, proc)
+    body = (
+        b'{"order_id": "w-1", "customer_id": "c", "lines": [{"sku": "x", "qty": 1}], '
+        b'"amount_cents": 5}'
+    )
+    stamp = int(time.time())
+    headers = {
+        "webhook-id": "msg_cli_1",
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": sign(WEBHOOK_SECRET, "msg_cli_1", stamp, body),  # the second secret
+    }
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        assert client.post("/webhooks/storefront", headers=headers, content=body).status_code == 202
+        assert client.post("/webhooks/storefront", headers=headers, content=body).status_code == 200
+        bad = dict(
+            headers, **{"webhook-signature": sign(f"whsec_{'B' * 32}", "msg_cli_2", stamp, body)}
+        )
+        assert client.post("/webhooks/storefront", headers=bad, content=body).status_code == 401
+        assert client.get("/metrics").status_code == 200  # observability's routes are mounted
+
+
+def test_webhook_without_its_secret_is_one_line(tmp_path: Path) -> None:
+    code, _, err = invoke(
+        "run",
+        "examples.shop.app:app",
+        "-b",
+        f"sqlite:///{tmp_path}/n.db",
+        "--http",
+        f"127.0.0.1:{free_port()}",
+        "--webhook",
+        "nosecret=order.created",
+    )
+    assert code == 2
+    assert "NERVE_WEBHOOK_SECRET_NOSECRET" in err
