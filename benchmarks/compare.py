@@ -63,10 +63,15 @@ from benchmarks.embedded import (
 )
 from benchmarks.peers import DISTRIBUTIONS, MODULES, PEERS
 from benchmarks.peers.common import CONFIG_ENV, Config
+from benchmarks.peers.kafka_server import kafka
 
 WORKLOADS = ("throughput", "fanout", "latency", "pipeline", "scale")
-NETWORK = ("nats", "rabbitmq", "redis", "postgres")
+NETWORK = ("nats", "rabbitmq", "redis", "postgres", "kafka")
 BROKERS = (*NETWORK, "sqlite")
+BROKERS_PY = ("nats", "rabbitmq", "redis", "postgres")
+"""nerve and raw throughput on these are ``benchmarks/brokers.py``'s runs."""
+FANOUT_BROKERS = ("nats", "rabbitmq", "redis")
+"""Fan-out and latency run here (PostgreSQL and Kafka: throughput only, to bound time)."""
 FANOUT = 4
 SHORT = {
     "nerve": "nb",
@@ -90,10 +95,11 @@ COLORS = {
 # earlier runs), only to print the expected duration; deadlines use MIN_RATE.
 EXPECTED_RATE = {
     "nerve": {"nats": 5000.0, "rabbitmq": 1500.0, "redis": 5000.0, "postgres": 4000.0,
-              "sqlite": 10000.0},
-    "raw": {"nats": 12000.0, "rabbitmq": 2500.0, "redis": 15000.0, "postgres": 30000.0},
+              "kafka": 3000.0, "sqlite": 10000.0},
+    "raw": {"nats": 12000.0, "rabbitmq": 2500.0, "redis": 15000.0, "postgres": 30000.0,
+            "kafka": 5000.0},
     "floor": {"sqlite": 15000.0},
-    "faststream": {"nats": 4000.0, "rabbitmq": 1000.0, "redis": 1500.0},
+    "faststream": {"nats": 4000.0, "rabbitmq": 1000.0, "redis": 1500.0, "kafka": 2000.0},
     "dramatiq": {"redis": 1500.0, "rabbitmq": 700.0},
     "celery": {"redis": 700.0, "rabbitmq": 250.0},
     "taskiq": {"nats": 1000.0, "redis": 500.0, "rabbitmq": 1000.0},
@@ -212,8 +218,8 @@ def plan(s: Settings) -> list[list[Case]]:
             )
     if "fanout" in s.workloads:
         for broker in network:
-            if broker == "postgres":
-                continue  # no raw fan-out client for it here
+            if broker not in FANOUT_BROKERS:
+                continue
             cases = [Case("fanout", broker, "nerve"), Case("fanout", broker, "raw")]
             if "faststream" in s.peers and broker in PEERS["faststream"]:
                 cases.append(Case("fanout", broker, "faststream"))
@@ -221,7 +227,7 @@ def plan(s: Settings) -> list[list[Case]]:
     if "latency" in s.workloads:
         for rate in s.rates:
             for broker in network:
-                if broker == "postgres":
+                if broker not in FANOUT_BROKERS:
                     continue
                 cases = [
                     Case("latency", broker, "nerve", rate),
@@ -303,6 +309,8 @@ class Runner:
 
     def run(self, case: Case, rep: int) -> dict[str, float]:
         if case.workload == "throughput" and case.system in ("nerve", "raw"):
+            if case.broker == "kafka":
+                return self.peer(case, rep)
             if case.broker == "sqlite":
                 bench = self._embedded_bench("throughput", self.s.embedded_events)
                 return bench.nerve_throughput(rep)
@@ -328,7 +336,7 @@ class Runner:
     def _broker_bench(self) -> broker_bench.Bench:
         if self._brokers is None:
             settings = broker_bench.Settings(
-                brokers=[b for b in self.s.brokers if b in NETWORK],
+                brokers=[b for b in self.s.brokers if b in BROKERS_PY],
                 events=self.s.events,
                 batch=self.s.batch,
                 runs=self.s.runs,
@@ -501,6 +509,7 @@ def run(s: Settings, console: Console) -> dict[str, Any]:
     load_before = os.getloadavg()
     started = time.monotonic()
     results: dict[str, Series] = {c.key: Series(c) for g in groups for c in g}
+    servers: dict[str, str] = {}
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description:<34}"),
@@ -512,11 +521,19 @@ def run(s: Settings, console: Console) -> dict[str, Any]:
         overall = progress.add_task("[bold]all runs", total=total_runs)
         runner = Runner(s, progress, stamp)
         for group in groups:
-            for rep in range(1, reps(group[0], s) + 1):
-                for case in group:  # alternating, so drift hits every side alike
-                    one(runner, results[case.key], rep, progress, overall, console)
+            with contextlib.ExitStack() as stack:
+                if group[0].broker == "kafka":
+                    try:
+                        kafka_server = stack.enter_context(kafka(runner.base / "kafka"))
+                    except RuntimeError as exc:
+                        kafka_server = f"not available: {exc}"
+                    servers["kafka"] = kafka_server
+                for rep in range(1, reps(group[0], s) + 1):
+                    for case in group:  # alternating, so drift hits every side alike
+                        one(runner, results[case.key], rep, progress, overall, console)
     elapsed = time.monotonic() - started
     env = environment(s, load_before, elapsed, estimate)
+    env["servers"].update(servers)
     doc = document(s, results, env)
     write(doc, results, s, env, console)
     return doc["summary"]
@@ -562,7 +579,7 @@ def environment(s: Settings, load_before: Any, elapsed: float, estimate: float) 
     from benchmarks.apps import make_orders
     from nerve.event import encode
 
-    network = [b for b in s.brokers if b in NETWORK]
+    network = [b for b in s.brokers if b in BROKERS_PY]
     sizes = [len(encode(e)) for e in make_orders(100)]
     versions = {d: version_of(d) for p in s.peers for d in DISTRIBUTIONS[p]}
     versions.update({d: version_of(d) for d in ("nats-py", "aio-pika", "redis", "asyncpg")})

@@ -16,11 +16,12 @@ if TYPE_CHECKING:
     from benchmarks.compare import Goal, Series, Settings
 
 SYSTEM_ORDER = ("nerve", "raw", "floor", "faststream", "dramatiq", "celery", "taskiq")
-BROKER_ORDER = ("nats", "rabbitmq", "redis", "postgres", "sqlite")
+BROKER_ORDER = ("nats", "rabbitmq", "redis", "postgres", "kafka", "sqlite")
 BROKER_NAMES = {
     "nats": "NATS JetStream",
     "rabbitmq": "RabbitMQ",
     "redis": "Redis Streams",
+    "kafka": "Kafka (Tansu)",
     "postgres": "PostgreSQL",
     "sqlite": "embedded (SQLite)",
 }
@@ -246,6 +247,14 @@ def markdown(
             "> **Quick mode** (small N, one run): a smoke test of the harness, not a result.",
             "",
         ]
+    load = max(env["load_average_1_5_15"]["before"][0], env["load_average_1_5_15"]["after"][0])
+    if load > 0.5 * (m["cores"] or 1):
+        lines += [
+            f"> **The machine was busy** (1-minute load average up to {load:.1f} on "
+            f"{m['cores']} cores): other work competed with every run, so the figures are "
+            "lower and noisier than on a quiet machine.",
+            "",
+        ]
     lines += [
         f"Every event is the same ~{env['event_bytes']}-byte JSON `order.placed` CloudEvent "
         "(a customer, two lines, amounts). A producer process and a consumer process per "
@@ -375,8 +384,9 @@ def markdown(
     where = "; ".join(f"{peer}: {', '.join(on)}" for peer, on in PEERS.items())
     lines += [
         "",
-        f"Peers not run on a broker have no adapter for it here ({where}). Kafka is not "
-        "compared: see benchmarks/README.md.",
+        f"Peers not run on a broker have no adapter for it here ({where}). Kafka runs "
+        "the throughput workload only, on the broker described above (Tansu's in-memory "
+        "storage is not durable).",
         "",
     ]
     return "\n".join(lines)

@@ -17,12 +17,12 @@ MODULES = {
 }
 
 PEERS: dict[str, tuple[str, ...]] = {
-    "faststream": ("nats", "rabbitmq", "redis"),
+    "faststream": ("nats", "rabbitmq", "redis", "kafka"),
     "dramatiq": ("redis", "rabbitmq"),
     "celery": ("redis", "rabbitmq"),
     "taskiq": ("nats", "redis", "rabbitmq"),
 }
-"""Peer framework -> the brokers it runs on here (Kafka: see benchmarks/README.md)."""
+"""Peer framework -> the brokers it runs on here."""
 
 DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "faststream": ("faststream",),

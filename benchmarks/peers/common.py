@@ -49,7 +49,7 @@ URLS = {
     "nats": f"nats://{HOST}:4222",
     "rabbitmq": f"amqp://guest:guest@{HOST}:5672/",
     "redis": f"redis://{HOST}:6379/0",
-    "kafka": f"{HOST}:9092",
+    "kafka": f"{HOST}:9092",  # benchmarks/peers/kafka_server.py starts Tansu there
 }
 
 

@@ -9,6 +9,8 @@
   each confirm.
 - redis: a stream ``NAME``; each handler its own consumer group (``StreamSub(group=...,
   max_records=BATCH)``), ``AckPolicy.ACK`` (XACK after the handler returns).
+- kafka: ``KafkaBroker(acks="all")``, a topic, a consumer group per handler,
+  ``AckPolicy.ACK`` (the offset is committed after the handler returns).
 
 Handlers take the event as a pydantic model (FastStream validates it), as nerve's do.
 FastStream's two log lines per message (its default) are turned off (``logger=None``).
@@ -31,6 +33,9 @@ SETTINGS = {
     "AckPolicy.ACK; persistent messages, publisher confirms awaited",
     "redis": "Redis Stream, a consumer group per handler (StreamSub max_records BATCH), "
     "AckPolicy.ACK (XACK after the handler); no Redis persistence beyond the server's",
+    "kafka": "KafkaBroker(acks='all'); a topic (1 partition), a consumer group per handler, "
+    "max_records BATCH, AckPolicy.ACK (offset committed after the handler); publish awaits "
+    "the broker's ack",
 }
 
 
@@ -112,7 +117,24 @@ def build(cfg: Config, tracker: Tracker | None) -> tuple[Any, Publish]:
             return await redis_broker.publish(body, stream=cfg.name)
 
         return redis_broker, publish_redis
-    raise SystemExit(f"faststream: no {cfg.broker!r} here (nats, rabbitmq, redis)")
+    if cfg.broker == "kafka":
+        from faststream.kafka import KafkaBroker
+
+        kafka_broker = KafkaBroker(URLS["kafka"], acks="all", **quiet)
+        for k in range(cfg.fanout if tracker else 0):
+            kafka_broker.subscriber(
+                cfg.name,
+                group_id=f"fs{k}",
+                auto_offset_reset="earliest",
+                max_records=cfg.batch,
+                ack_policy=AckPolicy.ACK,
+            )(handler(k))
+
+        async def publish_kafka(body: dict[str, Any]) -> Any:
+            return await kafka_broker.publish(body, cfg.name)
+
+        return kafka_broker, publish_kafka
+    raise SystemExit(f"faststream: no {cfg.broker!r} here (nats, rabbitmq, redis, kafka)")
 
 
 async def produce(cfg: Config) -> dict[str, float]:
@@ -127,6 +149,10 @@ async def produce(cfg: Config) -> dict[str, float]:
 async def consume(cfg: Config) -> None:
     tracker = Tracker(cfg)
     broker, _ = build(cfg, tracker)
+    if cfg.broker == "kafka":
+        from benchmarks.peers.kafka_server import create_topic
+
+        await create_topic(cfg.name)
     await broker.start()
     try:
         await serve_until(tracker)

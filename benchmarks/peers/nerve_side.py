@@ -37,6 +37,7 @@ NERVE_URLS = {
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/?prefix={name}",
     "redis": "redis://127.0.0.1:6379/0?prefix={name}",
     "postgres": "postgresql://postgres@127.0.0.1:5432/test?schema={name}",
+    "kafka": "kafka://127.0.0.1:9092?prefix={name}",
     "sqlite": "sqlite:///{name}?synchronous=FULL",  # name: the database file
 }
 

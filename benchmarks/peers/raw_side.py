@@ -8,6 +8,8 @@ Same durable work as there, with K handlers (one durable consumer/group/queue ea
 - rabbitmq: aio-pika, a durable fanout exchange and K durable quorum queues, persistent
   messages, publisher confirms awaited, prefetch BATCH, ack per message.
 - redis: redis-py Streams, K consumer groups, XREADGROUP COUNT BATCH, one XACK per batch.
+- kafka: aiokafka, a topic, acks=all, K consumer groups with manual commits after each
+  batch (also the throughput workload: ``raw_clients.py`` has no Kafka side).
 
 A raw handler parses the body with orjson and does nothing else. Consumers declare
 what they read from before the warm-up hand-shake.
@@ -31,6 +33,9 @@ SETTINGS = {
     "persistent messages, publisher confirms awaited, prefetch BATCH, ack per message",
     "redis": "redis-py Streams: a consumer group per handler, XREADGROUP COUNT BATCH, "
     "one XACK per batch",
+    "kafka": "aiokafka: a topic (1 partition); producer acks=all, send_and_wait per event "
+    "(a batch concurrently); a consumer group per handler, auto commit off, "
+    "getmany(max_records=BATCH), commit after handling each batch",
 }
 
 
@@ -87,7 +92,20 @@ async def produce(cfg: Config) -> dict[str, float]:
             return await publish_all(cfg, send_redis, send_batch)
         finally:
             await client.aclose()
-    raise SystemExit(f"raw: no {cfg.broker!r} here (nats, rabbitmq, redis)")
+    if cfg.broker == "kafka":
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=URLS["kafka"], acks="all")
+        await producer.start()
+
+        async def send_kafka(body: dict[str, Any]) -> Any:
+            return await producer.send_and_wait(cfg.name, orjson.dumps(body))
+
+        try:
+            return await publish_all(cfg, send_kafka)
+        finally:
+            await producer.stop()
+    raise SystemExit(f"raw: no {cfg.broker!r} here (nats, rabbitmq, redis, kafka)")
 
 
 async def consume(cfg: Config) -> None:
@@ -170,8 +188,44 @@ async def consume(cfg: Config) -> None:
         finally:
             await _cancel(loops)
             await client.aclose()
+    elif cfg.broker == "kafka":
+        from aiokafka import AIOKafkaConsumer
+
+        from benchmarks.peers.kafka_server import create_topic
+
+        await create_topic(cfg.name)
+        consumers = [
+            AIOKafkaConsumer(
+                cfg.name,
+                bootstrap_servers=URLS["kafka"],
+                group_id=f"raw{k}",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            for k in range(cfg.fanout)
+        ]
+
+        async def poll(k: int) -> None:
+            consumer = consumers[k]
+            await consumer.start()
+            while not tracker.finished:
+                got = await consumer.getmany(timeout_ms=500, max_records=cfg.batch)
+                for records in got.values():
+                    for record in records:
+                        tracker.handle_raw(record.value, k)
+                if got:
+                    await consumer.commit()
+
+        loops = [asyncio.create_task(poll(k)) for k in range(cfg.fanout)]
+        try:
+            await serve_until(tracker)
+        finally:
+            await _cancel(loops)
+            for consumer in consumers:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
     else:
-        raise SystemExit(f"raw: no {cfg.broker!r} here (nats, rabbitmq, redis)")
+        raise SystemExit(f"raw: no {cfg.broker!r} here (nats, rabbitmq, redis, kafka)")
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
