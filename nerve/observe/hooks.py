@@ -3,11 +3,14 @@
 A runner holds one :class:`FunctionObserver` when tracing or metrics are on, and
 ``None`` otherwise: with both off the pipeline makes no call at all. The calls are
 per fetched batch where they can be (latency, receive span, emitted events) and per
-handler attempt where they must be (duration, outcome, process span).
+handler attempt where they must be (duration, outcome, process span). With metrics
+only (the default of ``nerve run``) a :class:`MetricsObserver` does the least work
+it can: a clock read, a bisect and two dictionary updates per attempt.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,10 +23,15 @@ if TYPE_CHECKING:
     from nerve.runtime.context import Context
     from nerve.transport.base import Delivery
 
-__all__ = ["FunctionObserver"]
+__all__ = ["FunctionObserver", "MetricsObserver", "observer_for"]
+
+_clock = time.perf_counter
+_bisect = bisect.bisect_left
 
 
 class FunctionObserver:
+    """Spans and (optionally) metrics of one function."""
+
     __slots__ = ("metrics", "name", "tracing")
 
     def __init__(self, name: str, metrics: FunctionMetrics | None, tracing: Tracing | None):
@@ -45,7 +53,7 @@ class FunctionObserver:
         """A handler attempt starts; returns the start time for :meth:`end`."""
         if self.tracing is not None:
             ctx.trace = self.tracing.start_process(self.name, ctx.event, ctx.attempt)
-        return time.perf_counter()
+        return _clock()
 
     def end(
         self, ctx: Context, started: float, outcome: str, error: BaseException | None = None
@@ -53,7 +61,7 @@ class FunctionObserver:
         """A handler attempt ended: 'processed', 'retried', 'dead_lettered' or
         'released' (cancelled by a shutdown: not counted)."""
         if self.metrics is not None and outcome != "released":
-            self.metrics.handled(ctx.event.type, time.perf_counter() - started, outcome)
+            self.metrics.handled(ctx.event.type, _clock() - started, outcome)
         if self.tracing is not None and ctx.trace is not None:
             self.tracing.end_process(ctx.trace, error, outcome)
 
@@ -73,9 +81,46 @@ class FunctionObserver:
             self.metrics.emitted(events)
 
 
+class MetricsObserver(FunctionObserver):
+    """Metrics only, tracing off: the same calls, with the least work in each."""
+
+    __slots__ = ("_bounds", "_counts", "_processed")
+
+    def __init__(self, name: str, metrics: FunctionMetrics) -> None:
+        super().__init__(name, metrics, None)
+        self._bounds = metrics.duration.bounds
+        self._counts = metrics.duration.counts
+        self._processed = metrics.processed
+
+    def wrap(self, handler: Handler) -> Handler:
+        return handler
+
+    def dispatched(self, events: Sequence[Event], now: float) -> None:
+        assert self.metrics is not None
+        self.metrics.dispatched(events, now)
+
+    def start(self, ctx: Context) -> float:
+        return _clock()
+
+    def end(
+        self, ctx: Context, started: float, outcome: str, error: BaseException | None = None
+    ) -> None:
+        seconds = _clock() - started
+        if outcome == "processed":
+            duration = self.metrics.duration  # type: ignore[union-attr]
+            self._counts[_bisect(self._bounds, seconds)] += 1
+            duration.sum += seconds
+            duration.count += 1
+            processed = self._processed
+            type_name = ctx.event.type
+            processed[type_name] = processed.get(type_name, 0) + 1
+        elif outcome != "released":
+            self.metrics.handled(ctx.event.type, seconds, outcome)  # type: ignore[union-attr]
+
+
 def observer_for(runtime: Any, name: str) -> FunctionObserver | None:
     """The observer of function ``name`` in ``runtime``, or None when nothing observes."""
     metrics = runtime.metrics.function(name) if runtime.metrics is not None else None
-    if metrics is None and runtime.tracing is None:
-        return None
+    if runtime.tracing is None:
+        return None if metrics is None else MetricsObserver(name, metrics)
     return FunctionObserver(name, metrics, runtime.tracing)

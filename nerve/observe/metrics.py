@@ -160,10 +160,21 @@ class FunctionMetrics:
 
     def dispatched(self, events: Iterable[Event], now: float) -> None:
         """A fetched batch reaches its handlers: end-to-end latency per event."""
-        observe = self.latency.observe
+        latency = self.latency
+        bounds, counts = latency.bounds, latency.counts
+        total = 0.0
+        seen = 0
         for event in events:
-            if event.time is not None:
-                observe(max(0.0, now - event.time.timestamp()))
+            when = event.time
+            if when is not None:
+                seconds = now - when.timestamp()
+                if seconds < 0.0:
+                    seconds = 0.0
+                counts[bisect.bisect_left(bounds, seconds)] += 1
+                total += seconds
+                seen += 1
+        latency.sum += total
+        latency.count += seen
 
     def handled(self, type_name: str, seconds: float, outcome: str) -> None:
         """One handler attempt ended: 'processed', 'retried' or 'dead_lettered'
