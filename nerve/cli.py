@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -132,8 +133,17 @@ def _write_json(doc: Any) -> None:
 
 
 def _run_async(coro: Coroutine[Any, Any, T], *, fast: bool = False) -> T:
-    """Run ``coro`` to completion on a new event loop (uvloop when ``fast`` and installed)."""
+    """Run ``coro`` to completion on a new event loop (uvloop when ``fast`` and installed).
+
+    ``fast`` is for the long-running server: what start-up created (modules, the App)
+    is moved out of the cyclic collector's sight (``gc.freeze``), and young objects are
+    collected every 10,000 allocations instead of 700. Per event the runtime allocates
+    dozens of short-lived containers that reference counting frees; the default
+    threshold ran a collection every few events (measured: -7% instructions per event).
+    """
     if fast:
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
         try:
             import uvloop
         except ImportError:
