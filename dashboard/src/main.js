@@ -74,8 +74,8 @@ const charts = {}; // function -> {throughput, latency, load, data}
 let previous = null; // the previous /api/stats sample
 
 function buildGraph(topology) {
-  const emitted = new Set(topology.edges.filter((e) => e.kind === "emits").map((e) => e.target));
-  const roots = topology.nodes.filter((n) => n.kind === "event" && !emitted.has(n.id)).map((n) => n.id);
+  const targets = new Set(topology.edges.map((e) => e.target));
+  const roots = topology.nodes.filter((n) => !targets.has(n.id)).map((n) => n.id);
   graph = cytoscape({
     container: $("graph"),
     elements: [
@@ -87,6 +87,7 @@ function buildGraph(topology) {
       { selector: "node", style: { label: "data(label)", color: "#d8dee6", "font-size": 11, "text-valign": "center", "text-halign": "center", "text-wrap": "wrap", "text-max-width": 110 } },
       { selector: "node[kind = 'event']", style: { shape: "round-rectangle", "background-color": "#1d3b52", "border-color": "#4fb3ff", "border-width": 1, width: 120, height: 28 } },
       { selector: "node[kind = 'function']", style: { shape: "ellipse", "background-color": "#2d2756", "border-color": "#8b7cff", "border-width": 2, width: 96, height: 40, "font-weight": "bold" } },
+      { selector: "node[kind = 'producer']", style: { shape: "diamond", "background-color": "#2a3a2a", "border-color": "#3ecf8e", "border-width": 1, width: 90, height: 40 } },
       { selector: "edge", style: { width: "mapData(rate, 0, 50, 1, 8)", "line-color": "#3a4654", "target-arrow-color": "#3a4654", "target-arrow-shape": "triangle", "curve-style": "bezier", label: "data(label)", "font-size": 10, color: "#3ecf8e", "text-background-color": "#171d24", "text-background-opacity": 1 } },
       { selector: "edge[rate > 0]", style: { "line-color": "#3ecf8e", "target-arrow-color": "#3ecf8e" } },
       { selector: "node.failing", style: { "border-color": "#ff5d5d", "border-width": 3 } },
@@ -198,6 +199,9 @@ async function poll() {
       for (const [type, n] of Object.entries(f.by_type.processed)) setRate(`${type}->${name}`, (n - (was.by_type?.processed[type] || 0)) / dt);
       for (const [type, n] of Object.entries(f.by_type.published)) setRate(`${name}->${type}`, (n - (was.by_type?.published[type] || 0)) / dt);
     }
+  }
+  if (graph && previous && dt) {
+    for (const [type, n] of Object.entries(stats.client_published || {})) setRate(`clients->${type}`, (n - (previous.client_published?.[type] || 0)) / dt);
   }
   $("total-processed").textContent = String(processed);
   $("total-rate").textContent = previous ? fmt(rate) : "0";

@@ -99,52 +99,49 @@ def _guard(endpoint: Endpoint, *, admin: bool = False) -> Endpoint:
 
 
 def topology(app: App) -> dict[str, Any]:
-    """Nodes (functions and event types) and edges (type -> function it feeds,
-    function -> type it emits) of ``app``. Replaceable by the schema graph."""
-    nodes: list[dict[str, Any]] = []
-    edges: list[dict[str, Any]] = []
-    for name, declared in app.events.items():
+    """The App's topology (:func:`nerve.schema.graph.build_graph`) as the dashboard
+    draws it: nodes ``type:<name>``, ``fn:<name>``, ``producer:clients``; edges
+    ``<type>-><function>`` (consumes), ``<function>-><type>`` (emits) and
+    ``clients-><type>`` (published from outside), named so live rates find them."""
+    from nerve.schema.graph import build_graph
+
+    graph = build_graph(app)
+    prefix = {"event": "type:", "function": "fn:", "producer": "producer:"}
+
+    def node_id(graph_id: str) -> tuple[str, str]:
+        kind, _, name = graph_id.partition(":")
+        return prefix.get(kind, f"{kind}:") + name, name
+
+    nodes = []
+    for node in graph.nodes:
         nodes.append(
             {
-                "id": f"type:{name}",
-                "kind": "event",
-                "label": name,
-                "description": declared.description.strip(),
+                "id": node_id(node.id)[0],
+                "kind": node.kind,
+                "label": node.label,
+                "description": node.description,
             }
         )
-    for fn in app.functions.values():
-        nodes.append(
+    edges = []
+    for edge in graph.edges:
+        source, source_name = node_id(edge.source)
+        target, target_name = node_id(edge.target)
+        if edge.kind == "consumes":
+            edge_id, function, type_name = f"{source_name}->{target_name}", target_name, source_name
+        elif edge.kind == "emits":
+            edge_id, function, type_name = f"{source_name}->{target_name}", source_name, target_name
+        else:
+            edge_id, function, type_name = f"{source_name}->{target_name}", "", target_name
+        edges.append(
             {
-                "id": f"fn:{fn.name}",
-                "kind": "function",
-                "label": fn.name,
-                "description": fn.description,
-                "concurrency": fn.concurrency,
+                "id": edge_id,
+                "source": source,
+                "target": target,
+                "kind": edge.kind,
+                "function": function,
+                "type": type_name,
             }
         )
-        for type_name in app.events:
-            if any(matches_pattern(p, type_name) for p in fn.subscription.patterns):
-                edges.append(
-                    {
-                        "id": f"{type_name}->{fn.name}",
-                        "source": f"type:{type_name}",
-                        "target": f"fn:{fn.name}",
-                        "kind": "consumes",
-                        "function": fn.name,
-                        "type": type_name,
-                    }
-                )
-        for type_name in sorted(fn.emits):
-            edges.append(
-                {
-                    "id": f"{fn.name}->{type_name}",
-                    "source": f"fn:{fn.name}",
-                    "target": f"type:{type_name}",
-                    "kind": "emits",
-                    "function": fn.name,
-                    "type": type_name,
-                }
-            )
     return {"nodes": nodes, "edges": edges}
 
 
