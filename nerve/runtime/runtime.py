@@ -193,7 +193,7 @@ class Runtime:
         self.registry = (
             registry
             if isinstance(registry, SchemaRegistry)
-            else registry_from_url(registry or default_registry_url(self.store.url))
+            else registry_from_url(registry or default_registry_url(self.store.url, broker_url))
         )
         self.allow_incompatible = allow_incompatible
         self.shutdown_timeout = shutdown_timeout

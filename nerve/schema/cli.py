@@ -127,7 +127,7 @@ def _registry_url(registry: str | None, broker: str, store: str | None) -> str:
         return registry
     from nerve.store import default_store_url
 
-    return default_registry_url(store or default_store_url(broker))
+    return default_registry_url(store or default_store_url(broker), broker)
 
 
 def _open_registry(url: str) -> SchemaRegistry:

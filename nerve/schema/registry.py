@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -264,6 +265,7 @@ class SqliteSchemaStorage:
         await self._run(write)
 
 
+_PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 _PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS {prefix}schemas (
     subject TEXT NOT NULL,
@@ -285,17 +287,24 @@ CREATE TABLE IF NOT EXISTS {prefix}schema_modes (
 
 class PostgresSchemaStorage:
     """The registry in PostgreSQL (asyncpg): for services on several machines.
-    Tables ``<prefix>schemas`` and ``<prefix>schema_modes`` (``?prefix=``, default
-    ``nerve_``)."""
+
+    Tables ``<schema>.schemas`` and ``<schema>.schema_modes`` with ``?schema=`` (the
+    PostgreSQL broker's own option, so a broker URL puts the registry beside the
+    broker's tables), else ``<prefix>schemas`` and ``<prefix>schema_modes`` in the
+    search path (``?prefix=``, default ``nerve_``). Other options are ignored."""
 
     def __init__(self, url: str, *, prefix: str | None = None) -> None:
         parts = urlsplit(url)
         options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        prefix = prefix or options.get("prefix", "nerve_")
-        if not prefix.replace("_", "").isalnum():
-            raise ConfigError(f"registry table prefix {prefix!r}: use letters, digits and '_'")
-        self.url = urlunsplit(parts._replace(query=""))  # ?prefix= is nerve's, not libpq's
-        self.prefix = prefix
+        schema = options.get("schema")
+        prefix = prefix or options.get("prefix", "" if schema else "nerve_")
+        if prefix and not _PG_NAME.fullmatch(prefix):
+            raise ConfigError(f"registry table prefix {prefix!r}: use a-z, 0-9 and '_'")
+        if schema is not None and not _PG_NAME.fullmatch(schema):
+            raise ConfigError(f"registry schema {schema!r}: use a-z, 0-9 and '_'")
+        self.url = urlunsplit(parts._replace(query=""))  # the options are nerve's, not libpq's
+        self.schema = schema
+        self.prefix = f"{schema}.{prefix}" if schema else prefix
         self._pool: Any = None
 
     async def start(self) -> None:
@@ -310,6 +319,8 @@ class PostgresSchemaStorage:
         try:
             self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=2)
             async with self._pool.acquire() as conn:
+                if self.schema:
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
                 await conn.execute(_PG_SCHEMA.format(prefix=self.prefix))
         except (OSError, asyncpg.PostgresError) as exc:
             await self.close()
@@ -513,8 +524,14 @@ def _forward_only(mode: Compatibility) -> Compatibility:
 # ---------------------------------------------------------------------------------------
 
 
-def default_registry_url(store_url: str) -> str:
-    """The registry beside a store: ``schema.db`` in the store's folder."""
+def default_registry_url(store_url: str, broker_url: str | None = None) -> str:
+    """The registry beside the broker: in a PostgreSQL broker's database (its
+    ``?schema=``, default ``nerve``), else ``schema.db`` in the store's folder."""
+    if broker_url is not None and urlsplit(broker_url).scheme in ("postgres", "postgresql"):
+        parts = urlsplit(broker_url)
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        schema = options.get("schema", "nerve")
+        return urlunsplit(parts._replace(query=f"schema={schema}"))
     parts = urlsplit(store_url)
     if parts.scheme == "memory":
         return "memory://"

@@ -44,27 +44,34 @@ V2 = obj(
 BROKEN = obj({"order_id": {"type": "string"}, "amount": {"type": "string"}}, ("order_id", "amount"))
 
 
-async def _drop_pg_tables(url: str, prefix: str) -> None:
+def pg_url(query: str = "") -> str:
+    require_server("PostgreSQL", PG_HOST, PG_PORT)
+    user = f"{PG_USER}@" if PG_USER else ""
+    return f"postgresql://{user}{PG_HOST}:{PG_PORT}/test" + (f"?{query}" if query else "")
+
+
+async def _pg(sql: str) -> None:
     import asyncpg  # type: ignore[import-untyped]
 
-    conn = await asyncpg.connect(url.split("?")[0])
+    conn = await asyncpg.connect(pg_url())
     try:
-        await conn.execute(f"DROP TABLE IF EXISTS {prefix}schemas, {prefix}schema_modes")
+        await conn.execute(sql)
     finally:
         await conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres-schema"])
 async def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/schema.db"
         return
-    require_server("PostgreSQL", PG_HOST, PG_PORT)
-    prefix = f"t{uuid.uuid4().hex[:10]}_"
-    user = f"{PG_USER}@" if PG_USER else ""
-    url = f"postgresql://{user}{PG_HOST}:{PG_PORT}/test?prefix={prefix}"
-    yield url
-    await _drop_pg_tables(url, prefix)
+    name = f"t{uuid.uuid4().hex[:10]}"
+    if request.param == "postgres":  # tables nerve-style prefixed in the search path
+        yield pg_url(f"prefix={name}_")
+        await _pg(f"DROP TABLE IF EXISTS {name}_schemas, {name}_schema_modes")
+    else:  # in a schema of their own, as beside the PostgreSQL broker
+        yield pg_url(f"schema={name}&visibility_timeout=5")
+        await _pg(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
 async def test_register_lookup_list_and_refuse(registry_url: str) -> None:
@@ -157,6 +164,17 @@ async def test_concurrent_writers_each_get_their_own_entry(registry_url: str) ->
 
 def test_registry_urls() -> None:
     assert default_registry_url("sqlite:///.nerve/store.db") == "sqlite:///.nerve/schema.db"
+    beside = default_registry_url(
+        "sqlite:///.nerve/store.db", "postgresql://u@db/x?schema=shop&a=1"
+    )
+    assert beside == "postgresql://u@db/x?schema=shop"
+    assert (
+        default_registry_url("memory://", "postgresql://u@db/x")
+        == "postgresql://u@db/x?schema=nerve"
+    )
+    assert default_registry_url("memory://", "nats://127.0.0.1:4222") == "memory://"
+    with pytest.raises(ConfigError, match="registry schema 'Bad-Name'"):
+        registry_from_url("postgresql://u@db/x?schema=Bad-Name")
     assert default_registry_url("memory://") == "memory://"
     with pytest.raises(ConfigError, match="registry URL 'redis://x'"):
         registry_from_url("redis://x")
@@ -214,3 +232,18 @@ async def test_runtime_refuses_to_start_on_an_incompatible_change(tmp_path: Path
     async with registry_from_url(f"sqlite:///{tmp_path}/schema.db") as registry:
         latest = await registry.lookup("order.created")
     assert latest is not None and latest.version == 3 and latest.forced
+
+
+async def test_on_the_postgresql_broker_the_registry_lives_beside_it() -> None:
+    schema = f"t{uuid.uuid4().hex[:10]}"
+    broker = pg_url(f"schema={schema}")
+    try:
+        async with Runtime(_app(OrderV1), broker=broker, store="memory://"):
+            pass
+        async with registry_from_url(pg_url(f"schema={schema}")) as registry:
+            assert [v.version for v in await registry.versions("order.created")] == [1]
+        with pytest.raises(IncompatibleSchema, match="breaks BACKWARD"):
+            async with Runtime(_app(OrderV2), broker=broker, store="memory://"):
+                raise AssertionError("must not start")
+    finally:
+        await _pg(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
