@@ -356,6 +356,17 @@ def run(
             "compatibility (the breaks are logged and the schemas registered as forced).",
         ),
     ] = False,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            "--registry",
+            envvar="NERVE_REGISTRY",
+            metavar="URL",
+            help="Schema registry (default: beside the broker: schema.db next to the store, "
+            "or the PostgreSQL broker's database).",
+            show_default=False,
+        ),
+    ] = None,
     processes: Annotated[
         int, typer.Option("--processes", "-p", min=1, help="Worker processes to supervise.")
     ] = 1,
@@ -440,6 +451,11 @@ def run(
         names = ", ".join(only or app.functions)
         if allow_incompatible:  # the runtime (and every worker) reads it from here
             os.environ["NERVE_ALLOW_INCOMPATIBLE"] = "1"
+        if registry:  # the same (a URL may hold a password: never in argv)
+            from nerve.schema.registry import registry_from_url
+
+            registry_from_url(registry)  # a bad registry URL is refused here
+            os.environ["NERVE_REGISTRY"] = registry
         if processes > 1:
             # Open both once here: a broker or store that cannot be opened is one line
             # now, not the same error from every worker.
@@ -483,14 +499,15 @@ async def _probe(transport: Transport, broker: str, store: str) -> None:
 
 
 def _http_plan(listen: str, store_url: str, webhooks: list[str]) -> Any:
-    """Bind the HTTP socket before anything starts (see nerve.http.running); None when
+    """Check the HTTP options before anything starts (see nerve.http.running); None when
     the http extra is missing and HTTP was not asked for explicitly."""
     from nerve.http.running import available, prepare
 
-    if not available() and listen == "127.0.0.1:8000" and not webhooks:
+    explicit = listen != "127.0.0.1:8000" or bool(webhooks)
+    if not available() and not explicit:
         _note("nerve: HTTP is off (install the 'http' extra to serve it)", style="dim")
         return None
-    return prepare(listen, store_url, webhooks, bind=True)
+    return prepare(listen, store_url, webhooks, explicit=explicit)
 
 
 async def _serve(
@@ -517,6 +534,7 @@ async def _serve(
         only=only or None,
         metrics=metrics,
         allow_incompatible=os.environ.get("NERVE_ALLOW_INCOMPATIBLE") == "1",
+        registry=os.environ.get("NERVE_REGISTRY") or None,
     )
     serving = asyncio.ensure_future(runtime.serve())
     started = asyncio.ensure_future(runtime.started.wait())
@@ -527,7 +545,8 @@ async def _serve(
             if http is not None:
                 from nerve.http.running import attach
 
-                await attach(runtime, http)
+                if not await attach(runtime, http):  # the default port is busy
+                    banner = banner.split(", HTTP on ")[0]
             if mqtt is not None:
                 from nerve.sources.mqtt import attach as attach_mqtt
 
@@ -725,9 +744,9 @@ def _supervise(
         env["NERVE_STORE"] = store
     else:
         env.pop("NERVE_STORE", None)
-    # HTTP: the supervisor bound the socket; every worker accepts on that same socket.
+    # HTTP: the supervisor binds the socket; every worker accepts on that same socket.
     fds: tuple[int, ...] = ()
-    if http is None or http.sock is None:
+    if http is None or not http.bind():
         command.append("--no-http")
     else:
         from nerve.http.running import FD_ENV
@@ -737,7 +756,11 @@ def _supervise(
         command += ["--http", f"{http.host}:{http.port}"]
         for source in http.webhooks:
             command += ["--webhook", f"{source.name}={source.type}"]
-    return _Supervisor(command, env, processes, pass_fds=fds).run()
+    try:
+        return _Supervisor(command, env, processes, pass_fds=fds).run()
+    finally:
+        if http is not None:
+            http.close()
 
 
 # -- publish ---------------------------------------------------------------------------

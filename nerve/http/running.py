@@ -1,12 +1,14 @@
 """How ``nerve run`` serves HTTP (kept here so the CLI needs only a few lines).
 
-- :func:`prepare` checks the options and binds the listening socket BEFORE the
-  runtime starts (a busy port or an open server on a public address is one line of
-  error, and nothing has started). With ``--processes N`` the supervisor calls it
-  once and every worker inherits the same socket (``NERVE_HTTP_FD``): all workers
-  accept on one port.
-- :func:`attach` starts the server on a started runtime and stops it before the
-  runtime drains.
+- :func:`prepare` checks the options before anything starts (an open server on a
+  public address, a webhook without its secret: one line of error).
+- :func:`attach` binds and starts the server on a started runtime and stops it
+  before the runtime drains. With ``--processes N`` the supervisor binds once
+  (:meth:`HttpPlan.bind`) and every worker inherits the same socket
+  (``NERVE_HTTP_FD``): all workers accept on one port.
+- A busy port is an error when the address was asked for (``--http``); when it is the
+  default (127.0.0.1:8000, say taken by another ``nerve run`` on this machine), the
+  process runs its functions and serves no HTTP, with a warning.
 
 Webhook sources come from ``--webhook NAME=TYPE``, their secrets from the
 environment (``NERVE_WEBHOOK_SECRET_<NAME>``, space-separated while rotating), never
@@ -15,6 +17,7 @@ from argv where ``ps`` would show them.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -27,6 +30,8 @@ from nerve.http.webhooks import WebhookSource
 
 if TYPE_CHECKING:
     from nerve.runtime import Runtime
+
+log = logging.getLogger("nerve.http")
 
 __all__ = ["FD_ENV", "HttpPlan", "attach", "available", "key_store_path", "prepare"]
 
@@ -42,16 +47,47 @@ def key_store_path(store_url: str) -> str:
 
 @dataclass
 class HttpPlan:
+    """What ``nerve run`` will serve. ``explicit``: the address was asked for (``--http``
+    or ``NERVE_HTTP``), so a busy port is an error; the default address, when busy (say,
+    another ``nerve run`` on this machine), only means this process serves no HTTP."""
+
     host: str
     port: int
     store_url: str
     webhooks: list[WebhookSource] = field(default_factory=list)
+    explicit: bool = True
     sock: socket.socket | None = None
 
     @property
     def address(self) -> str:
         host, port = self.sock.getsockname()[:2] if self.sock else (self.host, self.port)
         return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+
+    def bind(self) -> bool:
+        """Open the listening socket (or adopt the one a supervisor handed down).
+        False when the default address is busy (logged); raises ConfigError when an
+        explicit one cannot be used."""
+        from nerve.http.server import bind_socket
+
+        if self.sock is not None:
+            return True
+        inherited = os.environ.get(FD_ENV)
+        if inherited is not None:
+            self.sock = socket.socket(fileno=int(inherited))
+            return True
+        try:
+            self.sock = bind_socket(self.host, self.port)
+        except ConfigError as exc:
+            if self.explicit:
+                raise
+            log.warning("%s; this process serves no HTTP (pass --http HOST:PORT)", exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def _webhooks(specs: Sequence[str]) -> list[WebhookSource]:
@@ -67,38 +103,36 @@ def _webhooks(specs: Sequence[str]) -> list[WebhookSource]:
     return sources
 
 
-def prepare(listen: str, store_url: str, webhooks: Sequence[str], *, bind: bool) -> HttpPlan:
-    """Check ``--http`` / ``--webhook`` and (``bind``) open the socket, or adopt the one
-    a supervisor handed down. Raises ConfigError saying what is wrong."""
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
+def prepare(
+    listen: str, store_url: str, webhooks: Sequence[str], *, explicit: bool = True
+) -> HttpPlan:
+    """Check ``--http`` / ``--webhook`` (nothing is opened yet: :meth:`HttpPlan.bind`).
+    Raises ConfigError saying what is wrong."""
+    if not available():
         raise ConfigError(
             "serving HTTP needs the 'http' extra: pip install 'nerve[http]' (or pass --no-http)"
-        ) from None
-    from nerve.http.server import bind_socket, check_exposure, parse_listen
+        )
+    from nerve.http.server import check_exposure, is_loopback, parse_listen
 
     host, port = parse_listen(listen)
-    plan = HttpPlan(host, port, store_url, _webhooks(webhooks))
-    keys = KeyStore(key_store_path(store_url))
-    try:
-        check_exposure(host, keys)
-    finally:
-        keys.close()
-    inherited = os.environ.get(FD_ENV)
-    if inherited is not None:
-        plan.sock = socket.socket(fileno=int(inherited))
-    elif bind:
-        plan.sock = bind_socket(host, port)
+    plan = HttpPlan(host, port, store_url, _webhooks(webhooks), explicit=explicit)
+    if not is_loopback(host):  # an open server may only listen on loopback
+        keys = KeyStore(key_store_path(store_url))
+        try:
+            check_exposure(host, keys)
+        finally:
+            keys.close()
     return plan
 
 
-async def attach(runtime: Runtime, plan: HttpPlan) -> None:
-    """Serve on a started ``runtime`` until it stops (it stops HTTP first)."""
+async def attach(runtime: Runtime, plan: HttpPlan) -> bool:
+    """Serve on a started ``runtime`` until it stops (it stops HTTP first); False
+    when the default address was busy and nothing is served."""
     from nerve.http.endpoints import find_endpoints
     from nerve.http.server import HttpServer, HttpSettings, default_extra_routes
 
+    if not plan.bind():
+        return False
     settings = HttpSettings(
         host=plan.host,
         port=plan.port,
@@ -112,7 +146,12 @@ async def attach(runtime: Runtime, plan: HttpPlan) -> None:
         extra_routes=default_extra_routes(runtime),
         sock=plan.sock,
     )
-    await server.attach()
+    try:
+        await server.attach()
+    except BaseException:
+        plan.close()
+        raise
+    return True
 
 
 def available() -> bool:

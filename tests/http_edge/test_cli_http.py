@@ -100,7 +100,7 @@ def test_open_server_refuses_a_public_address(tmp_path: Path) -> None:
     assert "refusing to serve HTTP on 0.0.0.0: no API key is configured" in " ".join(err.split())
 
 
-def test_busy_port_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+def test_busy_explicit_port_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -255,3 +255,17 @@ def test_webhook_without_its_secret_is_one_line(tmp_path: Path) -> None:
     )
     assert code == 2
     assert "NERVE_WEBHOOK_SECRET_NOSECRET" in err
+
+
+def test_busy_default_port_means_no_http_in_this_process(tmp_path: Path) -> None:
+    from nerve.errors import ConfigError
+    from nerve.http.running import prepare
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        store = f"sqlite:///{tmp_path}/store.db"
+        assert prepare(listen, store, [], explicit=False).bind() is False
+        with pytest.raises(ConfigError, match="cannot listen"):
+            prepare(listen, store, [], explicit=True).bind()
