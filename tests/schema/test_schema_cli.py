@@ -291,3 +291,31 @@ def test_nerve_run_refuses_a_breaking_change_unless_allowed(project: Path) -> No
     assert "app 'orders'" in seen, seen  # the banner: it started
     assert "although it is incompatible" in seen
     assert allowed.returncode == 0, seen
+
+
+@pytest.mark.slow
+def test_nerve_run_uses_the_registry_it_is_given(project: Path) -> None:
+    registry = f"sqlite:///{project / 'shared' / 'registry.db'}"
+
+    async def register_v1() -> None:
+        async with Runtime(load_app("orders_v1:app"), broker="memory://", registry=registry):
+            pass
+
+    asyncio.run(register_v1())
+    bad = nerve("run", "orders_v1:app", "--no-http", "--registry", "bogus://x")
+    assert bad.exit_code == 2 and "registry URL 'bogus://x'" in bad.stderr
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    for var in ("NERVE_ALLOW_INCOMPATIBLE", "NERVE_REGISTRY"):
+        env.pop(var, None)
+    broker = f"sqlite:///{project / 'elsewhere' / 'n.db'}"  # its own schema.db is empty
+    command = [sys.executable, "-m", "nerve", "run", "orders_broken:app", "--no-http"]
+    refused = subprocess.run(
+        [*command, "--broker", broker, "--registry", registry],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "breaks BACKWARD compatibility" in refused.stderr.strip().splitlines()[-1]
