@@ -518,7 +518,6 @@ async def post_webhook(request: Request) -> Response:
     msg_id, timestamp = verify(source, request.headers, body)
     if await ctx.seen.seen(name, msg_id):
         return _json({"accepted": 0, "duplicate": True, "id": msg_id}, 200)
-    content_type = request.headers.get("content-type", "application/json")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -531,7 +530,7 @@ async def post_webhook(request: Request) -> Response:
                 "source": f"/webhooks/{name}",
                 "type": source.type,
                 "time": _utc(timestamp),
-                "datacontenttype": content_type,
+                "datacontenttype": codec.CONTENT_TYPE_JSON,
             },
             data,
         )
@@ -693,6 +692,12 @@ def build_app(
         limiter=RateLimiter(settings.rate, settings.burst) if settings.rate else None,
         webhooks={w.name: w for w in settings.webhooks},
     )
+    for source in settings.webhooks:
+        if source.type not in runtime.app.events and not settings.accept_undeclared:
+            raise ConfigError(
+                f"webhook source {source.name!r} publishes {source.type!r}, which app "
+                f"{runtime.app.name!r} does not declare; declare it with @app.event(...)"
+            )
     for endpoint in endpoints:
         if endpoint.publishes not in runtime.app.events:
             raise ConfigError(f"endpoint {endpoint.path}: {endpoint.publishes!r} is not declared")

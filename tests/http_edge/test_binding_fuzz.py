@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from nerve.http.binding import parse_request
 from nerve.http.problems import Problem
+from nerve.http.webhooks import WebhookSource, sign, verify
 
 # -- the envelope parsers ---------------------------------------------------------------
 
@@ -144,3 +145,33 @@ def test_a_valid_binary_event_round_trips() -> None:
         event.time,
     )
     assert parsed.extensions == {"partitionkey": "k 1", "flag": "true", "n": "3"}
+
+
+# -- Standard Webhooks verification ---------------------------------------------------
+
+SOURCE = WebhookSource("fuzz", "push.received", ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",))
+WEBHOOK_HEADER = st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature"])
+
+
+@given(
+    headers=st.dictionaries(
+        WEBHOOK_HEADER,
+        st.one_of(
+            st.text(max_size=40),
+            st.sampled_from(["v1,", "v1,AAAA", "v1,!!", "v2,abc", "1700000000", "9" * 20]),
+        ),
+    ),
+    body=st.binary(max_size=64),
+)
+@settings(max_examples=300, deadline=None)
+def test_webhook_verification_refuses_with_400_or_401_only(
+    headers: dict[str, str], body: bytes
+) -> None:
+    try:
+        verify(SOURCE, headers, body, now=1_700_000_000)
+    except Problem as problem:
+        assert problem.status in (400, 401)
+    else:  # only a correct signature can get here
+        stamp = int(headers["webhook-timestamp"])
+        expected = sign(SOURCE.secrets[0], headers["webhook-id"], stamp, body)
+        assert expected in headers["webhook-signature"].split()
