@@ -1,8 +1,10 @@
 """FastStream, configured the way its documentation recommends for reliable delivery.
 
 - nats: a JetStream file stream ``NAME`` (subject ``NAME.ev``); each handler a durable
-  pull consumer (``PullSub(batch_size=BATCH)``), ``AckPolicy.ACK`` (ack after the
-  handler returns); the producer's ``broker.publish(..., stream=NAME)`` awaits the PubAck.
+  push consumer (FastStream's default subscriber, faster than its pull consumer here;
+  ``NERVE_BENCH_FASTSTREAM_NATS=pull`` for ``PullSub(batch_size=BATCH)``),
+  ``AckPolicy.ACK`` (ack after the handler returns); the producer's
+  ``broker.publish(..., stream=NAME, timeout=10)`` awaits the PubAck.
 - rabbitmq: a durable fanout exchange ``NAME``, one durable quorum queue per handler,
   ``Channel(prefetch_count=BATCH)``, ``AckPolicy.ACK``; the producer publishes
   ``persist=True`` on a channel with publisher confirms (FastStream's default) and awaits
@@ -21,14 +23,20 @@ FastStream's two log lines per message (its default) are turned off (``logger=No
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from benchmarks.peers.common import URLS, Config, OrderEvent, Tracker, publish_all, serve_until
 
+NATS_PULL = os.environ.get("NERVE_BENCH_FASTSTREAM_NATS", "push") == "pull"
+"""FastStream's default JetStream subscriber is a push consumer (faster here than its
+pull consumer); ``NERVE_BENCH_FASTSTREAM_NATS=pull`` measures ``PullSub(batch_size=BATCH)``."""
+
 SETTINGS = {
-    "nats": "JetStream file stream; durable pull consumer per handler (PullSub batch_size "
-    "BATCH), AckPolicy.ACK (ack after the handler); publish awaits the PubAck",
+    "nats": "JetStream file stream; a durable push consumer per handler (FastStream's "
+    "default subscriber; NERVE_BENCH_FASTSTREAM_NATS=pull: PullSub batch_size BATCH), "
+    "AckPolicy.ACK (ack after the handler); publish awaits the PubAck",
     "rabbitmq": "durable fanout exchange, durable quorum queue per handler, prefetch BATCH, "
     "AckPolicy.ACK; persistent messages, publisher confirms awaited",
     "redis": "Redis Stream, a consumer group per handler (StreamSub max_records BATCH), "
@@ -68,12 +76,12 @@ def build(cfg: Config, tracker: Tracker | None) -> tuple[Any, Publish]:
                 subject,
                 stream=stream,
                 durable=f"fs{k}",
-                pull_sub=PullSub(batch_size=cfg.batch),
+                pull_sub=PullSub(batch_size=cfg.batch) if NATS_PULL else False,
                 ack_policy=AckPolicy.ACK,
             )(handler(k))
 
         async def publish_nats(body: dict[str, Any]) -> Any:
-            return await nats_broker.publish(body, subject, stream=cfg.name)
+            return await nats_broker.publish(body, subject, stream=cfg.name, timeout=10.0)
 
         return nats_broker, publish_nats
     if cfg.broker == "rabbitmq":
