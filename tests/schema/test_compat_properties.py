@@ -15,7 +15,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
@@ -269,7 +269,9 @@ def test_any_change_the_checker_accepts_keeps_old_data_readable(
 ) -> None:
     new = data.draw(changed(old), label="new")
     if check_readable(old, new, content="strict"):
+        event("refused")
         return  # refused: nothing to show (refusals may be conservative)
+    event("accepted")
     _every_instance_reads(data, old, new)
 
 
@@ -280,7 +282,9 @@ def test_any_change_the_checker_accepts_forward_keeps_new_data_readable(
 ) -> None:
     new = data.draw(changed(old), label="new")
     if check_compatibility(new, [(1, old)], "FORWARD", content="strict"):
+        event("refused")
         return
+    event("accepted")
     _every_instance_reads(data, new, old)
 
 
@@ -293,5 +297,7 @@ def test_nerve_reading_is_sound_for_what_nerve_producers_write(
     read is that of the writer's schema with its models closed."""
     new = data.draw(widened(old, nerve=True) | changed(old), label="new")
     if check_readable(old, new, content="nerve"):
+        event("refused")
         return
+    event("accepted")
     _every_instance_reads(data, close_for_writing(old), new)  # type: ignore[arg-type]
