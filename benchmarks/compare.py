@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -416,7 +417,13 @@ class Runner:
                 process(consumer_cmd, logdir, "consumer", **env) as consumer,
                 process(producer_cmd, logdir, "producer", **env) as producer,
             ):
-                raw = wait_for_file(done, deadline_seconds(case, s), [consumer, producer], logdir)
+                raw = wait_for_file(
+                    done,
+                    deadline_seconds(case, s),
+                    [consumer, producer],
+                    logdir,
+                    lambda n: self.progress.update(task, completed=n),
+                )
                 sent = producer_result(producer, logdir, "producer")
         finally:
             self.progress.remove_task(task)
@@ -472,10 +479,23 @@ class Runner:
         return result
 
 
-def wait_for_file(path: Path, timeout: float, procs: list[Any], logdir: Path) -> bytes:
-    """The consumer's result file, or an error once a process failed or time is up."""
+def wait_for_file(
+    path: Path,
+    timeout: float,
+    procs: list[Any],
+    logdir: Path,
+    progress: Callable[[int], None] | None = None,
+) -> bytes:
+    """The consumer's result file, or an error once a process failed or time is up.
+    ``progress`` gets the consumer's count so far (``PATH.count``) every ~0.1 s."""
     deadline = time.monotonic() + timeout
+    count = path.with_name(path.name + ".count")
+    shown = 0.0
     while not path.exists():
+        if progress is not None and time.monotonic() - shown > 0.1:
+            shown = time.monotonic()
+            with contextlib.suppress(OSError, ValueError):
+                progress(int(count.read_text() or 0))
         for proc in procs:
             if proc.poll() not in (None, 0):
                 raise _fail(f"a process exited with code {proc.returncode}", logdir)

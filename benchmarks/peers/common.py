@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -239,6 +241,15 @@ class Tracker:
         self.latencies: list[float] | None = [] if cfg.latency else None
         self.finished = False
         self.deadline = time.monotonic() + MAX_SECONDS
+        threading.Thread(target=self._report, name="bench-progress", daemon=True).start()
+
+    def _report(self) -> None:
+        """Four times a second, the count so far to ``DONE.count`` (the progress bar)."""
+        path = Path(self.cfg.done + ".count")
+        while not self.finished and not self.expired():
+            with contextlib.suppress(OSError):
+                path.write_text(str(self.seen))
+            time.sleep(0.25)
 
     def handle(self, event: OrderEvent, handler: int = 0) -> None:
         """A peer framework's handler: the validated event."""
