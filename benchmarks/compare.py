@@ -800,6 +800,24 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--out", default="", help="write RESULTS.md and results/ here (default: benchmarks/)"
     )
+    parser.add_argument(
+        "--render",
+        metavar="JSON",
+        help="no runs: rewrite RESULTS.md and the charts from a compare.json of an earlier run",
+    )
+
+
+def render(path: Path, out: str, console: Console) -> dict[str, Any]:
+    """Rewrite RESULTS.md and the charts from the ``compare.json`` of an earlier run."""
+    doc = orjson.loads(path.read_bytes())
+    s = Settings(**{**doc["settings"], "out": out})
+    results: dict[str, Series] = {}
+    for key, raw in doc["series"].items():
+        results[key] = Series(Case(**raw["case"]), raw["runs"], raw["failures"])
+    env = doc["environment"]
+    doc = document(s, results, env)
+    write(doc, results, s, env, console)
+    return dict(doc["summary"])
 
 
 def main(parser: Any, args: Any) -> int:
@@ -832,6 +850,12 @@ def main(parser: Any, args: Any) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=130)
+    if args.render:
+        if not Path(args.render).is_file():
+            parser.error(f"--render: {args.render} is not a file (a results/compare.json)")
+        result = render(Path(args.render), s.out, console)
+        print(orjson.dumps(result).decode(), flush=True)
+        return 0
     result = run(s, console)
     print(orjson.dumps(result).decode(), flush=True)
     return 0

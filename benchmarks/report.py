@@ -46,8 +46,8 @@ def _cell(series: Series, key: str, unit: str = "") -> str:
         return "failed" if series.failures else "-"
     med, lo, hi = got
     if unit == "ms":
-        return f"{med:.2f} [{lo:.2f}-{hi:.2f}]"
-    return f"{med:,.0f} [{lo:,.0f}-{hi:,.0f}]"
+        return f"{med:.2f}" if lo == hi else f"{med:.2f} [{lo:.2f}-{hi:.2f}]"
+    return f"{med:,.0f}" if lo == hi else f"{med:,.0f} [{lo:,.0f}-{hi:,.0f}]"
 
 
 def _nerve_over(results: dict[str, Series], series: Series, key: str) -> str:
@@ -199,19 +199,36 @@ def settings_text(system: str, broker: str, workload: str, s: Settings) -> str:
     batch = str(s.batch)
     if system == "nerve":
         if broker == "sqlite":
+            producer = (
+                "one `client.publish_events([event])` per event at its scheduled time"
+                if workload == "latency"
+                else f"`client.publish_events`, batches of {batch}"
+            )
             return (
                 "`nerve run benchmarks.apps:app --broker sqlite:///...?synchronous=FULL` "
-                "(WAL, synchronous=FULL for broker and store); one no-op function, "
-                f"concurrency 100; producer `client.publish_events`, batches of {batch}"
+                "(WAL, synchronous=FULL for broker and store; `--processes P` in scale), one "
+                f"no-op function, concurrency 100; producer {producer}"
             )
         from benchmarks.peers.nerve_side import NERVE_URLS
 
+        producer = (
+            "one `client.publish_events([event])` per event at its scheduled time"
+            if workload == "latency"
+            else f"`client.publish_events`, batches of {batch}"
+        )
         return (
-            f"`nerve run ... --broker {NERVE_URLS[broker]}` (adapter defaults), one no-op "
-            f"function (four in fan-out), concurrency 100, ack after the handler; producer "
-            f"`client.publish_events`, batches of {batch}"
+            f"`nerve run ... --broker {NERVE_URLS[broker]}` (adapter defaults, `--no-http`), "
+            "one no-op function per handler (`benchmarks/peers/nerve_side.py`, "
+            "`benchmarks/broker_apps.py`), concurrency 100, ack after the handler; producer "
+            + producer
         )
     if system == "floor":
+        if workload == "latency":
+            return (
+                "raw `sqlite3` (`benchmarks/floor.py`): WAL, synchronous=FULL; the producer "
+                "inserts the rows that are due, one transaction each; the consumer leases up "
+                f"to {batch} rows (UPDATE ... RETURNING), then deletes them (= ack)"
+            )
         return (
             "raw `sqlite3` (`benchmarks/floor.py`): WAL, synchronous=FULL, insert batches of "
             f"{batch}; the consumer leases up to {batch} rows (UPDATE ... RETURNING), then "
@@ -367,7 +384,7 @@ def markdown(
         lines.append(f"- {broker}: {server}, local on 127.0.0.1, single node")
     lines.append("- " + ", ".join(f"{d} {v}" for d, v in sorted(env["versions"].items())))
     lines += ["", "## Exact settings", ""]
-    seen: set[tuple[str, str, str]] = set()
+    texts: dict[tuple[str, str], dict[str, list[str]]] = {}
     for series in sorted(
         results.values(),
         key=lambda x: (BROKER_ORDER.index(x.case.broker), SYSTEM_ORDER.index(x.case.system)),
@@ -375,12 +392,13 @@ def markdown(
         c = series.case
         if c.workload in ("pipeline", "scale"):
             continue
-        kind = "throughput" if c.workload == "throughput" else "fan-out/latency"
-        if (c.broker, c.system, kind) in seen:
-            continue
-        seen.add((c.broker, c.system, kind))
-        text = settings_text(c.system, c.broker, c.workload, s)
-        lines.append(f"- **{c.broker}, {c.system}** ({kind}): {text}")
+        by_text = texts.setdefault((c.broker, c.system), {})
+        workloads = by_text.setdefault(settings_text(c.system, c.broker, c.workload, s), [])
+        if c.workload not in workloads:
+            workloads.append(c.workload)
+    for (broker, system), by_text in texts.items():
+        for text, workloads in by_text.items():
+            lines.append(f"- **{broker}, {system}** ({', '.join(workloads)}): {text}")
     where = "; ".join(f"{peer}: {', '.join(on)}" for peer, on in PEERS.items())
     lines += [
         "",
@@ -396,7 +414,7 @@ def _rate_table(results: dict[str, Series], workload: str, deliveries: bool = Fa
     head = "| broker | system | events/s | nerve/system |"
     rule = "|---|---|---:|---:|"
     if deliveries:
-        head, rule = head[:-1] + " deliveries/s |", rule + "---:|"
+        head, rule = head + " deliveries/s |", rule + "---:|"
     lines = [head, rule]
     for series in _by(results, workload):
         c = series.case
