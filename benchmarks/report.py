@@ -110,37 +110,26 @@ def charts(results: dict[str, Series], directory: Path) -> list[Path]:
         if not chosen:
             continue
         brokers = [b for b in BROKER_ORDER if any(s.case.broker == b for s in chosen)]
-        systems = [x for x in SYSTEM_ORDER if any(s.case.system == x for s in chosen)]
         fig, ax = plt.subplots(figsize=(max(7.0, 1.9 * len(brokers) + 2), 4.5))
-        width = 0.8 / max(1, len(systems))
-        for i, system in enumerate(systems):
-            for j, broker in enumerate(brokers):
-                series = next(
-                    (s for s in chosen if (s.case.broker, s.case.system) == (broker, system)), None
-                )
-                got = series.stat(key) if series else None
-                if got is None:
-                    continue
-                med, lo, hi = got
-                x = j + (i - (len(systems) - 1) / 2) * width
+        labelled: set[str] = set()
+        for j, broker in enumerate(brokers):
+            here = [x for x in chosen if x.case.broker == broker and x.stat(key) is not None]
+            here.sort(key=lambda x: SYSTEM_ORDER.index(x.case.system))
+            width = 0.8 / max(1, len(here))
+            for i, series in enumerate(here):
+                med, lo, hi = series.stat(key) or (0.0, 0.0, 0.0)
+                system = series.case.system
+                label = "sqlite3 floor" if system == "floor" else system
                 ax.bar(
-                    x,
+                    j + (i - (len(here) - 1) / 2) * width,
                     med,
                     width,
                     yerr=[[med - lo], [hi - med]],
                     color=COLORS[system],
                     capsize=3,
-                    label=system
-                    if j
-                    == next(
-                        k
-                        for k, b in enumerate(brokers)
-                        if any(
-                            (s.case.broker, s.case.system) == (b, system) and s.runs for s in chosen
-                        )
-                    )
-                    else None,
+                    label=None if label in labelled else label,
                 )
+                labelled.add(label)
         ax.set_xticks(range(len(brokers)), [BROKER_NAMES[b] for b in brokers])
         ax.set_ylabel(f"{ylabel} (median, min-max)")
         ax.set_yscale("log")
