@@ -9,12 +9,13 @@ What runs where:
 - **server**: a real ``nerve run benchmarks.http_ingest:app`` process (the embedded
   SQLite broker in a temporary directory, its HTTP edge on 127.0.0.1, API keys
   required: the key check is part of every measured request), with one no-op
-  function consuming the events.
+  function consuming the events (``--no-consumer``: none, to see ingest alone).
 - **client**: this process. ``--connections`` keep-alive HTTP/1.1 connections, each
   with its own API key (so the per-key rate limit, 1,000 events/s by default, is not
-  what is measured), each sending one binary-mode CloudEvent at a time and waiting for
-  the 202. The client is a minimal hand-written HTTP/1.1 writer/reader on asyncio
-  streams, so that the client's own overhead stays small next to the server's.
+  what is measured; 429s would show in ``statuses``), each sending one binary-mode
+  CloudEvent at a time and waiting for the 202. The client is a minimal hand-written
+  HTTP/1.1 writer/reader on asyncio streams, so that the client's own overhead stays
+  small next to the server's.
 
 It stops after ``--events`` accepted events or ``--seconds``, whichever comes first
 (after a short warm-up), and reports the sustained rate (accepted events per second
@@ -58,6 +59,21 @@ class Ping(BaseModel):
 @app.function(consumes=Ping, concurrency=64)
 async def sink(ping: Ping, ctx: Context) -> None:
     """Consumes every event (so the broker's fan-out and acks are part of the load)."""
+
+
+# --no-consumer: the same event type, but no function consumes it (ingest alone)
+ingest_only = App("ingest")
+ingest_only.event("bench.ping")(type("Ping", (Ping,), {}))
+
+
+@ingest_only.event("bench.other")
+class Other(BaseModel):
+    n: int
+
+
+@ingest_only.function(consumes=Other)
+async def idle(other: Other, ctx: Context) -> None:
+    """Never called: nothing publishes bench.other."""
 
 
 def _free_port() -> int:
@@ -175,6 +191,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="or after this long (max 600)")
     parser.add_argument("--connections", type=int, default=16, help="concurrent connections")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument(
+        "--no-consumer",
+        action="store_true",
+        help="no function consumes the events (measures ingest alone)",
+    )
     args = parser.parse_args()
     events = min(args.events, 1_000_000)
     seconds = min(args.seconds, 600.0)
@@ -201,7 +222,7 @@ def main() -> None:
                 "-m",
                 "nerve",
                 "run",
-                "benchmarks.http_ingest:app",
+                "benchmarks.http_ingest:" + ("ingest_only" if args.no_consumer else "app"),
                 "--http",
                 f"127.0.0.1:{port}",
                 "--log-level",
@@ -225,7 +246,7 @@ def main() -> None:
             log.close()
         result["command"] = (
             f"python -m benchmarks.http_ingest --events {events} --seconds {seconds:g} "
-            f"--connections {connections}"
+            f"--connections {connections}" + (" --no-consumer" if args.no_consumer else "")
         )
         result["cpus"] = os.cpu_count()
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
