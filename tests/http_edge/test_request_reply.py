@@ -219,3 +219,27 @@ async def test_shop_post_orders_answers_each_outcome(tmp_path: Path) -> None:
         }
     finally:
         await runtime.stop()
+
+
+async def test_stopping_lets_in_flight_requests_finish(edge: Edge) -> None:
+    """The runtime stops HTTP first: a request in flight gets its answer (here the 504 of
+    its own timeout, within the grace period), then the listener is gone."""
+    event = _order("o-stop", 13)
+    in_flight = asyncio.ensure_future(
+        edge.client.post(
+            "/events",
+            params={"reply": "order.confirmed", "timeout": "1"},
+            headers=binary_headers(event),
+            content=orjson.dumps(event.data),
+        )
+    )
+    deadline = time.monotonic() + 5
+    while not edge.runtime.client.replies.pending and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    url = edge.url
+    await edge.runtime.stop()
+    response = await in_flight
+    assert response.status_code == 504
+    async with httpx.AsyncClient() as late:
+        with pytest.raises(httpx.ConnectError):
+            await late.post(url + "/events")
