@@ -283,6 +283,28 @@ def test_dashboard_topology_live_counters_and_dlq_replay(shop: Shop) -> None:
             page.wait_for_timeout(300)
             assert page.locator("#dlq-rows tr", has_text="sku-unknown").count() == 0
 
+            # purge: another poisoned order, selected and deleted for good (after a confirm)
+            doomed = shop.order(
+                {
+                    "order_id": "doomed",
+                    "customer_id": "c-2",
+                    "lines": [{"sku": "sku-nowhere", "qty": 1}],
+                    "amount_cents": 5,
+                }
+            )
+            row = page.locator("#dlq-rows tr", has_text="sku-nowhere")
+            deadline = time.monotonic() + 20
+            while row.count() == 0:
+                assert time.monotonic() < deadline, "the second poisoned order never arrived"
+                page.click("#dlq-refresh")
+                page.wait_for_timeout(300)
+            page.once("dialog", lambda dialog: dialog.accept())
+            row.first.locator("input[type=checkbox]").check()
+            page.click("[data-testid=dlq-purge]")
+            page.wait_for_function(f"{NOTE}.startsWith('purged 1')")
+            assert page.locator("#dlq-rows tr", has_text="sku-nowhere").count() == 0
+            assert not shop.processed("inventory", doomed)
+
             # 4. the flow search shows the poisoned order's causal chain as a timeline
             page.fill("[data-testid=search-text]", poison)
             page.select_option("[data-testid=search-kind]", "id")

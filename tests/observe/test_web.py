@@ -85,3 +85,36 @@ async def test_api_stays_fast_with_100k_events_in_the_log(tmp_path: Path) -> Non
             assert took < 1.0
             response = await http.get("/api/events?limit=5000")
             assert response.status_code == 400  # pages are bounded
+
+
+async def test_api_needs_a_key_when_the_server_has_keys_and_admin_for_dead_letters() -> None:
+    from nerve.http.auth import KeyStore
+    from nerve.http.server import HttpSettings
+
+    keys = KeyStore(":memory:")
+    _, reader = keys.create("dashboard viewer", ["tick.sent"])
+    _, admin = keys.create("operator", ["admin"])
+    async with Runtime(ticks_app(), broker="memory://", metrics=True, tracing=False) as rt:
+        asgi = build_app(rt, HttpSettings(keys=keys), extra_routes=http_routes(rt))
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi), base_url="http://nerve"
+        ) as http:
+            anonymous = await http.get("/api/stats")
+            assert anonymous.status_code == 401
+            assert anonymous.headers["content-type"] == "application/problem+json"
+            bad = await http.get("/api/stats", headers={"Authorization": "Bearer nrv_x_y"})
+            assert bad.status_code == 401
+            as_reader = {"Authorization": f"Bearer {reader}"}
+            assert (await http.get("/api/stats", headers=as_reader)).status_code == 200
+            assert (await http.get("/api/overview", headers=as_reader)).status_code == 200
+            refused = await http.get("/api/dlq", headers=as_reader)
+            assert refused.status_code == 403 and "admin" in refused.json()["detail"]
+            as_admin = {"Authorization": f"Bearer {admin}"}
+            assert (await http.get("/api/dlq", headers=as_admin)).json() == {"entries": []}
+            missing = await http.get("/api/dlq/42", headers=as_admin)
+            assert missing.status_code == 404
+            # Prometheus scrapes without a key; keep /metrics on a private address
+            assert (await http.get("/metrics")).status_code == 200
+            wrong = await http.get("/api/flow?id=a&subject=b", headers=as_reader)
+            assert wrong.status_code == 400 and "exactly one" in wrong.json()["detail"]
+    keys.close()
