@@ -4,7 +4,8 @@
 
     nerve run MODULE:APP        run the App's functions (one process, or a supervised few)
     nerve publish TYPE          publish one event
-    nerve tail [PATTERN]        follow published events as they happen
+    nerve tail [PATTERN]        follow published events as they happen (filters, --compact)
+    nerve trace EVENT_ID        a flow's causal chain as a tree (--subject S, --correlation C)
     nerve status                backlog and counters per function
     nerve dlq list|show|replay|purge
     nerve schema list|show|diff|export|check|mode    event contracts (nerve.schema.cli)
