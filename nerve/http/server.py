@@ -71,6 +71,7 @@ from nerve.event import Event
 from nerve.http.auth import ApiKey, KeyStore, RateLimiter
 from nerve.http.binding import parse_request
 from nerve.http.endpoints import ReplyEndpoint
+from nerve.http.openapi import openapi_document
 from nerve.http.problems import PROBLEM_CONTENT_TYPE, Problem
 from nerve.http.webhooks import SeenMessages, WebhookSource, verify
 from nerve.runtime import Runtime
@@ -635,10 +636,8 @@ async def get_health(request: Request) -> Response:
 
 
 async def get_openapi(request: Request) -> Response:
-    from nerve.http.openapi import openapi_document
-
-    ctx = _ctx(request)
-    return _json(request.app.state.openapi or openapi_document(ctx))
+    document: bytes = request.app.state.openapi
+    return Response(document, media_type="application/json")
 
 
 def _reply_route(endpoint: ReplyEndpoint) -> Route:
@@ -722,10 +721,7 @@ def build_app(
     asgi = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     asgi.state.nerve = ctx
     asgi.state.endpoints = list(endpoints)
-    asgi.state.openapi = None
-    from nerve.http.openapi import openapi_document
-
-    asgi.state.openapi = openapi_document(ctx, list(endpoints))
+    asgi.state.openapi = orjson.dumps(openapi_document(ctx, list(endpoints)))
     return asgi
 
 
