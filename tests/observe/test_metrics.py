@@ -235,8 +235,19 @@ async def test_each_worker_process_serves_its_own_metrics(tmp_path: Path) -> Non
                 )
 
             await eventually(counted, 60, "30 orders counted across the two workers")
-            texts = [await scrape(port), await scrape(port + 1)]
-            assert all(t is not None for t in texts)
+            promtool = require_tool("promtool", "prometheus")
+            for text in [await scrape(port), await scrape(port + 1)]:
+                assert text is not None
+                checked = await asyncio.to_thread(
+                    subprocess.run,
+                    [promtool, "check", "metrics"],
+                    input=text,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert checked.returncode == 0, checked.stdout + checked.stderr
+                assert 'nerve_function_backlog_events{function="inventory"} 0.0' in text
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 30)
