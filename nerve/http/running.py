@@ -22,7 +22,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nerve.errors import ConfigError
 from nerve.http.auth import KeyStore
@@ -115,6 +115,7 @@ def prepare(
     from nerve.http.server import check_exposure, is_loopback, parse_listen
 
     host, port = parse_listen(listen)
+    limits_from_env()  # a bad NERVE_HTTP_* value is one line now, before anything starts
     plan = HttpPlan(host, port, store_url, _webhooks(webhooks), explicit=explicit)
     if not is_loopback(host):  # an open server may only listen on loopback
         keys = KeyStore(key_store_path(store_url))
@@ -138,6 +139,7 @@ async def attach(runtime: Runtime, plan: HttpPlan) -> bool:
         port=plan.port,
         webhooks=plan.webhooks,
         keys=KeyStore(key_store_path(plan.store_url)),
+        **limits_from_env(),
     )
     server = HttpServer(
         runtime,
@@ -152,6 +154,30 @@ async def attach(runtime: Runtime, plan: HttpPlan) -> bool:
         plan.close()
         raise
     return True
+
+
+def limits_from_env() -> dict[str, Any]:
+    """``NERVE_HTTP_RATE`` (events/s per caller, 0 = no limit), ``NERVE_HTTP_BURST`` and
+    ``NERVE_HTTP_MAX_BODY`` (bytes): the limits of ``nerve run``'s server."""
+    limits: dict[str, Any] = {}
+    for var, name, kind in (
+        ("NERVE_HTTP_RATE", "rate", float),
+        ("NERVE_HTTP_BURST", "burst", float),
+        ("NERVE_HTTP_MAX_BODY", "max_body", int),
+    ):
+        text = os.environ.get(var)
+        if text is None:
+            continue
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ConfigError(f"{var}={text!r} is not a number") from None
+        if value < 0:
+            raise ConfigError(f"{var} must be >= 0")
+        limits[name] = value
+    if limits.get("rate") == 0:
+        limits["rate"] = None
+    return limits
 
 
 def available() -> bool:

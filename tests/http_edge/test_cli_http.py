@@ -269,3 +269,15 @@ def test_busy_default_port_means_no_http_in_this_process(tmp_path: Path) -> None
         assert prepare(listen, store, [], explicit=False).bind() is False
         with pytest.raises(ConfigError, match="cannot listen"):
             prepare(listen, store, [], explicit=True).bind()
+
+
+def test_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nerve.errors import ConfigError
+    from nerve.http.running import limits_from_env
+
+    monkeypatch.setenv("NERVE_HTTP_RATE", "0")
+    monkeypatch.setenv("NERVE_HTTP_MAX_BODY", "2048")
+    assert limits_from_env() == {"rate": None, "max_body": 2048}
+    monkeypatch.setenv("NERVE_HTTP_BURST", "lots")
+    with pytest.raises(ConfigError, match="NERVE_HTTP_BURST"):
+        limits_from_env()
