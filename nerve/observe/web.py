@@ -309,7 +309,9 @@ def routes(runtime: Runtime) -> list[BaseRoute]:
         async def lines() -> AsyncIterator[bytes]:
             position = (await log.read_log(None, 1))[0][0]
             yield b"retry: 2000\n\n"
-            while not await request.is_disconnected():
+            # ends when the browser goes away or the runtime stops (so a shutdown does
+            # not wait for open dashboards)
+            while runtime.started.is_set() and not await request.is_disconnected():
                 batch = await log.read_log(position, 1000)
                 sent = skipped = 0
                 for seq, raw in batch:

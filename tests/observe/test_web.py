@@ -118,3 +118,34 @@ async def test_api_needs_a_key_when_the_server_has_keys_and_admin_for_dead_lette
             wrong = await http.get("/api/flow?id=a&subject=b", headers=as_reader)
             assert wrong.status_code == 400 and "exactly one" in wrong.json()["detail"]
     keys.close()
+
+
+async def test_the_live_stream_sends_new_matching_events_and_ends_when_the_runtime_stops(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    import orjson
+
+    rt = Runtime(ticks_app(), broker=f"sqlite:///{tmp_path}/nerve.db", tracing=False)
+    await rt.start()
+    try:
+        asgi = build_app(rt, extra_routes=http_routes(rt))
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi), base_url="http://nerve"
+        ) as http:
+            old = await rt.client.publish(Tick(n=1), subject="before")
+            stream = asyncio.create_task(http.get("/api/stream?subject=wanted"))
+            await asyncio.sleep(0.5)  # the stream starts at the log's end
+            await rt.client.publish(Tick(n=2), subject="other")
+            wanted = await rt.client.publish(Tick(n=3), subject="wanted")
+            await asyncio.sleep(0.6)
+            await rt.stop()
+            response = await asyncio.wait_for(stream, 5)
+    finally:
+        await rt.stop()
+    assert response.headers["content-type"].startswith("text/event-stream")
+    frames = [f for f in response.text.split("\n\n") if f.startswith("event: event")]
+    sent = [orjson.loads(f.split("data: ", 1)[1]) for f in frames]
+    assert [e["id"] for e in sent] == [wanted.id]
+    assert sent[0]["subject"] == "wanted" and old.id not in response.text
