@@ -72,6 +72,8 @@ BROKERS = (*NETWORK, "sqlite")
 BROKERS_PY = ("nats", "rabbitmq", "redis", "postgres")
 """nerve and raw throughput on these are ``benchmarks/brokers.py``'s runs."""
 FANOUT_BROKERS = ("nats", "rabbitmq", "redis")
+SCALE_BROKERS = ("nats", "redis")
+"""Scale (``nerve run --processes 1`` and ``2``) runs here and on the embedded broker."""
 """Fan-out and latency run here (PostgreSQL and Kafka: throughput only, to bound time)."""
 FANOUT = 4
 SHORT = {
@@ -249,7 +251,11 @@ def plan(s: Settings) -> list[list[Case]]:
             [Case("pipeline", "sqlite", "nerve", 1), Case("pipeline", "sqlite", "nerve", 2)]
         )
     if "scale" in s.workloads:
-        groups.append([Case("scale", "sqlite", "nerve", 1), Case("scale", "sqlite", "nerve", 2)])
+        for broker in [*SCALE_BROKERS, "sqlite"]:
+            if broker in s.brokers:
+                groups.append(
+                    [Case("scale", broker, "nerve", 1), Case("scale", broker, "nerve", 2)]
+                )
     return groups
 
 
@@ -327,7 +333,7 @@ class Runner:
             bench = self._embedded_bench("latency", self.s.embedded_events)
             bench.s.rate, bench.s.seconds = case.param, self.s.seconds
             return bench.nerve_latency(rep)
-        if case.workload == "scale":
+        if case.workload == "scale" and case.broker == "sqlite":
             bench = self._embedded_bench("scale", self.s.scale_events, int(case.param))
             return bench.nerve_throughput(rep)
         if case.workload == "pipeline":
@@ -358,8 +364,9 @@ class Runner:
     def peer(self, case: Case, rep: int) -> dict[str, float]:
         s = self.s
         fanout = FANOUT if case.workload == "fanout" else 1
+        processes = int(case.param) if case.workload == "scale" else 1
         name = f"{SHORT[case.system]}_{case.workload[:2]}_{self.tag}_{rep}"
-        if case.workload == "latency":
+        if case.workload in ("latency", "scale"):
             name += f"_{int(case.param)}"
         if case.broker == "rabbitmq" and case.system == "nerve":
             name = name.replace("_", ".")
@@ -378,6 +385,7 @@ class Runner:
             fanout=fanout,
             rate=case.param if case.workload == "latency" else 0.0,
             seconds=s.seconds if case.workload == "latency" else 0.0,
+            processes=processes,
         )
         args = [
             "--broker",
@@ -394,6 +402,8 @@ class Runner:
             str(done),
             "--fanout",
             str(fanout),
+            "--processes",
+            str(processes),
         ]
         if case.workload == "latency":
             args += ["--rate", f"{case.param:g}", "--seconds", f"{s.seconds:g}"]
@@ -406,6 +416,8 @@ class Runner:
 
             target = "benchmarks.peers.nerve_side:" + ("fanout_app" if fanout > 1 else "app")
             consumer_cmd = nerve_consumer_cmd(target, url(case.broker, name), self.use_cli)
+            if processes > 1:
+                consumer_cmd += ["--processes", str(processes)]
         else:
             consumer_cmd = [PYTHON, "-m", "benchmarks.peers", case.system, "consume", *args]
         producer_cmd = [PYTHON, "-m", "benchmarks.peers", case.system, "produce", *args]
@@ -417,13 +429,15 @@ class Runner:
                 process(consumer_cmd, logdir, "consumer", **env) as consumer,
                 process(producer_cmd, logdir, "producer", **env) as producer,
             ):
-                raw = wait_for_file(
-                    done,
-                    deadline_seconds(case, s),
-                    [consumer, producer],
-                    logdir,
-                    lambda n: self.progress.update(task, completed=n),
-                )
+                show = lambda n: self.progress.update(task, completed=n)  # noqa: E731
+                if case.workload == "scale":
+                    raw = wait_for_counts(
+                        done, expect, deadline_seconds(case, s), [consumer, producer], logdir, show
+                    )
+                else:
+                    raw = wait_for_file(
+                        done, deadline_seconds(case, s), [consumer, producer], logdir, show
+                    )
                 sent = producer_result(producer, logdir, "producer")
         finally:
             self.progress.remove_task(task)
@@ -479,6 +493,43 @@ class Runner:
         return result
 
 
+def _counts(done: Path) -> list[tuple[int, float]]:
+    """What each consumer process reported: (events handled, time of the latest)."""
+    out = []
+    for path in done.parent.glob(done.name + ".count.*"):
+        if path.name.endswith(".tmp"):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            seen, last = path.read_text().split()
+            out.append((int(seen), float(last)))
+    return out
+
+
+def wait_for_counts(
+    done: Path,
+    expect: int,
+    timeout: float,
+    procs: list[Any],
+    logdir: Path,
+    progress: Callable[[int], None],
+) -> bytes:
+    """With several consumer processes: wait until their counts add up to ``expect``;
+    the end is the latest of their last-event times (as bytes, like the done file)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = _counts(done)
+        total = sum(seen for seen, _ in counts)
+        progress(total)
+        if total >= expect:
+            return repr(max(last for _, last in counts)).encode()
+        for proc in procs:
+            if proc.poll() not in (None, 0):
+                raise _fail(f"a process exited with code {proc.returncode}", logdir)
+        if time.monotonic() > deadline:
+            raise _fail(f"only {total} of {expect} handled within {timeout:.0f} s", logdir)
+        time.sleep(0.01)
+
+
 def wait_for_file(
     path: Path,
     timeout: float,
@@ -489,13 +540,11 @@ def wait_for_file(
     """The consumer's result file, or an error once a process failed or time is up.
     ``progress`` gets the consumer's count so far (``PATH.count``) every ~0.1 s."""
     deadline = time.monotonic() + timeout
-    count = path.with_name(path.name + ".count")
     shown = 0.0
     while not path.exists():
         if progress is not None and time.monotonic() - shown > 0.1:
             shown = time.monotonic()
-            with contextlib.suppress(OSError, ValueError):
-                progress(int(count.read_text() or 0))
+            progress(sum(seen for seen, _ in _counts(path)))
         for proc in procs:
             if proc.poll() not in (None, 0):
                 raise _fail(f"a process exited with code {proc.returncode}", logdir)

@@ -337,17 +337,24 @@ def markdown(
             "",
             "## Scale",
             "",
-            f"nerve on the embedded broker, {s.scale_events:,} events, `nerve run --processes P`.",
+            f"nerve, {s.scale_events:,} events per run, one no-op function, `nerve run "
+            "--processes P` (the worker processes share the consumer groups). Embedded: the "
+            "last ack is seen in the broker file; network brokers: each worker reports its "
+            "count and the time of its latest event every 10 ms, the end is the latest of "
+            "them once the counts add up to N.",
             "",
-            "| processes | events/s | vs 1 process |",
-            "|---:|---:|---:|",
+            "| broker | processes | events/s | vs 1 process |",
+            "|---|---:|---:|---:|",
         ]
-        scale = _by(results, "scale")
-        base = next((x.median("events_per_s") for x in scale if x.case.param == 1), None)
-        for series in scale:
+        for series in _by(results, "scale"):
+            one = results.get(f"scale/{series.case.broker}/nerve@1")
+            base = one.median("events_per_s") if one else None
             med = series.median("events_per_s")
             vs = f"{med / base:.2f}x" if med and base else "-"
-            lines.append(f"| {series.case.param:g} | {_cell(series, 'events_per_s')} | {vs} |")
+            lines.append(
+                f"| {series.case.broker} | {series.case.param:g} | "
+                f"{_cell(series, 'events_per_s')} | {vs} |"
+            )
     if chart_paths:
         lines += ["", "## Charts", ""]
         lines += [f"![{p.stem}](results/{p.name})" for p in chart_paths]

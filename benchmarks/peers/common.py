@@ -78,6 +78,7 @@ class Config:
     fanout: int = 1
     rate: float = 0.0  # > 0: the latency workload (open loop)
     seconds: float = 0.0
+    processes: int = 1  # consumer processes sharing the work (nerve run --processes)
 
     @property
     def latency(self) -> bool:
@@ -100,12 +101,15 @@ def parse(argv: Sequence[str], prog: str) -> Config:
     parser.add_argument("--fanout", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0)
     parser.add_argument("--seconds", type=float, default=0.0)
+    parser.add_argument("--processes", type=int, default=1)
     args = parser.parse_args(list(argv))
     cfg = Config(**vars(args))
     if cfg.latency:
         cfg.events = int(cfg.rate * cfg.seconds)
-    if cfg.events < 1 or cfg.batch < 1 or cfg.fanout < 1:
-        parser.error("--events (or --rate x --seconds), --batch and --fanout must be positive")
+    if cfg.events < 1 or cfg.batch < 1 or cfg.fanout < 1 or cfg.processes < 1:
+        parser.error(
+            "--events (or --rate x --seconds), --batch, --fanout and --processes must be positive"
+        )
     return cfg
 
 
@@ -147,15 +151,20 @@ def exists(path: str) -> bool:
     return os.path.exists(path)
 
 
-async def warm_up(send_one: Callable[[dict[str, Any]], Awaitable[Any]], ready: str) -> None:
-    """Send a warm-up order every second until the consumer says every handler saw one."""
+async def warm_up(
+    send_one: Callable[[dict[str, Any]], Awaitable[Any]], ready: str, processes: int = 1
+) -> None:
+    """Send a warm-up order every second until the consumer says every handler saw one
+    (with several consumer processes: a burst each time, until every process saw one)."""
     body = warmup_dict()
     deadline = time.monotonic() + 60
+    burst = 1 if processes == 1 else 4 * processes
     while not exists(ready):
         if time.monotonic() > deadline:
             raise TimeoutError("the consumer never saw a warm-up event (is it running?)")
         try:
-            await send_one(body)
+            for _ in range(burst):
+                await send_one(body)
         except Exception:  # the consumer has not declared its stream/queue yet
             await asyncio.sleep(0.2)
             continue
@@ -172,7 +181,7 @@ async def publish_all(
 ) -> dict[str, float]:
     """Warm up, then the workload: throughput (batches) or latency (open loop)."""
     bodies = event_dicts(cfg.events)
-    await warm_up(send_one, cfg.ready)
+    await warm_up(send_one, cfg.ready, cfg.processes)
     if cfg.latency:
         return await open_loop(cfg, bodies, send_one)
 
@@ -239,17 +248,29 @@ class Tracker:
         self.seen = 0
         self.warm: set[int] = set()
         self.latencies: list[float] | None = [] if cfg.latency else None
+        self.last = 0.0  # when the latest counted event was handled
         self.finished = False
         self.deadline = time.monotonic() + MAX_SECONDS
         threading.Thread(target=self._report, name="bench-progress", daemon=True).start()
 
     def _report(self) -> None:
-        """Four times a second, the count so far to ``DONE.count`` (the progress bar)."""
-        path = Path(self.cfg.done + ".count")
-        while not self.finished and not self.expired():
-            with contextlib.suppress(OSError):
-                path.write_text(str(self.seen))
-            time.sleep(0.25)
+        """The count so far and the time of the latest event, to ``DONE.count.PID``: four
+        times a second for the progress bar; with several consumer processes every 10 ms,
+        since then the harness sees the end there (the sum of the counts reaches N, the
+        end is the latest of the processes' last times)."""
+        path = f"{self.cfg.done}.count.{os.getpid()}"
+        every = 0.25 if self.cfg.processes == 1 else 0.01
+        written = (-1, 0.0)
+        while True:
+            finished = self.finished or self.expired()
+            now = (self.seen, self.last)
+            if now != written:
+                with contextlib.suppress(OSError):
+                    write_atomic(path, f"{now[0]} {now[1]!r}".encode())
+                written = now
+            if finished:
+                return  # after one last write
+            time.sleep(every)
 
     def handle(self, event: OrderEvent, handler: int = 0) -> None:
         """A peer framework's handler: the validated event."""
@@ -269,17 +290,27 @@ class Tracker:
         if customer == WARMUP_CUSTOMER:
             self.warm.add(handler)
             if len(self.warm) >= self.cfg.fanout and not os.path.exists(self.cfg.ready):
-                Path(self.cfg.ready).touch()
+                self._warmed_up()
             return
         if self.latencies is not None and sent is not None:
             self.latencies.append(started - sent)
         self.seen += 1
+        self.last = started
         if self.seen >= self.expect and not self.finished:
             self.finished = True
             if self.latencies is not None:
                 write_atomic(self.cfg.done, orjson.dumps(self.latencies))
             else:
                 write_atomic(self.cfg.done, repr(time.time()).encode())
+
+    def _warmed_up(self) -> None:
+        if self.cfg.processes == 1:
+            Path(self.cfg.ready).touch()
+            return
+        ready = Path(self.cfg.ready)
+        Path(f"{ready}.{os.getpid()}").touch()
+        if len(list(ready.parent.glob(ready.name + ".*"))) >= self.cfg.processes:
+            ready.touch()  # every process has joined
 
     def expired(self) -> bool:
         return time.monotonic() > self.deadline

@@ -96,7 +96,7 @@ async def produce(cfg: Config) -> dict[str, float]:
             await warm_up(send_one, cfg.ready)
             return await open_loop(cfg, event_dicts(cfg.events), send_one)
         events = [app.make_event(b["data"], type=ORDER_TYPE) for b in event_dicts(cfg.events)]
-        await warm_up(send_one, cfg.ready)
+        await warm_up(send_one, cfg.ready, cfg.processes)
         first = time.time()
         for start in range(0, len(events), cfg.batch):
             await client.publish_events(events[start : start + cfg.batch])
