@@ -210,3 +210,27 @@ async def test_rate_limit_is_429_with_retry_after(edge_factory: EdgeFactory) -> 
     assert response.json()["status"] == 429
     await edge.runtime.wait_idle()
     assert len(edge.seen.events) == 3
+
+
+async def test_unknown_paths_methods_and_oversized_batches_are_problems(
+    edge_factory: EdgeFactory,
+) -> None:
+    edge = await edge_factory(rate=100.0, burst=5.0)
+    missing = await edge.client.get("/nope")
+    assert (missing.status_code, missing.headers["content-type"]) == (404, PROBLEM)
+    wrong = await edge.client.get("/events")
+    assert (wrong.status_code, wrong.headers["content-type"]) == (405, PROBLEM)
+    batch = [Event(type="order.note", source="/t", data={"text": str(i)}) for i in range(6)]
+    response = await edge.client.post(
+        "/events",
+        headers={"content-type": "application/cloudevents-batch+json"},
+        content=encode_batch(batch),
+    )
+    assert response.status_code == 429
+    assert "split the batch" in response.json()["detail"]
+    too_many = orjson.dumps([{} for _ in range(1001)])
+    response = await edge.client.post(
+        "/events", headers={"content-type": "application/cloudevents-batch+json"}, content=too_many
+    )
+    assert response.status_code == 413
+    assert response.json()["type"] == "urn:nerve:problem:batch-too-large"
