@@ -48,6 +48,7 @@ import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -68,7 +69,7 @@ from nerve import event as codec
 from nerve.app import App
 from nerve.errors import ConfigError, InvalidEvent, NerveError, PayloadTooLarge, TransportError
 from nerve.event import Event
-from nerve.http.auth import ApiKey, KeyStore, RateLimiter
+from nerve.http.auth import ApiKey, KeyStore, RateLimiter, check_scopes
 from nerve.http.binding import parse_request
 from nerve.http.endpoints import ReplyEndpoint
 from nerve.http.openapi import openapi_document
@@ -458,8 +459,6 @@ def _reply_patterns(request: Request) -> tuple[list[str], float] | None:
         return None
     settings = _ctx(request).settings
     patterns = [p.strip() for p in reply.split(",") if p.strip()]
-    from nerve.http.auth import check_scopes
-
     try:
         check_scopes(patterns)
     except ConfigError:
@@ -545,8 +544,6 @@ async def post_webhook(request: Request) -> Response:
 
 
 def _utc(timestamp: int) -> str:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
