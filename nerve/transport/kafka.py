@@ -1,7 +1,7 @@
 """``kafka://``: Apache Kafka (or a Kafka-protocol broker such as Tansu) via aiokafka.
 
 URL: ``kafka://host:9092[,host2:9092]?prefix=nerve&partitions=8&visibility_timeout=30
-&max_payload=1048576``
+&max_payload=1048576&session_timeout=10``
 
 Layout on the broker:
 
@@ -11,21 +11,27 @@ Layout on the broker:
   :func:`nerve.event.encode`), header ``content-type: application/cloudevents+json``.
   Records in binary mode (``ce_*`` headers, value = data) are decoded too.
 - ``<prefix>.<group>.retry`` (1 partition): events published ``to_group`` (targeted
-  redelivery, DLQ replay by other tools).
+  redelivery, DLQ replay).
 - ``<prefix>.<group>.dlq`` (1 partition): dead letters, value = raw event, failure in
   the ``nerve_failure`` header (JSON). Browsing reads the topic from its start; purge
   and replay append a marker record (empty value, ``nerve_purge`` header = JSON list
   of offsets) that hides those entries; replay first produces the raw event to the
   group's retry topic. Entry ids are ``<group>@<offset>``.
 
-Delivery model (what is true, see ``features``): each declared group is read by ONE
-reader in this process (manual partition assignment, starting at the log end when the
-group is declared) that feeds an in-process lease table shared by every consumer of
-the group in this transport. Leases, nacks with delay, fencing and per-key order are
-enforced in that table, so they hold within one process; consumers in other processes
-do not share the group (``shared_across_processes=False``) and nothing of a group's
-progress survives the process (no committed offsets yet). Filters and patterns are
-checked client-side: a record no group wants is simply skipped.
+Delivery model: each nerve group is a Kafka consumer group ``<prefix>.<group>`` over
+the events topic and its retry topic, so the partitions are shared among the nerve
+processes of a function, and its progress is the committed offsets. A new group is
+pinned at the end of its topics when declared (it receives events published from then
+on). Within a process, the records of the member's partitions feed a lease table:
+leases, nacks with delay, fencing and head-of-key order are enforced there; the offset
+committed for a partition is its first unsettled record, so whatever a dead process
+held is read again by the partition's next owner. How far each partition's records
+were handed out is committed too, as the offsets of a second consumer group
+``<prefix>.<group>.handed`` (commit metadata would do, but Tansu drops it), so the next
+owner counts those records as redeliveries (``attempt`` >= 2). A rebalance never moves
+a partition in which a live member holds unsettled deliveries (the ``nerve-keep-busy``
+assignor reads them from each member's join metadata). Filters and patterns are
+checked client-side: a record no group wants is skipped (and committed past).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import contextlib
 import heapq
 import itertools
 import json
+import logging
 import random
 import re
 import time
@@ -43,13 +50,26 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
+from aiokafka import (  # type: ignore[import-untyped]
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    TopicPartition,
+)
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.coordinator.assignors.abstract import (  # type: ignore[import-untyped]
+    AbstractPartitionAssignor,
+)
+from aiokafka.coordinator.protocol import (  # type: ignore[import-untyped]
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
 from aiokafka.errors import (  # type: ignore[import-untyped]
     KafkaConnectionError,
     KafkaError,
     TopicAlreadyExistsError,
 )
+from aiokafka.structs import OffsetAndMetadata  # type: ignore[import-untyped]
 
 from nerve import event as codec
 from nerve._urls import redact
@@ -60,7 +80,11 @@ from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, e
 
 __all__ = ["KafkaConfig", "KafkaTransport"]
 
-_OPTIONS = {"prefix", "partitions", "visibility_timeout", "max_payload"}
+_OPTIONS = {"prefix", "partitions", "visibility_timeout", "max_payload", "session_timeout"}
+_MAX_BUFFERED = 10_000
+"""Records a member holds in its lease table before it stops reading for a while."""
+
+log = logging.getLogger("nerve.transport.kafka")
 _CT_STRUCTURED = b"application/cloudevents+json"
 _TOPIC_SAFE = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
@@ -72,6 +96,8 @@ class KafkaConfig:
     partitions: int = 8
     visibility_timeout: float = 30.0
     max_payload: int = 1024 * 1024
+    session_timeout: float = 10.0
+    """Seconds after which the group gives a silent (killed) member's partitions away."""
 
     @classmethod
     def from_url(cls, url: str) -> KafkaConfig:
@@ -95,9 +121,12 @@ class KafkaConfig:
                 partitions=int(options.get("partitions", 8)),
                 visibility_timeout=float(options.get("visibility_timeout", 30.0)),
                 max_payload=int(options.get("max_payload", 1024 * 1024)),
+                session_timeout=float(options.get("session_timeout", 10.0)),
             )
         except ValueError as exc:
             raise ConfigError(f"{redact(url)!r}: {exc}") from None
+        if config.session_timeout < 1:
+            raise ConfigError(f"{redact(url)!r}: session_timeout must be at least 1 second")
         if config.partitions < 1 or not _TOPIC_SAFE.fullmatch(config.prefix):
             raise ConfigError(
                 f"{redact(url)!r}: partitions must be >= 1 and prefix made of "
@@ -142,34 +171,170 @@ def _decode_record(value: bytes | None, headers: Sequence[tuple[str, bytes]]) ->
 @dataclass(slots=True)
 class _Row:
     id: int
+    tp: TopicPartition
+    offset: int
     raw: bytes
     key: str | None
-    available_at: float
+    attempt: int
+    """Times handed out so far (1 already if an earlier owner of the partition did)."""
+    available_at: float = 0.0
     lease_until: float = 0.0
     token: int = 0
-    attempt: int = 0
     first_at: float | None = None
+    held: bool = False
+    """Handed out by this member and not settled yet."""
+
+
+@dataclass(slots=True)
+class _Part:
+    """This member's view of one assigned partition."""
+
+    next: int
+    """Offset after the last record read (the position when nothing is open)."""
+    handed: int
+    """Offset after the highest record ever handed out (committed as metadata, so the
+    next owner knows which records are redeliveries)."""
+    open: dict[int, _Row] = field(default_factory=dict)
+    """Records read and not settled, by offset (in offset order)."""
+    committed: tuple[int, int] = (-1, -1)
+    held: int = 0
+    """Rows of this partition handed out by this member and not settled."""
+
+    @property
+    def position(self) -> int:
+        return next(iter(self.open)) if self.open else self.next
 
 
 @dataclass(slots=True)
 class _Group:
     subscription: Subscription
+    kafka_group: str
     rows: dict[int, _Row] = field(default_factory=dict)
     keys: dict[str, list[int]] = field(default_factory=dict)
+    parts: dict[TopicPartition, _Part] = field(default_factory=dict)
     processed: int = 0
     retried: int = 0
     dead_lettered: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    reader: Any = None
+    member: Any = None
+    marker: Any = None
+    """A client of the ``.handed`` group: commits how far records were handed out."""
     task: asyncio.Task[None] | None = None
+    joining: asyncio.Lock = field(default_factory=asyncio.Lock)
+    commit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    rebalancing: bool = True
+    dirty: bool = False
+    active: bool = False
+    """A consumer of this process fetched from the group (told in the join metadata)."""
+    members: int = 0
+    """How many members the last assignment had."""
+    assigned: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def remove(self, row: _Row) -> None:
+    def settle(self, row: _Row) -> None:
         del self.rows[row.id]
+        part = self.parts.get(row.tp)
+        if part is not None:
+            part.open.pop(row.offset, None)
+            part.held -= row.held
         if row.key is not None:
             ids = self.keys[row.key]
             ids.remove(row.id)
             if not ids:
                 del self.keys[row.key]
+        self.dirty = True
+        self.wake.set()
+
+    def drop(self, tps: set[TopicPartition]) -> None:
+        """Forget partitions this member no longer owns: their rows' leases are lost."""
+        for row in [r for r in self.rows.values() if r.tp in tps]:
+            self.settle(row)
+        for tp in tps:
+            self.parts.pop(tp, None)
+
+    def busy(self) -> list[TopicPartition]:
+        """Partitions with a record handed out and not settled (a lease or a retry)."""
+        now = time.time()
+        return sorted({r.tp for r in self.rows.values() if r.token or r.available_at > now})
+
+
+class _KeepBusyAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
+    """Partitions spread evenly, except that a member keeps the partitions in which it
+    holds unsettled deliveries (told in its join metadata): a rebalance never takes a
+    lease away from a live consumer, so an ack after it is never refused for that."""
+
+    name = "nerve-keep-busy"
+    version = 0
+
+    def __init__(self, group: _Group) -> None:
+        self._group = group
+
+    def metadata(self, topics: Any) -> ConsumerProtocolMemberMetadata:
+        busy = [[tp.topic, tp.partition] for tp in self._group.busy()]
+        doc = {"busy": busy, "active": self._group.active}
+        return ConsumerProtocolMemberMetadata(
+            self.version, sorted(topics), json.dumps(doc).encode()
+        )
+
+    @classmethod
+    def assign(cls, cluster: Any, members: Any) -> dict[str, ConsumerProtocolMemberAssignment]:
+        topics = sorted({t for m in members.values() for t in m.subscription})
+        every = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in sorted(cluster.partitions_for_topic(t) or ())
+        ]
+        owned: dict[str, list[TopicPartition]] = {m: [] for m in sorted(members)}
+        active: list[str] = []
+        taken: set[TopicPartition] = set()
+        for member_id in sorted(members):
+            try:
+                doc = json.loads(members[member_id].user_data or b"{}")
+                busy = [TopicPartition(str(t), int(p)) for t, p in doc.get("busy", ())]
+                is_active = bool(doc.get("active"))
+            except (ValueError, TypeError, AttributeError):
+                busy, is_active = [], False
+            if is_active:
+                active.append(member_id)
+            for tp in busy:
+                if tp in every and tp not in taken:
+                    owned[member_id].append(tp)
+                    taken.add(tp)
+        # what no one is busy with goes to the members that consume (or to all, if none
+        # does yet), the fewest first
+        takers = active or sorted(members)
+        for tp in every:
+            if tp not in taken:
+                fewest = min(takers, key=lambda m: (len(owned[m]), m))
+                owned[fewest].append(tp)
+        user_data = json.dumps({"members": len(members)}).encode()
+        out = {}
+        for member_id, tps in owned.items():
+            by_topic: dict[str, list[int]] = {}
+            for tp in tps:
+                by_topic.setdefault(tp.topic, []).append(tp.partition)
+            out[member_id] = ConsumerProtocolMemberAssignment(
+                cls.version, sorted(by_topic.items()), user_data
+            )
+        return out
+
+    def on_assignment(self, assignment: Any) -> None:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            self._group.members = int(json.loads(assignment.user_data or b"{}")["members"])
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, transport: KafkaTransport, group: _Group) -> None:
+        self._transport = transport
+        self._group = group
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        # commit where each partition stands before anyone else may own it; keep the
+        # rows: the assignor leaves busy partitions with this member
+        await self._transport._commit(self._group)
+        self._group.rebalancing = True
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._transport._assigned(self._group, set(assigned))
 
 
 class KafkaDelivery:
@@ -185,7 +350,7 @@ class KafkaDelivery:
         "token",
     )
 
-    def __init__(self, transport: KafkaTransport, group: str, row: _Row) -> None:
+    def __init__(self, transport: KafkaTransport, group: str, row: _Row, now: float) -> None:
         self._transport = transport
         self._row = row
         self._event: Event | None = None
@@ -193,8 +358,8 @@ class KafkaDelivery:
         self.token = row.token
         self.raw = row.raw
         self.attempt = row.attempt
-        self.received_at = time.time()
-        self.first_at = row.first_at if row.first_at is not None else self.received_at
+        self.received_at = now
+        self.first_at = row.first_at if row.first_at is not None else now
 
     @property
     def event(self) -> Event:
@@ -207,16 +372,19 @@ class KafkaDelivery:
         row = None if group is None else group.rows.get(self._row.id)
         if group is None or row is None or row.token != self.token:
             raise LeaseLost(
-                f"delivery {self.group}#{self._row.id}: the lease expired and another "
-                f"consumer took the event over; this {action} was refused"
+                f"delivery {self.group}#{self._row.tp.partition}@{self._row.offset}: the lease "
+                f"expired or the partition moved to another consumer; this {action} was refused"
             )
         return group, row
 
-    async def ack(self) -> None:
+    def _ack(self) -> _Group:
         group, row = self._owned("ack")
-        group.remove(row)
+        group.settle(row)
         group.processed += 1
-        group.wake.set()
+        return group
+
+    async def ack(self) -> None:
+        self._ack()
 
     async def nack(self, delay: float = 0.0) -> None:
         group, row = self._owned("nack")
@@ -229,9 +397,9 @@ class KafkaDelivery:
     async def dead_letter(self, failure: Failure) -> None:
         group, row = self._owned("dead-letter")
         await self._transport._send_dead(self.group, row.raw, failure)
-        group.remove(row)
+        self._owned("dead-letter")  # still ours after the send
+        group.settle(row)
         group.dead_lettered += 1
-        group.wake.set()
 
     async def extend(self, seconds: float) -> None:
         _, row = self._owned("extend")
@@ -239,18 +407,29 @@ class KafkaDelivery:
 
 
 class KafkaConsumer:
-    def __init__(self, transport: KafkaTransport, group: str) -> None:
+    def __init__(self, transport: KafkaTransport, subscription: Subscription) -> None:
         self._transport = transport
-        self.group = group
+        self.subscription = subscription
+        self.group = subscription.group
         self._closed = False
 
     async def fetch(self, limit: int, timeout: float) -> Sequence[KafkaDelivery]:
         deadline = time.monotonic() + timeout
-        while not self._closed:
+        group = self._transport._groups.get(self.group)
+        if group is None:  # declared by another process: join it here
+            await self._transport._declare(self.subscription, active=True)
             group = self._transport._groups[self.group]
+        elif not group.active:
+            group.active = True
+            if group.member is None:
+                await self._transport._join(group)
+            elif group.members > 1:  # assigned while idle, beside others: ask for a share
+                group.member._coordinator.request_rejoin()
+        while not self._closed:
             group.wake.clear()
             claimed = self._transport._claim(group, limit)
             if claimed:
+                await self._transport._commit(group)  # the handed-out mark, for redeliveries
                 return claimed
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -261,11 +440,15 @@ class KafkaConsumer:
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         lost: list[Delivery] = []
+        group = None
         for delivery in deliveries:
+            assert isinstance(delivery, KafkaDelivery)
             try:
-                await delivery.ack()
+                group = delivery._ack()
             except LeaseLost:
                 lost.append(delivery)
+        if group is not None:
+            await self._transport._commit(group)
         return lost
 
     async def close(self) -> None:
@@ -273,7 +456,7 @@ class KafkaConsumer:
 
 
 class KafkaTransport:
-    """A Kafka connection: one producer, one reader per declared group."""
+    """A Kafka connection: one producer, one consumer-group member per declared group."""
 
     def __init__(self, config: KafkaConfig | str) -> None:
         if isinstance(config, str):
@@ -283,10 +466,8 @@ class KafkaTransport:
             self.url = "kafka://" + ",".join(config.bootstrap)
         self.config = config
         self.features = Features(
-            # a group's progress lives in this process (no committed offsets yet), so
-            # a restart of the process loses it, whatever the broker keeps
-            durable=False,
-            shared_across_processes=False,
+            durable=True,  # acks=all; as durable as the broker's replication and fsync
+            shared_across_processes=True,
             key_ordering=True,
             dead_letter_queue=True,
             max_payload=config.max_payload,
@@ -317,7 +498,6 @@ class KafkaTransport:
         return f"{self.config.prefix}.{group}.{kind}"
 
     async def start(self) -> None:
-
         producer = AIOKafkaProducer(
             bootstrap_servers=list(self.config.bootstrap),
             acks="all",
@@ -335,7 +515,6 @@ class KafkaTransport:
         await self._ensure_topics({self.events_topic: self.config.partitions})
 
     async def _ensure_topics(self, wanted: dict[str, int]) -> None:
-
         missing = {t: n for t, n in wanted.items() if t not in self._topics}
         if not missing:
             return
@@ -375,10 +554,23 @@ class KafkaTransport:
                 group.task.cancel()
                 with contextlib.suppress(BaseException):
                     await group.task
-            if group.reader is not None:
+            if group.member is not None:
                 with contextlib.suppress(Exception):
-                    await group.reader.stop()
-            group.task = group.reader = None
+                    await self._commit(group)
+                group.drop(set(group.parts))  # busy with nothing while leaving
+                coordinator = getattr(group.member, "_coordinator", None)
+                if coordinator is not None and getattr(coordinator, "generation", 1) == 0:
+                    # aiokafka leaves only from generation 1 on, but Tansu numbers the
+                    # first generation 0: without this the group waits a session
+                    # timeout for the gone member before anyone else gets a partition
+                    coordinator.generation = 1
+                with contextlib.suppress(Exception):
+                    await group.member.stop()  # leaves the group: a quick rebalance
+            if group.marker is not None:
+                with contextlib.suppress(Exception):
+                    await group.marker.stop()
+            group.task = group.member = group.marker = None
+            group.drop(set(group.parts))
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
@@ -386,50 +578,161 @@ class KafkaTransport:
 
     # -- groups ----------------------------------------------------------------------
 
+    def _topics_of(self, group: str) -> list[str]:
+        return [self.events_topic, self._group_topic(group, "retry")]
+
     async def declare(self, subscriptions: Sequence[Subscription]) -> None:
-        for sub in subscriptions:
-            existing = self._groups.get(sub.group)
-            if existing is not None:
-                existing.subscription = sub
-                continue
-            group = _Group(sub)
-            await self._start_reader(group)
-            self._groups[sub.group] = group
+        await asyncio.gather(*(self._declare(sub, active=False) for sub in subscriptions))
 
-    async def _start_reader(self, group: _Group) -> None:
-
-        name = group.subscription.group
-        retry = self._group_topic(name, "retry")
-        await self._ensure_topics({retry: 1, self._group_topic(name, "dlq"): 1})
-        reader = AIOKafkaConsumer(
-            bootstrap_servers=list(self.config.bootstrap),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="latest",
-            fetch_max_wait_ms=50,
-            max_partition_fetch_bytes=self.config.max_payload + 64 * 1024,
-            fetch_max_bytes=max(52428800, self.config.max_payload * 2),
+    async def _declare(self, sub: Subscription, *, active: bool) -> None:
+        """Create the group's topics, pin a new group's start, and join the group (a
+        member is ready when declare returns)."""
+        existing = self._groups.get(sub.group)
+        if existing is not None:
+            existing.subscription = sub
+            return
+        name = sub.group
+        await self._ensure_topics(
+            {self._group_topic(name, "retry"): 1, self._group_topic(name, "dlq"): 1}
         )
-        partitions = [TopicPartition(self.events_topic, i) for i in range(self.config.partitions)]
-        partitions.append(TopicPartition(retry, 0))
-        try:
-            await reader.start()
-            reader.assign(partitions)
-            await reader.seek_to_end(*partitions)
-            for tp in partitions:  # pin the start: events published from now on
-                await reader.position(tp)
-        except (KafkaError, OSError) as exc:
-            with contextlib.suppress(Exception):
-                await reader.stop()
-            raise self._unavailable(exc) from None
-        group.reader = reader
-        group.task = asyncio.create_task(self._read(group, retry))
+        group = _Group(sub, f"{self.config.prefix}.{name}", active=active)
+        await self._pin_start(group)
+        self._groups[name] = group
+        await self._join(group)
 
-    async def _read(self, group: _Group, retry_topic: str) -> None:
-        reader = group.reader
-        while True:
+    def _member_options(self) -> dict[str, Any]:
+        return {
+            "bootstrap_servers": list(self.config.bootstrap),
+            "enable_auto_commit": False,
+            "max_partition_fetch_bytes": self.config.max_payload + 64 * 1024,
+            "fetch_max_bytes": max(52428800, self.config.max_payload * 2),
+        }
+
+    async def _pin_start(self, group: _Group) -> None:
+        """A new Kafka consumer group starts at the current end of its topics (events
+        published from now on), committed at once so no member can start later."""
+        pinner = AIOKafkaConsumer(group_id=group.kafka_group, **self._member_options())
+        try:
+            await pinner.start()
+            tps = [TopicPartition(self.events_topic, p) for p in range(self.config.partitions)] + [
+                TopicPartition(self._group_topic(group.subscription.group, "retry"), 0)
+            ]
+            pinner.assign(tps)
+            committed = [await pinner.committed(tp) for tp in tps]
+            if all(c is None for c in committed):
+                ends = await pinner.end_offsets(tps)
+                await pinner.commit({tp: OffsetAndMetadata(ends[tp], "") for tp in tps})
+        except (KafkaError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        finally:
+            with contextlib.suppress(Exception):
+                await pinner.stop()
+
+    async def _join(self, group: _Group) -> None:
+        async with group.joining:
+            if group.member is not None:
+                return
+            member = AIOKafkaConsumer(
+                group_id=group.kafka_group,
+                auto_offset_reset="latest",
+                fetch_max_wait_ms=50,
+                session_timeout_ms=int(self.config.session_timeout * 1000),
+                heartbeat_interval_ms=max(100, int(self.config.session_timeout * 1000 / 4)),
+                partition_assignment_strategy=(_KeepBusyAssignor(group),),
+                **self._member_options(),
+            )
+            marker = AIOKafkaConsumer(
+                group_id=f"{group.kafka_group}.handed", **self._member_options()
+            )
             try:
-                batches = await reader.getmany(timeout_ms=200, max_records=500)
+                await marker.start()
+                await member.start()
+                member.subscribe(
+                    self._topics_of(group.subscription.group), listener=_Rebalance(self, group)
+                )
+            except (KafkaError, OSError) as exc:
+                for client in (member, marker):
+                    with contextlib.suppress(Exception):
+                        await client.stop()
+                raise self._unavailable(exc) from None
+            group.member, group.marker = member, marker
+            group.task = asyncio.create_task(self._read(group))
+        try:
+            await asyncio.wait_for(group.assigned.wait(), 6 * self.config.session_timeout + 10)
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"Kafka at {self._where} did not assign partitions of group "
+                f"{group.kafka_group!r} in time"
+            ) from None
+
+    async def _assigned(self, group: _Group, assigned: set[TopicPartition]) -> None:
+        group.drop(set(group.parts) - assigned)
+        new = [tp for tp in assigned if tp not in group.parts]
+        if new:
+            marker = group.marker
+            marker.assign(sorted(set(marker.assignment()) | set(new)))
+            marker.pause(*marker.assignment())  # it only commits, never fetches
+            for tp in new:
+                start = await group.member.committed(tp)
+                if start is None or start < 0:
+                    start = await group.member.position(tp)
+                handed = await marker.committed(tp) or 0
+                group.parts[tp] = _Part(next=start, handed=handed, committed=(start, handed))
+                group.member.seek(tp, start)
+        group.rebalancing = False
+        group.assigned.set()
+        if group.dirty:
+            await self._commit(group)
+        group.wake.set()
+
+    async def _commit(self, group: _Group) -> None:
+        """Commit each partition's position (the first unsettled record) and its
+        handed-out mark, where they moved."""
+        member = group.member
+        if member is None or group.rebalancing:
+            return
+        async with group.commit_lock:
+            group.dirty = False
+            moved = {
+                tp: (part.position, part.handed)
+                for tp, part in group.parts.items()
+                if (part.position, part.handed) != part.committed
+            }
+            positions = {
+                tp: OffsetAndMetadata(state[0], "")
+                for tp, state in moved.items()
+                if state[0] != group.parts[tp].committed[0]
+            }
+            marks = {
+                tp: OffsetAndMetadata(state[1], "")
+                for tp, state in moved.items()
+                if state[1] != group.parts[tp].committed[1]
+            }
+            try:
+                # the handed-out marks first: a redelivery must never look like a first try
+                if marks:
+                    await group.marker.commit(marks)
+                if positions:
+                    await member.commit(positions)
+            except (KafkaError, OSError) as exc:  # rebalancing or away: next time
+                group.dirty = True
+                log.debug("kafka: commit of %s deferred: %r", group.kafka_group, exc)
+                return
+            for tp, state in moved.items():
+                owned = group.parts.get(tp)
+                if owned is not None:
+                    owned.committed = state
+
+    async def _read(self, group: _Group) -> None:
+        member = group.member
+        retry_topic = self._group_topic(group.subscription.group, "retry")
+        last_commit = time.monotonic()
+        while True:
+            if len(group.rows) > _MAX_BUFFERED:  # consumers are behind: let them catch up
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                batches = await member.getmany(timeout_ms=200, max_records=500)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a broker hiccup: aiokafka reconnects, try again
@@ -438,16 +741,25 @@ class KafkaTransport:
             added = False
             # Kafka orders a partition only: merge the partitions by publish time (each
             # partition's own order kept), so one publisher's events arrive in order
-            merged = heapq.merge(*batches.values(), key=_published_at)
-            for record in merged:
+            for record in heapq.merge(*batches.values(), key=_published_at):
+                tp = TopicPartition(record.topic, record.partition)
+                part = group.parts.get(tp)
+                if part is None:
+                    continue
+                if record.offset < part.next:
+                    continue  # still held from before a rebalance
+                part.next = record.offset + 1
                 raw = _decode_record(record.value, record.headers)
-                key = record.key.decode("utf-8", "replace") if record.key else None
                 if record.topic != retry_topic and not self._wanted(group, raw):
                     continue
-                self._append(group, raw, key)
+                key = record.key.decode("utf-8", "replace") if record.key else None
+                self._append(group, tp, record.offset, raw, key, part)
                 added = True
             if added:
                 group.wake.set()
+            if group.dirty or (batches and time.monotonic() - last_commit > 1.0):
+                await self._commit(group)
+                last_commit = time.monotonic()
 
     @staticmethod
     def _wanted(group: _Group, raw: bytes) -> bool:
@@ -457,11 +769,21 @@ class KafkaTransport:
             return True  # undecodable: hand it out so it can be dead-lettered
         return group.subscription.matches(event)
 
-    def _append(self, group: _Group, raw: bytes, key: str | None) -> None:
-        row = _Row(next(self._ids), raw, key if group.subscription.ordered else None, time.time())
+    def _append(
+        self,
+        group: _Group,
+        tp: TopicPartition,
+        offset: int,
+        raw: bytes,
+        key: str | None,
+        part: _Part,
+    ) -> None:
+        ordered_key = key if group.subscription.ordered else None
+        row = _Row(next(self._ids), tp, offset, raw, ordered_key, 1 if offset < part.handed else 0)
         group.rows[row.id] = row
-        if row.key is not None:
-            group.keys.setdefault(row.key, []).append(row.id)
+        part.open[offset] = row
+        if ordered_key is not None:
+            group.keys.setdefault(ordered_key, []).append(row.id)
 
     # -- publishing ------------------------------------------------------------------
 
@@ -487,7 +809,6 @@ class KafkaTransport:
     async def _send(
         self, topic: str, records: Sequence[tuple[bytes, bytes | None, list[tuple[str, bytes]]]]
     ) -> None:
-
         try:
             futures = [
                 await self._producer.send(topic, value, key=key, headers=headers)
@@ -511,26 +832,41 @@ class KafkaTransport:
     # -- consuming -------------------------------------------------------------------
 
     def consumer(self, subscription: Subscription) -> KafkaConsumer:
-        if subscription.group not in self._groups:
-            raise TransportError(f"declare group {subscription.group!r} before consuming it")
-        return KafkaConsumer(self, subscription.group)
+        return KafkaConsumer(self, subscription)
 
     def _claim(self, group: _Group, limit: int) -> list[KafkaDelivery]:
+        if group.rebalancing:
+            return []
         now = time.time()
         out: list[KafkaDelivery] = []
+        # Take from the partitions already in use, and from one more at most: a partition
+        # with deliveries in flight stays with this member at the next rebalance, so
+        # spreading one batch over every partition would leave nothing to share.
+        in_use = {tp for tp, part in group.parts.items() if part.held}
+        fresh: TopicPartition | None = None
         for row in group.rows.values():
             if len(out) >= limit:
                 break
+            if row.tp not in in_use and fresh is not None and row.tp != fresh:
+                continue
             if row.available_at > now or row.lease_until > now:
                 continue
             if row.key is not None and group.keys[row.key][0] != row.id:
                 continue
+            if row.tp not in in_use:
+                fresh = row.tp
+            if not row.held:
+                row.held = True
+                group.parts[row.tp].held += 1
             row.lease_until = now + self.config.visibility_timeout
             row.token = random.getrandbits(62) + 1
             row.attempt += 1
             if row.first_at is None:
                 row.first_at = now
-            out.append(KafkaDelivery(self, group.subscription.group, row))
+            part = group.parts[row.tp]
+            if row.offset >= part.handed:
+                part.handed = row.offset + 1
+            out.append(KafkaDelivery(self, group.subscription.group, row, now))
         return out
 
     def _wake_later(self, group: _Group, delay: float) -> None:

@@ -119,7 +119,7 @@ def _stop_tansu() -> None:
 def make_url(directory: Path) -> str:
     port = _tansu()
     tag = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
-    return f"kafka://{HOST}:{port}?prefix=nt-{SESSION}-{tag}&partitions=4"
+    return f"kafka://{HOST}:{port}?prefix=nt-{SESSION}-{tag}&partitions=4&session_timeout=3"
 
 
-SPEC = AdapterSpec("kafka", make_url, restartable=False)
+SPEC = AdapterSpec("kafka", make_url, restartable=True)
