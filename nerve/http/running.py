@@ -148,6 +148,13 @@ async def attach(runtime: Runtime, plan: HttpPlan) -> bool:
         extra_routes=default_extra_routes(runtime),
         sock=plan.sock,
     )
+    keys = settings.keys
+    assert keys is not None
+
+    async def close_keys() -> None:  # runs after server.stop (hooks run last added first)
+        keys.close()
+
+    runtime.on_stop.append(close_keys)
     try:
         await server.attach()
     except BaseException:
