@@ -427,6 +427,14 @@ class HttpContext:
             ) from None
         except ConfigError as exc:  # a broker without an event log
             raise Problem(501, "no-request-reply", str(exc)) from None
+        except TransportError as exc:
+            log.warning("request/reply failed: %s", exc)
+            raise Problem(
+                503,
+                "broker-unavailable",
+                "the broker's event log could not be read; retry later",
+                headers={"Retry-After": "1"},
+            ) from None
         except NerveError as exc:
             raise Problem(503, "stopping", str(exc), headers={"Retry-After": "1"}) from None
 
