@@ -593,10 +593,14 @@ def run(s: Settings, console: Console) -> dict[str, Any]:
             with contextlib.ExitStack() as stack:
                 if group[0].broker == "kafka":
                     try:
-                        kafka_server = stack.enter_context(kafka(runner.base / "kafka"))
+                        servers["kafka"] = stack.enter_context(kafka(runner.base / "kafka"))
                     except RuntimeError as exc:
-                        kafka_server = f"not available: {exc}"
-                    servers["kafka"] = kafka_server
+                        servers["kafka"] = f"not available: {exc}"
+                        console.print(f"[red]x kafka: {exc}[/]")
+                        for case in group:  # every run would only wait for its deadline
+                            results[case.key].failures.append(f"no broker: {exc}")
+                        progress.advance(overall, len(group) * reps(group[0], s))
+                        continue
                 for rep in range(1, reps(group[0], s) + 1):
                     for case in group:  # alternating, so drift hits every side alike
                         one(runner, results[case.key], rep, progress, overall, console)
@@ -617,12 +621,15 @@ def one(
         progress.advance(overall)
         return
     progress.update(overall, description=f"[bold]all runs[/] ({case.workload})")
+    shown = set(progress.task_ids)
     try:
         series.runs.append(runner.run(case, rep))
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         series.failures.append(f"run {rep}: {first_line}")
         console.print(f"[red]x {case.key} run {rep} failed: {first_line}[/]")
+    for task in set(progress.task_ids) - shown:  # the run's own bars: only the current one
+        progress.remove_task(task)
     progress.advance(overall)
 
 
