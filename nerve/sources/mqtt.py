@@ -295,7 +295,7 @@ class MqttSource:
         payload = message.payload if isinstance(message.payload, bytes) else b""
         try:
             event = to_event(route, topic, payload, message.properties)
-            declared = self.app.events.get(event.type)
+            declared = self.app.declared_for(event)
             if declared is None:
                 raise InvalidEvent("type", f"{event.type!r} is not declared")
             model = declared.model.model_validate(event.data)
