@@ -253,11 +253,11 @@ def markdown(
             "> **Quick mode** (small N, one run): a smoke test of the harness, not a result.",
             "",
         ]
-    load = max(env["load_average_1_5_15"]["before"][0], env["load_average_1_5_15"]["after"][0])
+    load = env["load_average_1_5_15"]["before"][0]  # after: the benchmark's own load
     if load > 0.5 * (m["cores"] or 1):
         lines += [
-            f"> **The machine was busy** (1-minute load average up to {load:.1f} on "
-            f"{m['cores']} cores): other work competed with every run, so the figures are "
+            f"> **The machine was busy** (1-minute load average {load:.1f} on {m['cores']} "
+            "cores before the run): other work competed with the runs, so the figures are "
             "lower and noisier than on a quiet machine.",
             "",
         ]
