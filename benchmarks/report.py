@@ -288,6 +288,7 @@ def markdown(
         "",
     ]
     lines += _rate_table(results, "throughput")
+    lines += _overhead(results)
     if _by(results, "fanout"):
         lines += [
             "",
@@ -404,6 +405,30 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _overhead(results: dict[str, Series]) -> list[str]:
+    """nerve's cost per event over the raw client's, from the median throughputs."""
+    rows = []
+    for broker in BROKER_ORDER:
+        nerve = results.get(f"throughput/{broker}/nerve")
+        floor = results.get(f"throughput/{broker}/raw") or results.get(f"throughput/{broker}/floor")
+        a = nerve.median("events_per_s") if nerve else None
+        b = floor.median("events_per_s") if floor else None
+        if a and b:
+            us = (1 / a - 1 / b) * 1e6
+            rows.append(f"| {broker} | {1e6 / a:,.0f} | {1e6 / b:,.0f} | {us:+,.0f} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Per event, end to end (1 / throughput; two processes on two cores, so this is "
+        "wall time per event, not CPU time):",
+        "",
+        "| broker | nerve µs/event | raw (floor) µs/event | nerve - raw |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def _rate_table(results: dict[str, Series], workload: str, deliveries: bool = False) -> list[str]:
