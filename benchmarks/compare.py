@@ -883,7 +883,12 @@ def main(parser: Any, args: Any) -> int:
         s.brokers = _names(args.brokers, BROKERS, "--brokers")
         s.peers = _names(args.peers, list(PEERS), "--peers")
         if args.rates:
-            s.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+            try:
+                s.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+            except ValueError:
+                raise ValueError(
+                    f"--rates: events per second, comma-separated (500,1000), got {args.rates!r}"
+                ) from None
     except ValueError as exc:
         parser.error(str(exc))
     for option, attr in (

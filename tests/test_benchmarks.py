@@ -107,3 +107,25 @@ def test_plan_alternates_systems_and_bounds_every_run() -> None:
     full = Settings()
     for case in (c for g in plan(full) for c in g):
         assert 0 < deadline_seconds(case, full) <= 300
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workloads", "thruput"], "--workloads: unknown thruput; choose from throughput"),
+        (["--rates", "5x0"], "--rates: events per second, comma-separated"),
+        (["--runs", "0"], "--runs must be positive"),
+        (["--render", "no/such.json"], "--render: no/such.json is not a file"),
+    ],
+)
+def test_bad_options_say_what_is_wrong(args: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "compare", *args],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr.decode()
