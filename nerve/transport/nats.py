@@ -1011,6 +1011,8 @@ class NatsTransport:
                     processed=counter.processed,
                     retried=counter.retried,
                     dead_lettered=counter.dead_lettered,
+                    # the counters (and `delayed`) are this process's own
+                    extra={"counted_by": "this process"},
                 )
             )
         return sorted(out, key=lambda s: s.group)
