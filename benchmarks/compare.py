@@ -45,6 +45,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 from benchmarks import brokers as broker_bench
@@ -585,6 +586,8 @@ def run(s: Settings, console: Console) -> dict[str, Any]:
         BarColumn(),
         TextColumn("{task.completed:>7,}/{task.total:,}"),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
         overall = progress.add_task("[bold]all runs", total=total_runs)
