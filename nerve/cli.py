@@ -592,7 +592,9 @@ def _setup_logging(level: LogLevel, fmt: LogFormat = LogFormat.auto) -> None:
         handler = RichHandler(console=_stderr(), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        from nerve.observe.logs import StderrHandler
+
+        handler = StderrHandler()
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
         )

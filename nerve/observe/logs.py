@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import orjson
 
-__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "setup_logging"]
+__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "StderrHandler", "setup_logging"]
 
 CONTEXT_FIELDS = (
     "event_id",
@@ -86,21 +86,40 @@ class _ConsoleContext(logging.Formatter):
         return f"{message}  [{' '.join(parts)}]" if parts else message
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler writing to whatever ``sys.stderr`` is when a record is emitted,
+    not the stream of when the handler was made (which someone may have closed since:
+    a test runner's capture, a daemonised process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass  # always sys.stderr
+
+
 def setup_logging(level: str, fmt: str = "auto", stream: IO[str] | None = None) -> None:
     """Configure the root logger: ``fmt`` is 'json', 'console' or 'auto' (console on a
-    terminal, JSON otherwise)."""
+    terminal, JSON otherwise). Without ``stream``, records go to ``sys.stderr`` as it
+    is at the time of each record."""
     out = stream if stream is not None else sys.stderr
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
     handler: logging.Handler
     if fmt == "json":
-        handler = logging.StreamHandler(out)
+        handler = logging.StreamHandler(stream) if stream is not None else StderrHandler()
         handler.setFormatter(JsonFormatter())
     elif fmt == "console":
         from rich.console import Console
         from rich.logging import RichHandler
 
-        console = Console(file=out, stderr=out is sys.stderr, highlight=False)
+        # file=None with stderr=True: rich looks sys.stderr up on every write
+        console = Console(file=stream, stderr=stream is None, highlight=False)
         handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
         handler.setFormatter(_ConsoleContext("%(name)s: %(message)s"))
     else:

@@ -95,3 +95,19 @@ def test_the_console_format_names_the_event() -> None:
     assert "hello" in text and "fn=pong" in text and "event=e-1" in text
     with pytest.raises(ValueError, match="yaml"):
         setup_logging("info", "yaml")
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_records_go_to_stderr_as_it_is_now(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler set up while one stderr was in place keeps working after it is
+    replaced and closed (a test runner's capture): no 'Logging error' traceback."""
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging("info", fmt)
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("nerve.test").warning("still heard")
+    logging.getLogger().handlers.clear()
+    assert "still heard" in second.getvalue()
+    assert "Logging error" not in second.getvalue()
