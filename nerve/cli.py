@@ -543,15 +543,16 @@ async def _serve(
     started.cancel()
     if runtime.started.is_set() and (http is not None or mqtt is not None):
         try:
+            # MQTT first: once /healthz answers, the declared topics are subscribed
+            if mqtt is not None:
+                from nerve.sources.mqtt import attach as attach_mqtt
+
+                await attach_mqtt(runtime, mqtt)
             if http is not None:
                 from nerve.http.running import attach
 
                 if not await attach(runtime, http):  # the default port is busy
                     banner = banner.split(", HTTP on ")[0]
-            if mqtt is not None:
-                from nerve.sources.mqtt import attach as attach_mqtt
-
-                await attach_mqtt(runtime, mqtt)
         except BaseException:
             runtime.request_stop()
             await serving
