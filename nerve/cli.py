@@ -1333,8 +1333,20 @@ def demo(
     processes: Annotated[int, typer.Option("--processes", "-p", min=1)] = 1,
     broker: BrokerOption = DEFAULT_BROKER,
     store: StoreOption = None,
+    dashboard: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            help="Serve the dashboard here (default: 127.0.0.1:8000 when running until "
+            "Ctrl-C; none with --orders).",
+            show_default=False,
+        ),
+    ] = None,
+    no_dashboard: Annotated[
+        bool, typer.Option("--no-dashboard", help="Serve no dashboard.")
+    ] = False,
 ) -> None:
-    """Run the shop example end to end (from the repository root)."""
+    """Run the shop example end to end (from the repository root), with its dashboard."""
     with _edge():
         if rate is not None and rate <= 0:
             raise CliError(f"--rate is orders per second and must be more than 0, got {rate}")
@@ -1351,7 +1363,12 @@ def demo(
         store_url = store or default_store_url(broker)
         try:
             code = module.run(
-                orders=orders, rate=rate, processes=processes, broker=broker, store=store_url
+                orders=orders,
+                rate=rate,
+                processes=processes,
+                broker=broker,
+                store=store_url,
+                dashboard=None if no_dashboard else (dashboard or ""),
             )
         except KeyboardInterrupt:
             code = 0

@@ -547,21 +547,27 @@ def test_demo_passes_its_options_and_exit_code_through(tmp_path: Path) -> None:
             """
             import json
 
-            def run(*, orders, rate, processes, broker, store):
+            def run(*, orders, rate, processes, broker, store, dashboard):
                 with open("called.json", "w") as f:
-                    json.dump([orders, rate, processes, broker, store], f)
+                    json.dump([orders, rate, processes, broker, store, dashboard], f)
                 return 3
             """
         )
     )
     result = subprocess.run(
         [sys.executable, "-m", "nerve", "demo", "--orders", "5", "--rate", "2.5", "-p", "2",
-         "--broker", "sqlite:///d/b.db"],
+         "--broker", "sqlite:///d/b.db", "--dashboard", "127.0.0.1:9001"],
         cwd=tmp_path, capture_output=True, env=child_env(), timeout=30,
     )  # fmt: skip
     assert result.returncode == 3, result.stderr.decode()
     called = json.loads((tmp_path / "called.json").read_text())
-    assert called == [5, 2.5, 2, "sqlite:///d/b.db", "sqlite:///d/store.db"]
+    assert called == [5, 2.5, 2, "sqlite:///d/b.db", "sqlite:///d/store.db", "127.0.0.1:9001"]
+    result = subprocess.run(
+        [sys.executable, "-m", "nerve", "demo", "--no-dashboard"],
+        cwd=tmp_path, capture_output=True, env=child_env(), timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr.decode()
+    assert json.loads((tmp_path / "called.json").read_text())[-1] is None
 
 
 def test_demo_outside_the_repository_says_where_to_run_it(tmp_path: Path) -> None:

@@ -518,3 +518,44 @@ async def test_demo_runs_until_ctrl_c_then_drains_and_checks(tmp_path: Path) -> 
         return not _processes_mentioning(str(tmp_path))
 
     await wait_for(workers_gone, 10, "the demo's workers to exit")
+
+
+@pytest.mark.slow
+def test_the_continuous_demo_serves_its_dashboard(tmp_path: Path) -> None:
+    """`make demo` runs the shop until Ctrl-C with the dashboard beside it: the page
+    and its API answer while orders flow, and Ctrl-C ends with the invariant check."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / ".nerve").mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examples.shop.demo", "--processes", "1", "--rate", "40",
+         "--dashboard", f"127.0.0.1:{port}",
+         "--broker", f"sqlite:///{tmp_path}/.nerve/nerve.db"],
+        cwd=demo.PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        processed = 0
+        page = ""
+        while time.monotonic() < deadline and not (processed and page):
+            time.sleep(0.5)
+            with contextlib.suppress(httpx.HTTPError):
+                stats = httpx.get(f"http://127.0.0.1:{port}/api/stats", timeout=2).json()
+                processed = stats["functions"]["inventory"]["processed"]
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=2).text
+        assert processed > 0, "the dashboard's API never showed inventory at work"
+        assert "nerve" in page.lower()
+        overview = httpx.get(f"http://127.0.0.1:{port}/api/overview", timeout=2).json()
+        assert overview["app"] == "shop"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    text = out.decode()
+    assert proc.returncode == 0, text[-2000:]
+    assert f"dashboard http://127.0.0.1:{port}/" in text.replace("\n", "")
+    assert "all invariants hold" in text

@@ -44,6 +44,9 @@ from nerve.store.sqlite import SqliteStore, default_store_url
 from nerve.transport import DEFAULT_BROKER, Transport, from_url
 from nerve.transport.base import DeadLetterQueue, GroupStats, Inspectable
 
+DASHBOARD = ("127.0.0.1", 8000)
+"""Where a continuous demo serves the dashboard (``--dashboard HOST:PORT``)."""
+
 MAX_OPEN = 1000
 """Orders placed but not yet ended before the producer waits (backpressure)."""
 STALL_AFTER = 60.0
@@ -93,6 +96,9 @@ class Demo:
     seed: int = 7
     fail_rate: float = 0.0
     console: Console = field(default_factory=Console)
+    dashboard: tuple[str, int] | None = DASHBOARD
+    """Where the HTTP edge serves the dashboard (``None``: no dashboard)."""
+    dashboard_url: str | None = None
     placed: int = 0
     ended: int = 0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -117,7 +123,13 @@ class Demo:
         try:
             if self.processes == 1:
                 shop = with_failures(app, self.fail_rate, self.seed) if self.fail_rate else app
-                async with Runtime(shop, broker=self.broker, store=self.store_url) as runtime:
+                async with Runtime(
+                    shop,
+                    broker=self.broker,
+                    store=self.store_url,
+                    metrics=self.dashboard is not None,  # the dashboard's latency charts
+                ) as runtime:
+                    await self._serve_dashboard(runtime)
                     return await self._run(runtime.transport, runtime.store, runtime.client)
             transport = from_url(self.broker)
             await transport.start()
@@ -134,6 +146,23 @@ class Demo:
         finally:
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(signal.SIGINT)
+
+    async def _serve_dashboard(self, runtime: Runtime) -> None:
+        """The HTTP edge with the dashboard, on the runtime that runs the services (a
+        busy port only means no dashboard: the demo goes on without it)."""
+        if self.dashboard is None:
+            return
+        try:
+            from nerve.http.running import HttpPlan, attach
+        except ImportError:  # the http extra is not installed
+            self.console.print("[dim]no dashboard: pip install 'nerve[http,observe]'[/]")
+            return
+        host, port = self.dashboard
+        plan = HttpPlan(host, port, self.store_url, explicit=False)
+        if await attach(runtime, plan):
+            self.dashboard_url = plan.address + "/"
+        else:
+            self.console.print(f"[yellow]no dashboard: {host}:{port} is busy[/]")
 
     def _interrupted(self) -> None:
         if self.stopping.is_set():
@@ -269,8 +298,10 @@ class Demo:
         where = "in this process" if self.processes == 1 else f"{self.processes} worker processes"
         goal = f"{self.orders} orders" if self.orders else "until Ctrl-C"
         chaos = f", {self.fail_rate:.0%} of first attempts fail" if self.fail_rate else ""
+        board = f" · dashboard [link={self.dashboard_url}]{self.dashboard_url}[/link]"
         return Text.from_markup(
             f"[bold]nerve shop demo[/] · {self.broker} · {where} · {goal}{chaos}"
+            + (board if self.dashboard_url else "")
         )
 
     def _render(self, snap: Snapshot, *, draining: bool = False) -> Group:
@@ -446,6 +477,7 @@ def run(
     *,
     seed: int = 7,
     fail_rate: float = 0.0,
+    dashboard: str | None = "",
 ) -> int:
     """Run the demo; returns the exit code (0: every invariant held).
 
@@ -453,8 +485,22 @@ def run(
     ``rate``: orders per second (None: as fast as the shop keeps up). ``processes``:
     worker processes (1: run the services in this process). ``broker``/``store``:
     URLs (the store defaults to ``store.db`` beside an embedded broker).
+    ``dashboard``: ``HOST:PORT`` to serve the dashboard on, ``None`` for none, ``""``
+    (default) for 127.0.0.1:8000 when the demo runs until Ctrl-C (none with ``orders``).
+    With several processes the services run in the workers and there is no dashboard.
     """
     console = Console()
+    where: tuple[str, int] | None = None
+    if dashboard == "":
+        where = DASHBOARD if orders is None else None
+    elif dashboard is not None:
+        host, _, port_text = dashboard.rpartition(":")
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            console.print(
+                f"[red]--dashboard is HOST:PORT (like 127.0.0.1:8000), got {dashboard!r}[/]"
+            )
+            return 2
+        where = (host.strip("[]"), int(port_text))
     if processes < 1:
         console.print("[red]--processes must be at least 1[/]")
         return 2
@@ -472,6 +518,7 @@ def run(
         console.print("[red]a memory:// store lives in one process: use --processes 1[/]")
         return 2
     demo = Demo(orders, rate, processes, broker, store_url, seed, fail_rate, console)
+    demo.dashboard = where if processes == 1 else None
     try:
         return asyncio.run(demo.main())
     except DemoError as exc:
@@ -490,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default=None, help="store URL (default: beside the broker)")
     parser.add_argument("--seed", type=int, default=7, help="which orders are generated")
     parser.add_argument("--fail-rate", type=float, default=0.0, help="inject handler failures")
+    parser.add_argument(
+        "--dashboard", default="", metavar="HOST:PORT", help="serve the dashboard here"
+    )
+    parser.add_argument("--no-dashboard", action="store_true", help="serve no dashboard")
     args = parser.parse_args(argv)
     return run(
         args.orders,
@@ -499,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         args.store,
         seed=args.seed,
         fail_rate=args.fail_rate,
+        dashboard=None if args.no_dashboard else args.dashboard,
     )
 
 
