@@ -1,26 +1,44 @@
-"""SqliteStore: idempotency records, units of work (ctx.store), group commit, outbox."""
+"""The store contract: idempotency records, units of work (ctx.store), concurrent units,
+outbox. Every test taking ``store`` or ``store_url`` runs on SQLite and on PostgreSQL
+(a schema of its own in database ``test`` on the local server)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import hashlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from transport.conftest import require_server
 
 from nerve.errors import ConfigError, StoreError
-from nerve.store import SqliteStore, default_store_url
+from nerve.store import SqliteStore, default_store_url, store_from_url
+from nerve.store.postgres import PostgresStore, to_postgres
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)"
 
+Store = SqliteStore | PostgresStore
 
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/store.db"
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.db"
+        return
+    # imported here: the adapter module needs the suite's conftest loaded first
+    from transport.adapter_postgres import HOST, PORT, drop_schemas, server_url
+
+    require_server("PostgreSQL", HOST, PORT)
+    schema = "nerve_store_t_" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:16]
+    drop_schemas(schema)
+    yield server_url(schema)
+    drop_schemas(schema)
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(url(tmp_path))
+async def store(store_url: str) -> AsyncIterator[Store]:
+    s = store_from_url(store_url)
     await s.start([SCHEMA])
     try:
         yield s
@@ -28,11 +46,11 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
         await s.close()
 
 
-async def table(store: SqliteStore) -> list[tuple[str, int]]:
+async def table(store: Store) -> list[tuple[str, int]]:
     return [(r[0], r[1]) for r in await store.query("SELECT k, v FROM t ORDER BY k")]
 
 
-async def test_commit_returns_outbox_ids_and_records_processed(store: SqliteStore) -> None:
+async def test_commit_returns_outbox_ids_and_records_processed(store: Store) -> None:
     unit = store.unit("f", "e1")
     assert await unit.execute("INSERT INTO t VALUES (?, ?)", ("a", 1)) == 1
     ids = await unit.commit([b"first", b"second"])
@@ -44,7 +62,7 @@ async def test_commit_returns_outbox_ids_and_records_processed(store: SqliteStor
     assert await store.outbox_pending(older_than=0) == [(ids[0], b"first"), (ids[1], b"second")]
 
 
-async def test_commit_without_store_writes(store: SqliteStore) -> None:
+async def test_commit_without_store_writes(store: Store) -> None:
     ids = await store.unit("f", "light").commit([b"x"])
     assert ids is not None and len(ids) == 1
     assert await store.unit("f", "light-empty").commit([]) == []
@@ -54,7 +72,7 @@ async def test_commit_without_store_writes(store: SqliteStore) -> None:
 
 
 async def test_second_commit_for_the_same_event_is_refused_and_rolled_back(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     first = store.unit("f", "e1")
     await first.execute("INSERT INTO t VALUES ('a', 1)")
@@ -76,7 +94,7 @@ async def test_second_commit_for_the_same_event_is_refused_and_rolled_back(
     assert await table(store) == [("a", 1), ("c", 3)]
 
 
-async def test_rollback_undoes_writes(store: SqliteStore) -> None:
+async def test_rollback_undoes_writes(store: Store) -> None:
     unit = store.unit("f", "e1")
     await unit.execute("INSERT INTO t VALUES ('a', 1)")
     await unit.executemany("INSERT INTO t VALUES (?, ?)", [("b", 2), ("c", 3)])
@@ -91,7 +109,7 @@ async def test_rollback_undoes_writes(store: SqliteStore) -> None:
     await store.unit("f", "unused").rollback()  # rolling back an unused unit is harmless
 
 
-async def test_uncommitted_writes_are_invisible_to_readers(store: SqliteStore) -> None:
+async def test_uncommitted_writes_are_invisible_to_readers(store: Store) -> None:
     unit = store.unit("f", "e1")
     await unit.execute("INSERT INTO t VALUES ('a', 1)")
     row = await unit.fetchone("SELECT k, v FROM t")
@@ -104,7 +122,7 @@ async def test_uncommitted_writes_are_invisible_to_readers(store: SqliteStore) -
 
 
 async def test_sql_errors_become_store_errors_and_the_unit_can_roll_back(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     unit = store.unit("f", "e1")
     await unit.execute("INSERT INTO t VALUES ('a', 1)")
@@ -120,7 +138,7 @@ async def test_sql_errors_become_store_errors_and_the_unit_can_roll_back(
     assert await table(store) == [("a", 3)]
 
 
-async def test_concurrent_units_are_group_committed(store: SqliteStore) -> None:
+async def test_concurrent_units_are_group_committed(store: Store) -> None:
     async def work(i: int) -> list[int] | None:
         unit = store.unit("f", f"e{i}")
         await asyncio.sleep(0)
@@ -142,7 +160,7 @@ async def test_concurrent_units_are_group_committed(store: SqliteStore) -> None:
     assert {outbox_ids[i]: f"out{i}".encode() for i in range(50)} == pending
 
 
-async def test_rollbacks_in_a_group_commit_undo_only_their_own_unit(store: SqliteStore) -> None:
+async def test_rollbacks_in_a_group_commit_undo_only_their_own_unit(store: Store) -> None:
     async def work(i: int) -> list[int] | None:
         unit = store.unit("f", f"e{i}")
         await unit.execute("INSERT INTO t VALUES (?, ?)", (f"k{i:02d}", i))
@@ -159,7 +177,7 @@ async def test_rollbacks_in_a_group_commit_undo_only_their_own_unit(store: Sqlit
     assert all(await asyncio.gather(*(store.is_processed("g", f"l{i}") for i in range(20))))
 
 
-async def test_concurrent_duplicates_commit_once(store: SqliteStore) -> None:
+async def test_concurrent_duplicates_commit_once(store: Store) -> None:
     async def work(i: int) -> list[int] | None:
         unit = store.unit("f", "same")
         await unit.execute("INSERT INTO t VALUES (?, ?)", (f"k{i}", i))
@@ -172,7 +190,7 @@ async def test_concurrent_duplicates_commit_once(store: SqliteStore) -> None:
     assert len(await store.outbox_pending(older_than=0)) == 1
 
 
-async def test_outbox_pending_and_cleared(store: SqliteStore) -> None:
+async def test_outbox_pending_and_cleared(store: Store) -> None:
     ids = []
     for i in range(5):
         got = await store.unit("f", f"e{i}").commit([f"b{i}".encode()])
@@ -188,7 +206,7 @@ async def test_outbox_pending_and_cleared(store: SqliteStore) -> None:
     await store.outbox_cleared([])
 
 
-async def test_prune_processed(store: SqliteStore) -> None:
+async def test_prune_processed(store: Store) -> None:
     for i in range(3):
         await store.unit("f", f"e{i}").commit([])
     assert await store.prune_processed(older_than=3600) == 0
@@ -199,15 +217,15 @@ async def test_prune_processed(store: SqliteStore) -> None:
     assert await store.unit("f", "e0").commit([]) == []  # may be processed again
 
 
-async def test_data_survives_reopening(tmp_path: Path) -> None:
-    first = SqliteStore(url(tmp_path))
+async def test_data_survives_reopening(store_url: str) -> None:
+    first = store_from_url(store_url)
     await first.start([SCHEMA])
     unit = first.unit("f", "e1")
     await unit.execute("INSERT INTO t VALUES ('a', 1)")
     ids = await unit.commit([b"keep me"])
     await first.close()
 
-    second = SqliteStore(url(tmp_path))
+    second = store_from_url(store_url)
     await second.start([SCHEMA])  # the DDL is idempotent
     try:
         assert await second.is_processed("f", "e1")
@@ -245,3 +263,16 @@ def test_default_store_url() -> None:
     assert default_store_url("sqlite:///.nerve/nerve.db") == "sqlite:///.nerve/store.db"
     assert default_store_url("sqlite:////var/lib/n/nerve.db") == "sqlite:////var/lib/n/store.db"
     assert default_store_url("memory://") == "memory://"
+
+
+def test_postgres_store_urls_and_placeholders() -> None:
+    assert isinstance(store_from_url("postgresql://u@h/db?schema=s"), PostgresStore)
+    for bad in ("postgresql://h/db?nope=1", "postgresql://h/db?schema=a-b", "redis://h"):
+        with pytest.raises(ConfigError):
+            PostgresStore(bad)
+    with pytest.raises(ConfigError) as caught:
+        PostgresStore("postgresql://u:hunter2@h/db?pool_size=0")
+    assert "hunter2" not in str(caught.value)
+    assert to_postgres("SELECT '?', \"a?\" FROM t WHERE k = ? AND v > ?") == (
+        "SELECT '?', \"a?\" FROM t WHERE k = $1 AND v > $2"
+    )

@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -25,6 +25,7 @@ from nerve.schema.registry import (
     register_app,
     registry_from_url,
 )
+from nerve.store import store_from_url
 from nerve.store.sqlite import SqliteStore, default_store_url
 from nerve.transport import DEFAULT_BROKER, Transport, from_url
 from nerve.transport.base import Inspectable
@@ -32,6 +33,7 @@ from nerve.transport.base import Inspectable
 if TYPE_CHECKING:
     from nerve.observe.metrics import Metrics
     from nerve.observe.tracing import Tracing
+    from nerve.store.postgres import PostgresStore
 
 log = logging.getLogger("nerve.runtime")
 
@@ -160,7 +162,7 @@ class Runtime:
         self,
         app: App,
         broker: str | Transport | None = None,
-        store: str | SqliteStore | None = None,
+        store: str | SqliteStore | PostgresStore | None = None,
         *,
         only: Sequence[str] | None = None,
         shutdown_timeout: float = 10.0,
@@ -177,11 +179,14 @@ class Runtime:
         else:
             self.transport = broker
             broker_url = str(getattr(broker, "url", DEFAULT_BROKER))
-        self.store = (
-            store
-            if isinstance(store, SqliteStore)
-            else SqliteStore(store or default_store_url(broker_url))
+        chosen = (
+            store_from_url(store or default_store_url(broker_url))
+            if store is None or isinstance(store, str)
+            else store
         )
+        # PostgresStore has SqliteStore's interface (tests/test_store.py runs one contract
+        # on both); the pipeline is typed against SqliteStore until a Store protocol exists
+        self.store = cast(SqliteStore, chosen)
         if only:
             unknown = [name for name in only if name not in app.functions]
             if unknown:

@@ -1,0 +1,377 @@
+"""The PostgreSQL store: idempotency records, the outbox and ``ctx.store`` in PostgreSQL,
+so several machines (and the ``postgresql://`` broker) can share them.
+
+Same interface and guarantees as :class:`~nerve.store.sqlite.SqliteStore`: a handler's
+writes through ``ctx.store``, the record "(function, event id) processed" and its
+outbox rows commit in ONE transaction. A unit takes a pooled connection and opens its
+transaction at its first ``ctx.store`` call; units run in parallel (PostgreSQL's row
+locks order them), and two units of the same (function, event id) commit once: the
+second waits on the first's processed row, then finds it and rolls back. Handlers that
+never touch ``ctx.store`` are recorded many at a time in one transaction.
+
+SQL is written as for SQLite, with ``?`` placeholders: they become ``$1, $2, ...``
+outside quoted text. Differences from SQLite to know: a failed statement aborts the
+unit's transaction (roll back, then retry), and DDL types follow PostgreSQL (``REAL`` is
+4 bytes there: use ``DOUBLE PRECISION`` for timestamps; ``BLOB`` is ``BYTEA``).
+
+URL: ``postgresql://user:password@host:5432/db?schema=public&pool_size=10``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from nerve._batch import Coalescer
+from nerve._urls import redact
+from nerve.errors import ConfigError, StoreError
+
+try:
+    import asyncpg  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - depends on the installed extras
+    asyncpg = None
+
+__all__ = ["PostgresStore", "PostgresUnit"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nerve_processed (
+    function TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    processed_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (function, event_id)
+);
+CREATE TABLE IF NOT EXISTS nerve_outbox (
+    id BIGSERIAL PRIMARY KEY,
+    body BYTEA NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+"""
+
+Params = Sequence[Any] | dict[str, Any]
+_OPTIONS = {"schema", "pool_size"}
+
+
+@functools.lru_cache(maxsize=1024)
+def to_postgres(sql: str) -> str:
+    """``sql`` with each ``?`` placeholder outside quotes turned into ``$1, $2, ...``."""
+    out: list[str] = []
+    n = 0
+    quote = ""
+    for char in sql:
+        if quote:
+            if char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char == "?":
+            n += 1
+            out.append(f"${n}")
+            continue
+        out.append(char)
+    return "".join(out)
+
+
+def _args(params: Params) -> list[Any]:
+    if isinstance(params, dict):
+        raise StoreError(
+            "named parameters are not supported by the PostgreSQL store: "
+            "write ? placeholders and pass a sequence"
+        )
+    return list(params)
+
+
+def _count(status: str) -> int:
+    """Rows changed, from a command status such as ``INSERT 0 3`` or ``UPDATE 2``."""
+    last = status.rpartition(" ")[2]
+    return int(last) if last.isdigit() else 0
+
+
+_ERRORS: tuple[type[BaseException], ...] = (
+    (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) if asyncpg is not None else (OSError,)
+)
+_START_ERRORS: tuple[type[BaseException], ...] = (*_ERRORS, TimeoutError)
+
+
+class PostgresStore:
+    """``postgresql://user@host/db?schema=nerve``: the store in PostgreSQL."""
+
+    def __init__(self, url: str, *, max_batch: int = 256) -> None:
+        if asyncpg is None:
+            raise ConfigError("the PostgreSQL store needs asyncpg: pip install 'nerve[postgres]'")
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"store URL {redact(url)!r}: not a postgresql:// URL")
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ConfigError(
+                f"store URL {redact(url)!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(_OPTIONS))}"
+            )
+        self.schema = options.get("schema", "public")
+        if not self.schema.replace("_", "").isalnum() or not self.schema[0].isalpha():
+            raise ConfigError(
+                f"store URL {redact(url)!r}: schema must be letters, digits and _ "
+                "(starting with a letter)"
+            )
+        try:
+            self._pool_size = int(options.get("pool_size", 10))
+        except ValueError:
+            raise ConfigError(f"store URL {redact(url)!r}: pool_size must be a number") from None
+        if self._pool_size < 1:
+            raise ConfigError(f"store URL {redact(url)!r}: pool_size must be at least 1")
+        self.url = url
+        self._dsn = urlunsplit(parts._replace(query=urlencode({})))
+        self._where = f"PostgreSQL at {parts.hostname or 'localhost'}:{parts.port or 5432}"
+        self._pool: Any = None
+        self._max_batch = max_batch
+        self._light: Coalescer[tuple[str, str, list[bytes]], list[int] | None] = Coalescer(
+            self.commit_records
+        )
+        self._outbox_deletes: Coalescer[int, None] = Coalescer(self._delete_outbox)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redact(self.url)!r})"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, schema: Sequence[str] = ()) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=10,
+                server_settings={"search_path": self.schema},
+            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                # one process at a time creates the tables (CREATE IF NOT EXISTS races)
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('nerve-store-ddl'))")
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                await conn.execute(SCHEMA)
+                for ddl in schema:
+                    await conn.execute(ddl)
+        except _START_ERRORS as exc:
+            await self.close()
+            raise StoreError(f"cannot open the store on {self._where}: {exc}") from None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._outbox_deletes.drain()
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:  # a unit still holds a connection: cut it off
+                pool.terminate()
+
+    def _require(self) -> Any:
+        if self._pool is None:
+            raise StoreError("the PostgreSQL store is not started (await start() first)")
+        return self._pool
+
+    # -- idempotency -----------------------------------------------------------------
+
+    async def is_processed(self, function: str, event_id: str) -> bool:
+        return event_id in await self.processed_many(function, [event_id])
+
+    async def processed_many(self, function: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of ``event_ids`` ``function`` has processed already (one query)."""
+        try:
+            rows = await self._require().fetch(
+                "SELECT event_id FROM nerve_processed WHERE function = $1 "
+                "AND event_id = ANY($2::text[])",
+                function,
+                list(event_ids),
+            )
+        except _ERRORS as exc:
+            raise StoreError(f"idempotency check on {self._where}: {exc}") from None
+        return {r[0] for r in rows}
+
+    async def commit_records(
+        self, items: Sequence[tuple[str, str, list[bytes]]]
+    ) -> list[list[int] | None]:
+        """Record many (function, event id, outbox) as processed in one transaction.
+        Returns, per item, its outbox row ids, or None if it had been processed already."""
+        rows = list(items)
+        out: list[list[int] | None] = []
+        try:
+            async with self._require().acquire() as conn, conn.transaction():
+                for start in range(0, len(rows), self._max_batch):
+                    for function, event_id, outbox in rows[start : start + self._max_batch]:
+                        out.append(await _record(conn, function, event_id, outbox))
+        except _ERRORS as exc:
+            raise StoreError(f"commit on {self._where}: {exc}") from None
+        return out
+
+    def unit(self, function: str, event_id: str) -> PostgresUnit:
+        return PostgresUnit(self, function, event_id)
+
+    # -- outbox ----------------------------------------------------------------------
+
+    async def outbox_cleared(self, ids: Sequence[int]) -> None:
+        """The outbox rows ``ids`` have been published: forget them (batched)."""
+        for i in ids:
+            await self._outbox_deletes.submit(i)
+
+    async def _delete_outbox(self, ids: list[int]) -> list[None]:
+        try:
+            await self._require().execute(
+                "DELETE FROM nerve_outbox WHERE id = ANY($1::bigint[])", ids
+            )
+        except _ERRORS as exc:
+            raise StoreError(f"outbox on {self._where}: {exc}") from None
+        return [None] * len(ids)
+
+    async def outbox_pending(self, older_than: float, limit: int = 1000) -> list[tuple[int, bytes]]:
+        """Outbox rows left behind by a crash between commit and publish."""
+        rows = await self.query(
+            "SELECT id, body FROM nerve_outbox WHERE created_at < ? ORDER BY id LIMIT ?",
+            (time.time() - older_than, limit),
+        )
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    async def prune_processed(self, older_than: float) -> int:
+        """Forget idempotency records older than ``older_than`` seconds."""
+        try:
+            status = await self._require().execute(
+                "DELETE FROM nerve_processed WHERE processed_at < $1", time.time() - older_than
+            )
+        except _ERRORS as exc:
+            raise StoreError(f"prune on {self._where}: {exc}") from None
+        return _count(status)
+
+    async def query(self, sql: str, params: Params = ()) -> list[Any]:
+        """Read committed data (for tools, tests and invariant checks)."""
+        try:
+            return list(await self._require().fetch(to_postgres(sql), *_args(params)))
+        except _ERRORS as exc:
+            raise StoreError(str(exc)) from None
+
+
+async def _record(conn: Any, function: str, event_id: str, outbox: list[bytes]) -> list[int] | None:
+    """Mark processed and stage the outbox; None if it was processed already."""
+    now = time.time()
+    status = await conn.execute(
+        "INSERT INTO nerve_processed (function, event_id, processed_at) VALUES ($1, $2, $3) "
+        "ON CONFLICT DO NOTHING",
+        function,
+        event_id,
+        now,
+    )
+    if _count(status) == 0:
+        return None
+    if not outbox:
+        return []
+    rows = await conn.fetch(
+        "INSERT INTO nerve_outbox (body, created_at) "
+        "SELECT body, $2 FROM unnest($1::bytea[]) WITH ORDINALITY AS o(body, n) ORDER BY n "
+        "RETURNING id",
+        list(outbox),
+        now,
+    )
+    return sorted(int(r[0]) for r in rows)
+
+
+class PostgresUnit:
+    """``ctx.store`` on PostgreSQL: the handler's transaction on a pooled connection,
+    opened at the first call, committed with the idempotency record."""
+
+    __slots__ = ("_conn", "_store", "_tx", "event_id", "function")
+
+    def __init__(self, store: PostgresStore, function: str, event_id: str) -> None:
+        self._store = store
+        self.function = function
+        self.event_id = event_id
+        self._conn: Any = None
+        self._tx: Any = None
+
+    @property
+    def active(self) -> bool:
+        """True once the handler used the store: the unit holds a connection."""
+        return self._conn is not None
+
+    async def _connection(self) -> Any:
+        if self._conn is None:
+            pool = self._store._require()
+            try:
+                conn = await pool.acquire()
+            except _ERRORS as exc:
+                raise StoreError(f"cannot reach {self._store._where}: {exc}") from None
+            try:
+                tx = conn.transaction()
+                await tx.start()
+            except BaseException:
+                await pool.release(conn)
+                raise
+            self._conn, self._tx = conn, tx
+        return self._conn
+
+    async def execute(self, sql: str, params: Params = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        conn = await self._connection()
+        try:
+            return _count(await conn.execute(to_postgres(sql), *_args(params)))
+        except _ERRORS as exc:
+            raise StoreError(str(exc)) from None
+
+    async def executemany(self, sql: str, rows: Sequence[Params]) -> int:
+        return sum([await self.execute(sql, row) for row in rows])
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Any]:
+        conn = await self._connection()
+        try:
+            return list(await conn.fetch(to_postgres(sql), *_args(params)))
+        except _ERRORS as exc:
+            raise StoreError(str(exc)) from None
+
+    async def fetchone(self, sql: str, params: Params = ()) -> Any:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, params: Params = ()) -> Any:
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    # -- used by the runtime -------------------------------------------------------
+
+    async def commit(self, outbox: Sequence[bytes]) -> list[int] | None:
+        """Commit the unit with its idempotency record and outbox rows; durable on return.
+
+        Returns the outbox row ids, or None if the event had been processed already
+        (a concurrent duplicate): then the unit's writes are rolled back.
+        """
+        if self._conn is None:
+            return await self._store._light.submit((self.function, self.event_id, list(outbox)))
+        try:
+            ids = await _record(self._conn, self.function, self.event_id, list(outbox))
+            if ids is None:
+                await self._tx.rollback()
+            else:
+                await self._tx.commit()
+        except _ERRORS as exc:
+            await self.rollback()
+            raise StoreError(f"commit on {self._store._where}: {exc}") from None
+        except BaseException:
+            await self.rollback()
+            raise
+        await self._release()
+        return ids
+
+    async def rollback(self) -> None:
+        """Undo the unit's writes (the handler failed)."""
+        if self._conn is not None:
+            try:
+                await self._tx.rollback()
+            except _ERRORS:
+                pass  # already over, or a broken connection: the server rolls back
+            finally:
+                await self._release()
+
+    async def _release(self) -> None:
+        conn, self._conn, self._tx = self._conn, None, None
+        if conn is not None:
+            await self._store._require().release(conn)
