@@ -284,7 +284,7 @@ app.store_tables(
         order_id    TEXT NOT NULL,
         shipment_id TEXT NOT NULL,
         units       INTEGER NOT NULL,
-        prepared_at REAL NOT NULL
+        prepared_at DOUBLE PRECISION NOT NULL
     );
     CREATE INDEX IF NOT EXISTS shipments_by_order ON shipments (order_id);
     """
@@ -319,7 +319,7 @@ app.store_tables(
         customer_id TEXT NOT NULL,
         kind        TEXT NOT NULL,   -- the order's terminal state
         message     TEXT NOT NULL,
-        sent_at     REAL NOT NULL
+        sent_at     DOUBLE PRECISION NOT NULL
     );
     CREATE INDEX IF NOT EXISTS notifications_by_order ON notifications (order_id);
     """
@@ -361,7 +361,7 @@ app.store_tables(
         customer_id TEXT NOT NULL,
         state       TEXT NOT NULL,              -- placed, then one of TERMINAL_STATES
         outcomes    INTEGER NOT NULL DEFAULT 0, -- outcome events seen: must end at 1
-        updated_at  REAL NOT NULL
+        updated_at  DOUBLE PRECISION NOT NULL
     );
     """
 )
@@ -389,7 +389,8 @@ async def orders(
     await ctx.store.execute(
         "INSERT INTO orders (order_id, customer_id, state, outcomes, updated_at) "
         "VALUES (?, ?, ?, 1, ?) ON CONFLICT (order_id) DO UPDATE "
-        "SET state = excluded.state, outcomes = outcomes + 1, updated_at = excluded.updated_at",
+        "SET state = excluded.state, outcomes = orders.outcomes + 1, "
+        "updated_at = excluded.updated_at",
         (event.order_id, event.customer_id, state, time.time()),
     )
 

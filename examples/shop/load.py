@@ -88,8 +88,8 @@ async def seed_stock(store: SqliteStore, stock: Mapping[str, int]) -> None:
     try:
         await unit.executemany(
             "INSERT INTO stock (sku, received, available, reserved) VALUES (?, ?, ?, 0) "
-            "ON CONFLICT (sku) DO UPDATE SET received = received + excluded.received, "
-            "available = available + excluded.available",
+            "ON CONFLICT (sku) DO UPDATE SET received = stock.received + excluded.received, "
+            "available = stock.available + excluded.available",
             [(sku, qty, qty) for sku, qty in stock.items()],
         )
     except BaseException:
