@@ -46,6 +46,10 @@ class AdapterSpec:
     in-process broker), not a new connection. ``restart_server``: stops and starts the
     real server this adapter talks to (``tests/transport/restarts.py``), for the test of
     reconnecting mid-stream; None where there is no server to restart.
+    ``scale``: a multiplier for the event counts of the suite's bulk tests (the batch of
+    500, work sharing over 200; see :func:`scaled`), for a test server whose cost per
+    message grows with the queue (moto for ``sqs``). 1.0 runs them as written; every
+    assertion stays the same. It is printed in the features table.
     """
 
     name: str
@@ -53,6 +57,11 @@ class AdapterSpec:
     restartable: bool
     shared_instance: bool = False
     restart_server: Callable[[], None] | None = None
+    scale: float = 1.0
+
+    def scaled(self, count: int) -> int:
+        """``count`` events times ``scale`` (at least 20, and never more than ``count``)."""
+        return min(count, max(20, round(count * self.scale)))
 
     def url(self, directory: Path, **options: float | int | str) -> str:
         """The broker URL with URL options (``visibility_timeout=0.5``) appended."""
@@ -196,6 +205,7 @@ def _features_row(spec: AdapterSpec) -> list[str]:
         for protocol in (DeadLetterQueue, Inspectable, EventLog)
     ]
     row.append("yes" if spec.restartable else "NO")
+    row.append(f"{spec.scale:g}")
     return row
 
 
@@ -210,6 +220,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         "Inspectable",
         "EventLog",
         "restartable",
+        "scale",
     ]
     rows = [header] + [_features_row(spec) for spec in _USED.values()]
     rows = [row + [""] * (len(header) - len(row)) for row in rows]

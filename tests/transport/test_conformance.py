@@ -192,13 +192,16 @@ async def test_publish_then_consume_round_trips_the_event(transport: Transport) 
 # -- 2. batch ---------------------------------------------------------------------------
 
 
-async def test_batch_of_500_is_received_completely_exactly_once(transport: Transport) -> None:
+async def test_batch_of_500_is_received_completely_exactly_once(
+    adapter: AdapterSpec, transport: Transport
+) -> None:
+    count = adapter.scaled(500)  # 500 unless the adapter's test server declares a scale
     (consumer,) = await setup(transport, Subscription("g", ("order.created",)))
-    sent = [make(i) for i in range(500)]
+    sent = [make(i) for i in range(count)]
     await transport.publish(sent)
-    got = await drain(consumer, 500)
-    assert sorted(numbers(got)) == list(range(500))
-    assert len(set(ids(got))) == 500
+    got = await drain(consumer, count)
+    assert sorted(numbers(got)) == list(range(count))
+    assert len(set(ids(got))) == count
     assert all(d.attempt == 1 for d in got)
     await nothing(consumer)
 
@@ -248,7 +251,8 @@ async def test_consumers_of_one_group_share_the_work(
     if transport.features.shared_across_processes:
         assert other is not transport
     one, two = transport.consumer(sub), other.consumer(sub)
-    await transport.publish([make(i) for i in range(200)])
+    count = adapter.scaled(200)
+    await transport.publish([make(i) for i in range(count)])
 
     # hold what one consumer has: the other must get different events
     first = list(await one.fetch(10, SOON))
@@ -263,14 +267,14 @@ async def test_consumers_of_one_group_share_the_work(
     deadline = time.monotonic() + SOON
 
     async def work(name: str, consumer: Consumer) -> None:
-        while sum(len(v) for v in seen.values()) < 200 and time.monotonic() < deadline:
+        while sum(len(v) for v in seen.values()) < count and time.monotonic() < deadline:
             for delivery in await consumer.fetch(7, 0.2):
                 seen[name].append(delivery.event.id)
                 await delivery.ack()
 
     await asyncio.gather(work("one", one), work("two", two))
     everything = seen["one"] + seen["two"]
-    assert len(everything) == 200, "an event was delivered to both consumers, or lost"
+    assert len(everything) == count, "an event was delivered to both consumers, or lost"
     assert not set(seen["one"]) & set(seen["two"])
     await nothing(one, 0.1)
     await nothing(two, 0.1)
