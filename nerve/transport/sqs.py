@@ -72,6 +72,8 @@ _ATTRIBUTE_ROOM = 2048
 _BODY_LIMIT = _SQS_LIMIT - _ATTRIBUTE_ROOM
 _MAX_VISIBILITY = 12 * 3600
 _TRACEBACK_MAX = 16_384
+_RECEIVES_AT_ONCE = 5
+"""ReceiveMessage calls one ``fetch`` makes at the same time for a large ``limit``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,14 +341,13 @@ class SqsConsumer:
             remaining = deadline - time.monotonic()
             # a short poll takes what is there; a long poll (only when that was nothing)
             # asks for one message, so it returns as soon as one arrives (some emulators
-            # keep a long poll open until MaxNumberOfMessages are there), then a short
-            # poll takes the rest
+            # keep a long poll open until MaxNumberOfMessages are there), then short
+            # polls take the rest; a full short poll is followed by more, at once
             wait = max(0, min(20, int(remaining))) if long_poll else 0
             reply = await self._receive(1 if wait else min(10, limit), wait)
             messages = list(reply.get("Messages", []))
-            if wait and messages and limit > 1:
-                more = await self._receive(min(10, limit - 1), 0)
-                messages += more.get("Messages", [])
+            if messages and len(messages) < limit and (wait or len(messages) == 10):
+                messages += await self._receive_more(limit - len(messages))
             out: list[Delivery] = []
             unwanted: list[str] = []
             for message in messages:
@@ -366,6 +367,14 @@ class SqsConsumer:
                 if long_poll and wait == 0:
                     await asyncio.sleep(min(0.05, remaining))
                 long_poll = True
+
+    async def _receive_more(self, count: int) -> list[dict[str, Any]]:
+        """Up to ``count`` more messages after a receive found some: short polls of 10,
+        at most :data:`_RECEIVES_AT_ONCE` at the same time (SQS returns 10 per call)."""
+        calls = min(_RECEIVES_AT_ONCE, math.ceil(count / 10))
+        sizes = [min(10, count - 10 * i) for i in range(calls)]
+        replies = await asyncio.gather(*(self._receive(size, 0) for size in sizes))
+        return [m for reply in replies for m in reply.get("Messages", [])]
 
     async def _receive(self, count: int, wait: int) -> Any:
         return await self.transport._sqs_call(
@@ -404,13 +413,25 @@ class SqsConsumer:
     async def ack_many(self, deliveries: Sequence[Delivery]) -> Sequence[Delivery]:
         mine = [d for d in deliveries if isinstance(d, SqsDelivery)]
         refused: list[Delivery] = [d for d in deliveries if not isinstance(d, SqsDelivery)]
-        for start in range(0, len(mine), 10):
-            chunk = mine[start : start + 10]
-            reply = await self.transport._sqs_call(
-                "delete_message_batch",
-                QueueUrl=self.queue_url,
-                Entries=[{"Id": str(i), "ReceiptHandle": d.handle} for i, d in enumerate(chunk)],
-            )
+        chunks = [mine[start : start + 10] for start in range(0, len(mine), 10)]
+        replies = await asyncio.gather(
+            *(
+                self.transport._sqs_call(
+                    "delete_message_batch",
+                    QueueUrl=self.queue_url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": d.handle} for i, d in enumerate(chunk)
+                    ],
+                )
+                for chunk in chunks
+            ),
+            return_exceptions=True,
+        )
+        error: BaseException | None = None
+        for chunk, reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, BaseException):
+                error = error or reply
+                continue
             failed = {f["Id"] for f in reply.get("Failed", [])}
             for i, delivery in enumerate(chunk):
                 if str(i) in failed:
@@ -418,6 +439,8 @@ class SqsConsumer:
                 else:
                     delivery._settled = True
                     self.transport._count(self.group, "processed")
+        if error is not None:
+            raise error  # the chunks that succeeded are settled
         return refused
 
     async def close(self) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,6 +19,8 @@ from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError
 from nerve.event import Event
 from nerve.transport.sqs import SqsConfig, SqsTransport, _filter_policy, _queue_name, _seconds
+
+from .adapter_sqs import _LAUNCHER, _installed
 
 for _name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
     os.environ.setdefault(_name, "testing")
@@ -90,9 +91,8 @@ async def test_an_unreachable_endpoint_is_one_line_without_credentials() -> None
 
 @pytest.fixture(scope="module")
 def moto_port() -> Iterator[int]:
-    beside = Path(sys.executable).parent / "moto_server"
-    binary = str(beside) if beside.exists() else shutil.which("moto_server")
-    if binary is None:
+    # moto_server with its SQS backend made thread-safe (adapter_sqs.py says why)
+    if not _installed():
         if os.environ.get("CI"):
             pytest.fail("moto_server is not installed")
         pytest.skip("moto_server is not installed")
@@ -100,7 +100,7 @@ def moto_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     server = subprocess.Popen(
-        [binary, "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-c", _LAUNCHER, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -163,5 +163,32 @@ async def test_non_matching_events_never_reach_the_queue_or_are_dropped(moto_por
         assert await consumer.fetch(10, 0.3) == []
         (stats,) = await transport.stats()
         assert (stats.ready, stats.in_flight, stats.processed) == (0, 0, 1)
+    finally:
+        await transport.close()
+
+
+async def test_a_large_fetch_receives_several_batches_of_ten_at_once(moto_port: int) -> None:
+    """``fetch(limit > 10)`` is not capped at one ReceiveMessage (10 messages): a full
+    receive is followed by concurrent ones; ``ack_many`` deletes in batches of 10."""
+    transport = SqsTransport(f"sqs://127.0.0.1:{moto_port}?prefix=wide&endpoint=http")
+    await transport.start()
+    try:
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        consumer = transport.consumer(sub)
+        await transport.publish(
+            [Event(type="order.created", source="/t", data={"n": n}) for n in range(45)]
+        )
+        got: list[Any] = list(await consumer.fetch(45, 2.0))
+        assert len(got) > 10, "one fetch made one ReceiveMessage call"
+        deadline = time.monotonic() + 10
+        while len(got) < 45 and time.monotonic() < deadline:
+            got += await consumer.fetch(45 - len(got), 1.0)
+        assert sorted(d.event.data["n"] for d in got) == list(range(45))
+        assert len({d.event.id for d in got}) == 45
+        assert await consumer.ack_many(got) == []
+        assert await consumer.fetch(50, 0.3) == []
+        (stats,) = await transport.stats()
+        assert (stats.ready, stats.in_flight, stats.processed) == (0, 0, 45)
     finally:
         await transport.close()
