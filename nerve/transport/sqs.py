@@ -12,7 +12,7 @@ reliably, so ``fenced_settlement`` is declared False; per-key order would need F
 queues (future work), so ``key_ordering`` is False.
 
 URL: ``sqs://[host:port]?region=us-east-1&prefix=nerve&visibility_timeout=30
-&max_payload=262144&endpoint=https`` (no host: AWS itself, region from the URL or the
+&max_payload=260096&endpoint=https`` (no host: AWS itself, region from the URL or the
 environment; ``endpoint=http`` for a local emulator such as moto). Credentials come
 from the usual AWS chain (environment, profile, instance role), never the URL.
 """
