@@ -41,6 +41,7 @@ declare ``properties`` (models) get this reading; a ``dict`` field always states
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -276,6 +277,14 @@ class _Walk:
     reader_root: Schema
     content: ContentModel
     assumed: set[tuple[int, int]] = field(default_factory=set)
+    _reader_root_validator: jsonschema.protocols.Validator | None = None
+
+    def reader_validator(self, schema: Mapping[str, Any]) -> jsonschema.protocols.Validator:
+        """A validator for ``schema``, a part of the reader, whose ``$ref``s resolve
+        against the reader's root (``#`` is the whole reader, not ``schema``)."""
+        if self._reader_root_validator is None:
+            self._reader_root_validator = jsonschema.Draft202012Validator(self.reader_root)
+        return self._reader_root_validator.evolve(schema=schema)
 
     def resolve(self, schema: Schema, root: Schema) -> Schema:
         seen = 0
@@ -395,8 +404,7 @@ def _readable_mapping(
             return
     if "enum" in w or "const" in w:
         values = list(w["enum"]) if "enum" in w else [w["const"]]
-        reader = _with_defs(r, walk.reader_root)
-        validator = jsonschema.Draft202012Validator(reader)
+        validator = walk.reader_validator(r)
         for value in values:
             if not validator.is_valid(value):
                 yield Finding(path, "value-removed", f"{_short(value)} is no longer valid", value)
@@ -407,8 +415,18 @@ def _readable_mapping(
         return
     for keyword in r:
         if keyword not in _HANDLED and keyword not in _ANNOTATIONS:
-            same = w.get(keyword) == r[keyword] and b'"$ref"' not in orjson.dumps(r[keyword])
-            if not same:
+            if keyword in _CONTEXTUAL:
+                if not _is_universal(r[keyword]):
+                    yield Finding(
+                        path,
+                        "unsupported-keyword",
+                        f"cannot prove {keyword!r} is satisfied; what it constrains depends "
+                        "on the keywords around it, which nerve does not reason about",
+                        w.get(keyword),
+                        r[keyword],
+                    )
+                continue
+            if not _same_constraint(w.get(keyword), r[keyword]):
                 yield Finding(
                     path,
                     "unsupported-keyword",
@@ -435,6 +453,22 @@ def _readable_mapping(
         yield from _arrays(walk, w, r, path)
     if "object" in shared:
         yield from _objects(walk, w, r, path)
+
+
+# Keywords whose constraint depends on their siblings (which properties or items the
+# others evaluated): the same value in writer and reader is not the same constraint.
+_CONTEXTUAL = frozenset({"unevaluatedProperties", "unevaluatedItems", "additionalItems"})
+_REFS = (b'"$ref"', b'"$dynamicRef"', b'"$recursiveRef"')
+
+
+def _same_constraint(w_value: Any, r_value: Any) -> bool:
+    """A keyword nerve does not reason about holds for the writer's data when the
+    writer states it with the same value, unless it refers elsewhere (a ``$ref`` means
+    something else in each schema)."""
+    if w_value != r_value:
+        return False
+    text = orjson.dumps(r_value)
+    return not any(ref in text for ref in _REFS)
 
 
 def _readable_alternatives(
@@ -511,15 +545,6 @@ def _without(schema: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
 
 def _strip(schema: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
-
-
-def _with_defs(schema: Mapping[str, Any], root: Schema) -> dict[str, Any]:
-    out = dict(schema)
-    if isinstance(root, Mapping):
-        for defs in ("$defs", "definitions"):
-            if defs in root and defs not in out:
-                out[defs] = root[defs]
-    return out
 
 
 # -- numbers -----------------------------------------------------------------------------
@@ -650,12 +675,49 @@ def _arrays(
 # -- objects -----------------------------------------------------------------------------
 
 
-def _writer_additional(walk: _Walk, w: Mapping[str, Any]) -> Schema:
+def _writer_additional(walk: _Walk, w: Mapping[str, Any], *, patterns: bool = True) -> Schema:
+    """What the writer may write under a name its ``properties`` do not declare
+    (``patterns=False``: nor its ``patternProperties`` match)."""
+    extra: Schema
     if "additionalProperties" in w:
-        value: Schema = w["additionalProperties"]
-        return value
-    # a model: nerve writes only the properties it declares
-    return not (walk.content == "nerve" and _is_model(w))
+        extra = w["additionalProperties"]
+    else:  # a model: nerve writes only the properties it declares
+        extra = not (walk.content == "nerve" and _is_model(w))
+    matched: Mapping[str, Schema] = (w.get("patternProperties") or {}) if patterns else {}
+    if not matched or _is_universal(extra):
+        return extra
+    # A name matching a pattern takes that pattern's schema and escapes
+    # additionalProperties: the value is valid under one of them (nerve does not
+    # reason about which names match which pattern).
+    branches = [s for s in (*matched.values(), extra) if s is not False]
+    if not branches:
+        return False
+    return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
+def _writer_named(walk: _Walk, w: Mapping[str, Any], name: str, w_extra: Schema) -> Schema:
+    """What the writer may write under ``name``, which its ``properties`` do not
+    declare: the schemas of the patterns it matches (Python's ``re.search``, as the
+    ``jsonschema`` library matches them), else additionalProperties. ``w_extra`` (any
+    undeclared name) when a pattern does not compile."""
+    matching: list[Schema] = []
+    for pattern, schema in (w.get("patternProperties") or {}).items():
+        try:
+            if re.search(pattern, name):
+                matching.append(schema)
+        except re.error:
+            return w_extra
+    if not matching:
+        return _writer_additional(walk, w, patterns=False)
+    return matching[0] if len(matching) == 1 else {"allOf": matching}
+
+
+def _writer_extra_doc(w: Mapping[str, Any]) -> Any:
+    """The writer's side of a finding about its undeclared properties."""
+    extra = w.get("additionalProperties", True)
+    if not w.get("patternProperties"):
+        return extra
+    return {"patternProperties": w["patternProperties"], "additionalProperties": extra}
 
 
 def _is_model(schema: Mapping[str, Any]) -> bool:
@@ -702,6 +764,14 @@ def _objects(
     w_required = set(w.get("required", ()))
     w_extra = _writer_additional(walk, w)
     r_extra: Schema = r.get("additionalProperties", True)
+    # The reader's additionalProperties does not apply to names its patternProperties
+    # match; when those are the writer's (the unsupported-keyword rule proved them),
+    # only the names neither matches meet it.
+    w_unmatched = w_extra
+    if w.get("patternProperties") and _same_constraint(
+        w["patternProperties"], r.get("patternProperties")
+    ):
+        w_unmatched = _writer_additional(walk, w, patterns=False)
     for name in r.get("required", ()):
         if name not in w_required:
             yield Finding(
@@ -715,9 +785,10 @@ def _objects(
         if name in w_props:
             yield from _readable(walk, w_props[name], r_schema, _join(path, name))
             continue
-        if w_extra is False or _is_universal(r_schema):
+        w_named = _writer_named(walk, w, name, w_extra)
+        if w_named is False or _is_universal(r_schema):
             continue  # the writer never writes it, or the reader takes any value
-        found = list(_readable(walk, w_extra, r_schema, _join(path, name)))
+        found = list(_readable(walk, w_named, r_schema, _join(path, name)))
         if found:
             yield Finding(
                 _join(path, name),
@@ -741,14 +812,14 @@ def _objects(
             )
         elif not _is_universal(r_extra):
             yield from _readable(walk, w_schema, r_extra, _join(path, name))
-    if w_extra is not False and not _is_universal(r_extra):
+    if w_unmatched is not False and not _is_universal(r_extra):
         if r_extra is False:
             yield Finding(
                 path,
                 "content-model-closed",
                 "the writer may write properties it does not declare, the reader refuses them",
-                w.get("additionalProperties", True),
+                _writer_extra_doc(w),
                 False,
             )
         else:
-            yield from _readable(walk, w_extra, r_extra, _join(path, "*"))
+            yield from _readable(walk, w_unmatched, r_extra, _join(path, "*"))

@@ -138,6 +138,17 @@ CASES: list[tuple[str, Any, Any, bool, bool, str | None]] = [
         "type-narrowed",
     ),
     (
+        # found by the property tests: the new schema accepts no string at all, so an
+        # old reader has nothing to read (FORWARD holds, vacuously), while old data
+        # ("" included) cannot be read by the new schema
+        "string bounds crossed: the new schema accepts nothing",
+        obj({"s": {"type": "string", "maxLength": 0}}, ("s",)),
+        obj({"s": {"type": "string", "minLength": 1, "maxLength": 0}}, ("s",)),
+        False,
+        True,
+        "minLength-raised",
+    ),
+    (
         "model closed",
         obj({"a": INT}, ("a",), extra=True),
         obj({"a": INT}, ("a",), extra=False),
@@ -308,3 +319,45 @@ def test_mode_names() -> None:
     assert Compatibility.parse("full-transitive") is Compatibility.FULL_TRANSITIVE
     with pytest.raises(ValueError, match="use one of BACKWARD"):
         Compatibility.parse("sideways")
+
+
+def test_the_writers_pattern_properties_are_what_it_may_write() -> None:
+    """A name matching a writer's pattern escapes its additionalProperties: the
+    writer below may write {"x1": "s"}, which the reader refuses."""
+    writer = {
+        "type": "object",
+        "patternProperties": {"^x": STR},
+        "additionalProperties": INT,
+    }
+    reader = {"type": "object", "additionalProperties": INT}
+    assert [(f.path, f.rule) for f in check_readable(writer, reader)] == [("/*", "type-narrowed")]
+    closed = {"type": "object", "additionalProperties": False}
+    assert [f.rule for f in check_readable(writer, closed)] == ["content-model-closed"]
+    assert check_readable(writer, writer) == []
+    # the reader's own property meets the writer's pattern
+    with_x1 = {**writer, "properties": {"x1": INT}}
+    assert [(f.path, f.rule) for f in check_readable(writer, with_x1)] == [
+        ("/x1", "property-added-to-open-model")
+    ]
+
+
+def test_unevaluated_properties_is_not_proved_by_its_value() -> None:
+    """The same unevaluatedProperties is another constraint beside other properties:
+    the writer below writes {"a": 1}, the reader refuses it."""
+    writer = {"type": "object", "properties": {"a": INT}, "unevaluatedProperties": False}
+    reader = {"type": "object", "unevaluatedProperties": False}
+    assert [(f.path, f.rule) for f in check_readable(writer, reader)] == [
+        ("/", "unsupported-keyword")
+    ]
+    assert check_readable(writer, {**reader, "unevaluatedProperties": True}) == []
+
+
+def test_enum_values_are_validated_with_refs_resolved_against_the_readers_root() -> None:
+    """``#`` inside a part of the reader is the whole reader, not that part."""
+    writer = obj({"a": {"enum": [{"x": {"zzz": 1}}]}}, extra=False)
+    reader = obj({"a": obj({"x": {"$ref": "#"}})}, extra=False)
+    findings = check_readable(writer, reader)
+    assert [(f.path, f.rule, f.old) for f in findings] == [
+        ("/a", "value-removed", {"x": {"zzz": 1}})
+    ]
+    assert check_readable(writer, obj({"a": obj({"x": obj({"zzz": INT})})}, extra=False)) == []
