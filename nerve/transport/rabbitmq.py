@@ -741,14 +741,26 @@ class RabbitMQTransport:
 
     async def _raw_channel(self, confirms: bool = True) -> RawChannel:
         """A fresh plain (not robust) channel, in confirm mode unless ``confirms`` is
-        false; the caller closes it."""
+        false; the caller closes it.
+
+        After the connection drops, aio-pika keeps the dead transport until its
+        reconnect loop runs, and aiormq refuses a channel on it with a bare
+        ``RuntimeError``: that is BrokerUnavailable too. (Letting it escape ended the
+        fetch loop of a consumer after a server restart, leaving its queue unconsumed.)
+        """
         connection = self._require_connection()
         transport = connection.transport
-        if transport is None:
-            raise BrokerUnavailable(f"not connected to {self.config.where} (reconnecting)")
-        return await transport.connection.channel(
-            publisher_confirms=confirms, on_return_raises=True
-        )
+        unavailable = BrokerUnavailable(f"not connected to {self.config.where} (reconnecting)")
+        if transport is None or transport.connection.is_closed:
+            raise unavailable
+        try:
+            return await transport.connection.channel(
+                publisher_confirms=confirms, on_return_raises=True
+            )
+        except RuntimeError:
+            if transport.connection.is_closed:  # closed while the channel was asked for
+                raise unavailable from None
+            raise
 
     async def _channel(self) -> RawChannel:
         """The shared publishing channel (confirm mode), reopened when it closed."""

@@ -4,6 +4,7 @@ CloudEvents AMQP binary-mode message from a plain aio-pika client."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
@@ -144,4 +145,47 @@ async def test_concurrent_nacks_declare_each_delay_queue_once(tmp_path: Path) ->
         assert sorted(d.event.id for d in again) == sorted(d.event.id for d in got)
         await consumer.ack_many(again)
     finally:
+        await transport.close()
+
+
+async def test_a_connection_that_just_dropped_is_broker_unavailable(tmp_path: Path) -> None:
+    # The cause of the restart test's lost stream: right after the server closed the
+    # connection, aio-pika still holds the dead transport until its reconnect loop runs,
+    # and aiormq refuses a channel on it with a bare RuntimeError. That escaped fetch()
+    # (not a TransportError), ended the consumer's loop, and its queue filled up with
+    # acknowledged publishes nobody consumed. The window is held open here with a
+    # closed connection in place of the live one.
+    import aiormq
+
+    transport = RabbitMQTransport(make_url(tmp_path))
+    await transport.start()
+    robust = transport._connection
+    assert robust is not None and robust.transport is not None
+    live = robust.transport
+    dead = await aiormq.connect("amqp://guest:guest@127.0.0.1:5672/")
+    await dead.close()
+    try:
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        consumer = transport.consumer(sub)
+        publisher = await transport._channel()
+        await publisher.close()
+        robust.transport = dataclasses.replace(live, connection=dead)
+        event = Event(type="order.created", source="/t", data={"n": 1})
+        with pytest.raises(BrokerUnavailable):
+            await consumer.fetch(10, 0.1)
+        with pytest.raises(BrokerUnavailable):
+            await transport.publish([event])
+        with pytest.raises(BrokerUnavailable):
+            await transport.declare([sub])
+        robust.transport = live  # reconnected: both sides resume
+        await transport.publish([event])
+        got: list[RabbitMQDelivery] = []
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            got += await consumer.fetch(10, 1.0)
+        assert [d.event.id for d in got] == [event.id]
+        await got[0].ack()
+    finally:
+        robust.transport = live
         await transport.close()
