@@ -310,7 +310,7 @@ class SqsDelivery:
     async def dead_letter(self, failure: Failure) -> None:
         self._once("dead_letter")
         transport = self._consumer.transport
-        await transport._send_dead_letter(self.group, self.raw, failure)
+        await transport._send_dead_letter(self.group, self.raw, failure, self.message_id)
         await transport._sqs_call(
             "delete_message", QueueUrl=self._consumer.queue_url, ReceiptHandle=self.handle
         )
@@ -456,6 +456,9 @@ class _Dead:
     queue_url: str
     handle: str
     seq: int
+    source: str
+    """The id of the group's SQS message that was dead-lettered: copies of one
+    dead-lettering share it."""
 
 
 class SqsTransport:
@@ -726,7 +729,9 @@ class SqsTransport:
 
     # -- dead letters ----------------------------------------------------------------------
 
-    async def _send_dead_letter(self, group: str, raw: bytes, failure: Failure) -> None:
+    async def _send_dead_letter(
+        self, group: str, raw: bytes, failure: Failure, source: str
+    ) -> None:
         record = failure.to_json()
         if len(record["traceback"]) > _TRACEBACK_MAX:
             record["traceback"] = record["traceback"][-_TRACEBACK_MAX:]
@@ -739,6 +744,7 @@ class SqsTransport:
                 "group": {"DataType": "String", "StringValue": group},
                 "failure": {"DataType": "String", "StringValue": orjson.dumps(record).decode()},
                 "seq": {"DataType": "Number", "StringValue": str(time.time_ns())},
+                "source": {"DataType": "String", "StringValue": source},
             },
         )
 
@@ -762,10 +768,18 @@ class SqsTransport:
 
     async def _browse(self, group: str | None) -> list[_Dead]:
         """Every dead letter (of ``group``), in dead-letter order. Receives each DLQ
-        whole with a short visibility, then makes everything visible again."""
+        whole with a short visibility, then makes everything visible again.
+
+        One message can be dead-lettered twice: SQS does not fence a settlement, so a
+        consumer whose lease ran out while it was dead-lettering (or that died between
+        the DLQ send and the delete) leaves a copy while the next receiver dead-letters
+        the message again. Copies share their ``source`` message id: the first is the
+        entry, the others are deleted here."""
         found: list[_Dead] = []
         for queue_url in await self._dead_queue_urls(group):
             handles: list[str] = []
+            first: dict[tuple[str, str], _Dead] = {}
+            copies: list[_Dead] = []
             empty = 0
             while empty < 2:
                 reply = await self._sqs_call(
@@ -781,11 +795,21 @@ class SqsTransport:
                     empty += 1
                     continue
                 for message in messages:
-                    handles.append(message["ReceiptHandle"])
                     dead = self._dead_from(queue_url, message)
-                    if dead is not None and (group is None or dead.entry.group == group):
-                        found.append(dead)
-            await self._release(queue_url, handles)
+                    if dead is None or (group is not None and dead.entry.group != group):
+                        handles.append(message["ReceiptHandle"])
+                        continue
+                    key = (dead.entry.group, dead.source)
+                    kept = first.get(key)
+                    if kept is None or dead.seq < kept.seq:
+                        first[key] = dead
+                        if kept is not None:
+                            copies.append(kept)
+                    else:
+                        copies.append(dead)
+            await self._delete_batch(queue_url, [d.handle for d in copies])
+            await self._release(queue_url, handles + [d.handle for d in first.values()])
+            found += first.values()
         found.sort(key=lambda d: d.seq)
         return found
 
@@ -811,6 +835,7 @@ class SqsTransport:
             seq = int(attributes["seq"]["StringValue"])
         except (KeyError, TypeError, ValueError):
             return None
+        source = attributes.get("source", {}).get("StringValue") or message["MessageId"]
         raw = str(message.get("Body", "")).encode()
         try:
             event: Event | None = codec.decode(raw)
@@ -823,7 +848,7 @@ class SqsTransport:
             failure=failure,
             event=event,
         )
-        return _Dead(entry, queue_url, message["ReceiptHandle"], seq)
+        return _Dead(entry, queue_url, message["ReceiptHandle"], seq, str(source))
 
     async def dead_letters(
         self, group: str | None = None, *, limit: int = 100
@@ -927,6 +952,8 @@ class SqsTransport:
                     processed=counters.get("processed", 0),
                     retried=counters.get("retried", 0),
                     dead_lettered=counters.get("dead_lettered", 0),
+                    # the counters (and the nacks told apart as delayed) are this process's
+                    extra={"counted_by": "this process"},
                 )
             )
         return out

@@ -18,6 +18,7 @@ import pytest
 from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError
 from nerve.event import Event
+from nerve.transport.base import Failure
 from nerve.transport.sqs import SqsConfig, SqsTransport, _filter_policy, _queue_name, _seconds
 
 from .adapter_sqs import _LAUNCHER, _installed
@@ -190,5 +191,58 @@ async def test_a_large_fetch_receives_several_batches_of_ten_at_once(moto_port: 
         assert await consumer.fetch(50, 0.3) == []
         (stats,) = await transport.stats()
         assert (stats.ready, stats.in_flight, stats.processed) == (0, 0, 45)
+    finally:
+        await transport.close()
+
+
+async def test_a_message_dead_lettered_twice_is_one_dead_letter(moto_port: int) -> None:
+    """The lease of a delivery runs out while it is being dead-lettered (a slow broker),
+    and the next receiver dead-letters the same message again: SQS fences neither, so
+    the DLQ gets two copies. They carry the same source message id; browsing lists one
+    entry (the first) and deletes the copy, and replay and purge see one entry."""
+    transport = SqsTransport(
+        f"sqs://127.0.0.1:{moto_port}?prefix=twice&visibility_timeout=1&endpoint=http"
+    )
+    await transport.start()
+    try:
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        consumer = transport.consumer(sub)
+        once = Event(type="order.created", source="/t", data={"n": 1})
+        other = Event(type="order.created", source="/t", data={"n": 2})
+        await transport.publish([once])
+        (slow,) = await consumer.fetch(1, 5)
+        await asyncio.sleep(1.2)  # the lease runs out before slow settles
+        (again,) = await consumer.fetch(1, 5)
+        assert again.attempt == 2 and again.event.id == once.id
+        failure = Failure(reason="invalid-data", error_type="E", message="bad", attempts=1)
+        await slow.dead_letter(failure)
+        await again.dead_letter(Failure(reason="invalid-data", error_type="E", message="bad"))
+        # the same event published twice is two messages: two dead letters
+        await transport.publish([other, other])
+        twins = [*await consumer.fetch(2, 5)]
+        while len(twins) < 2:
+            twins += await consumer.fetch(2 - len(twins), 5)
+        for twin in twins:
+            await twin.dead_letter(failure)
+        (stats,) = await transport.stats()
+        assert stats.dead_letters == 4  # before a browse: the DLQ's depth, copies and all
+
+        entries = await transport.dead_letters("g")
+        assert sorted(e.event.id for e in entries if e.event) == sorted(
+            [once.id, other.id, other.id]
+        )
+        (first,) = [e for e in entries if e.event and e.event.id == once.id]
+        assert first.failure.attempts == 1  # the first dead-lettering is the one kept
+        (stats,) = await transport.stats()
+        assert stats.dead_letters == 3
+        assert await transport.replay([first.id]) == 1
+        (replayed,) = await consumer.fetch(1, 5)
+        assert replayed.event.id == once.id
+        await replayed.ack()
+        assert sorted(e.event.id for e in await transport.dead_letters("g") if e.event) == [
+            other.id,
+            other.id,
+        ]
     finally:
         await transport.close()
