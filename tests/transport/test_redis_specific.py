@@ -228,3 +228,31 @@ async def test_settled_events_leave_no_keys_behind(
     keys = sorted([k.decode() async for k in raw.scan_iter(match=f"{prefix_of(url)}:*")])
     base = f"{prefix_of(url)}:g:1:g"
     assert [k for k in keys if k.startswith(base)] == [f"{base}:cnt"]
+
+
+# -- packed script arguments --------------------------------------------------------------
+
+
+async def test_ordering_keys_with_tabs_newlines_and_percent_keep_their_own_order(
+    transport: RedisTransport,
+) -> None:
+    """Publish and settle pack their arguments into TAB/newline-separated strings; keys
+    holding those characters (or the % of the escape) must neither break the batch nor
+    merge with another key: 'a\\tb' and 'a%09b' are two keys, each in order."""
+    sub = Subscription("g", ("order.created",), ordered=True)
+    await transport.declare([sub])
+    keys = ["a\tb", "a%09b", "line\nbreak", "plain"]
+    events = [make(i, partitionkey=keys[i % 4]) for i in range(12)]
+    await transport.publish(events)
+    consumer = transport.consumer(sub)
+    seen: dict[str, list[int]] = {k: [] for k in keys}
+    deadline = time.monotonic() + SOON
+    while sum(map(len, seen.values())) < 12:
+        assert time.monotonic() < deadline, seen
+        batch = await consumer.fetch(12, 1.0)
+        # one event per key at a time: a second event of a key is held until the first is acked
+        assert len({d.event.partitionkey for d in batch}) == len(batch), batch
+        for delivery in batch:
+            seen[str(delivery.event.partitionkey)].append(delivery.event.data["n"])
+        assert await consumer.ack_many(batch) == []
+    assert seen == {k: [i for i in range(12) if i % 4 == j] for j, k in enumerate(keys)}
