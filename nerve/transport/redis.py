@@ -159,6 +159,40 @@ local function enqueue(base, id, body, k, now)
   end
   redis.call('ZADD', base .. ':due', now, id)
 end
+-- variadic calls over a list, at most 1,000 arguments a call (Lua's unpack has limits)
+local function vcall(cmd, key, items)
+  local n, i = #items, 1
+  while i <= n do
+    local j = math.min(n, i + 999)
+    redis.call(cmd, key, unpack(items, i, j))
+    i = j + 1
+  end
+end
+local function vget(cmd, key, items)
+  local out, n, i = {}, #items, 1
+  while i <= n do
+    local j = math.min(n, i + 999)
+    local got = redis.call(cmd, key, unpack(items, i, j))
+    for x = 1, j - i + 1 do out[#out + 1] = got[x] end
+    i = j + 1
+  end
+  return out
+end
+-- the end of a keyed event: free its key's turn and make the key's next event due
+local function pass_key(base, dz, id, k, now)
+  local kq = base .. ':kq:' .. string.sub(k, 2)
+  local head = redis.call('LPOP', kq)
+  if head ~= id then
+    if head then redis.call('LPUSH', kq, head) end
+    redis.call('LREM', kq, 1, id)
+  end
+  local nxt = redis.call('LINDEX', kq, 0)
+  if nxt then
+    redis.call('ZADD', dz, now, nxt)
+    return true
+  end
+  return false
+end
 local function append(body, logmax)
   local seq = redis.call('INCR', P .. ':seq')
   if logmax > 0 then
@@ -180,8 +214,10 @@ _PUBLISH = (
 if (redis.call('GET', P .. ':groups:version') or '0') ~= ARGV[2] then return -1 end
 local now = now_ms()
 local logmax = tonumber(ARGV[3])
+local seq = tonumber(redis.call('GET', P .. ':seq') or '0')
+local first_seq = seq
 local i = 6
-local touched = {}
+local per = {}
 for line in string.gmatch(ARGV[5], '([^\\n]*)\\n') do
   local body = ARGV[i]
   i = i + 1
@@ -190,14 +226,35 @@ for line in string.gmatch(ARGV[5], '([^\\n]*)\\n') do
   local iid = f[1]
   if iid == '' or redis.call('XACK', P .. ':ingest', 'nerve', iid) == 1 then
     if iid ~= '' then redis.call('XDEL', P .. ':ingest', iid) end
-    local id = append(body, logmax)
+    seq = seq + 1
+    if logmax > 0 then
+      redis.call('XADD', P .. ':log', 'MAXLEN', '~', logmax, seq .. '-1', 'b', body)
+    end
+    local id = string.format('%016d', seq)
     for t = 2, #f - 1, 2 do
-      enqueue(gbase(f[t]), id, body, f[t + 1], now)
-      touched[f[t]] = true
+      local g, k = f[t], f[t + 1]
+      local q = per[g]
+      if not q then
+        q = {base = gbase(g), b = {}, m = {}, d = {}}
+        per[g] = q
+      end
+      local nb = #q.b
+      q.b[nb + 1], q.b[nb + 2] = id, body
+      q.m[nb + 1], q.m[nb + 2] = id, '0|||' .. k
+      if k == '' or redis.call('RPUSH', q.base .. ':kq:' .. string.sub(k, 2), id) == 1 then
+        local nd = #q.d
+        q.d[nd + 1], q.d[nd + 2] = now, id
+      end
     end
   end
 end
-for g, _ in pairs(touched) do redis.call('PUBLISH', P .. ':wake', '0 ' .. g) end
+if seq ~= first_seq then redis.call('SET', P .. ':seq', seq) end
+for g, q in pairs(per) do
+  vcall('HSET', q.base .. ':body', q.b)
+  vcall('HSET', q.base .. ':meta', q.m)
+  if #q.d > 0 then vcall('ZADD', q.base .. ':due', q.d) end
+  redis.call('PUBLISH', P .. ':wake', '0 ' .. g)
+end
 return 1
 """
 )
@@ -211,25 +268,37 @@ local limit, lease, token = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local dz, lz, meta, bodies = base .. ':due', base .. ':lease', base .. ':meta', base .. ':body'
 local now = now_ms()
 local ids = redis.call('ZRANGEBYSCORE', lz, '-inf', now, 'LIMIT', 0, limit)
+local expired = #ids
 if #ids < limit then
   local more = redis.call('ZRANGEBYSCORE', dz, '-inf', now, 'LIMIT', 0, limit - #ids)
   for _, id in ipairs(more) do ids[#ids + 1] = id end
 end
 local out = {}
-for _, id in ipairs(ids) do
-  local m = redis.call('HGET', meta, id)
-  local body = redis.call('HGET', bodies, id)
-  redis.call('ZREM', dz, id)
-  if m and body then
-    local a, _, first, k = parse(m)
-    a = tonumber(a) + 1
-    if first == '' then first = tostring(now) end
-    redis.call('HSET', meta, id, a .. '|' .. token .. '|' .. first .. '|' .. k)
-    redis.call('ZADD', lz, now + lease, id)
-    out[#out + 1] = {id, body, a, first}
-  else
-    redis.call('ZREM', lz, id)
+if #ids > 0 then
+  local ms = vget('HMGET', meta, ids)
+  local bs = vget('HMGET', bodies, ids)
+  if #ids > expired then vcall('ZREM', dz, {unpack(ids, expired + 1)}) end
+  local mset, zset, gone = {}, {}, {}
+  for j, id in ipairs(ids) do
+    local m, body = ms[j], bs[j]
+    if m and body then
+      local a, _, first, k = parse(m)
+      a = tonumber(a) + 1
+      if first == '' then first = tostring(now) end
+      mset[#mset + 1] = id
+      mset[#mset + 1] = a .. '|' .. token .. '|' .. first .. '|' .. k
+      zset[#zset + 1] = now + lease
+      zset[#zset + 1] = id
+      out[#out + 1] = {id, body, a, first}
+    else
+      gone[#gone + 1] = id
+    end
   end
+  if #mset > 0 then
+    vcall('HSET', meta, mset)
+    vcall('ZADD', lz, zset)
+  end
+  if #gone > 0 then vcall('ZREM', lz, gone) end
 end
 local wait = -1
 if #out == 0 then
@@ -254,58 +323,70 @@ _SETTLE = (
     _PRELUDE
     + """
 local now = now_ms()
-local res = {}
-local wake = {}
+local items, res, groups, wake = {}, {}, {}, {}
 for line in string.gmatch(ARGV[3], '[^\\n]+') do
   local g, action, id, token, arg =
     string.match(line, '^([^\\t]*)\\t([^\\t]*)\\t([^\\t]*)\\t([^\\t]*)\\t(.*)$')
+  items[#items + 1] = {action, id, token, arg}
+  res[#res + 1] = 0
+  local gl = groups[g]
+  if not gl then
+    gl = {}
+    groups[g] = gl
+  end
+  gl[#gl + 1] = #items
+end
+for g, gl in pairs(groups) do
   local base = gbase(g)
-  local meta, lz, dz = base .. ':meta', base .. ':lease', base .. ':due'
-  local ok = 0
-  local m = redis.call('HGET', meta, id)
-  if m then
-    local a, tok, first, k = parse(m)
-    if tok == token and token ~= '' and redis.call('ZSCORE', lz, id) then
-      ok = 1
-      if action == 'extend' then
-        redis.call('ZADD', lz, now + tonumber(arg), id)
-      elseif action == 'nack' then
-        redis.call('ZREM', lz, id)
-        redis.call('ZADD', dz, now + tonumber(arg), id)
-        redis.call('HSET', meta, id, a .. '||' .. first .. '|' .. k)
-        redis.call('HINCRBY', base .. ':cnt', 'retried', 1)
-        redis.call('PUBLISH', P .. ':wake', arg .. ' ' .. g)
-      else
-        local body = redis.call('HGET', base .. ':body', id)
-        redis.call('ZREM', lz, id)
-        redis.call('HDEL', meta, id)
-        redis.call('HDEL', base .. ':body', id)
-        if k ~= '' then
-          local kq = base .. ':kq:' .. string.sub(k, 2)
-          if redis.call('LINDEX', kq, 0) == id then
-            redis.call('LPOP', kq)
-          else
-            redis.call('LREM', kq, 1, id)
-          end
-          local nxt = redis.call('LINDEX', kq, 0)
-          if nxt then
-            redis.call('ZADD', dz, now, nxt)
-            wake[g] = true
-          end
-        end
-        if action == 'ack' then
-          redis.call('HINCRBY', base .. ':cnt', 'processed', 1)
+  local meta, lz, dz, bodies = base .. ':meta', base .. ':lease', base .. ':due', base .. ':body'
+  local ids = {}
+  for j, n in ipairs(gl) do ids[j] = items[n][2] end
+  local ms = vget('HMGET', meta, ids)
+  local leased = vget('ZMSCORE', lz, ids)
+  local ended, acked, processed = {}, {}, 0
+  for j, n in ipairs(gl) do
+    local action, id, token, arg = items[n][1], items[n][2], items[n][3], items[n][4]
+    local m = ms[j]
+    if m and leased[j] and not ended[id] then
+      local a, tok, first, k = parse(m)
+      if tok == token and token ~= '' then
+        res[n] = 1
+        if action == 'extend' then
+          redis.call('ZADD', lz, now + tonumber(arg), id)
+        elseif action == 'nack' then
+          ended[id] = true
+          redis.call('ZREM', lz, id)
+          redis.call('ZADD', dz, now + tonumber(arg), id)
+          redis.call('HSET', meta, id, a .. '||' .. first .. '|' .. k)
+          redis.call('HINCRBY', base .. ':cnt', 'retried', 1)
+          redis.call('PUBLISH', P .. ':wake', arg .. ' ' .. g)
         else
-          local dl = redis.call('INCR', P .. ':dl:seq')
-          redis.call('HSET', P .. ':dl:' .. dl, 'g', g, 'b', body, 'f', arg, 't', now)
-          redis.call('ZADD', P .. ':dl', dl, dl)
-          redis.call('ZADD', base .. ':dl', dl, dl)
-          redis.call('HINCRBY', base .. ':cnt', 'dead_lettered', 1)
+          ended[id] = true
+          if k ~= '' and pass_key(base, dz, id, k, now) then wake[g] = true end
+          if action == 'ack' then
+            acked[#acked + 1] = id
+            processed = processed + 1
+          else
+            local body = redis.call('HGET', bodies, id)
+            redis.call('ZREM', lz, id)
+            redis.call('HDEL', meta, id)
+            redis.call('HDEL', bodies, id)
+            local dl = redis.call('INCR', P .. ':dl:seq')
+            redis.call('HSET', P .. ':dl:' .. dl, 'g', g, 'b', body, 'f', arg, 't', now)
+            redis.call('ZADD', P .. ':dl', dl, dl)
+            redis.call('ZADD', base .. ':dl', dl, dl)
+            redis.call('HINCRBY', base .. ':cnt', 'dead_lettered', 1)
+          end
         end
       end
     end
   end
-  res[#res + 1] = ok
+  if #acked > 0 then
+    vcall('ZREM', lz, acked)
+    vcall('HDEL', meta, acked)
+    vcall('HDEL', bodies, acked)
+    redis.call('HINCRBY', base .. ':cnt', 'processed', processed)
+  end
 end
 for g, _ in pairs(wake) do redis.call('PUBLISH', P .. ':wake', '0 ' .. g) end
 return res
