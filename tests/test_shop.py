@@ -274,10 +274,9 @@ def poison(count: int) -> tuple[list[OrderCreated], list[Event]]:
     return unknown_sku, invalid
 
 
-CHAOS_BROKERS = ["sqlite", "postgres", "nats", "rabbitmq", "redis", "sqs"]
+CHAOS_BROKERS = ["sqlite", "postgres", "nats", "rabbitmq", "redis", "kafka", "sqs"]
 """Brokers the chaos test runs on: those whose consumers share a group across processes
-and that report per-group stats (the test waits for an empty backlog). kafka:// shares
-groups too but reports no stats."""
+and that report per-group stats (the test waits for an empty backlog)."""
 
 
 @pytest.mark.slow

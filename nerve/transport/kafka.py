@@ -76,7 +76,14 @@ from nerve._urls import redact
 from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError, LeaseLost, TransportError
 from nerve.event import Event
-from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, encode_checked
+from nerve.transport.base import (
+    DeadLetterEntry,
+    Delivery,
+    Failure,
+    Features,
+    GroupStats,
+    encode_checked,
+)
 
 __all__ = ["KafkaConfig", "KafkaTransport"]
 
@@ -87,6 +94,10 @@ _MAX_BUFFERED = 10_000
 log = logging.getLogger("nerve.transport.kafka")
 _CT_STRUCTURED = b"application/cloudevents+json"
 _TOPIC_SAFE = re.compile(r"[A-Za-z0-9._-]{1,200}")
+_POSITION_BITS = 48
+"""Bits of a ``read_log`` position per partition of the events topic (offsets < 2**48)."""
+_PROBE_WAIT = 5.0
+"""Seconds the probe waits for a partition's records before it gives up on them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +262,10 @@ class _Group:
         for tp in tps:
             self.parts.pop(tp, None)
 
+    def moved(self) -> bool:
+        """A partition's position or handed-out mark is past what was committed."""
+        return any((p.position, p.handed) != p.committed for p in self.parts.values())
+
     def busy(self) -> list[TopicPartition]:
         """Partitions with a record handed out and not settled (a lease or a retry)."""
         now = time.time()
@@ -396,7 +411,8 @@ class KafkaDelivery:
 
     async def dead_letter(self, failure: Failure) -> None:
         group, row = self._owned("dead-letter")
-        await self._transport._send_dead(self.group, row.raw, failure)
+        source = f"{row.tp.topic}:{row.tp.partition}:{row.offset}"
+        await self._transport._send_dead(self.group, row.raw, failure, source)
         self._owned("dead-letter")  # still ours after the send
         group.settle(row)
         group.dead_lettered += 1
@@ -480,6 +496,13 @@ class KafkaTransport:
         self._producer: Any = None
         self._topics: set[str] = set()
         self._dlq_lock = asyncio.Lock()
+        self._probe: _Probe | None = None
+        self._admin: Any = None
+        self._listing: tuple[float, dict[str, int]] = (0.0, {})
+        """When the broker's topics were last listed, and their partition counts."""
+        self._dead: dict[str, tuple[int, set[int], set[bytes]]] = {}
+        """group -> (next DLQ offset to read, live DLQ offsets, sources seen): the dead
+        letters count for stats, read incrementally."""
 
     # -- connection ------------------------------------------------------------------
 
@@ -575,6 +598,13 @@ class KafkaTransport:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
             self._producer = None
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            await probe.close()
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
 
     # -- groups ----------------------------------------------------------------------
 
@@ -757,7 +787,10 @@ class KafkaTransport:
                 added = True
             if added:
                 group.wake.set()
-            if group.dirty or (batches and time.monotonic() - last_commit > 1.0):
+            # commit what moved at least every second, also when the last records read
+            # were all skipped (not wanted): the committed offsets are the group's
+            # progress for every process's stats, so they must reach the end when idle
+            if group.dirty or (time.monotonic() - last_commit > 1.0 and group.moved()):
                 await self._commit(group)
                 last_commit = time.monotonic()
 
@@ -821,11 +854,12 @@ class KafkaTransport:
         except KafkaError as exc:
             raise TransportError(f"Kafka refused the publish to {topic}: {exc!r}") from None
 
-    async def _send_dead(self, group: str, raw: bytes, failure: Failure) -> None:
+    async def _send_dead(self, group: str, raw: bytes, failure: Failure, source: str) -> None:
         headers = [
             ("content-type", _CT_STRUCTURED),
             ("nerve_ts", str(time.time_ns()).encode()),
             ("nerve_failure", json.dumps(failure.to_json()).encode()),
+            ("nerve_source", source.encode()),
         ]
         await self._send(self._group_topic(group, "dlq"), [(raw, None, headers)])
 
@@ -909,6 +943,7 @@ class KafkaTransport:
                 end = (await browser.end_offsets([tp]))[tp]
                 await browser.seek_to_beginning(tp)
                 live: dict[int, tuple[bytes, Failure]] = {}
+                sources: set[bytes] = set()
                 deadline = time.monotonic() + 10
                 while await browser.position(tp) < end:
                     if time.monotonic() > deadline:
@@ -919,7 +954,7 @@ class KafkaTransport:
                         if "nerve_purge" in head:
                             for offset in json.loads(head["nerve_purge"]):
                                 live.pop(int(offset), None)
-                        elif "nerve_failure" in head:
+                        elif "nerve_failure" in head and _first_copy(head, sources):
                             doc = json.loads(head["nerve_failure"])
                             live[record.offset] = (record.value or b"", Failure(**doc))
             except KafkaConnectionError as exc:
@@ -938,11 +973,22 @@ class KafkaTransport:
             event = None
         return DeadLetterEntry(f"{group}@{offset}", group, raw, failure, event)
 
+    async def _known_groups(self) -> set[str]:
+        """The groups declared here or on the broker (by another process)."""
+        try:
+            topics = await self._topic_partitions()
+        except (KafkaConnectionError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        except KafkaError as exc:
+            raise TransportError(f"listing Kafka topics: {exc!r}") from None
+        return self._groups_on_broker(topics)
+
     async def _entries(self, group: str | None) -> list[DeadLetterEntry]:
-        names = [group] if group is not None else list(self._groups)
+        known = await self._known_groups()
+        names = [group] if group is not None else sorted(known)
         out: list[DeadLetterEntry] = []
         for name in names:
-            if name not in self._groups:
+            if name not in known:
                 continue
             for offset, (raw, failure) in sorted((await self._read_dlq(name)).items()):
                 out.append(self._entry(name, offset, raw, failure))
@@ -956,7 +1002,7 @@ class KafkaTransport:
 
     async def dead_letter_entry(self, entry_id: str) -> DeadLetterEntry | None:
         group, _, offset = entry_id.rpartition("@")
-        if group not in self._groups or not offset.isdigit():
+        if not offset.isdigit() or group not in await self._known_groups():
             return None
         found = (await self._read_dlq(group)).get(int(offset))
         return None if found is None else self._entry(group, int(offset), *found)
@@ -998,3 +1044,306 @@ class KafkaTransport:
         for name, offsets in by_group.items():
             await self._purge_marker(name, offsets)
         return len(entries)
+
+    # -- stats (Inspectable) and the event log (EventLog) --------------------------
+
+    async def _admin_client(self) -> Any:
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=list(self.config.bootstrap))
+            try:
+                await admin.start()
+            except (KafkaError, OSError) as exc:
+                with contextlib.suppress(Exception):
+                    await admin.close()
+                raise self._unavailable(exc) from None
+            self._admin = admin
+        return self._admin
+
+    def _probe_client(self) -> _Probe:
+        if self._probe is None:
+            self._probe = _Probe(self._member_options())
+        return self._probe
+
+    async def _topic_partitions(self, fresh: bool = False) -> dict[str, int]:
+        """The broker's topics and their partition counts (listed at most every 5 s)."""
+        at, topics = self._listing
+        if fresh or time.monotonic() - at > 5.0 or self.events_topic not in topics:
+            admin = await self._admin_client()
+            described = await admin.describe_topics()
+            topics = {
+                str(t["topic"]): len(t.get("partitions") or ())
+                for t in described
+                if not t.get("error_code")
+            }
+            self._listing = (time.monotonic(), topics)
+        return topics
+
+    def _groups_on_broker(self, topics: dict[str, int]) -> set[str]:
+        """Groups declared here, and those whose retry topic exists on the broker."""
+        head, tail = f"{self.config.prefix}.", ".retry"
+        found = {
+            name[len(head) : -len(tail)]
+            for name in topics
+            if name.startswith(head) and name.endswith(tail) and len(name) > len(head + tail)
+        }
+        return found | set(self._groups)
+
+    def _event_partitions(self, topics: dict[str, int]) -> list[TopicPartition]:
+        count = topics.get(self.events_topic) or self.config.partitions
+        return [TopicPartition(self.events_topic, p) for p in range(count)]
+
+    async def stats(self) -> list[GroupStats]:
+        """Per group: ``ready`` is what its members have not settled (end offsets minus
+        committed offsets over the events topic and its retry topic), less what this
+        process holds, which is told apart as ``in_flight`` (leased) and ``delayed``
+        (nacked with a delay). Another process's leased and delayed deliveries count as
+        ready (they are below its committed offsets), and its settlements show once it
+        commits (at least every second). The counters are this process's."""
+        try:
+            topics = await self._topic_partitions()
+            names = sorted(self._groups_on_broker(topics))
+            events = self._event_partitions(topics)
+            retry = {g: TopicPartition(self._group_topic(g, "retry"), 0) for g in names}
+            dlq = {g: TopicPartition(self._group_topic(g, "dlq"), 0) for g in names}
+            admin = await self._admin_client()
+            committed: dict[str, dict[TopicPartition, int]] = {}
+            for name in names:
+                offsets = await admin.list_consumer_group_offsets(
+                    f"{self.config.prefix}.{name}", partitions=[*events, retry[name]]
+                )
+                committed[name] = {tp: int(o.offset) for tp, o in offsets.items()}
+            probe = self._probe_client()
+            async with probe.lock:
+                ends = await probe.ends([*events, *retry.values(), *dlq.values()])
+                dead = {name: await self._count_dead(probe, dlq[name], ends) for name in names}
+        except (KafkaConnectionError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        except KafkaError as exc:
+            raise TransportError(f"reading Kafka group offsets: {exc!r}") from None
+        now = time.time()
+        out = []
+        for name in names:
+            local = self._groups.get(name)
+            owned = {} if local is None or local.rebalancing else local.parts
+            ready = delayed = in_flight = 0
+            for tp in [*events, retry[name]]:
+                end = ends.get(tp, 0)
+                part = owned.get(tp)
+                if part is None:
+                    ready += max(0, end - max(0, committed[name].get(tp, -1)))
+                    continue
+                ready += max(0, end - part.next)
+                for row in part.open.values():
+                    if row.token and row.lease_until > now:
+                        in_flight += 1
+                    elif not row.token and row.available_at > now:
+                        delayed += 1
+                    else:
+                        ready += 1
+            out.append(
+                GroupStats(
+                    group=name,
+                    ready=ready,
+                    delayed=delayed,
+                    in_flight=in_flight,
+                    dead_letters=dead[name],
+                    processed=local.processed if local else 0,
+                    retried=local.retried if local else 0,
+                    dead_lettered=local.dead_lettered if local else 0,
+                    # the counters, in_flight and delayed are this process's
+                    extra={"counted_by": "this process"},
+                )
+            )
+        return out
+
+    async def _count_dead(
+        self, probe: _Probe, tp: TopicPartition, ends: dict[TopicPartition, int]
+    ) -> int:
+        """Live dead letters in ``tp`` (a DLQ topic), reading only what is new since the
+        last count (call under the probe's lock)."""
+        group = tp.topic[len(self.config.prefix) + 1 : -len(".dlq")]
+        start, live, sources = self._dead.get(group, (0, set(), set()))
+        end = ends.get(tp, 0)
+        while start < end:
+            records = (await probe.read({tp: start}, {tp: end}, 10_000))[tp]
+            if not records:
+                break  # the broker is slow or the records are gone: count what is known
+            for record in records:
+                head = dict(record.headers or ())
+                if "nerve_purge" in head:
+                    with contextlib.suppress(ValueError, TypeError):
+                        live.difference_update(int(o) for o in json.loads(head["nerve_purge"]))
+                elif "nerve_failure" in head and _first_copy(head, sources):
+                    live.add(record.offset)
+            start = records[-1].offset + 1
+        self._dead[group] = (start, live, sources)
+        return len(live)
+
+    async def read_log(self, after: int | None, limit: int) -> list[tuple[int, bytes]]:
+        """The events topic, merged over its partitions by publish time. A position
+        packs one offset per partition (:data:`_POSITION_BITS` bits each, partition 0
+        lowest), so it grows with every event read and 0 is the start; it does not fit
+        a JavaScript number once the topic has more than one partition."""
+        try:
+            events = self._event_partitions(await self._topic_partitions())
+            probe = self._probe_client()
+            async with probe.lock:
+                ends = await probe.ends(events)
+                if after is None:
+                    return [(_pack([ends[tp] for tp in events]), b"")]
+                offsets = _unpack(after, len(events))
+                starts = {tp: offsets[tp.partition] for tp in events}
+                todo = {tp: o for tp, o in starts.items() if o < ends[tp]}
+                fetched = await probe.read(todo, ends, limit) if todo and limit > 0 else {}
+        except (KafkaConnectionError, OSError) as exc:
+            raise self._unavailable(exc) from None
+        except KafkaError as exc:
+            raise TransportError(f"reading the Kafka event log: {exc!r}") from None
+        merged = heapq.merge(
+            *fetched.values(), key=lambda r: (_published_at(r), r.partition, r.offset)
+        )
+        out: list[tuple[int, bytes]] = []
+        for record in itertools.islice(merged, limit):
+            offsets[record.partition] = record.offset + 1
+            out.append((_pack(offsets), _decode_record(record.value, record.headers)))
+        return out
+
+
+def _first_copy(head: dict[str, bytes], sources: set[bytes]) -> bool:
+    """A DLQ record is the first of its source record (``topic:partition:offset``), and
+    remembered as seen. A record can be dead-lettered twice: its DLQ copy is produced
+    before the group's committed offset moves past it, so a member killed in between
+    leaves it to the partition's next owner, which dead-letters it again; and a lease
+    that runs out during the produce hands it to another consumer meanwhile."""
+    source = head.get("nerve_source")
+    if source is None:
+        return True  # written before sources were recorded
+    if source in sources:
+        return False
+    sources.add(source)
+    return True
+
+
+def _pack(offsets: Sequence[int]) -> int:
+    position = 0
+    for partition, offset in enumerate(offsets):
+        if not 0 <= offset < 1 << _POSITION_BITS:
+            raise TransportError(f"offset {offset} of partition {partition} is out of range")
+        position |= offset << (_POSITION_BITS * partition)
+    return position
+
+
+def _unpack(position: int, partitions: int) -> list[int]:
+    mask = (1 << _POSITION_BITS) - 1
+    return [(position >> (_POSITION_BITS * p)) & mask for p in range(partitions)]
+
+
+class _Probe:
+    """A consumer outside any group, for reading partitions at given offsets: the end
+    offsets as they really are, the dead letters count, ``read_log``. Its partitions
+    stay paused except while one of its reads runs, so it fetches nothing in between.
+
+    End offsets: Tansu (0.5, in-memory storage) answers ListOffsets(latest) with the
+    base offset of the partition's last record batch plus one, not the offset after
+    its last record, so ``end_offsets`` lags by the size of the last batch minus one
+    (a producer batch of 50 records: 49). The high watermark in a Fetch response is
+    right. So a listed end is checked by fetching from one before it (the last batch,
+    on Tansu; the last record, on Kafka) and taking the highest of the listed end, the
+    high watermark and the offset after the last record fetched; the answer is kept
+    until the listed end moves."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._consumer = AIOKafkaConsumer(
+            group_id=None,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
+            **options,
+        )
+        self._started = False
+        self._assigned: set[TopicPartition] = set()
+        self._checked: dict[TopicPartition, tuple[int, int]] = {}
+        """tp -> (listed end, real end) of the last check."""
+        self.lock = asyncio.Lock()
+
+    async def _start(self) -> Any:
+        if not self._started:
+            await self._consumer.start()
+            self._started = True
+        return self._consumer
+
+    async def close(self) -> None:
+        if self._started:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+        self._started = False
+
+    async def ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The offset after the last record of each partition (call under ``lock``)."""
+        consumer = await self._start()
+        listed: dict[TopicPartition, int] = await consumer.end_offsets(list(tps))
+        out: dict[TopicPartition, int] = {}
+        check: dict[TopicPartition, int] = {}
+        for tp, end in listed.items():
+            known = self._checked.get(tp)
+            if end <= 0:
+                out[tp] = 0
+            elif known is not None and known[0] == end:
+                out[tp] = known[1]
+            else:
+                out[tp] = end
+                check[tp] = end - 1
+        if check:
+            fetched = await self.read(check, None, 1 << 30)
+            for tp in check:
+                records = fetched.get(tp, [])
+                real = max(listed[tp], consumer.highwater(tp) or 0)
+                if records:
+                    real = max(real, records[-1].offset + 1)
+                out[tp] = real
+                if records:  # a check that saw nothing is not kept
+                    self._checked[tp] = (listed[tp], real)
+        return out
+
+    async def read(
+        self,
+        starts: dict[TopicPartition, int],
+        stops: dict[TopicPartition, int] | None,
+        limit: int,
+    ) -> dict[TopicPartition, list[Any]]:
+        """Records of each partition from ``starts[tp]`` up to ``stops[tp]`` (exclusive),
+        at most ``limit`` per partition; with ``stops`` None, the first records fetched
+        (one batch). Gives up on a partition after :data:`_PROBE_WAIT` seconds."""
+        consumer = await self._start()
+        wanted = set(starts)
+        if wanted - self._assigned:
+            self._assigned |= wanted
+            consumer.assign(sorted(self._assigned))
+            consumer.pause(*self._assigned)
+        out: dict[TopicPartition, list[Any]] = {tp: [] for tp in wanted}
+        open_ = {tp for tp in wanted if stops is None or starts[tp] < stops.get(tp, 0)}
+        for tp in open_:
+            consumer.seek(tp, starts[tp])
+        consumer.resume(*open_)
+        deadline = time.monotonic() + _PROBE_WAIT
+        try:
+            while open_ and time.monotonic() < deadline:
+                batches = await consumer.getmany(*open_, timeout_ms=100)
+                for tp, records in batches.items():
+                    if tp not in open_:
+                        continue
+                    stop = None if stops is None else stops[tp]
+                    for record in records:
+                        if (stop is not None and record.offset >= stop) or len(out[tp]) >= limit:
+                            break
+                        out[tp].append(record)
+                    done = (
+                        stop is None
+                        or len(out[tp]) >= limit
+                        or (await consumer.position(tp)) >= stop
+                    )
+                    if records and done:
+                        consumer.pause(tp)
+                        open_.discard(tp)
+        finally:
+            consumer.pause(*wanted)
+        return out
