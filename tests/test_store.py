@@ -276,3 +276,25 @@ def test_postgres_store_urls_and_placeholders() -> None:
     assert to_postgres("SELECT '?', \"a?\" FROM t WHERE k = ? AND v > ?") == (
         "SELECT '?', \"a?\" FROM t WHERE k = $1 AND v > $2"
     )
+
+
+async def test_commit_records_in_one_batch_refuses_repeats_and_earlier_records(
+    store: Store,
+) -> None:
+    """One call records many light units: an event recorded before, or twice in the same
+    batch, gets None (the first copy wins); the others get their outbox row ids."""
+    assert await store.commit_records([("f", "old", [])]) == [[]]
+    results = await store.commit_records(
+        [
+            ("f", "new", [b"a"]),
+            ("f", "old", [b"lost"]),
+            ("f", "new", [b"again"]),
+            ("g", "new", []),
+        ]
+    )
+    assert results[1] is None and results[2] is None
+    first = results[0]
+    assert first is not None and len(first) == 1
+    assert results[3] == []
+    assert await store.is_processed("f", "new") and await store.is_processed("g", "new")
+    assert await store.outbox_pending(older_than=0) == [(first[0], b"a")]

@@ -153,7 +153,7 @@ class SqliteStore:
         or None if it had been processed already.
         """
         rows = list(items)
-        return await self._in_turn(lambda conn: [_record(conn, *it) for it in rows])
+        return await self._in_turn(lambda conn: _record_many(conn, rows))
 
     # -- write turns and group commit --------------------------------------------------
     #
@@ -371,6 +371,48 @@ def _record(
         assert row is not None
         ids.append(row)
     return ids
+
+
+_RECORD_CHUNK = 300
+"""Rows per multi-row INSERT (3 parameters each, well under SQLite's limit)."""
+
+
+def _record_many(
+    conn: sqlite3.Connection, items: Sequence[tuple[str, str, list[bytes]]]
+) -> list[list[int] | None]:
+    """:func:`_record` for many items, with one multi-row INSERT ... RETURNING per
+    chunk instead of one statement per item (the records of a batch of light units)."""
+    now = time.time()
+    inserted: set[tuple[str, str]] = set()
+    for start in range(0, len(items), _RECORD_CHUNK):
+        chunk = items[start : start + _RECORD_CHUNK]
+        params: list[object] = []
+        for function, event_id, _ in chunk:
+            params += (function, event_id, now)
+        inserted.update(
+            (row[0], row[1])
+            for row in conn.execute(
+                "INSERT INTO nerve_processed (function, event_id, processed_at) VALUES "
+                + ",".join(["(?, ?, ?)"] * len(chunk))
+                + " ON CONFLICT DO NOTHING RETURNING function, event_id",
+                params,
+            )
+        )
+    results: list[list[int] | None] = []
+    for function, event_id, outbox in items:
+        if (function, event_id) not in inserted:
+            results.append(None)  # processed before, or earlier in this batch
+            continue
+        inserted.discard((function, event_id))
+        ids = []
+        for body in outbox:
+            row = conn.execute(
+                "INSERT INTO nerve_outbox (body, created_at) VALUES (?, ?)", (body, now)
+            ).lastrowid
+            assert row is not None
+            ids.append(row)
+        results.append(ids)
+    return results
 
 
 class SqliteUnit:
