@@ -32,6 +32,11 @@ owner counts those records as redeliveries (``attempt`` >= 2). A rebalance never
 a partition in which a live member holds unsettled deliveries (the ``nerve-keep-busy``
 assignor reads them from each member's join metadata). Filters and patterns are
 checked client-side: a record no group wants is skipped (and committed past).
+
+Stats are end offsets minus committed offsets (this process's own partitions from its
+lease table); ``read_log`` reads the events topic outside any group, a position packing
+one offset per partition. Both read end offsets through :class:`_Probe`, which corrects
+Tansu's short ListOffsets answers (docs/brokers/kafka.md, "Stats").
 """
 
 from __future__ import annotations
@@ -1243,7 +1248,7 @@ class _Probe:
     offsets as they really are, the dead letters count, ``read_log``. Its partitions
     stay paused except while one of its reads runs, so it fetches nothing in between.
 
-    End offsets: Tansu (0.5, in-memory storage) answers ListOffsets(latest) with the
+    End offsets: Tansu (v0.6.0, in-memory storage) answers ListOffsets(latest) with the
     base offset of the partition's last record batch plus one, not the offset after
     its last record, so ``end_offsets`` lags by the size of the last batch minus one
     (a producer batch of 50 records: 49). The high watermark in a Fetch response is
