@@ -468,6 +468,14 @@ class NatsConsumer:
         out: list[NatsDelivery] = []
         sources = (self.targeted, self.main)
         while not self._closed:
+            # what already arrived (a lingering pull's messages) goes out at once: the
+            # pull requests below cost a round trip each, paid before the first event of
+            # a quiet stream could be handled (p99 latency at a steady rate)
+            for source in sources:
+                if source.buffer and len(out) < limit:
+                    out += await self._accept(source.take(limit - len(out)))
+            if out:
+                return out
             more = False
             for source in sources:
                 want = limit - len(out)
