@@ -362,7 +362,11 @@ def _record(
     )
     if cur.rowcount == 0:
         return None
-    now = time.time()
+    return _stage_outbox(conn, outbox, time.time())
+
+
+def _stage_outbox(conn: sqlite3.Connection, outbox: list[bytes], now: float) -> list[int]:
+    """Insert the outbox rows of one unit; their row ids, in order."""
     ids = []
     for body in outbox:
         row = conn.execute(
@@ -404,14 +408,7 @@ def _record_many(
             results.append(None)  # processed before, or earlier in this batch
             continue
         inserted.discard((function, event_id))
-        ids = []
-        for body in outbox:
-            row = conn.execute(
-                "INSERT INTO nerve_outbox (body, created_at) VALUES (?, ?)", (body, now)
-            ).lastrowid
-            assert row is not None
-            ids.append(row)
-        results.append(ids)
+        results.append(_stage_outbox(conn, outbox, now))
     return results
 
 
