@@ -19,7 +19,14 @@ from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError
 from nerve.event import Event
 from nerve.transport.base import Failure
-from nerve.transport.sqs import SqsConfig, SqsTransport, _filter_policy, _queue_name, _seconds
+from nerve.transport.sqs import (
+    SqsConfig,
+    SqsTransport,
+    _filter_policy,
+    _long_poll_seconds,
+    _queue_name,
+    _seconds,
+)
 
 from .adapter_sqs import _LAUNCHER, _installed
 
@@ -244,5 +251,41 @@ async def test_a_message_dead_lettered_twice_is_one_dead_letter(moto_port: int) 
             other.id,
             other.id,
         ]
+    finally:
+        await transport.close()
+
+
+def test_a_fetch_under_a_second_long_polls_a_whole_second() -> None:
+    """SQS long-polls in whole seconds: a wait of a quarter second or more rounds to the
+    nearest second (at least one), instead of down to zero, which made the runtime's
+    0.5 s fetches short-poll an empty queue 10-20 times a second."""
+    assert [_long_poll_seconds(r) for r in (0.1, 0.24, 0.25, 0.49, 1.2, 1.6, 99)] == [
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+        20,
+    ]
+
+
+async def test_an_idle_short_fetch_waits_in_one_long_poll(moto_port: int) -> None:
+    transport = SqsTransport(f"sqs://127.0.0.1:{moto_port}?prefix=idle&endpoint=http")
+    await transport.start()
+    try:
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        consumer = transport.consumer(sub)
+        started = time.monotonic()
+        assert await consumer.fetch(10, 0.5) == []
+        assert 0.9 < time.monotonic() - started < 1.75  # one long poll of 1 s
+        waiting = asyncio.create_task(consumer.fetch(10, 0.5))
+        await asyncio.sleep(0.3)
+        published_at = time.monotonic()
+        await transport.publish([Event(type="order.created", source="/t", data={})])
+        (got,) = await asyncio.wait_for(waiting, 5)
+        assert time.monotonic() - published_at < 1.0  # the long poll returned with it
+        await got.ack()
     finally:
         await transport.close()
