@@ -218,12 +218,16 @@ local seq = tonumber(redis.call('GET', P .. ':seq') or '0')
 local first_seq = seq
 local i = 6
 local per = {}
-for line in string.gmatch(ARGV[5], '([^\\n]*)\\n') do
+local routes, pos = ARGV[5], 1
+local find, sub = string.find, string.sub
+while pos <= string.len(routes) do
   local body = ARGV[i]
   i = i + 1
-  local f = {}
-  for x in string.gmatch(line .. '\\t', '([^\\t]*)\\t') do f[#f + 1] = x end
-  local iid = f[1]
+  local nl = find(routes, '\\n', pos, true)
+  local at = find(routes, '\\t', pos, true)
+  if not at or at > nl then at = nl end
+  local iid = sub(routes, pos, at - 1)
+  pos = nl + 1
   if iid == '' or redis.call('XACK', P .. ':ingest', 'nerve', iid) == 1 then
     if iid ~= '' then redis.call('XDEL', P .. ':ingest', iid) end
     seq = seq + 1
@@ -231,8 +235,12 @@ for line in string.gmatch(ARGV[5], '([^\\n]*)\\n') do
       redis.call('XADD', P .. ':log', 'MAXLEN', '~', logmax, seq .. '-1', 'b', body)
     end
     local id = string.format('%016d', seq)
-    for t = 2, #f - 1, 2 do
-      local g, k = f[t], f[t + 1]
+    while at < nl do
+      local gt = find(routes, '\\t', at + 1, true)
+      local kt = find(routes, '\\t', gt + 1, true)
+      if not kt or kt > nl then kt = nl end
+      local g, k = sub(routes, at + 1, gt - 1), sub(routes, gt + 1, kt - 1)
+      at = kt
       local q = per[g]
       if not q then
         q = {base = gbase(g), b = {}, m = {}, d = {}}
@@ -324,9 +332,18 @@ _SETTLE = (
     + """
 local now = now_ms()
 local items, res, groups, wake = {}, {}, {}, {}
-for line in string.gmatch(ARGV[3], '[^\\n]+') do
-  local g, action, id, token, arg =
-    string.match(line, '^([^\\t]*)\\t([^\\t]*)\\t([^\\t]*)\\t([^\\t]*)\\t(.*)$')
+local packed, pos = ARGV[3], 1
+local find, sub = string.find, string.sub
+while pos <= string.len(packed) do
+  local nl = find(packed, '\\n', pos, true) or (string.len(packed) + 1)
+  local t1 = find(packed, '\\t', pos, true)
+  local t2 = find(packed, '\\t', t1 + 1, true)
+  local t3 = find(packed, '\\t', t2 + 1, true)
+  local t4 = find(packed, '\\t', t3 + 1, true)
+  local g, action = sub(packed, pos, t1 - 1), sub(packed, t1 + 1, t2 - 1)
+  local id, token = sub(packed, t2 + 1, t3 - 1), sub(packed, t3 + 1, t4 - 1)
+  local arg = sub(packed, t4 + 1, nl - 1)
+  pos = nl + 1
   items[#items + 1] = {action, id, token, arg}
   res[#res + 1] = 0
   local gl = groups[g]
