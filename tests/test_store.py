@@ -263,6 +263,17 @@ def test_default_store_url() -> None:
     assert default_store_url("sqlite:///.nerve/nerve.db") == "sqlite:///.nerve/store.db"
     assert default_store_url("sqlite:////var/lib/n/nerve.db") == "sqlite:////var/lib/n/store.db"
     assert default_store_url("memory://") == "memory://"
+    # a postgresql:// broker's store is in its database, beside its schema, so that
+    # records and acks share a transaction (tests/transport/test_postgres_specific.py)
+    url = "postgresql://u:pw@db:6543/shop?schema=orders&visibility_timeout=3&sslmode=require"
+    assert default_store_url(url) == (
+        "postgresql://u:pw@db:6543/shop?schema=orders_store&sslmode=require"
+    )
+    assert default_store_url("postgres://db/shop") == "postgresql://db/shop?schema=nerve_store"
+    store = store_from_url(default_store_url(url))
+    assert isinstance(store, PostgresStore) and store.schema == "orders_store"
+    under = store_from_url("postgresql://h/db?schema=_under&application_name=x")
+    assert isinstance(under, PostgresStore) and under.schema == "_under"
 
 
 def test_postgres_store_urls_and_placeholders() -> None:

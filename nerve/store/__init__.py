@@ -1,8 +1,9 @@
 """Durable state beside the broker: idempotency records, the outbox, ``ctx.store``.
 
 SQLite on one machine (``sqlite:///.nerve/store.db``, the default beside the embedded
-broker), ``memory://`` for tests; PostgreSQL when several machines share the work
-(with the PostgreSQL adapter).
+broker), ``memory://`` for tests; PostgreSQL when several machines share the work: the
+default beside a ``postgresql://`` broker is its own database (``default_store_url``),
+where the store's commits ack the broker's deliveries in the same transaction.
 """
 
 from __future__ import annotations

@@ -481,11 +481,20 @@ class SqliteUnit:
 
 
 def default_store_url(broker_url: str) -> str:
-    """The store that goes with a broker: beside the embedded broker's file."""
+    """The store that goes with a broker: beside the embedded broker's file; in the
+    same database as a ``postgresql://`` broker (schema ``<broker schema>_store``), so
+    the idempotency records and the broker's acks commit in one transaction."""
     parts = urlsplit(broker_url)
     if parts.scheme == "memory":
         return "memory://"
     if parts.scheme == "sqlite":
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         return "sqlite:///" + str(Path(path).with_name("store.db"))
+    if parts.scheme in ("postgresql", "postgres"):
+        from urllib.parse import urlencode, urlunsplit
+
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        query = {"schema": f"{options.get('schema', 'nerve')}_store"}
+        query |= {k: options[k] for k in ("sslmode", "application_name") if k in options}
+        return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
     return "sqlite:///.nerve/store.db"

@@ -8,7 +8,9 @@ random fencing token; settlements delete or update a row only while the token st
 matches. In an ordered group, a row whose key has an earlier row in the group (in
 flight, or waiting for a retry) is not claimed. ``NOTIFY`` on one channel per schema
 wakes consumers in every process on publish; a short poll covers delayed rows and
-expired leases. All times are the database server's clock.
+expired leases. All times are the database server's clock. A store on the same
+database acks deliveries inside its own commit (``ack_ctes``, ``transports_on``), so a
+handler's effects and its ack are one transaction.
 
 URL options: ``?schema=nerve&visibility_timeout=30&max_payload=1048576
 &poll_interval=0.2&pool_size=10&log_retention=86400`` and the connection options
@@ -173,7 +175,7 @@ _started: weakref.WeakSet[PostgresTransport] = weakref.WeakSet()
 def transports_on(database: tuple[str, int, str, str]) -> list[PostgresTransport]:
     """The started transports of this process and event loop on ``database``
     (:func:`database_of`): a store on that database acks their deliveries in its own
-    transaction (``PostgresTransport.ack_within``)."""
+    transaction (``PostgresTransport.ack_ctes``)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -233,6 +235,7 @@ class _Sql:
     """Every statement, with the schema filled in (a validated SQL name)."""
 
     def __init__(self, s: str) -> None:
+        self.schema = s
         self.create = _schema_sql(s)
         self.analyze = f"ANALYZE {s}.deliveries"
         self.routes = (
@@ -267,8 +270,12 @@ SELECT fresh.v, fresh.ok,
        CASE WHEN fresh.ok AND $9::text <> '' THEN pg_notify($8, $9) END
 FROM fresh
 """
+        # A claim commits without waiting for the WAL flush (synchronous_commit off for
+        # its own transaction only): a claim lost in a server crash leaves the rows
+        # claimable again, which is a redelivery, never a loss; the next synchronous
+        # commit (any publish or ack) flushes it anyway. It saves a disk flush per fetch.
         self.claim = f"""
-WITH now AS (SELECT {_NOW} AS t),
+WITH now AS (SELECT {_NOW} AS t, set_config('synchronous_commit', 'off', true)),
 picked AS (
     SELECT d.seq FROM {s}.deliveries d, now
     WHERE d.grp = $1 AND d.available_at <= now.t AND d.lease_until <= now.t
@@ -300,24 +307,8 @@ USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(grp, seq, token)
 WHERE {match}
 RETURNING d.grp, d.seq
 """
-        # acks and their `processed` counters in one statement (one round trip, its own
-        # transaction, or part of a store's: see PostgresTransport.ack_within); the
-        # counters rows are locked in name order, as lock_counters does
-        self.ack_counted = f"""
-WITH gone AS (
-    DELETE FROM {s}.deliveries d
-    USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(grp, seq, token)
-    WHERE {match}
-    RETURNING d.grp, d.seq),
-tally AS (SELECT grp, count(*) AS n FROM gone GROUP BY grp),
-locked AS (
-    SELECT c.grp FROM {s}.counters c WHERE c.grp IN (SELECT grp FROM tally)
-    ORDER BY c.grp FOR UPDATE),
-counted AS (
-    UPDATE {s}.counters c SET processed = c.processed + t.n
-    FROM tally t WHERE c.grp = t.grp AND c.grp IN (SELECT grp FROM locked))
-SELECT grp, seq FROM gone
-"""
+        # acks and their `processed` counters in one statement (one round trip)
+        self.ack_counted = f"WITH {self.ack_ctes('acked', 1)}\nSELECT grp, seq FROM acked"
         self.nack = f"""
 UPDATE {s}.deliveries d SET available_at = {_NOW} + u.delay, lease_until = 0
 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::float8[]) AS u(grp, seq, token, delay)
@@ -392,6 +383,28 @@ WHERE published_at < {_NOW} - $1
   AND seq < coalesce((SELECT min(seq) FROM {s}.deliveries), {_MAX_BIGINT})
 """
 
+    def ack_ctes(self, name: str, first: int) -> str:
+        """CTEs that ack deliveries, fenced by their tokens, and count them as processed,
+        ending in ``name(grp, seq)``: the deliveries acked. Parameters ``$first``,
+        ``$first+1``, ``$first+2``: groups, seqs, tokens. Counters rows are locked in name
+        order, as ``lock_counters`` does. Part of ``ack_counted`` and of a store's commit
+        (:meth:`PostgresTransport.ack_ctes`)."""
+        s = self.schema
+        g, q, t = f"${first}", f"${first + 1}", f"${first + 2}"
+        return f"""{name}_gone AS (
+    DELETE FROM {s}.deliveries d
+    USING unnest({g}::text[], {q}::bigint[], {t}::bigint[]) AS u(grp, seq, token)
+    WHERE d.grp = u.grp AND d.seq = u.seq AND d.token = u.token AND d.seq = ANY({q}::bigint[])
+    RETURNING d.grp, d.seq),
+{name}_tally AS (SELECT grp, count(*) AS n FROM {name}_gone GROUP BY grp),
+{name}_locked AS (
+    SELECT c.grp FROM {s}.counters c WHERE c.grp IN (SELECT grp FROM {name}_tally)
+    ORDER BY c.grp FOR UPDATE),
+{name}_counted AS (
+    UPDATE {s}.counters c SET processed = c.processed + t.n
+    FROM {name}_tally t WHERE c.grp = t.grp AND c.grp IN (SELECT grp FROM {name}_locked)),
+{name} AS (SELECT grp, seq FROM {name}_gone)"""
+
 
 class _Router:
     """Which groups an event goes to; reloaded when the groups' version changes."""
@@ -453,7 +466,7 @@ class PostgresDelivery:
         self._consumer = consumer
         self._event: Event | None = None
         self.acked_within: bool | None = None
-        """Settled by a store's transaction (``PostgresTransport.ack_within``): True if
+        """Settled by a store's transaction (``PostgresTransport.ack_ctes``): True if
         acked there, False if its lease was lost; None while it is not."""
         self.event_id = event_id
         self.group = consumer.group
@@ -1011,29 +1024,39 @@ class PostgresTransport:
                 del self._held[key]
 
     def claimed(self, group: str, event_id: str) -> PostgresDelivery | None:
-        """The delivery of ``event_id`` to ``group`` this process holds unsettled (the
-        earliest claimed, if it holds several), or None."""
+        """The delivery of ``event_id`` to ``group`` this process holds unsettled, or
+        None. Of several (a lease that expired and was claimed again here, or the event
+        published twice), the last claimed: the one whose lease is current."""
         same = self._held.get((group, event_id))
         if not same:
             return None
-        for delivery in same:
+        for delivery in reversed(same):
             if delivery.acked_within is None:
                 return delivery
         return None
 
-    async def ack_within(self, conn: Any, deliveries: Sequence[PostgresDelivery]) -> list[bool]:
-        """Ack ``deliveries`` (fenced by their tokens, counted as processed) on ``conn``, a
-        connection to this database inside a transaction someone else (the store) owns
-        and commits; returns, per delivery, whether its lease still held. Nothing is
-        settled until that transaction commits and :meth:`settled_within` is called."""
-        items = [(d, "ack", 0.0, None) for d in deliveries]
-        rows = await conn.fetch(self._sql.ack_counted, *self._columns(items))
-        done = {(grp, seq) for grp, seq in rows}
-        return [(d.group, d.seq) in done for d in deliveries]
+    def ack_ctes(self, name: str, first: int) -> str:
+        """SQL for a statement of a store on this database (as the same role): CTEs that
+        ack deliveries fenced by their tokens and count them as processed, ending in
+        ``name(grp, seq)``, the deliveries acked; they take parameters ``$first`` to
+        ``$first+2``, which :meth:`ack_args` gives. The store's records and these acks
+        then commit in one transaction; once it has, the store calls
+        :meth:`settled_within`."""
+        return self._sql.ack_ctes(name, first)
+
+    @staticmethod
+    def ack_args(deliveries: Sequence[PostgresDelivery]) -> list[list[Any]]:
+        """The parameters of :meth:`ack_ctes` for ``deliveries``."""
+        return [
+            [d.group for d in deliveries],
+            [d.seq for d in deliveries],
+            [d.token for d in deliveries],
+        ]
 
     def settled_within(self, deliveries: Sequence[PostgresDelivery], acked: Sequence[bool]) -> None:
-        """The transaction of :meth:`ack_within` committed: ``deliveries`` are settled
-        (acked, or refused as their lease was lost); ``ack``/``ack_many`` say so."""
+        """The store's transaction with :meth:`ack_ctes` committed: ``deliveries`` are
+        settled (acked, or refused as their lease was lost); ``ack``/``ack_many`` say so
+        (no round trip)."""
         wake: set[str] = set()
         for delivery, ok in zip(deliveries, acked, strict=True):
             delivery.acked_within = ok

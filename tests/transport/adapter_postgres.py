@@ -1,6 +1,7 @@
 """The conformance suite on PostgreSQL: each test broker is its own schema in database
 ``test``, named after a hash of the broker's directory, dropped before first use (a fresh,
-empty broker even if a crashed earlier run left one behind) and after the session."""
+empty broker even if a crashed earlier run left one behind) and after the session, with
+``<schema>_store``, where a Runtime on it keeps its store by default."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def make_url(directory: Path) -> str:
     require_server("PostgreSQL", HOST, PORT)
     schema = "nerve_t_" + hashlib.sha256(str(directory).encode()).hexdigest()[:16]
     if schema not in _made:
-        drop_schemas(schema)
+        drop_schemas(schema, f"{schema}_store")  # the broker and its default store
         _made.add(schema)
     return server_url(schema)
 
@@ -65,7 +66,7 @@ def make_url(directory: Path) -> str:
 def _cleanup() -> None:
     if _made:
         with contextlib.suppress(Exception):
-            drop_schemas(*sorted(_made))
+            drop_schemas(*sorted(_made), *sorted(f"{s}_store" for s in _made))
 
 
 SPEC = AdapterSpec("postgres", make_url, restartable=True, restart_server=restart_postgres)

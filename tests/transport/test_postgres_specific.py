@@ -1,6 +1,7 @@
 """PostgreSQL-specific behaviour of ``postgresql://`` beyond the conformance suite:
 URL options, error translation, ordering and work sharing across connections, log
-pruning, and the shop example running on it."""
+pruning, the shop example running on it, and the store in the same database, whose
+commits ack the broker's deliveries in the same transaction."""
 
 from __future__ import annotations
 
@@ -10,13 +11,23 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from examples.shop import invariants, load
 from examples.shop.app import TERMINAL_STATES, app
 from examples.shop.chaos import with_failures
-from nerve import Event, Runtime
+from nerve import App, Event, Runtime
 from nerve.app import Subscription
-from nerve.errors import BrokerUnavailable, ConfigError, TransportError
+from nerve.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    LeaseLost,
+    StoreError,
+    TransportError,
+)
+from nerve.runtime.context import Context
+from nerve.store import default_store_url, store_from_url
+from nerve.store.postgres import PostgresStore
 from nerve.transport import from_url
 from nerve.transport.postgres import PostgresConfig, PostgresTransport
 
@@ -225,3 +236,282 @@ async def test_connections_killed_by_the_server_are_replaced(tmp_path: Path) -> 
     finally:
         await victim.close()
         await publisher.close()
+
+
+# -- the store in the broker's database: records and acks in one transaction ---------------
+
+
+async def _pair(tmp_path: Path, query: str = "") -> tuple[PostgresTransport, PostgresStore]:
+    """A started transport and, on the same database, the store a Runtime would use by
+    default (``default_store_url``), with the ``t`` table for ctx.store writes."""
+    url = make_url(tmp_path) + query
+    transport = from_url(url)
+    assert isinstance(transport, PostgresTransport)
+    store = store_from_url(default_store_url(url))
+    assert isinstance(store, PostgresStore)
+    await transport.start()
+    try:
+        await store.start(["CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY)"])
+    except BaseException:
+        await transport.close()
+        raise
+    return transport, store
+
+
+async def _pending(transport: PostgresTransport) -> list[int]:
+    assert transport._pool is not None
+    schema = transport.config.schema
+    return [r[0] for r in await transport._pool.fetch(f"SELECT seq FROM {schema}.deliveries")]
+
+
+async def _processed(store: PostgresStore) -> list[str]:
+    return sorted(r[0] for r in await store.query("SELECT event_id FROM nerve_processed"))
+
+
+async def test_records_and_acks_commit_together_in_one_statement(tmp_path: Path) -> None:
+    transport, store = await _pair(tmp_path)
+    try:
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        events = [make(n, key=f"k{n % 2}") for n in range(4)]
+        await transport.publish(events)
+        consumer = transport.consumer(sub)
+        deliveries = list(await consumer.fetch(10, SOON))
+        assert len(deliveries) == 2  # one per key: the keys' heads
+        ids = await store.commit_records(
+            [("g", d.event.id, [b"emitted"] if n == 0 else []) for n, d in enumerate(deliveries)]
+        )
+        assert ids[1] == [] and ids[0] is not None and len(ids[0]) == 1
+        assert [d.acked_within for d in deliveries] == [True, True]
+        # the records and the acks are there together, and the outbox row
+        assert await _processed(store) == sorted(d.event.id for d in deliveries)
+        assert sorted(await _pending(transport)) == sorted(
+            set(range(1, 5)) - {d.seq for d in deliveries}
+        )
+        assert [i for i, _ in await store.outbox_pending(older_than=0)] == ids[0]
+        # the runner's ack after the commit costs nothing and counts nothing twice
+        assert await consumer.ack_many(deliveries) == []
+        await deliveries[0].ack()
+        (stats,) = await transport.stats()
+        assert (stats.processed, stats.ready, stats.in_flight) == (2, 2, 0)
+        # acked heads released their keys: the next of each key is claimable now
+        rest = list(await consumer.fetch(10, SOON))
+        assert sorted(d.event.data["n"] for d in rest) == [2, 3]
+        assert await consumer.ack_many(rest) == []
+        assert (await transport.stats())[0].processed == 4
+    finally:
+        await store.close()
+        await transport.close()
+
+
+async def test_a_failing_ack_rolls_the_records_back(tmp_path: Path) -> None:
+    """The ack fails inside the store's statement (a trigger refuses the DELETE): the
+    idempotency records of the batch are not committed either."""
+    transport, store = await _pair(tmp_path)
+    assert transport._pool is not None
+    schema = transport.config.schema
+    try:
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        await transport.publish([make(n) for n in range(3)])
+        consumer = transport.consumer(sub)
+        deliveries = list(await consumer.fetch(10, SOON))
+        await transport._pool.execute(
+            f"CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'acks refused'; END $$; "
+            f"CREATE TRIGGER refuse BEFORE DELETE ON {schema}.deliveries "
+            f"FOR EACH ROW EXECUTE FUNCTION {schema}.refuse()"
+        )
+        with pytest.raises(StoreError, match="acks refused"):
+            await store.commit_records([("g", d.event.id, [b"x"]) for d in deliveries])
+        assert await _processed(store) == []
+        assert await store.outbox_pending(older_than=0) == []
+        assert sorted(await _pending(transport)) == [1, 2, 3]
+        assert [d.acked_within for d in deliveries] == [None, None, None]
+        # a unit (ctx.store writes) fails the same way: its writes go too
+        unit = store.unit("g", deliveries[0].event.id)
+        await unit.execute("INSERT INTO t VALUES (?)", ("written",))
+        with pytest.raises(StoreError, match="acks refused"):
+            await unit.commit([])
+        assert await store.query("SELECT k FROM t") == []
+        await transport._pool.execute(f"DROP TRIGGER refuse ON {schema}.deliveries")
+        # still held: the retry commits records and acks together
+        assert await store.commit_records([("g", d.event.id, []) for d in deliveries]) == [
+            [],
+            [],
+            [],
+        ]
+        assert len(await _processed(store)) == 3 and await _pending(transport) == []
+        assert (await transport.stats())[0].processed == 3
+    finally:
+        await store.close()
+        await transport.close()
+
+
+async def test_a_store_connection_killed_during_the_ack_keeps_neither(tmp_path: Path) -> None:
+    """The store's connection dies while its commit statement is acking (held in a
+    trigger): a reader sees neither the unit's writes, its record nor the ack while it
+    runs, and nothing of them after the kill; a second commit makes all of them
+    visible at once."""
+    name = f"nerve_victim_{abs(hash(str(tmp_path))) % 10**9}"
+    transport, store = await _pair(tmp_path, f"&application_name={name}")
+    assert transport._pool is not None
+    pool = transport._pool
+    schema = transport.config.schema
+    try:
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        await transport.publish([make(1)])
+        consumer = transport.consumer(sub)
+        (delivery,) = await consumer.fetch(1, SOON)
+        await pool.execute(
+            f"CREATE FUNCTION {schema}.stall() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(30); RETURN OLD; END $$; "
+            f"CREATE TRIGGER stall AFTER DELETE ON {schema}.deliveries "
+            f"FOR EACH ROW EXECUTE FUNCTION {schema}.stall()"
+        )
+
+        async def state() -> tuple[list[str], list[int], list[str]]:
+            written = [r[0] for r in await store.query("SELECT k FROM t")]
+            return written, await _pending(transport), await _processed(store)
+
+        unit = store.unit("g", delivery.event.id)
+        await unit.execute("INSERT INTO t VALUES (?)", ("written",))
+        committing = asyncio.create_task(unit.commit([b"emitted"]))
+        deadline = time.monotonic() + SOON
+        while True:  # the store's connection of this test, in the trigger's sleep
+            stalled = await pool.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 "
+                "AND wait_event = 'PgSleep'",
+                name,
+            )
+            if stalled:
+                break
+            assert time.monotonic() < deadline, "the commit never reached the ack"
+            await asyncio.sleep(0.02)
+        assert await state() == ([], [delivery.seq], [])  # nothing of it visible yet
+        await pool.execute("SELECT pg_terminate_backend($1)", stalled[0][0])
+        with pytest.raises(StoreError):
+            await committing
+        assert await state() == ([], [delivery.seq], [])  # nothing of it committed
+        assert delivery.acked_within is None
+        assert await store.outbox_pending(older_than=0) == []
+        await pool.execute(f"DROP TRIGGER stall ON {schema}.deliveries")
+        again = store.unit("g", delivery.event.id)
+        await again.execute("INSERT INTO t VALUES (?)", ("written",))
+        ids = await again.commit([b"emitted"])
+        assert ids is not None and len(ids) == 1
+        assert await state() == (["written"], [], [delivery.event.id])
+        assert delivery.acked_within is True and await consumer.ack_many([delivery]) == []
+    finally:
+        await store.close()
+        await transport.close()
+
+
+async def test_a_lost_lease_records_nothing(tmp_path: Path) -> None:
+    """A consumer whose lease was taken over (by another process) changes nothing, in the
+    store either: its commit records nothing (None) and its ack reports the lost lease;
+    a later owner's commit records and acks."""
+    transport, store = await _pair(tmp_path, "&visibility_timeout=0.3")
+    elsewhere = from_url(make_url(tmp_path) + "&visibility_timeout=0.3")
+    await elsewhere.start()
+    try:
+        sub = Subscription("g", ("order.created",), ordered=False)
+        await transport.declare([sub])
+        await transport.publish([make(1), make(2)])
+        late = transport.consumer(sub)
+        stale = list(await late.fetch(10, SOON))
+        assert len(stale) == 2
+        await asyncio.sleep(0.5)
+        taken = list(await elsewhere.consumer(sub).fetch(10, SOON))
+        assert [d.attempt for d in taken] == [2, 2]
+        await elsewhere.close()  # that process is gone; its leases run out
+        # the first of the two goes through a unit (ctx.store), the second is light
+        unit = store.unit("g", stale[0].event.id)
+        await unit.execute("INSERT INTO t VALUES (?)", ("stale write",))
+        assert await unit.commit([b"stale emit"]) is None
+        assert await store.commit_records([("g", stale[1].event.id, [b"x"])]) == [None]
+        assert [d.acked_within for d in stale] == [False, False]
+        assert await store.query("SELECT k FROM t") == []
+        assert await _processed(store) == [] and await store.outbox_pending(older_than=0) == []
+        assert await late.ack_many(stale) == stale
+        with pytest.raises(LeaseLost):
+            await stale[0].ack()
+        assert len(await _pending(transport)) == 2
+        await asyncio.sleep(0.5)
+        again = list(await transport.consumer(sub).fetch(10, SOON))
+        assert [d.attempt for d in again] == [3, 3]
+        assert await store.commit_records([("g", d.event.id, []) for d in again]) == [[], []]
+        assert await late.ack_many(again) == []
+        assert await _pending(transport) == [] and len(await _processed(store)) == 2
+        assert (await transport.stats())[0].processed == 2
+    finally:
+        await elsewhere.close()
+        await store.close()
+        await transport.close()
+
+
+shared_app = App("pgshared")
+shared_app.store_tables("CREATE TABLE IF NOT EXISTS kept (n INTEGER PRIMARY KEY)")
+
+
+@shared_app.event("order.created", key="key")
+class Created(BaseModel):
+    n: int
+    key: str
+
+
+@shared_app.function(consumes="order.created", concurrency=8)
+async def keep(order: Created, ctx: Context) -> None:
+    if order.n % 2:  # half through a unit of ctx.store, half light
+        await ctx.store.execute("INSERT INTO kept VALUES (?)", (order.n,))
+
+
+async def test_a_runtime_on_postgres_keeps_its_store_in_the_same_database(tmp_path: Path) -> None:
+    """No store given: records, ctx.store writes and acks share the broker's database
+    and transactions; every event is processed once and counted once."""
+    url = make_url(tmp_path)
+    count = 60
+    async with Runtime(shared_app, broker=url) as rt:
+        assert isinstance(rt.store, PostgresStore) and rt.store.schema.endswith("_store")
+        await rt.client.publish_events(
+            [shared_app.make_event(Created(n=n, key=f"k{n % 7}")) for n in range(count)]
+        )
+        await rt.wait_idle(timeout=30)
+        runner = rt.runners["keep"]
+        assert (runner.stats.processed, runner.stats.lease_lost) == (count, 0)
+        assert len(await rt.store.query("SELECT event_id FROM nerve_processed")) == count
+        kept = await rt.store.query("SELECT n FROM kept ORDER BY n")
+        assert [r[0] for r in kept] == list(range(1, count, 2))
+        assert isinstance(rt.transport, PostgresTransport)
+        (stats,) = await rt.transport.stats()
+        assert (stats.processed, stats.backlog, stats.in_flight) == (count, 0, 0)
+        assert rt.transport._held == {}
+
+
+async def test_a_group_declared_elsewhere_is_routed_to_by_a_publisher_with_old_routes(
+    tmp_path: Path,
+) -> None:
+    """A publish is one statement that checks the routing version: a group declared by
+    another process after this one loaded its routes still receives the event."""
+    url = make_url(tmp_path)
+    one, two = from_url(url), from_url(url)
+    await one.start()
+    await two.start()
+    try:
+        first = Subscription("first", ("order.created",))
+        await one.declare([first])
+        await one.publish([make(0)])  # routes loaded: only `first`
+        late = Subscription("late", ("order.created",))
+        await two.declare([late])
+        await one.publish([make(1)])
+        await one.publish([make(2)], to_group="late")
+        got = await two.consumer(late).fetch(10, SOON)
+        assert [d.event.data["n"] for d in got] == [1, 2]
+        firsts = await one.consumer(first).fetch(10, SOON)
+        assert [d.event.data["n"] for d in firsts] == [0, 1]
+        with pytest.raises(TransportError, match="no consumer group named 'nobody'"):
+            await one.publish([make(3)], to_group="nobody")
+    finally:
+        await one.close()
+        await two.close()
