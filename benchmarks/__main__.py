@@ -1,5 +1,7 @@
 """``python -m benchmarks compare [--quick]`` (everything side by side, RESULTS.md),
-``python -m benchmarks brokers [--brokers nats,...] [--events N] [--runs 3]``, or
+``python -m benchmarks brokers [--brokers nats,...] [--events N] [--runs 3]``,
+``python -m benchmarks observe [--rounds 5] [--events N] [--sampled] [--callgrind]``
+(what metrics and tracing cost, as ratios to neither), or
 ``python -m benchmarks embedded [--runs 3] [--events N] [--rate R] [--seconds S]
 [--quick] [--profile]``.
 
@@ -62,7 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     brk.add_argument("--batch", type=int, default=100, help="publish batch (100)")
     brk.add_argument("--runs", type=int, default=3, help="runs per side and broker (3)")
     _add_compare(sub)
+    obs = sub.add_parser(
+        "observe", help="what metrics and tracing cost: throughput with and without, side by side"
+    )
+    from benchmarks.observe import add_arguments as add_observe_arguments
+
+    add_observe_arguments(obs)
     args = parser.parse_args(argv)
+    if args.suite == "observe":
+        from benchmarks.observe import run as run_observe
+
+        return run_observe(args)
     if args.suite == "brokers":
         return _brokers(parser, args)
     if args.suite == "compare":

@@ -45,19 +45,23 @@ from opentelemetry.trace import (
     SpanKind,
     Status,
     StatusCode,
-    TraceFlags,
     TraceState,
 )
 from opentelemetry.trace.propagation import set_span_in_context
 
 from nerve import __version__
 from nerve.event import Event
+from nerve.observe import otlp
+from nerve.observe.otlp import Layout, Parent
 
 __all__ = ["HandlerTrace", "Tracing", "tracing_from_env"]
 
 SYSTEM = "nerve"
 _EMPTY = otel_context.Context()
 _MAX_LINKS = 16
+_INTERNAL, _PRODUCER, _CONSUMER = otlp.INTERNAL, otlp.PRODUCER, otlp.CONSUMER
+_LeanSpan = otlp.Span
+_attach, _detach = otel_context.attach, otel_context.detach
 
 Handler = Callable[[Any, Any], Awaitable[None]]
 
@@ -68,6 +72,11 @@ def traceparent_of(context: SpanContext) -> str:
 
 
 def _extensions_of(span: Span) -> dict[str, str]:
+    if type(span) is _LeanSpan:
+        exts = {"traceparent": span.traceparent}
+        if span.state:
+            exts["tracestate"] = span.state
+        return exts
     context = span.get_span_context()
     exts = {"traceparent": traceparent_of(context)}
     state = context.trace_state.to_header() if context.trace_state else ""
@@ -78,16 +87,18 @@ def _extensions_of(span: Span) -> dict[str, str]:
 
 def parent_context(event: Event) -> otel_context.Context | None:
     """The OpenTelemetry context carried by ``event`` (None when it carries none or an
-    invalid one: the span then starts a new trace). Parsed directly (W3C Trace Context
-    level 1, version 00): this runs once per handled event."""
-    span_context = _span_context(event)
-    if span_context is None:
+    invalid one)."""
+    parent = _parent_of(event)
+    if parent is None:
         return None
-    return set_span_in_context(NonRecordingSpan(span_context), _EMPTY)
+    return set_span_in_context(NonRecordingSpan(otlp.span_context(parent)), _EMPTY)
 
 
-def _span_context(event: Event) -> SpanContext | None:
-    value = event.extensions.get("traceparent")
+def _parent_of(event: Event) -> Parent | None:
+    """The parent context ``event`` carries (W3C Trace Context level 1, version 00),
+    parsed directly: this runs once per handled event."""
+    extensions = event.extensions
+    value = extensions.get("traceparent")
     if type(value) is not str or len(value) != 55 or value[2] != "-" or value[:2] == "ff":
         return None
     try:
@@ -98,68 +109,153 @@ def _span_context(event: Event) -> SpanContext | None:
         return None
     if not trace_id or not span_id or value[35] != "-" or value[52] != "-":
         return None
-    state = event.extensions.get("tracestate")
-    return SpanContext(
-        trace_id,
-        span_id,
-        is_remote=True,
-        trace_flags=TraceFlags(flags & 0x01),
-        trace_state=TraceState.from_header([str(state)]) if state else None,
-    )
+    state = extensions.get("tracestate")
+    if state:
+        state = TraceState.from_header([str(state)]).to_header()
+    return (trace_id, span_id, flags & 0x01, state or "", True)
+
+
+def _parent_of_span(span: Span) -> Parent | None:
+    """``span`` as a parent (None when it has no valid context)."""
+    if type(span) is _LeanSpan:
+        return span.as_parent()
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    state = context.trace_state.to_header() if context.trace_state else ""
+    return (context.trace_id, context.span_id, int(context.trace_flags), state, context.is_remote)
+
+
+def _current() -> Parent | None:
+    """The caller's current span, as a parent."""
+    return _parent_of_span(trace.get_current_span())
 
 
 class HandlerTrace:
     """The ``process`` span of one handler attempt, as ``ctx`` sees it: emitted events
     become its children, ``ctx.log`` records carry its trace id."""
 
-    __slots__ = ("_tracing", "span")
+    __slots__ = ("_token", "_tracing", "span")
 
-    def __init__(self, tracing: Tracing, span: Span) -> None:
+    def __init__(self, tracing: Tracing, span: Span, current: bool = False) -> None:
         self._tracing = tracing
         self.span = span
+        self._token = _attach(set_span_in_context(span)) if current else None
+        """Set when the span was made the current span (undone by ``end_process``)."""
 
     @property
     def trace_id(self) -> str:
-        return f"{self.span.get_span_context().trace_id:032x}"
+        span = self.span
+        if type(span) is _LeanSpan:
+            return f"{span.trace_id:032x}"
+        return f"{span.get_span_context().trace_id:032x}"
 
     def emitting(self, type_name: str) -> dict[str, str]:
         """A ``create`` span for an event this handler emits; its trace extensions."""
-        return self._tracing.create(type_name, set_span_in_context(self.span))
+        return self._tracing.create(type_name, self.span)
 
 
 class Tracing:
-    """Creates nerve's spans on ``provider`` (default: the global tracer provider).
+    """Creates nerve's spans for ``provider`` (default: the global tracer provider).
 
-    ``owned`` providers (built by :func:`tracing_from_env`) are flushed and shut down by
-    :meth:`shutdown` when the runtime stops.
+    With an OpenTelemetry SDK provider, spans are recorded by nerve's lean pipeline
+    (:mod:`nerve.observe.otlp`): sampled by the provider's sampler, and handed, from
+    a background thread, to ``exporters`` when given (a provider nerve built from the
+    ``OTEL_*`` variables), else to the provider's span processors. With any other
+    provider (another vendor's API implementation) spans are made through its tracer.
+
+    ``owned`` providers (built by :func:`tracing_from_env`) are shut down by
+    :meth:`shutdown` when the runtime stops; spans of other providers are flushed.
     """
 
-    def __init__(self, provider: trace.TracerProvider | None = None, *, owned: bool = False):
+    def __init__(
+        self,
+        provider: trace.TracerProvider | None = None,
+        *,
+        owned: bool = False,
+        exporters: Sequence[Any] = (),
+    ):
         self.provider = provider or trace.get_tracer_provider()
         self.tracer = self.provider.get_tracer("nerve", __version__)
         self._owned = owned
+        self._layouts: dict[tuple[str, ...], Layout] = {}
+        self._pipeline: otlp.Pipeline | None = None
+        self._recorder: otlp.SpanRecorder | None = None
+        sdk = _sdk_provider(self.provider)
+        if sdk is None:
+            return
+        if exporters:
+            sink = _to_each([otlp.exporter_sink(e, sdk.resource, __version__) for e in exporters])
+            pipeline = otlp.Pipeline(sink, shutdown=_to_each([e.shutdown for e in exporters]))
+        else:
+            pipeline = otlp.Pipeline(otlp.processor_sink(sdk, __version__))
+        self._pipeline = pipeline
+        self._recorder = otlp.SpanRecorder(pipeline, otlp.Sampling(sdk.sampler), sdk.id_generator)
+
+    def flush(self) -> None:
+        """Hand every span ended so far to its exporter (or span processors)."""
+        if self._pipeline is not None:
+            self._pipeline.flush()
 
     def shutdown(self) -> None:
         if self._owned:
+            if self._pipeline is not None:
+                self._pipeline.shutdown()
             shutdown = getattr(self.provider, "shutdown", None)
             if shutdown is not None:
                 shutdown()
+        else:
+            self.flush()
+
+    def _start(
+        self,
+        layout: Layout,
+        parent: Parent | None,
+        values: tuple[Any, ...] = (),
+        links: list[otlp.LinkData] | None = None,
+    ) -> Span:
+        recorder = self._recorder
+        if recorder is not None:
+            return recorder.start(layout, parent, values, links)
+        context = _EMPTY
+        if parent is not None:
+            context = set_span_in_context(NonRecordingSpan(otlp.span_context(parent)), _EMPTY)
+        return self.tracer.start_span(
+            layout.name,
+            context=context,
+            kind=SpanKind(layout.kind - 1),
+            attributes=layout.attributes(values),
+            links=[Link(otlp.span_context(link)) for link in links or ()],
+        )
+
+    def _layout(self, key: tuple[str, ...], make: Callable[[], Layout]) -> Layout:
+        layouts = self._layouts
+        found = layouts.get(key)
+        if found is None:
+            if len(layouts) >= 4096:  # event types made up at run time: stay bounded
+                layouts.clear()
+            found = layouts[key] = make()
+        return found
 
     # -- producing -----------------------------------------------------------------
 
-    def create(self, type_name: str, parent: otel_context.Context | None = None) -> dict[str, str]:
-        """Start and end a ``create`` span for one new event; its trace extensions."""
-        span = self.tracer.start_span(
-            f"create {type_name}",
-            context=parent,
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "create",
-                "messaging.operation.name": "create",
-                "messaging.destination.name": type_name,
-            },
+    def create(self, type_name: str, parent: Span | None = None) -> dict[str, str]:
+        """Start and end a ``create`` span for one new event (a child of ``parent``,
+        default: the caller's current span); its trace extensions."""
+        layout = self._layouts.get(("create", type_name)) or self._layout(
+            ("create", type_name),
+            lambda: Layout(
+                f"create {type_name}",
+                _PRODUCER,
+                {
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "create",
+                    "messaging.operation.name": "create",
+                    "messaging.destination.name": type_name,
+                },
+            ),
         )
+        span = self._start(layout, _current() if parent is None else _parent_of_span(parent))
         span.end()
         return _extensions_of(span)
 
@@ -168,90 +264,136 @@ class Tracing:
         (an event that already carries one keeps it). End the span once published."""
         if len(events) == 1:
             (event,) = events
-            span = self.tracer.start_span(
-                f"publish {event.type}",
-                context=parent_context(event),
-                kind=SpanKind.PRODUCER,
-                attributes=_message_attributes(event, "publish", "send"),
+            parent = _parent_of(event)
+            type_name = event.type
+            layout = self._layout(
+                ("publish", type_name),
+                lambda: Layout(
+                    f"publish {type_name}",
+                    _PRODUCER,
+                    {
+                        "messaging.system": SYSTEM,
+                        "messaging.operation.type": "send",
+                        "messaging.operation.name": "publish",
+                        "messaging.destination.name": type_name,
+                    },
+                    (
+                        "messaging.message.id",
+                        "messaging.message.conversation_id",
+                        "cloudevents.event_subject",
+                    ),
+                ),
+            )
+            correlation = event.extensions.get("correlationid")
+            span = self._start(
+                layout,
+                _current() if parent is None else parent,
+                (event.id, None if correlation is None else str(correlation), event.subject),
             )
             if event.extensions.get("traceparent") is None:
                 event = event.with_extensions(**_extensions_of(span))
             return [event], span
         traced: list[Event] = []
-        links: list[Link] = []
+        links: list[otlp.LinkData] = []
+        current: Span | None = None
         for event in events:
             if event.extensions.get("traceparent") is None:
-                event = event.with_extensions(**self.create(event.type))
+                if current is None:
+                    current = trace.get_current_span()
+                event = event.with_extensions(**self.create(event.type, current))
             traced.append(event)
-            linked = _span_context(event)
-            if linked is not None and len(links) < _MAX_LINKS:
-                links.append(Link(linked))
-        span = self.tracer.start_span(
-            "publish",
-            kind=SpanKind.PRODUCER,
-            links=links,
-            attributes={
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "publish",
-                "messaging.batch.message_count": len(events),
-            },
+            if len(links) < _MAX_LINKS:
+                linked = _parent_of(event)
+                if linked is not None:
+                    links.append((*linked, None))
+        layout = self._layout(
+            ("publish",),
+            lambda: Layout(
+                "publish",
+                _PRODUCER,
+                {
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "send",
+                    "messaging.operation.name": "publish",
+                },
+                ("messaging.batch.message_count",),
+            ),
         )
-        return traced, span
+        return traced, self._start(layout, _current(), (len(events),), links)
 
     # -- consuming -----------------------------------------------------------------
 
     def received(self, function: str, events: Sequence[Event]) -> None:
         """A ``receive`` span for one fetched batch, linked to (the first
         ``_MAX_LINKS`` of) its events' contexts."""
-        links = []
+        links: list[otlp.LinkData] = []
         for event in events[:_MAX_LINKS]:
-            linked = _span_context(event)
+            linked = _parent_of(event)
             if linked is not None:
-                links.append(Link(linked))
-        span = self.tracer.start_span(
-            f"receive {function}",
-            kind=SpanKind.CONSUMER,
-            links=links,
-            attributes={
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "receive",
-                "messaging.consumer.group.name": function,
-                "messaging.batch.message_count": len(events),
-            },
+                links.append((*linked, None))
+        layout = self._layout(
+            ("receive", function),
+            lambda: Layout(
+                f"receive {function}",
+                _CONSUMER,
+                {
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "receive",
+                    "messaging.consumer.group.name": function,
+                },
+                ("messaging.batch.message_count",),
+            ),
         )
-        span.end()
+        self._start(layout, None, (len(events),), links).end()
 
-    def start_process(self, function: str, event: Event, attempt: int) -> HandlerTrace:
-        """The ``process`` span of one handler attempt (child of the event's context)."""
-        span = self.tracer.start_span(
-            f"process {event.type}",
-            context=parent_context(event),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "process",
-                "messaging.destination.name": event.type,
-                "messaging.message.id": event.id,
-                "messaging.consumer.group.name": function,
-                "nerve.attempt": attempt,
-            },
+    def start_process(
+        self, function: str, event: Event, attempt: int, *, current: bool = False
+    ) -> HandlerTrace:
+        """The ``process`` span of one handler attempt (child of the event's context).
+        With ``current``, the span is the current span until :meth:`end_process`, so
+        spans the handler makes (HTTP clients, databases...) join the event's trace:
+        call both in the task that runs the handler."""
+        type_name = event.type
+        layout = self._layouts.get((function, type_name)) or self._layout(
+            (function, type_name),
+            lambda: Layout(
+                f"process {type_name}",
+                _CONSUMER,
+                {
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": type_name,
+                    "messaging.consumer.group.name": function,
+                },
+                ("messaging.message.id", "nerve.attempt", "messaging.message.conversation_id"),
+            ),
         )
-        if span.is_recording():
-            correlation = event.extensions.get("correlationid")
-            if correlation is not None:
-                span.set_attribute("messaging.message.conversation_id", str(correlation))
-        return HandlerTrace(self, span)
+        correlation = event.extensions.get("correlationid")
+        span = self._start(
+            layout,
+            _parent_of(event),
+            (event.id, attempt, None if correlation is None else str(correlation)),
+        )
+        return HandlerTrace(self, span, current)
 
     def end_process(
         self, handle: HandlerTrace, error: BaseException | None = None, outcome: str = "processed"
     ) -> None:
         """End a ``process`` span with its outcome: 'processed', 'retried',
         'dead_lettered' or 'released' (shutdown)."""
+        token = handle._token
+        if token is not None:
+            handle._token = None
+            _detach(token)
         span = handle.span
-        if not span.is_recording():
+        if type(span) is _LeanSpan:
+            if span.recorder is None or span.end_time:
+                return
+            span.extra["nerve.outcome"] = outcome
+        elif span.is_recording():
+            span.set_attribute("nerve.outcome", outcome)
+        else:
             return
-        span.set_attribute("nerve.outcome", outcome)
         if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:300]))
@@ -260,7 +402,7 @@ class Tracing:
     def dead_lettered(self, function: str, event: Event | None, reason: str) -> None:
         """A span for an event dead-lettered before its handler ran (bad data...)."""
         name = event.type if event is not None else "(undecodable)"
-        attributes: dict[str, Any] = {
+        constant: dict[str, Any] = {
             "messaging.system": SYSTEM,
             "messaging.operation.type": "settle",
             "messaging.operation.name": "dead_letter",
@@ -269,49 +411,57 @@ class Tracing:
             "nerve.dead_letter.reason": reason,
         }
         if event is not None:
-            attributes["messaging.message.id"] = event.id
-            attributes["messaging.destination.name"] = event.type
-        span = self.tracer.start_span(
-            f"dead_letter {name}",
-            context=None if event is None else parent_context(event),
-            kind=SpanKind.INTERNAL,
-            attributes=attributes,
+            constant["messaging.destination.name"] = event.type
+        layout = self._layout(
+            ("dead_letter", function, name, reason),
+            lambda: Layout(f"dead_letter {name}", _INTERNAL, constant, ("messaging.message.id",)),
+        )
+        span = self._start(
+            layout,
+            None if event is None else _parent_of(event),
+            (None if event is None else event.id,),
         )
         span.set_status(Status(StatusCode.ERROR, reason))
         span.end()
 
     def wrap(self, handler: Handler) -> Handler:
         """``handler`` running with its ``process`` span as the current span, so spans
-        the handler makes (HTTP clients, databases...) join the event's trace."""
+        the handler makes (HTTP clients, databases...) join the event's trace (for a
+        ``process`` span not started with ``current=True``)."""
+        attach, detach = _attach, _detach
 
         async def traced(payload: Any, ctx: Any) -> None:
             handle: HandlerTrace | None = ctx.trace
             if handle is None:
                 await handler(payload, ctx)
                 return
-            token = otel_context.attach(set_span_in_context(handle.span))
+            token = attach(set_span_in_context(handle.span))
             try:
                 await handler(payload, ctx)
             finally:
-                otel_context.detach(token)
+                detach(token)
 
         return traced
 
 
-def _message_attributes(event: Event, operation: str, kind: str) -> dict[str, Any]:
-    attributes: dict[str, Any] = {
-        "messaging.system": SYSTEM,
-        "messaging.operation.type": kind,
-        "messaging.operation.name": operation,
-        "messaging.destination.name": event.type,
-        "messaging.message.id": event.id,
-    }
-    correlation = event.extensions.get("correlationid")
-    if correlation is not None:
-        attributes["messaging.message.conversation_id"] = str(correlation)
-    if event.subject is not None:
-        attributes["cloudevents.event_subject"] = event.subject
-    return attributes
+def _to_each(functions: Sequence[Callable[..., None]]) -> Callable[..., None]:
+    if len(functions) == 1:
+        return functions[0]
+
+    def each(*args: Any) -> None:
+        for function in functions:
+            function(*args)
+
+    return each
+
+
+def _sdk_provider(provider: Any) -> Any:
+    """``provider`` when it is an OpenTelemetry SDK tracer provider, else None."""
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:
+        return None
+    return provider if isinstance(provider, TracerProvider) else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,7 +490,7 @@ def tracing_from_env(service_name: str) -> Tracing | None:
     try:
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+        from opentelemetry.sdk.trace.export import SpanExporter
     except ImportError:
         raise ConfigError(
             "OTEL_* variables ask for traces, but the OpenTelemetry SDK is not installed; "
@@ -353,6 +503,7 @@ def tracing_from_env(service_name: str) -> Tracing | None:
         for n in (os.environ.get("OTEL_TRACES_EXPORTER") or "otlp").split(",")
         if n.strip().lower() not in _FALSE
     ]
+    exporters: list[SpanExporter] = []
     for name in names:
         exporter: SpanExporter
         if name == "console":
@@ -366,8 +517,8 @@ def tracing_from_env(service_name: str) -> Tracing | None:
                 f"OTEL_TRACES_EXPORTER={name!r} is not supported by nerve; use otlp, console "
                 "or none"
             )
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    return Tracing(provider, owned=True)
+        exporters.append(exporter)
+    return Tracing(provider, owned=True, exporters=exporters)
 
 
 def _otlp_exporter() -> Any:

@@ -282,3 +282,32 @@ async def test_request_reply_is_one_trace() -> None:
     assert process.parent is not None and process.parent.span_id == root.context.span_id
     assert create.parent is not None and create.parent.span_id == process.context.span_id
     assert reply.extensions["traceparent"] == traceparent_of(create.context)
+
+
+async def test_spans_a_handler_makes_are_children_of_its_process_span() -> None:
+    tracing, exporter = traced()
+    inner = tracing.provider.get_tracer("handler code")
+    jobs = App("jobs")
+    jobs.event("job.queued")(Job)
+    seen: list[object] = []
+
+    @jobs.function(consumes=Job)
+    async def work(job: Job, ctx: Context) -> None:
+        from opentelemetry import trace
+
+        seen.append(trace.get_current_span())
+        with inner.start_as_current_span("charge card"):
+            await asyncio.sleep(0)
+
+    async with Runtime(jobs, broker="memory://", tracing=tracing) as rt:
+        await rt.client.publish(Job(n=1))
+        await rt.wait_idle(timeout=10)
+        from opentelemetry import trace
+
+        assert not trace.get_current_span().get_span_context().is_valid
+    spans = exporter.get_finished_spans()
+    (process,) = [s for s in spans if s.name == "process job.queued"]
+    (charge,) = [s for s in spans if s.name == "charge card"]
+    assert charge.parent is not None and charge.parent.span_id == process.context.span_id
+    assert charge.context.trace_id == process.context.trace_id
+    assert seen[0].get_span_context().span_id == process.context.span_id  # type: ignore[attr-defined]

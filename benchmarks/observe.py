@@ -1,0 +1,453 @@
+"""``python -m benchmarks observe``: what metrics and tracing cost, side by side.
+
+The embedded benchmark's throughput workload (``nerve run benchmarks.apps:app`` on a
+fresh ``sqlite://`` file with ``synchronous=FULL``, a no-op handler, a producer process
+publishing ``--events`` events in batches of 100), in three configurations, their order
+rotated each round so that drift hits all alike:
+
+- ``off``: ``NERVE_METRICS=0``, no ``OTEL_*`` variable (the baseline);
+- ``metrics``: metrics on, tracing off: no exporter configured (the default of
+  ``nerve run``);
+- ``metrics+otlp``: metrics on and every event traced, exported over OTLP/HTTP
+  (``OTEL_TRACES_EXPORTER=otlp``, ``OTEL_EXPORTER_OTLP_ENDPOINT``) to a receiver in this
+  process that accepts ``POST /v1/traces`` and discards the body; the producer has the
+  same variables, so it traces what it publishes;
+- with ``--sampled``, also ``metrics+otlp 10%``: as above with
+  ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ``OTEL_TRACES_SAMPLER_ARG=0.1``.
+
+Per run: events/s from the first publish to the last ack, and the consumer's CPU time
+(user + system, read from ``/proc`` when it is ready and when the last event is acked:
+start-up excluded) per event. The report gives medians over ``--rounds`` and the two
+overheads the issue sets goals for, as ratios to ``off``: no exporter configured
+(``metrics``, goal <= 3%) and an exporter configured (``metrics+otlp``, goal <= 15%).
+
+``--callgrind`` counts instructions instead (repeatable on a shared machine): the
+consumer drains ``--events`` events already in the broker, in this process's child
+under ``valgrind --tool=callgrind``; counting is switched on once the runtime has
+started and off once the last event is handled and the span queue exported, through
+callgrind's client requests (a tiny C helper compiled with ``cc`` on first use); where
+that cannot be built, the count is the slope between draining N and 2N events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from benchmarks.embedded import (
+    PYTHON,
+    ROOT,
+    RUNS_DIR,
+    _env,
+    nerve_cli_available,
+    nerve_consumer_cmd,
+    process,
+    producer_result,
+    read_only,
+    wait_count,
+    wait_ready,
+)
+
+GOALS = {"metrics": 0.03, "metrics+otlp": 0.15}
+"""The issue's goals: overhead at most 3% without an exporter, 15% with one."""
+
+
+def configurations(endpoint: str, sampled: bool) -> dict[str, dict[str, str]]:
+    otlp = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+    }
+    configs = {
+        "off": {"NERVE_METRICS": "0"},
+        "metrics": {"NERVE_METRICS": "1"},
+        "metrics+otlp": {"NERVE_METRICS": "1", **otlp},
+    }
+    if sampled:
+        configs["metrics+otlp 10%"] = {
+            "NERVE_METRICS": "1",
+            **otlp,
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+        }
+    return configs
+
+
+_OTEL_NAMES = (
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_SDK_DISABLED",
+)
+
+
+def _clean_env() -> None:
+    """No ``OTEL_*`` variable of the caller's leaks into a configuration."""
+    for name in _OTEL_NAMES:
+        os.environ.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------
+# The OTLP receiver
+
+
+class _Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a collector would
+    received = 0
+    requests = 0
+
+    def do_POST(self) -> None:
+        size = int(self.headers.get("content-length", 0))
+        self.rfile.read(size)
+        _Sink.received += size
+        _Sink.requests += 1
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def start_sink() -> tuple[str, Callable[[], None]]:
+    """An OTLP/HTTP receiver on 127.0.0.1 that discards what it is sent."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return f"http://127.0.0.1:{server.server_address[1]}", stop
+
+
+# ---------------------------------------------------------------------------------------
+# Wall clock: throughput and consumer CPU
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput_run(
+    logdir: Path, events: int, env: dict[str, str], show: Callable[[int], None]
+) -> dict[str, float]:
+    """One run: events/s from the first publish to the last ack, consumer CPU/event."""
+    db = logdir / "nerve.db"
+    url = f"sqlite:///{db}?synchronous=FULL"
+    consumer_cmd = nerve_consumer_cmd("benchmarks.apps:app", url, True)
+    with process(consumer_cmd, logdir, "consumer", **env) as consumer:
+        conn = read_only(db, time.monotonic() + 30)
+        try:
+            wait_ready(conn, "SELECT count(*) FROM counters", consumer, logdir)
+            cpu_ready = _cpu_seconds(consumer.pid)
+            producer_cmd = [
+                PYTHON, "-m", "benchmarks._producer", "throughput", url, str(events), "100",
+            ]  # fmt: skip
+            with process(producer_cmd, logdir, "producer", **env) as producer:
+                done_at = wait_count(
+                    conn,
+                    "SELECT processed FROM counters WHERE grp = ?",
+                    ("sink",),
+                    events,
+                    180,
+                    [consumer, producer],
+                    logdir,
+                    show,
+                )
+                cpu_done = _cpu_seconds(consumer.pid)
+                sent = producer_result(producer, logdir, "producer")
+        finally:
+            conn.close()
+    elapsed = done_at - sent["first_publish"]
+    return {
+        "events_per_s": events / elapsed,
+        "consumer_cpu_us": (cpu_done - cpu_ready) / events * 1e6,
+    }
+
+
+def wall_clock(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    if not nerve_cli_available():
+        raise SystemExit("python -m nerve run is not available")
+    endpoint, stop_sink = start_sink()
+    configs = configurations(endpoint, args.sampled)
+    names = list(configs)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    base = RUNS_DIR / time.strftime("observe-%Y%m%dT%H%M%S")
+    try:
+        with Progress(console=console, transient=True) as progress:
+            for r in range(args.rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    _clean_env()
+                    logdir = base / f"{name.replace(' ', '_').replace('%', 'pct')}-{r + 1}"
+                    logdir.mkdir(parents=True, exist_ok=True)
+                    task = progress.add_task(f"round {r + 1} {name}", total=args.events)
+                    result = throughput_run(
+                        logdir,
+                        args.events,
+                        configs[name],
+                        lambda done, task=task: progress.update(task, completed=done),
+                    )
+                    progress.remove_task(task)
+                    runs[name].append(result)
+                    console.print(
+                        f"round {r + 1} {name:<18} {result['events_per_s']:>8,.0f} events/s  "
+                        f"{result['consumer_cpu_us']:>6.1f} us consumer CPU/event"
+                    )
+    finally:
+        stop_sink()
+    shutil.rmtree(base, ignore_errors=True)
+    return _report(
+        console,
+        names,
+        {n: [r["events_per_s"] for r in runs[n]] for n in names},
+        {n: [r["consumer_cpu_us"] for r in runs[n]] for n in names},
+        f"{args.events:,} events a run, {args.rounds} rounds, medians; load average "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+    )
+
+
+def _report(
+    console: Console,
+    names: list[str],
+    rates: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    caption: str,
+) -> dict[str, Any]:
+    base_rate = statistics.median(rates["off"])
+    base_cpu = statistics.median(cpu["off"])
+    table = Table(title="What metrics and tracing cost", caption=caption)
+    for column in ("configuration", "events/s", "throughput vs off", "consumer CPU us/event"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    table.add_column("CPU vs off", justify="right")
+    summary: dict[str, Any] = {}
+    for name in names:
+        rate, used = statistics.median(rates[name]), statistics.median(cpu[name])
+        slower = 1 - rate / base_rate
+        more_cpu = used / base_cpu - 1
+        table.add_row(
+            name,
+            f"{rate:,.0f} [{min(rates[name]):,.0f}-{max(rates[name]):,.0f}]",
+            "" if name == "off" else f"{rate / base_rate:.3f}x ({-slower:+.1%})",
+            f"{used:.1f} [{min(cpu[name]):.1f}-{max(cpu[name]):.1f}]",
+            "" if name == "off" else f"{used / base_cpu:.3f}x ({more_cpu:+.1%})",
+        )
+        summary[name] = {
+            "events_per_s": rate,
+            "consumer_cpu_us": used,
+            "throughput_ratio": rate / base_rate,
+            "cpu_ratio": used / base_cpu,
+        }
+    console.print(table)
+    for name, what in (("metrics", "no exporter configured"), ("metrics+otlp", "OTLP exporter")):
+        goal = GOALS[name]
+        row = summary[name]
+        slower, more_cpu = 1 - row["throughput_ratio"], row["cpu_ratio"] - 1
+        verdict = "met" if max(slower, more_cpu) <= goal else "NOT met"
+        console.print(
+            f"{what}: throughput {row['throughput_ratio']:.3f}x ({-slower:+.1%}), "
+            f"consumer CPU per event {row['cpu_ratio']:.3f}x ({more_cpu:+.1%}); "
+            f"goal <= {goal:.0%}: {verdict}"
+        )
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# Instructions (callgrind)
+
+_HELPER_C = """#include <valgrind/callgrind.h>
+void nerve_bench_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
+"""
+
+
+def _toggle_helper() -> Path | None:
+    """A shared library whose one function toggles callgrind's counting, or None when
+    it cannot be built here (no C compiler or no valgrind headers)."""
+    target = RUNS_DIR / "callgrind-toggle.so"
+    if target.exists():
+        return target
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not Path("/usr/include/valgrind/callgrind.h").exists():
+        return None
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    source = RUNS_DIR / "callgrind-toggle.c"
+    source.write_text(_HELPER_C)
+    done = subprocess.run(
+        [cc, "-O2", "-shared", "-fPIC", "-o", str(target), str(source)],
+        capture_output=True,
+        check=False,
+    )
+    return target if done.returncode == 0 else None
+
+
+def drain_main(argv: list[str]) -> None:
+    """``python -m benchmarks.observe drain URL N [HELPER]``: start a runtime of
+    ``benchmarks.apps:app`` (metrics as ``NERVE_METRICS`` says, tracing as the OTEL_*
+    variables say), handle N events, export the queued spans, stop. With HELPER
+    (the callgrind toggle library), count only from start to the last export."""
+    import asyncio
+    import ctypes
+
+    from benchmarks.apps import app
+    from nerve import Runtime
+
+    url, count = argv[0], int(argv[1])
+    toggle = ctypes.CDLL(argv[2]).nerve_bench_toggle if len(argv) > 2 else None
+
+    async def drain() -> None:
+        async with Runtime(app, broker=url, metrics=os.environ.get("NERVE_METRICS") == "1") as rt:
+            runner = rt.runners["sink"]
+            if toggle is not None:
+                toggle()
+            while runner.stats.processed < count:  # noqa: ASYNC110 (a counter, not an event)
+                await asyncio.sleep(0.02)
+            if rt.tracing is not None:
+                rt.tracing.flush()
+            if toggle is not None:
+                toggle()
+
+    try:
+        import uvloop
+
+        uvloop.run(drain())
+    except ImportError:
+        asyncio.run(drain())
+
+
+def _prepare(logdir: Path, events: int) -> str:
+    """A broker file holding ``events`` events for the benchmark's ``sink`` group."""
+    url = f"sqlite:///{logdir / 'nerve.db'}?synchronous=FULL"
+    env = _env(NERVE_METRICS="0")
+    for name in _OTEL_NAMES:
+        env.pop(name, None)
+    run = [PYTHON, "-m", "benchmarks.observe", "drain", url, "0"]
+    subprocess.run(run, cwd=ROOT, env=env, check=True, capture_output=True)  # the group
+    produce = [PYTHON, "-m", "benchmarks._producer", "throughput", url, str(events), "100"]
+    subprocess.run(produce, cwd=ROOT, env=env, check=True, capture_output=True)
+    return url
+
+
+def _instructions(logdir: Path, events: int, env: dict[str, str], helper: Path | None) -> int:
+    url = _prepare(logdir, events)
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={logdir / 'callgrind.out'}",
+        *(["--collect-atstart=no"] if helper else []),
+        PYTHON, "-m", "benchmarks.observe", "drain", url, str(events),
+        *([str(helper)] if helper else []),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, check=False)
+    found = re.search(rb"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(done.stderr.decode(errors="replace")[-3000:])
+    return int(found.group(1))
+
+
+def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--callgrind needs valgrind (Debian package 'valgrind')")
+    helper = _toggle_helper()
+    endpoint, stop_sink = start_sink()
+    configs = configurations(endpoint, args.sampled)
+    names = list(configs)
+    per_event: dict[str, list[float]] = {name: [] for name in names}
+    base = RUNS_DIR / time.strftime("observe-callgrind-%Y%m%dT%H%M%S")
+    method = "counted from start to last export" if helper else "slope between N and 2N events"
+    try:
+        for r in range(args.rounds):
+            for name in names:
+                _clean_env()
+                logdir = base / f"{name.replace(' ', '_').replace('%', 'pct')}-{r + 1}"
+                logdir.mkdir(parents=True, exist_ok=True)
+                if helper:
+                    value = _instructions(logdir, args.events, configs[name], helper) / args.events
+                else:
+                    small = _instructions(logdir / "n", args.events, configs[name], None)
+                    large = _instructions(logdir / "2n", 2 * args.events, configs[name], None)
+                    value = (large - small) / args.events
+                per_event[name].append(value)
+                console.print(f"round {r + 1} {name:<18} {value:>10,.0f} instructions/event")
+    finally:
+        stop_sink()
+    shutil.rmtree(base, ignore_errors=True)
+    base_value = statistics.median(per_event["off"])
+    table = Table(
+        title="Instructions per event (callgrind)",
+        caption=f"{args.events:,} events drained, {method}; medians of {args.rounds}",
+    )
+    for column in ("configuration", "instructions/event", "vs off"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    summary: dict[str, Any] = {}
+    for name in names:
+        value = statistics.median(per_event[name])
+        ratio = value / base_value
+        table.add_row(
+            name, f"{value:,.0f}", "" if name == "off" else f"{ratio:.3f}x ({ratio - 1:+.1%})"
+        )
+        summary[name] = {"instructions_per_event": value, "ratio": ratio}
+    console.print(table)
+    for name, what in (("metrics", "no exporter configured"), ("metrics+otlp", "OTLP exporter")):
+        ratio = summary[name]["ratio"]
+        verdict = "met" if ratio - 1 <= GOALS[name] else "NOT met"
+        console.print(
+            f"{what}: {ratio:.3f}x instructions per event; goal <= {GOALS[name]:.0%}: {verdict}"
+        )
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of every configuration (5)")
+    parser.add_argument("--events", type=int, help="events a run (20000; 3000 with --callgrind)")
+    parser.add_argument(
+        "--sampled", action="store_true", help="also: traced with 10%% of traces sampled"
+    )
+    parser.add_argument(
+        "--callgrind", action="store_true", help="count instructions under valgrind instead"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.events is None:
+        args.events = 3_000 if args.callgrind else 20_000
+    if args.rounds < 1 or args.events < 1:
+        raise SystemExit("--rounds and --events must be positive")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)
+    summary = callgrind(args, console) if args.callgrind else wall_clock(args, console)
+    sys.stdout.flush()
+    print(orjson.dumps(summary).decode(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["drain"]:
+        drain_main(sys.argv[2:])
+    else:
+        main_parser = argparse.ArgumentParser(prog="python -m benchmarks.observe")
+        add_arguments(main_parser)
+        sys.exit(run(main_parser.parse_args()))
