@@ -30,6 +30,7 @@ counters per group), :class:`EventLog` (read recent events, for ``nerve tail``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -51,6 +52,7 @@ __all__ = [
     "Inspectable",
     "Transport",
     "encode_checked",
+    "wait_event",
 ]
 
 
@@ -263,3 +265,19 @@ def encode_checked(events: Sequence[Event], limit: int) -> list[tuple[Event, byt
             raise PayloadTooLarge(len(body), limit, event.id)
         encoded.append((event, body))
     return encoded
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set, at most ``timeout`` seconds; True if it was set.
+
+    For fetch loops: unlike ``asyncio.wait_for(event.wait(), timeout)`` it starts no
+    task per call (a fetch that waits for a batch to arrive may wait many times).
+    """
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(max(0.0, timeout)):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

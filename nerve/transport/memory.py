@@ -8,7 +8,6 @@ so nothing is shared by reference between producer and consumer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import random
 import time
@@ -28,6 +27,7 @@ from nerve.transport.base import (
     Features,
     GroupStats,
     encode_checked,
+    wait_event,
 )
 
 
@@ -169,8 +169,7 @@ class MemoryConsumer:
             if remaining <= 0:
                 return []
             # leases expire without anyone telling us: look again at least every 50 ms
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(group.wake.wait(), min(remaining, 0.05))
+            await wait_event(group.wake, min(remaining, 0.05))
         return []
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:

@@ -56,6 +56,7 @@ from nerve.transport.base import (
     Features,
     GroupStats,
     encode_checked,
+    wait_event,
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -185,6 +186,24 @@ def _errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: the NATS server did not answer in time") from None
     except nats.errors.Error as exc:
         raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+
+def _ack_meta(reply: str | None) -> tuple[int, int, int] | None:
+    """(times delivered, stream sequence, timestamp ns) from a JetStream message's
+    reply subject, or None if it is not one. The same tokens nats-py's ``Msg.metadata``
+    reads (``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>``, or
+    the 12-token form with domain and account hash), without building its objects:
+    this runs once per message."""
+    if not reply:
+        return None
+    tokens = reply.split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        return None
+    if len(tokens) == 9:
+        return int(tokens[4]), int(tokens[5]), int(tokens[7])
+    if len(tokens) >= 11:
+        return int(tokens[6]), int(tokens[7]), int(tokens[9])
+    return None
 
 
 def _decode_msg(subject: str, data: bytes, headers: dict[str, str] | None) -> tuple[bytes, Event]:
@@ -452,8 +471,7 @@ class NatsConsumer:
             self.arrived.clear()
             if done():
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), remaining)
+            await wait_event(self.arrived, remaining)
 
     async def fetch(self, limit: int, timeout: float) -> Sequence[NatsDelivery]:
         async with self._lock:
@@ -526,9 +544,8 @@ class NatsConsumer:
         counter = self.transport._counter(self.group)
         for arrival in arrivals:
             msg = arrival.msg
-            try:
-                meta = msg.metadata
-            except nats.errors.NotJSMessageError:
+            meta = _ack_meta(msg.reply)
+            if meta is None:
                 continue
             targeted = msg.subject == self.to_subject
             event: Event | None
@@ -547,12 +564,11 @@ class NatsConsumer:
             if not matched:
                 skip.append(msg)
                 continue
-            seq = meta.sequence.stream
+            attempt, seq, stamp_ns = meta
             counter.delayed.pop((self.main.durable, seq), None)
-            attempt = meta.num_delivered
             first_at = arrival.wall
-            if attempt > 1 and meta.timestamp is not None:
-                first_at = min(first_at, meta.timestamp.timestamp())
+            if attempt > 1:
+                first_at = min(first_at, stamp_ns / 1e9)
             out.append(
                 NatsDelivery(
                     self, msg, raw, event, attempt, seq, arrival.wall, arrival.mono, first_at

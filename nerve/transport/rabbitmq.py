@@ -55,7 +55,14 @@ from nerve.errors import (
     TransportError,
 )
 from nerve.event import Event, uuid7
-from nerve.transport.base import DeadLetterEntry, Delivery, Failure, Features, GroupStats
+from nerve.transport.base import (
+    DeadLetterEntry,
+    Delivery,
+    Failure,
+    Features,
+    GroupStats,
+    wait_event,
+)
 
 __all__ = ["RabbitMQConfig", "RabbitMQConsumer", "RabbitMQDelivery", "RabbitMQTransport"]
 
@@ -530,8 +537,7 @@ class RabbitMQConsumer:
             if remaining <= 0:
                 return []
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+            await wait_event(self._wake, remaining)
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         lost: list[Delivery] = []

@@ -54,6 +54,7 @@ from nerve.transport.base import (
     Features,
     GroupStats,
     encode_checked,
+    wait_event,
 )
 
 _INGEST_BLOCK = 0.25
@@ -639,8 +640,7 @@ class RedisConsumer:
             pause = min(remaining, transport.config.poll_interval)
             if wait_ms >= 0:
                 pause = min(pause, wait_ms / 1000 + 0.002)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), pause)
+            await wait_event(self.wake, pause)
         return []
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:

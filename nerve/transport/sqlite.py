@@ -40,6 +40,7 @@ from nerve.transport.base import (
     Features,
     GroupStats,
     encode_checked,
+    wait_event,
 )
 
 SCHEMA = """
@@ -273,10 +274,7 @@ class SqliteConsumer:
                 return []
             transport.waiting += 1
             try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self.wake.wait(), min(remaining, transport.config.poll_interval)
-                    )
+                await wait_event(self.wake, min(remaining, transport.config.poll_interval))
             finally:
                 transport.waiting -= 1
         return []

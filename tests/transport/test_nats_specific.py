@@ -9,12 +9,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from nats.aio.msg import Msg
 
 from nerve import event as codec
 from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError
 from nerve.event import Event
-from nerve.transport.nats import NatsConfig, NatsTransport
+from nerve.transport.nats import NatsConfig, NatsTransport, _ack_meta
 
 from .adapter_nats import HOST, PORT, make_url
 
@@ -106,3 +107,22 @@ async def test_a_binary_mode_cloudevent_from_a_plain_nats_client_is_received(
             await delivery.ack()
     finally:
         await transport.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.nerve.g_x.3.17.5.1700000000123456789.0",
+        "$JS.ACK._.ABC.nerve.g_x.3.17.5.1700000000123456789.0.xyz",
+        "$JS.ACK.dom.ABC.nerve.g_x.1.2.3.1700000000000000000.9",
+    ],
+)
+def test_reply_metadata_is_read_as_nats_py_reads_it(reply: str) -> None:
+    """The adapter reads a message's ack subject itself (once per message, without
+    nats-py's objects); it must agree with ``Msg.metadata`` on both subject forms."""
+    meta = Msg(None, subject="s", reply=reply).metadata  # type: ignore[arg-type]
+    got = _ack_meta(reply)
+    assert got is not None
+    assert got[:2] == (meta.num_delivered, meta.sequence.stream)
+    assert abs(got[2] / 1e9 - meta.timestamp.timestamp()) < 1e-6
+    assert _ack_meta("_INBOX.abc.1") is None and _ack_meta("") is None
