@@ -240,7 +240,7 @@ class _Sql:
         self.analyze = f"ANALYZE {s}.deliveries"
         self.routes = (
             f"SELECT v, CASE WHEN v <> $1 THEN "
-            f"(SELECT array_agg(spec ORDER BY name) FROM {s}.groups) END "
+            f"coalesce((SELECT array_agg(spec ORDER BY name) FROM {s}.groups), '{{}}') END "
             f"FROM {s}.meta WHERE k = 'groups_version'"
         )
         # $1 count, $2 event ids, $3 types, $4 bodies, $5 target index (1-based),
@@ -905,24 +905,27 @@ class PostgresTransport:
         for item in batch:
             by_action.setdefault(item[1], []).append(item)
         done: set[tuple[str, str, int]] = set()
-        for attempt in range(5):
-            try:
-                done = await self._settle_rows(by_action)
-                break
-            except TransportError as exc:
-                cause = exc.__cause__
-                retry = isinstance(
-                    cause,
-                    asyncpg.exceptions.DeadlockDetectedError
-                    | asyncpg.exceptions.SerializationError,
-                )
-                if not retry or attempt == 4:
-                    raise
+        try:
+            for attempt in range(5):
+                try:
+                    done = await self._settle_rows(by_action)
+                    break
+                except TransportError as exc:
+                    cause = exc.__cause__
+                    retry = isinstance(
+                        cause,
+                        asyncpg.exceptions.DeadlockDetectedError
+                        | asyncpg.exceptions.SerializationError,
+                    )
+                    if not retry or attempt == 4:
+                        raise
+        finally:  # settled or failed: either way this process is done with them
+            for delivery, action, _, _ in batch:
+                if action != "extend":
+                    self._unhold(delivery)
         results: list[BaseException | None] = []
         wake: set[str] = set()
         for delivery, action, amount, _ in batch:
-            if action != "extend":
-                self._unhold(delivery)
             if (action, delivery.group, delivery.seq) not in done:
                 results.append(
                     LeaseLost(

@@ -515,3 +515,23 @@ async def test_a_group_declared_elsewhere_is_routed_to_by_a_publisher_with_old_r
     finally:
         await one.close()
         await two.close()
+
+
+async def test_publishing_before_any_group_is_declared(tmp_path: Path) -> None:
+    """With no group declared yet, a publish reaches nobody (and does not fail); a group
+    declared afterwards, elsewhere, receives the next one."""
+    url = make_url(tmp_path)
+    producer, consumer = from_url(url), from_url(url)
+    await producer.start()
+    await consumer.start()
+    try:
+        for n in range(3):  # each publish checks the (unchanged) routing version
+            await producer.publish([make(n)])
+        sub = Subscription("g", ("order.created",))
+        await consumer.declare([sub])
+        await producer.publish([make(3)])
+        got = await consumer.consumer(sub).fetch(10, SOON)
+        assert [d.event.data["n"] for d in got] == [3]
+    finally:
+        await producer.close()
+        await consumer.close()
