@@ -432,6 +432,24 @@ class _Source:
         return out
 
 
+class _PublishBatch:
+    """The acks a window of pipelined publishes waits for."""
+
+    __slots__ = ("done", "error", "left")
+
+    def __init__(self, count: int, done: asyncio.Future[None]) -> None:
+        self.left = count
+        self.error: str | None = None
+        self.done = done
+
+    def settle(self, error: str | None) -> None:
+        if error is not None and self.error is None:
+            self.error = error  # the first refusal is the one reported
+        self.left -= 1
+        if self.left <= 0 and not self.done.done():
+            self.done.set_result(None)
+
+
 def _pull_ended(source: _Source, rid: int, want: int) -> Callable[[], bool]:
     return lambda: rid in source.statuses or len(source.buffer) >= want
 
@@ -663,6 +681,10 @@ class NatsTransport:
         self._consumers: set[NatsConsumer] = set()
         self._groups: set[str] = set()
         self._counters: dict[str, _Counter] = {}
+        self._ack_prefix: str | None = None
+        """Reply subject prefix of this connection's publish acks (one subscription)."""
+        self._ack_waiting: dict[str, _PublishBatch] = {}
+        self._ack_seq = 0
 
     def __repr__(self) -> str:
         return (
@@ -769,6 +791,7 @@ class NatsTransport:
     async def close(self) -> None:
         for consumer in list(self._consumers):
             await consumer.close()
+        self._ack_prefix = None
         if self._nc is not None:
             nc, self._nc, self._js = self._nc, None, None
             with contextlib.suppress(Exception):
@@ -849,23 +872,84 @@ class NatsTransport:
         await self._publish_all(messages, "publishing events")
 
     async def _publish_all(self, messages: list[tuple[str, bytes, str]], what: str) -> None:
-        js = self.js
+        """JetStream-publish ``messages`` (subject, body, Nats-Msg-Id); return once the
+        server acknowledged every one, or raise.
+
+        Pipelined, as JetStream's async publish in the Go client: up to 256 messages are
+        published with reply subjects under one subscription of this connection, then
+        their acks awaited together. nats-py's ``js.publish`` makes a request per
+        message (a reply token, a future and a timeout task each): three times the CPU.
+        """
+        nc = self.nc
         stream = self.config.stream if not messages[0][0].startswith(self.dlq_stream) else None
+        expect = {"Content-Type": _STRUCTURED}
+        if stream is not None:
+            expect["Nats-Expected-Stream"] = stream  # as js.publish(stream=...) sends
+        waiting = self._ack_waiting
         window = 256
         with _errors(what):
+            prefix = await self._acks()
+            loop = asyncio.get_running_loop()
             for start in range(0, len(messages), window):
                 chunk = messages[start : start + window]
-                await asyncio.gather(
-                    *(
-                        js.publish(
-                            subject,
-                            body,
-                            stream=stream,
-                            headers={"Nats-Msg-Id": msg_id, "Content-Type": _STRUCTURED},
+                batch = _PublishBatch(len(chunk), loop.create_future())
+                replies: list[str] = []
+                try:
+                    for subject, body, msg_id in chunk:
+                        self._ack_seq += 1
+                        reply = f"{prefix}{self._ack_seq}"
+                        waiting[reply] = batch
+                        replies.append(reply)
+                        await nc.publish(
+                            subject, body, reply=reply, headers={"Nats-Msg-Id": msg_id, **expect}
                         )
-                        for subject, body, msg_id in chunk
-                    )
-                )
+                    try:
+                        async with asyncio.timeout(self.request_timeout):
+                            await batch.done
+                    except TimeoutError:
+                        raise TransportError(
+                            f"{what}: the NATS server did not acknowledge {batch.left} of "
+                            f"{len(chunk)} publishes in time"
+                        ) from None
+                finally:
+                    for reply in replies:
+                        waiting.pop(reply, None)
+                if batch.error is not None:
+                    raise TransportError(f"{what}: {batch.error}")
+
+    async def _acks(self) -> str:
+        """The reply prefix of publish acks, subscribing on first use."""
+        if self._ack_prefix is None:
+            prefix = self.nc.new_inbox() + "."
+            await self.nc.subscribe(prefix + "*", cb=self._on_ack)
+            self._ack_prefix = prefix
+        return self._ack_prefix
+
+    async def _on_ack(self, msg: Msg) -> None:
+        batch = self._ack_waiting.pop(msg.subject, None)
+        if batch is None:
+            return  # a batch that timed out meanwhile
+        if not msg.data:  # a status message: no stream listens on the subject
+            status = (msg.headers or {}).get("Status", "")
+            batch.settle(
+                f"no JetStream stream takes this subject (status {status or 'unknown'}); "
+                "is JetStream enabled (nats-server -js) and the stream declared?"
+            )
+            return
+        try:
+            doc = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            batch.settle("JetStream answered the publish with something that is not JSON")
+            return
+        error = doc.get("error") if isinstance(doc, dict) else None
+        if error:
+            batch.settle(
+                f"{error.get('description', error)} (JetStream error {error.get('err_code')})"
+                if isinstance(error, dict)
+                else str(error)
+            )
+        else:
+            batch.settle(None)
 
     # -- consuming -------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from nerve import event as codec
 from nerve.app import Subscription
-from nerve.errors import BrokerUnavailable, ConfigError
+from nerve.errors import BrokerUnavailable, ConfigError, TransportError
 from nerve.event import Event
 from nerve.transport.nats import NatsConfig, NatsTransport, _ack_meta
 
@@ -126,3 +126,36 @@ def test_reply_metadata_is_read_as_nats_py_reads_it(reply: str) -> None:
     assert got[:2] == (meta.num_delivered, meta.sequence.stream)
     assert abs(got[2] / 1e9 - meta.timestamp.timestamp()) < 1e-6
     assert _ack_meta("_INBOX.abc.1") is None and _ack_meta("") is None
+
+
+async def test_pipelined_publish_confirms_every_message_and_reports_refusals(
+    tmp_path: Path,
+) -> None:
+    """Publishes are pipelined (one ack subscription, a window of 256 awaited together):
+    600 events over three windows are all stored once, a re-publish of the same ids is
+    deduplicated by the server, and a publish no stream takes is a clear error, not a
+    silent success or a hang."""
+    import nats
+
+    url = make_url(tmp_path)
+    stream = NatsConfig.from_url(url).stream
+    transport = NatsTransport(url)
+    await transport.start()
+    try:
+        await transport.declare([Subscription("g", ("order.>",))])
+        events = [Event(type="order.created", source="/t", data={"n": n}) for n in range(600)]
+        await transport.publish(events)
+        await transport.publish(events[:10])  # same ids: JetStream's de-duplication
+        nc = await nats.connect(f"nats://{HOST}:{PORT}")
+        try:
+            js = nc.jetstream()
+            assert (await js.stream_info(stream)).state.messages == 600
+            await js.delete_stream(stream)
+        finally:
+            await nc.close()
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="no JetStream stream"):
+            await transport.publish(events[:3])
+        assert time.monotonic() - started < 5
+    finally:
+        await transport.close()
