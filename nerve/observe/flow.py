@@ -29,7 +29,15 @@ from nerve.errors import NerveError
 from nerve.event import Event
 from nerve.transport.base import DeadLetterEntry, EventLog, Transport
 
-__all__ = ["FlowEvent", "Outcome", "attribute_text", "find_flow", "flow_json", "search_events"]
+__all__ = [
+    "FlowEvent",
+    "Outcome",
+    "attribute_text",
+    "find_flow",
+    "flow_json",
+    "json_position",
+    "search_events",
+]
 
 SCAN_LIMIT = 100_000
 """Most log entries scanned on a broker that cannot search its log."""
@@ -256,6 +264,13 @@ async def _outcomes(transport: Transport, store: Any, nodes: dict[str, FlowEvent
         )
 
 
+def json_position(position: int) -> int | str:
+    """A log position for JSON: a number while a browser holds it exactly (2**53), else
+    a string (``kafka://`` packs an offset per partition into one position, and orjson
+    refuses integers over 2**64)."""
+    return position if position < 2**53 else str(position)
+
+
 def flow_json(node: FlowEvent) -> dict[str, Any]:
     """A flow tree as JSON (for the dashboard)."""
     event = node.event
@@ -266,7 +281,7 @@ def flow_json(node: FlowEvent) -> dict[str, Any]:
         "subject": event.subject,
         "time": event.time.timestamp() if event.time else None,
         "published_at": node.published_at or None,
-        "position": node.position,
+        "position": json_position(node.position),
         "correlation": node.correlation,
         "causation": node.causation,
         "traceparent": event.extensions.get("traceparent"),

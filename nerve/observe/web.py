@@ -41,7 +41,13 @@ from nerve import event as codec
 from nerve.app import App, matches_pattern
 from nerve.errors import NerveError
 from nerve.event import Event
-from nerve.observe.flow import attribute_text, find_flow, flow_json, search_events
+from nerve.observe.flow import (
+    attribute_text,
+    find_flow,
+    flow_json,
+    json_position,
+    search_events,
+)
 from nerve.transport.base import DeadLetterQueue, EventLog, Inspectable
 
 if TYPE_CHECKING:
@@ -229,7 +235,7 @@ def _summary(position: int, published: float, event: Event) -> dict[str, Any]:
         text = orjson.dumps(data).decode()
         shown = text if len(text) <= 400 else text[:399] + "…"
     return {
-        "position": position,
+        "position": json_position(position),
         "published_at": published or None,
         "id": event.id,
         "type": event.type,

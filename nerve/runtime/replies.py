@@ -10,7 +10,7 @@ none). No handler has to know that someone is waiting.
 
 **Seeing replies.** Each process reads the transport's event log (the
 :class:`~nerve.transport.EventLog` ability: the embedded broker, PostgreSQL, Redis,
-NATS and memory have it) from the position it had just before the request was
+NATS, Kafka and memory have it) from the position it had just before the request was
 published, only while some request is waiting. Since every process reads the whole
 log, a reply is seen wherever it was produced (another ``nerve run`` process,
 another machine), and no consumer group is created per process (a per-process group
@@ -109,7 +109,7 @@ class ReplyWaiters:
         if not isinstance(log_, EventLog):
             raise ConfigError(
                 f"request/reply reads the broker's event log, which {type(log_).__name__} "
-                "does not offer; use the embedded broker, postgres, redis or nats"
+                "does not offer; use the embedded broker, postgres, redis, nats or kafka"
             )
         await self._ensure_reader(log_)
         key = correlation_of(event)

@@ -24,7 +24,7 @@ def _url(broker: str, directory: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("broker", ["postgres", "redis", "nats"])
+@pytest.mark.parametrize("broker", ["postgres", "redis", "nats", "kafka"])
 async def test_reply_across_connections(broker: str, tmp_path: Path) -> None:
     url = _url(broker, tmp_path)
     app, _ = make_app(Seen())

@@ -149,3 +149,18 @@ async def test_the_live_stream_sends_new_matching_events_and_ends_when_the_runti
     sent = [orjson.loads(f.split("data: ", 1)[1]) for f in frames]
     assert [e["id"] for e in sent] == [wanted.id]
     assert sent[0]["subject"] == "wanted" and old.id not in response.text
+
+
+def test_log_positions_past_what_json_numbers_hold_travel_as_strings() -> None:
+    """kafka:// packs an offset per partition into one log position (over 2**64 with a
+    few partitions): orjson refuses such integers and browsers round them, so the
+    dashboard's event summaries carry them as strings, and smaller ones as numbers."""
+    import orjson
+
+    from nerve.event import Event
+    from nerve.observe.web import _summary
+
+    event = Event(type="order.created", source="/t", data={"n": 1})
+    big = (5 << 96) | (7 << 48) | 9
+    assert orjson.loads(orjson.dumps(_summary(big, 0.0, event)))["position"] == str(big)
+    assert orjson.loads(orjson.dumps(_summary(41, 0.0, event)))["position"] == 41
