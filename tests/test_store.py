@@ -309,3 +309,27 @@ async def test_commit_records_in_one_batch_refuses_repeats_and_earlier_records(
     assert results[3] == []
     assert await store.is_processed("f", "new") and await store.is_processed("g", "new")
     assert await store.outbox_pending(older_than=0) == [(first[0], b"a")]
+
+
+async def test_a_units_session_changes_do_not_outlive_it(store_url: str) -> None:
+    """A handler's SQL may change its connection's session (SET without LOCAL): the
+    next user of that pooled connection starts from the defaults again."""
+    if not store_url.startswith("postgresql"):
+        pytest.skip("session settings are PostgreSQL's (SQLite has one connection)")
+    store = store_from_url(store_url + "&pool_size=1")  # one connection: reused for sure
+    await store.start([SCHEMA])
+    try:
+        unit = store.unit("f", "e1")
+        await unit.execute("SET statement_timeout = '42s'")
+        await unit.fetchval("SELECT pg_advisory_lock(4242)")  # a session-level lock
+        assert await unit.commit([]) == []
+        assert await store.commit_records([("f", "e2", [])]) == [[]]
+        again = store.unit("f", "e3")
+        assert await again.fetchval("SELECT current_setting('statement_timeout')") == "0"
+        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+        assert await again.fetchval(held) == 0
+        await again.execute("INSERT INTO t VALUES (?, ?)", ("a", 1))
+        assert await again.commit([]) == []
+        assert await store.processed_many("f", ["e1", "e2", "e3"]) == {"e1", "e2", "e3"}
+    finally:
+        await store.close()

@@ -25,6 +25,7 @@ URL: ``postgresql://user:password@host:5432/db?schema=public&pool_size=10``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import time
@@ -90,6 +91,13 @@ def to_postgres(sql: str) -> str:
             continue
         out.append(char)
     return "".join(out)
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset on release, beyond asyncpg's rollback of an open transaction:
+    none. The store's own statements leave no session state; a unit, whose handler's SQL
+    may, resets its connection itself (``PostgresUnit._release``). asyncpg's default
+    reset is a round trip on every release."""
 
 
 def _args(params: Params) -> list[Any]:
@@ -168,6 +176,7 @@ class PostgresStore:
                 # random_page_cost: the broker's acks run on these connections too (see
                 # nerve.transport.postgres.SERVER_SETTINGS)
                 server_settings={"search_path": self.schema, "random_page_cost": "1.1"},
+                reset=_keep_session,  # units reset what handlers' SQL may leave: _release
             )
             async with self._pool.acquire() as conn, conn.transaction():
                 # one process at a time creates the tables (CREATE IF NOT EXISTS races)
@@ -531,4 +540,9 @@ class PostgresUnit:
     async def _release(self) -> None:
         conn, self._conn, self._tx = self._conn, None, None
         if conn is not None:
+            try:  # handlers' SQL may have changed the session (SET, cursors, locks)
+                await conn.execute(conn.get_reset_query())
+            except _ERRORS:  # broken (asyncpg may have taken it back already)
+                with contextlib.suppress(*_ERRORS):
+                    conn.terminate()  # the pool replaces it
             await self._store._require().release(conn)

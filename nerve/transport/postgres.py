@@ -156,6 +156,13 @@ def _token() -> int:
     return random.getrandbits(62) + 1
 
 
+async def keep_session(conn: Any) -> None:
+    """The pool's reset on release: nothing beyond asyncpg's own (which rolls back a
+    transaction left open). nerve's statements leave no session state (their locks and
+    settings are transaction-local; LISTEN has a connection of its own), and the default
+    reset (``RESET ALL; UNLISTEN *; ...``) is a round trip on every release."""
+
+
 def database_of(url: str) -> tuple[str, int, str, str]:
     """(host, port, database, user) of a postgresql:// URL: two URLs with the same are
     the same database as the same role, so one transaction can span their tables."""
@@ -643,6 +650,7 @@ class PostgresTransport:
                 max_size=config.pool_size,
                 timeout=10,
                 server_settings=SERVER_SETTINGS,
+                reset=keep_session,
             )
         except Exception as exc:
             if not _is_driver_error(exc):
