@@ -113,7 +113,9 @@ def test_defaults() -> None:
 
 def test_uuid7_layout_and_timestamp() -> None:
     now_ms = datetime.now(UTC).timestamp() * 1000
-    value = uuid.UUID(uuid7())
+    text = uuid7()
+    value = uuid.UUID(text)
+    assert str(value) == text  # the canonical form: lowercase, hyphens at 8-4-4-4-12
     assert value.version == 7
     assert value.variant == uuid.RFC_4122
     assert (value.int >> 76) & 0xF == 7
