@@ -32,12 +32,37 @@ _bisect = bisect.bisect_left
 class FunctionObserver:
     """Spans and (optionally) metrics of one function."""
 
-    __slots__ = ("metrics", "name", "tracing")
+    __slots__ = ("_runtime", "_stats", "metrics", "name", "tracing")
 
-    def __init__(self, name: str, metrics: FunctionMetrics | None, tracing: Tracing | None):
+    def __init__(
+        self,
+        name: str,
+        metrics: FunctionMetrics | None,
+        tracing: Tracing | None,
+        runtime: Any = None,
+    ):
         self.name = name
         self.metrics = metrics
         self.tracing = tracing
+        self._runtime = runtime
+        self._stats: Any = None
+
+    def _latencies(self, metrics: FunctionMetrics, events: Sequence[Event], now: float) -> None:
+        """The end-to-end latency of a batch's events: the one the runner has just noted
+        in its stats (``FunctionStats.note_latency``, once per event with a time, just
+        before it calls :meth:`dispatched`), read from there rather than computed again."""
+        stats = self._stats
+        if stats is None:
+            runner = getattr(self._runtime, "runners", {}).get(self.name)
+            stats = self._stats = getattr(runner, "stats", False)
+        if stats:
+            noted = stats.latencies
+            timed = len(events) - [e.time for e in events].count(None)
+            if timed <= len(noted):
+                if timed:
+                    metrics.latencies(noted[-timed:])
+                return
+        metrics.dispatched(events, now)
 
     def wrap(self, handler: Handler) -> Handler:
         """The handler as the runner calls it: unchanged (the ``process`` span is made
@@ -48,7 +73,7 @@ class FunctionObserver:
     def dispatched(self, events: Sequence[Event], now: float) -> None:
         """A fetched batch is about to be handled."""
         if self.metrics is not None:
-            self.metrics.dispatched(events, now)
+            self._latencies(self.metrics, events, now)
         if self.tracing is not None and events:
             self.tracing.received(self.name, events)
 
@@ -87,10 +112,11 @@ class FunctionObserver:
 class MetricsObserver(FunctionObserver):
     """Metrics only, tracing off: the same calls, with the least work in each."""
 
-    __slots__ = ("_bounds", "_counts", "_processed")
+    __slots__ = ("_bounds", "_counts", "_duration", "_processed")
 
-    def __init__(self, name: str, metrics: FunctionMetrics) -> None:
-        super().__init__(name, metrics, None)
+    def __init__(self, name: str, metrics: FunctionMetrics, runtime: Any = None) -> None:
+        super().__init__(name, metrics, None, runtime)
+        self._duration = metrics.duration
         self._bounds = metrics.duration.bounds
         self._counts = metrics.duration.counts
         self._processed = metrics.processed
@@ -99,8 +125,7 @@ class MetricsObserver(FunctionObserver):
         return handler
 
     def dispatched(self, events: Sequence[Event], now: float) -> None:
-        assert self.metrics is not None
-        self.metrics.dispatched(events, now)
+        self._latencies(self.metrics, events, now)  # type: ignore[arg-type]
 
     def start(self, ctx: Context) -> float:
         return _clock()
@@ -110,7 +135,7 @@ class MetricsObserver(FunctionObserver):
     ) -> None:
         seconds = _clock() - started
         if outcome == "processed":
-            duration = self.metrics.duration  # type: ignore[union-attr]
+            duration = self._duration
             self._counts[_bisect(self._bounds, seconds)] += 1
             duration.sum += seconds
             duration.count += 1
@@ -125,5 +150,5 @@ def observer_for(runtime: Any, name: str) -> FunctionObserver | None:
     """The observer of function ``name`` in ``runtime``, or None when nothing observes."""
     metrics = runtime.metrics.function(name) if runtime.metrics is not None else None
     if runtime.tracing is None:
-        return None if metrics is None else MetricsObserver(name, metrics)
-    return FunctionObserver(name, metrics, runtime.tracing)
+        return None if metrics is None else MetricsObserver(name, metrics, runtime)
+    return FunctionObserver(name, metrics, runtime.tracing, runtime)

@@ -160,21 +160,22 @@ class FunctionMetrics:
 
     def dispatched(self, events: Iterable[Event], now: float) -> None:
         """A fetched batch reaches its handlers: end-to-end latency per event."""
+        self.latencies(
+            [now - when.timestamp() for when in [e.time for e in events] if when is not None]
+        )
+
+    def latencies(self, values: Sequence[float]) -> None:
+        """End-to-end latencies (seconds; a negative one, from a clock ahead of this
+        one, counts as 0)."""
         latency = self.latency
         bounds, counts = latency.bounds, latency.counts
         total = 0.0
-        seen = 0
-        for event in events:
-            when = event.time
-            if when is not None:
-                seconds = now - when.timestamp()
-                if seconds < 0.0:
-                    seconds = 0.0
-                counts[bisect.bisect_left(bounds, seconds)] += 1
+        for seconds in values:
+            if seconds > 0.0:
                 total += seconds
-                seen += 1
+            counts[bisect.bisect_left(bounds, seconds)] += 1
         latency.sum += total
-        latency.count += seen
+        latency.count += len(values)
 
     def handled(self, type_name: str, seconds: float, outcome: str) -> None:
         """One handler attempt ended: 'processed', 'retried' or 'dead_lettered'

@@ -133,74 +133,69 @@ class Span(trace.Span):
     keys) and then ``extra`` ones; :attr:`attributes` shows them all.
     """
 
-    __slots__ = (
-        "_context",
-        "end_time",
-        "events",
-        "extra",
-        "flags",
-        "kind",
-        "layout",
-        "links",
-        "name",
-        "parent_id",
-        "recorder",
-        "remote",
-        "span_id",
-        "start_time",
-        "state",
-        "status",
-        "trace_id",
-        "values",
-    )
+    # Defaults for what most spans never set: only what differs is stored per span.
+    _context: SpanContext | None = None
+    _name = ""
+    _kind = INTERNAL
+    state = ""
+    """The W3C tracestate header it carries ("" for none)."""
+    parent_id = 0
+    remote = False
+    """The parent's context came from another process."""
+    links: list[LinkData] | None = None
+    extra: dict[str, Any] | None = None
+    """Attributes set on the span beyond its layout's."""
+    events: list[tuple[str, int, Mapping[str, Any]]] | None = None
+    status: Status | None = None
+    end_time = 0
 
     def __init__(
         self,
         recorder: SpanRecorder | None,
         layout: Layout,
-        values: tuple[Any, ...],
+        values: Sequence[Any],
         trace_id: int,
         span_id: int,
         flags: int,
-        state: str,
         parent: Parent | None,
         links: list[LinkData] | None,
     ) -> None:
         self.recorder = recorder
         """Where the span goes when it ends; None: not sampled, nothing is recorded."""
-        self._context: SpanContext | None = None
         self.layout: Layout | None = layout
         """None once an attribute of the layout was changed: all are then in extra."""
         self.values = values
-        self.extra: dict[str, Any] = {}
-        self.name = layout.name
-        self.kind = layout.kind
-        """The OTLP ``SpanKind`` number: 1 internal, 2 server, 3 client, 4 producer,
-        5 consumer (``opentelemetry.trace.SpanKind`` value + 1)."""
         self.trace_id = trace_id
         self.span_id = span_id
         self.flags = flags
-        self.state = state
-        if parent is None:
-            self.parent_id = 0
-            self.remote = False
-        else:
+        if parent is not None:
             self.parent_id = parent[1]
+            if parent[3]:
+                self.state = parent[3]
             self.remote = parent[4]
-        self.links = links
-        self.events: list[tuple[str, int, Mapping[str, Any]]] | None = None
-        self.status: Status | None = None
+        if links:
+            self.links = links
         self.start_time = _time_ns()
-        self.end_time = 0
+
+    @property
+    def name(self) -> str:
+        layout = self.layout
+        return self._name if layout is None else layout.name
+
+    @property
+    def kind(self) -> int:
+        """The OTLP ``SpanKind`` number: 1 internal, 2 server, 3 client, 4 producer,
+        5 consumer (``opentelemetry.trace.SpanKind`` value + 1)."""
+        layout = self.layout
+        return self._kind if layout is None else layout.kind
 
     @property
     def attributes(self) -> dict[str, Any]:
         """All of the span's attributes (a copy: change them with set_attribute)."""
         layout = self.layout
-        if layout is None:
-            return dict(self.extra)
-        merged = layout.attributes(self.values)
-        merged.update(self.extra)
+        merged = {} if layout is None else layout.attributes(self.values)
+        if self.extra:
+            merged.update(self.extra)
         return merged
 
     @property
@@ -213,8 +208,11 @@ class Span(trace.Span):
 
     def _unlay(self) -> None:
         """Move the layout's attributes into extra (before one of them changes)."""
-        if self.layout is not None:
+        layout = self.layout
+        if layout is not None:
             self.extra = self.attributes
+            self._name = layout.name
+            self._kind = layout.kind
             self.layout = None
 
     # -- the OpenTelemetry Span API --------------------------------------------------
@@ -240,6 +238,8 @@ class Span(trace.Span):
         layout = self.layout
         if layout is not None and (key in layout.constant or key in layout.keys):
             self._unlay()
+        if self.extra is None:
+            self.extra = {}
         self.extra[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
@@ -267,7 +267,7 @@ class Span(trace.Span):
     def update_name(self, name: str) -> None:
         if self.recorder is not None and not self.end_time:
             self._unlay()
-            self.name = name
+            self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self.recorder is None or self.end_time:
@@ -308,7 +308,7 @@ class Span(trace.Span):
         self.end_time = end_time or _time_ns()
         recorder = self.recorder
         if recorder is not None:
-            recorder.pipeline.add(self)
+            recorder.add(self)
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,10 +438,11 @@ def span_context(parent: Parent | LinkData) -> SpanContext:
 class SpanRecorder:
     """Starts nerve's spans: ids, sampling, the clock; ended spans go to ``pipeline``."""
 
-    __slots__ = ("_span_id", "_trace_id", "pipeline", "sampling")
+    __slots__ = ("_span_id", "_trace_id", "add", "pipeline", "sampling")
 
     def __init__(self, pipeline: Pipeline, sampling: Sampling, id_generator: Any = None) -> None:
         self.pipeline = pipeline
+        self.add = pipeline.add
         self.sampling = sampling
         from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
@@ -456,18 +457,16 @@ class SpanRecorder:
         self,
         layout: Layout,
         parent: Parent | None,
-        values: tuple[Any, ...] = (),
+        values: Sequence[Any] = (),
         links: list[LinkData] | None = None,
     ) -> Span:
         """A started span: a child of ``parent``, or the root of a new trace."""
         sampling = self.sampling
         if parent is None:
             trace_id = self._trace_id()
-            state = ""
             rule = sampling._root
         else:
             trace_id = parent[0]
-            state = parent[3]
             rule = sampling.rule(parent)
         if rule is True:
             sampled = True
@@ -478,17 +477,9 @@ class SpanRecorder:
             sampled = sampling.ask(parent, trace_id, layout.name, layout.kind, attributes, links)
         else:
             sampled = trace_id & _TRACE_ID_LIMIT < rule
-        return Span(
-            self if sampled else None,
-            layout,
-            values,
-            trace_id,
-            self._span_id(),
-            1 if sampled else 0,
-            state,
-            parent,
-            links,
-        )
+        if sampled:
+            return Span(self, layout, values, trace_id, self._span_id(), 1, parent, links)
+        return Span(None, layout, values, trace_id, self._span_id(), 0, parent, links)
 
 
 # ---------------------------------------------------------------------------------------
@@ -537,10 +528,23 @@ class Pipeline:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._check = 1
+        """Queue length at which :meth:`add` looks further: 1 until the thread runs."""
 
     def add(self, span: Span) -> None:
         queue = self._queue
-        if len(queue) >= self.max_queue:
+        queue.append(span)
+        if len(queue) >= self._check:
+            self._more()
+
+    def _more(self) -> None:
+        """The queue is long (or the thread not started): wake the thread, or drop."""
+        if self._thread is None:
+            self._start()
+            self._check = self.batch
+        queue = self._queue
+        if len(queue) > self.max_queue:
+            queue.pop()
             if not self.dropped:
                 log.warning(
                     "tracing: the span queue is full (%d); dropping spans (raise "
@@ -548,15 +552,12 @@ class Pipeline:
                     self.max_queue,
                 )
             self.dropped += 1
-            return
-        queue.append(span)
-        if len(queue) >= self.batch and not self._wake.is_set():
+        if not self._wake.is_set():
             self._wake.set()
-        if self._thread is None:
-            self._start()
 
     def _start(self) -> None:
         if self._closed:
+            self._thread = threading.current_thread()  # shut down: no thread any more
             return
         self._thread = threading.Thread(target=self._run, name="nerve-spans", daemon=True)
         self._thread.start()

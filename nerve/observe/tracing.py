@@ -99,20 +99,34 @@ def _parent_of(event: Event) -> Parent | None:
     parsed directly: this runs once per handled event."""
     extensions = event.extensions
     value = extensions.get("traceparent")
-    if type(value) is not str or len(value) != 55 or value[2] != "-" or value[:2] == "ff":
+    if (
+        type(value) is not str
+        or len(value) != 55
+        or value[2] != "-"
+        or value[35] != "-"
+        or value[52] != "-"
+        or value.startswith("ff")
+    ):
         return None
     try:
         trace_id = int(value[3:35], 16)
         span_id = int(value[36:52], 16)
-        flags = int(value[53:55], 16)
     except ValueError:
         return None
-    if not trace_id or not span_id or value[35] != "-" or value[52] != "-":
+    if not trace_id or not span_id or value[53] not in _HEX:
+        return None
+    sampled = _SAMPLED.get(value[54])
+    if sampled is None:
         return None
     state = extensions.get("tracestate")
     if state:
-        state = TraceState.from_header([str(state)]).to_header()
-    return (trace_id, span_id, flags & 0x01, state or "", True)
+        return (trace_id, span_id, sampled, TraceState.from_header([str(state)]).to_header(), True)
+    return (trace_id, span_id, sampled, "", True)
+
+
+_HEX = frozenset("0123456789abcdef")
+_SAMPLED = {c: int(c, 16) & 0x01 for c in "0123456789abcdef"}
+"""The sampled flag by the last hex digit of the trace flags."""
 
 
 def _parent_of_span(span: Span) -> Parent | None:
@@ -389,7 +403,11 @@ class Tracing:
         if type(span) is _LeanSpan:
             if span.recorder is None or span.end_time:
                 return
-            span.extra["nerve.outcome"] = outcome
+            extra = span.extra
+            if extra is None:
+                span.extra = {"nerve.outcome": outcome}
+            else:
+                extra["nerve.outcome"] = outcome
         elif span.is_recording():
             span.set_attribute("nerve.outcome", outcome)
         else:

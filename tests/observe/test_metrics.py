@@ -252,3 +252,33 @@ async def test_each_worker_process_serves_its_own_metrics(tmp_path: Path) -> Non
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 30)
         log.close()
+
+
+async def test_latency_is_the_events_age_when_its_handler_starts() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from pydantic import BaseModel
+
+    from nerve import App, Context, Runtime
+
+    class Tick(BaseModel):
+        n: int
+
+    ticks = App("ticks")
+    ticks.event("tick")(Tick)
+
+    @ticks.function(consumes=Tick)
+    async def tock(tick: Tick, ctx: Context) -> None:
+        pass
+
+    async with Runtime(ticks, broker="memory://", metrics=True) as rt:
+        old = ticks.make_event(Tick(n=1)).evolve(time=datetime.now(UTC) - timedelta(seconds=5))
+        untimed = ticks.make_event(Tick(n=2)).evolve(time=None)
+        await rt.transport.publish([old, untimed, ticks.make_event(Tick(n=3))])
+        await rt.wait_idle(timeout=10)
+        assert rt.metrics is not None
+        latency = rt.metrics.function("tock").latency
+    assert latency.count == 2  # the event without a time has no latency
+    assert 5.0 <= latency.sum < 7.0
+    assert sum(latency.counts) == 2
+    assert latency.counts[latency.bounds.index(5.0) + 1] == 1  # in the (5, 10] bucket

@@ -289,3 +289,35 @@ async def test_otel_variables_export_otlp_http_written_by_nerve(
     by_id = {s.span_id: s for s in publish}
     for span in process:
         assert by_id[span.parent_span_id].trace_id == span.trace_id
+
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN = "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "expected"),
+    [
+        (f"00-{TRACE}-{SPAN}-01", (int(TRACE, 16), int(SPAN, 16), 1, "", True)),
+        (f"00-{TRACE}-{SPAN}-00", (int(TRACE, 16), int(SPAN, 16), 0, "", True)),
+        (f"00-{TRACE}-{SPAN}-03", (int(TRACE, 16), int(SPAN, 16), 1, "", True)),
+        (f"ff-{TRACE}-{SPAN}-01", None),  # version ff is invalid
+        (f"00-{'0' * 32}-{SPAN}-01", None),  # all-zero trace id
+        (f"00-{TRACE}-{'0' * 16}-01", None),  # all-zero span id
+        (f"00-{TRACE}-{SPAN}-0g", None),
+        (f"00-{TRACE}-{SPAN}-1", None),
+        (f"00-{TRACE[:-1]}x-{SPAN}-01", None),
+        (f"00_{TRACE}-{SPAN}-01", None),
+        ("", None),
+    ],
+)
+def test_the_traceparent_an_event_carries(traceparent: str, expected: otlp.Parent | None) -> None:
+    from nerve.observe.tracing import _parent_of
+
+    jobs = App("jobs")
+    jobs.event("job.queued")(Job)
+    event = jobs.make_event(Job(n=1), extensions={"traceparent": traceparent})
+    assert _parent_of(event) == expected
+    with_state = event.with_extensions(tracestate="b=2, a=1")
+    if expected is not None:
+        assert _parent_of(with_state) == (*expected[:3], "b=2,a=1", True)
