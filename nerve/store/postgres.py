@@ -188,9 +188,13 @@ class PostgresStore:
         except _START_ERRORS as exc:
             await self.close()
             raise StoreError(f"cannot open the store on {self._where}: {exc}") from None
+        self._brokers()  # transports on this database look up its records as they claim
 
     async def close(self) -> None:
         if self._pool is not None:
+            for transport in self._brokers():
+                if transport.processed_in == self.schema:
+                    transport.note_processed_in(None)
             await self._outbox_deletes.drain()
             pool, self._pool = self._pool, None
             try:
@@ -209,12 +213,41 @@ class PostgresStore:
         return event_id in await self.processed_many(function, [event_id])
 
     async def processed_many(self, function: str, event_ids: Sequence[str]) -> set[str]:
-        """Which of ``event_ids`` ``function`` has processed already (one query)."""
+        """Which of ``event_ids`` ``function`` has processed already (one query, or none
+        for events whose claim by a transport on this database looked it up)."""
+        seen, ask = self._seen_at_claim(function, event_ids)
+        if not ask:
+            return seen
         try:
-            rows = await self._require().fetch(_PROCESSED_MANY, function, list(event_ids))
+            rows = await self._require().fetch(_PROCESSED_MANY, function, ask)
         except _ERRORS as exc:
             raise StoreError(f"idempotency check on {self._where}: {exc}") from None
-        return {r[0] for r in rows}
+        return seen | {r[0] for r in rows}
+
+    def _seen_at_claim(self, function: str, event_ids: Sequence[str]) -> tuple[set[str], list[str]]:
+        """(processed, still to ask) from what the claims of the held deliveries of
+        these events said about this store (``PostgresTransport.note_processed_in``).
+        Each answer is used once: the runtime checks a batch right after fetching it;
+        a later question about the same event asks the database."""
+        brokers = self._brokers()
+        if not brokers:
+            return set(), list(event_ids)
+        seen: set[str] = set()
+        ask: list[str] = []
+        for event_id in event_ids:
+            delivery: Any = None
+            for transport in brokers:
+                delivery = transport.claimed(function, event_id)
+                if delivery is not None:
+                    break
+            noted = None if delivery is None else delivery.processed
+            if noted is None or noted[0] != self.schema:
+                ask.append(event_id)
+                continue
+            delivery.processed = None
+            if noted[1]:
+                seen.add(event_id)
+        return seen, ask
 
     async def commit_records(
         self, items: Sequence[tuple[str, str, list[bytes]]]
@@ -264,7 +297,12 @@ class PostgresStore:
 
         if self._database is None:
             self._database = database_of(self._dsn)
-        return transports_on(self._database)
+        found = transports_on(self._database)
+        if self._pool is not None:  # started: its tables exist for their claims to read
+            for transport in found:
+                if transport.processed_in is None:
+                    transport.note_processed_in(self.schema)
+        return found
 
     def _claimed(self, keys: Sequence[tuple[str, str]]) -> dict[int, tuple[Any, Any]]:
         """Index of each key -> (transport, delivery) for the deliveries of these
@@ -330,14 +368,11 @@ class PostgresStore:
 
 _COMMIT = """
 WITH {acks}{sep}
-acked AS ({acked}),
+ok AS ({acked}),
 input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[])
     WITH ORDINALITY AS i(function, event_id, b, seq, n)),
-ok AS (
-    SELECT i.n FROM input i JOIN acked a
-    ON a.b = i.b AND a.grp = i.function AND a.seq = i.seq),
-keep AS (SELECT * FROM input WHERE b IS NULL OR n IN (SELECT n FROM ok)),
+keep AS (SELECT * FROM input WHERE b IS NULL OR n = ANY(ARRAY(SELECT n FROM ok))),
 rec AS (
     INSERT INTO nerve_processed (function, event_id, processed_at)
     SELECT function, event_id, $5 FROM keep ORDER BY n
@@ -397,14 +432,12 @@ async def _commit(
             seq_col.append(delivery.seq)
         bodies += items[n][2]
         owners += [position] * len(items[n][2])
-    ctes = [t.ack_ctes(f"acked{b}", 8 + 3 * b) for b, t in enumerate(brokers)]
-    union = " UNION ALL ".join(
-        f"SELECT {b} AS b, grp, seq FROM acked{b}" for b in range(len(brokers))
-    )
+    ctes = [t.ack_ctes(f"acked{b}", 8 + 4 * b) for b, t in enumerate(brokers)]
+    union = " UNION ALL ".join(f"SELECT tag AS n FROM acked{b}" for b in range(len(brokers)))
     sql = _COMMIT.format(
         acks=",\n".join(ctes),
         sep="," if ctes else "",
-        acked=union or "SELECT NULL::int AS b, NULL::text AS grp, NULL::bigint AS seq WHERE false",
+        acked=union or "SELECT NULL::int AS n WHERE false",
     )
     args: list[Any] = [
         [items[n][0] for n in unique],
@@ -416,7 +449,7 @@ async def _commit(
         owners,
     ]
     for b, transport in enumerate(brokers):
-        args += transport.ack_args([d for _, d in held[b]])
+        args += transport.ack_args([d for _, d in held[b]], [p for p, _ in held[b]])
     recorded, ids, acked_items = await conn.fetchrow(sql, *args)
     new = set(recorded)
     acked = set(acked_items)

@@ -298,7 +298,7 @@ claimed AS (
     FROM now
     WHERE d.grp = $1 AND d.seq = ANY(ARRAY(SELECT seq FROM picked))
     RETURNING d.seq, d.key, d.attempt, d.first_at)
-SELECT c.seq, c.key, c.attempt, c.first_at, l.event_id, l.body
+SELECT c.seq, c.key, c.attempt, c.first_at, l.event_id, l.body, {{processed}}
 FROM claimed c JOIN {s}.log l ON l.seq = c.seq
 ORDER BY c.seq
 """
@@ -390,19 +390,35 @@ WHERE published_at < {_NOW} - $1
   AND seq < coalesce((SELECT min(seq) FROM {s}.deliveries), {_MAX_BIGINT})
 """
 
-    def ack_ctes(self, name: str, first: int) -> str:
+    def claim_noting(self, processed_in: str | None) -> str:
+        """The claim; with a store's schema, it also says per row whether the store has
+        recorded the event as processed by the group (``note_processed_in``)."""
+        if processed_in is None:
+            return self.claim.format(processed="NULL::bool")
+        return self.claim.format(
+            processed=f'EXISTS (SELECT 1 FROM "{processed_in}".nerve_processed p '
+            "WHERE p.function = $1 AND p.event_id = l.event_id)"
+        )
+
+    def ack_ctes(self, name: str, first: int, *, tagged: bool = False) -> str:
         """CTEs that ack deliveries, fenced by their tokens, and count them as processed,
-        ending in ``name(grp, seq)``: the deliveries acked. Parameters ``$first``,
-        ``$first+1``, ``$first+2``: groups, seqs, tokens. Counters rows are locked in name
-        order, as ``lock_counters`` does. Part of ``ack_counted`` and of a store's commit
-        (:meth:`PostgresTransport.ack_ctes`)."""
+        ending in ``name(grp, seq, tag)``: the deliveries acked. Parameters ``$first``,
+        ``$first+1``, ``$first+2``: groups, seqs, tokens; with ``tagged``, ``$first+3``: a
+        number per delivery, returned as its ``tag`` (else NULL). Counters rows are locked
+        in name order, as ``lock_counters`` does. Part of ``ack_counted`` and of a
+        store's commit (:meth:`PostgresTransport.ack_ctes`)."""
         s = self.schema
         g, q, t = f"${first}", f"${first + 1}", f"${first + 2}"
+        tags = (
+            f"${first + 3}::int[]"
+            if tagged
+            else f"array_fill(NULL::int, ARRAY[cardinality({q}::bigint[])])"
+        )
         return f"""{name}_gone AS (
     DELETE FROM {s}.deliveries d
-    USING unnest({g}::text[], {q}::bigint[], {t}::bigint[]) AS u(grp, seq, token)
+    USING unnest({g}::text[], {q}::bigint[], {t}::bigint[], {tags}) AS u(grp, seq, token, tag)
     WHERE d.grp = u.grp AND d.seq = u.seq AND d.token = u.token AND d.seq = ANY({q}::bigint[])
-    RETURNING d.grp, d.seq),
+    RETURNING d.grp, d.seq, u.tag),
 {name}_tally AS (SELECT grp, count(*) AS n FROM {name}_gone GROUP BY grp),
 {name}_locked AS (
     SELECT c.grp FROM {s}.counters c WHERE c.grp IN (SELECT grp FROM {name}_tally)
@@ -410,7 +426,7 @@ WHERE published_at < {_NOW} - $1
 {name}_counted AS (
     UPDATE {s}.counters c SET processed = c.processed + t.n
     FROM {name}_tally t WHERE c.grp = t.grp AND c.grp IN (SELECT grp FROM {name}_locked)),
-{name} AS (SELECT grp, seq FROM {name}_gone)"""
+{name} AS (SELECT grp, seq, tag FROM {name}_gone)"""
 
 
 class _Router:
@@ -452,6 +468,7 @@ class PostgresDelivery:
         "first_at",
         "group",
         "key",
+        "processed",
         "raw",
         "received_at",
         "seq",
@@ -476,6 +493,9 @@ class PostgresDelivery:
         """Settled by a store's transaction (``PostgresTransport.ack_ctes``): True if
         acked there, False if its lease was lost; None while it is not."""
         self.event_id = event_id
+        self.processed: tuple[str, bool] | None = None
+        """(store schema, whether that store had recorded the event as processed by
+        this group when it was claimed), when a store asked (``note_processed_in``)."""
         self.group = consumer.group
         self.seq = seq
         self.token = token
@@ -535,8 +555,12 @@ class PostgresConsumer:
                     PostgresDelivery(
                         self, seq, token, bytes(body), attempt, first_at, key, now, event_id
                     )
-                    for seq, key, attempt, first_at, event_id, body in rows
+                    for seq, key, attempt, first_at, event_id, body, _ in rows
                 ]
+                noted = transport._processed_in
+                if noted is not None:
+                    for delivery, row in zip(out, rows, strict=True):
+                        delivery.processed = (noted, bool(row[6]))
                 transport._hold(out)
                 return out
             remaining = deadline - time.monotonic()
@@ -602,6 +626,8 @@ class PostgresTransport:
         self._timers: set[asyncio.TimerHandle] = set()
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
         self._held: dict[tuple[str, str], list[PostgresDelivery]] = {}
+        self._processed_in: str | None = None
+        self._claim_sql = self._sql.claim_noting(None)
 
     def __repr__(self) -> str:
         return f"PostgresTransport({_redact(self.url)!r})"
@@ -898,7 +924,7 @@ class PostgresTransport:
         token = _token()
         async with self._connection("claim deliveries") as conn:
             rows = await conn.fetch(
-                self._sql.claim, group, limit, self.config.visibility_timeout, token
+                self._claim_sql, group, limit, self.config.visibility_timeout, token
             )
         self._note_changes(len(rows))
         return token, list(rows)
@@ -1046,22 +1072,37 @@ class PostgresTransport:
                 return delivery
         return None
 
+    def note_processed_in(self, schema: str | None) -> None:
+        """From now on, claims also look up whether the store in ``schema`` (on this
+        database; None: none) has recorded each event as processed by the group, so that
+        store can answer its idempotency check for a fetched batch without a round trip
+        (``PostgresDelivery.processed``)."""
+        if schema != self._processed_in:
+            self._processed_in = schema
+            self._claim_sql = self._sql.claim_noting(schema)
+
+    @property
+    def processed_in(self) -> str | None:
+        """The store schema claims look up (:meth:`note_processed_in`), or None."""
+        return self._processed_in
+
     def ack_ctes(self, name: str, first: int) -> str:
         """SQL for a statement of a store on this database (as the same role): CTEs that
         ack deliveries fenced by their tokens and count them as processed, ending in
-        ``name(grp, seq)``, the deliveries acked; they take parameters ``$first`` to
-        ``$first+2``, which :meth:`ack_args` gives. The store's records and these acks
-        then commit in one transaction; once it has, the store calls
-        :meth:`settled_within`."""
-        return self._sql.ack_ctes(name, first)
+        ``name(grp, seq, tag)``, the deliveries acked with the caller's tag of each; they
+        take parameters ``$first`` to ``$first+3``, which :meth:`ack_args` gives. The
+        store's records and these acks then commit in one transaction; once it has, the
+        store calls :meth:`settled_within`."""
+        return self._sql.ack_ctes(name, first, tagged=True)
 
     @staticmethod
-    def ack_args(deliveries: Sequence[PostgresDelivery]) -> list[list[Any]]:
-        """The parameters of :meth:`ack_ctes` for ``deliveries``."""
+    def ack_args(deliveries: Sequence[PostgresDelivery], tags: Sequence[int]) -> list[list[Any]]:
+        """The parameters of :meth:`ack_ctes` for ``deliveries``, tagged ``tags``."""
         return [
             [d.group for d in deliveries],
             [d.seq for d in deliveries],
             [d.token for d in deliveries],
+            list(tags),
         ]
 
     def settled_within(self, deliveries: Sequence[PostgresDelivery], acked: Sequence[bool]) -> None:

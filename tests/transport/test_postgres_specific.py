@@ -304,6 +304,38 @@ async def test_records_and_acks_commit_together_in_one_statement(tmp_path: Path)
         await transport.close()
 
 
+async def test_claims_tell_the_store_what_it_has_processed(tmp_path: Path) -> None:
+    """A claim looks up the store's records of the events it hands out, so the runtime's
+    idempotency check after a fetch needs no query; the answer is used once."""
+    transport, store = await _pair(tmp_path)
+    try:
+        sub = Subscription("g", ("order.created",), ordered=False)
+        await transport.declare([sub])
+        events = [make(n) for n in range(3)]
+        await transport.publish(events)
+        assert await store.commit_records([("g", events[1].id, [])]) == [[]]  # seen before
+        assert await store.commit_records([("other", events[2].id, [])]) == [[]]
+        deliveries = list(await transport.consumer(sub).fetch(10, SOON))
+        assert [d.processed for d in deliveries] == [
+            (store.schema, False),
+            (store.schema, True),
+            (store.schema, False),  # processed by another function only
+        ]
+        ids = [e.id for e in events]
+        assert await store.processed_many("g", ids) == {events[1].id}
+        assert [d.processed for d in deliveries] == [None, None, None]  # used once
+        assert await store.commit_records([("g", events[0].id, [])]) == [[]]
+        assert await store.processed_many("g", ids) == {events[0].id, events[1].id}
+        await store.close()  # claims stop reading a store that is gone
+        assert transport.processed_in is None
+        await transport.publish([make(3)])
+        (late,) = await transport.consumer(sub).fetch(10, SOON)
+        assert late.processed is None
+    finally:
+        await store.close()
+        await transport.close()
+
+
 async def test_a_failing_ack_rolls_the_records_back(tmp_path: Path) -> None:
     """The ack fails inside the store's statement (a trigger refuses the DELETE): the
     idempotency records of the batch are not committed either."""
