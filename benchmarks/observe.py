@@ -21,12 +21,15 @@ start-up excluded) per event. The report gives medians over ``--rounds`` and the
 overheads the issue sets goals for, as ratios to ``off``: no exporter configured
 (``metrics``, goal <= 3%) and an exporter configured (``metrics+otlp``, goal <= 15%).
 
-``--callgrind`` counts instructions instead (repeatable on a shared machine): the
-consumer drains ``--events`` events already in the broker, in this process's child
-under ``valgrind --tool=callgrind``; counting is switched on once the runtime has
-started and off once the last event is handled and the span queue exported, through
-callgrind's client requests (a tiny C helper compiled with ``cc`` on first use); where
-that cannot be built, the count is the slope between draining N and 2N events.
+``--callgrind`` counts instructions instead (repeatable to about 0.5% on a shared
+machine, where wall-clock figures swing by 20%): a consumer process drains
+``--events`` events already in the broker under ``valgrind --tool=callgrind``, with
+instrumentation switched on once its runtime has started and off once the last event
+is handled and the span queue exported (callgrind's client requests, through a tiny C
+helper compiled with ``cc`` on first use; every thread counts: the export thread's
+encoding and HTTP requests too). Where the helper cannot be built, the count is the
+slope between draining N and 2N events (noisier: it also counts polling that grows
+with valgrind's slowness).
 """
 
 from __future__ import annotations
@@ -279,21 +282,23 @@ def _report(
 # Instructions (callgrind)
 
 _HELPER_C = """#include <valgrind/callgrind.h>
-void nerve_bench_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
+void nerve_bench_start(void) { CALLGRIND_START_INSTRUMENTATION; }
+void nerve_bench_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; }
 """
 
 
-def _toggle_helper() -> Path | None:
-    """A shared library whose one function toggles callgrind's counting, or None when
-    it cannot be built here (no C compiler or no valgrind headers)."""
-    target = RUNS_DIR / "callgrind-toggle.so"
+def _instrument_helper() -> Path | None:
+    """A shared library whose functions start and stop callgrind's instrumentation (of
+    all threads), or None when it cannot be built here (no C compiler or no valgrind
+    headers)."""
+    target = RUNS_DIR / "callgrind-instrument.so"
     if target.exists():
         return target
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None or not Path("/usr/include/valgrind/callgrind.h").exists():
         return None
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    source = RUNS_DIR / "callgrind-toggle.c"
+    source = RUNS_DIR / "callgrind-instrument.c"
     source.write_text(_HELPER_C)
     done = subprocess.run(
         [cc, "-O2", "-shared", "-fPIC", "-o", str(target), str(source)],
@@ -307,7 +312,7 @@ def drain_main(argv: list[str]) -> None:
     """``python -m benchmarks.observe drain URL N [HELPER]``: start a runtime of
     ``benchmarks.apps:app`` (metrics as ``NERVE_METRICS`` says, tracing as the OTEL_*
     variables say), handle N events, export the queued spans, stop. With HELPER
-    (the callgrind toggle library), count only from start to the last export."""
+    (the callgrind library), count only from start to the last export."""
     import asyncio
     import ctypes
 
@@ -315,19 +320,19 @@ def drain_main(argv: list[str]) -> None:
     from nerve import Runtime
 
     url, count = argv[0], int(argv[1])
-    toggle = ctypes.CDLL(argv[2]).nerve_bench_toggle if len(argv) > 2 else None
+    helper = ctypes.CDLL(argv[2]) if len(argv) > 2 else None
 
     async def drain() -> None:
         async with Runtime(app, broker=url, metrics=os.environ.get("NERVE_METRICS") == "1") as rt:
             runner = rt.runners["sink"]
-            if toggle is not None:
-                toggle()
+            if helper is not None:
+                helper.nerve_bench_start()
             while runner.stats.processed < count:  # noqa: ASYNC110 (a counter, not an event)
                 await asyncio.sleep(0.02)
             if rt.tracing is not None:
                 rt.tracing.flush()
-            if toggle is not None:
-                toggle()
+            if helper is not None:
+                helper.nerve_bench_stop()
 
     try:
         import uvloop
@@ -356,7 +361,7 @@ def _instructions(logdir: Path, events: int, env: dict[str, str], helper: Path |
         "valgrind",
         "--tool=callgrind",
         f"--callgrind-out-file={logdir / 'callgrind.out'}",
-        *(["--collect-atstart=no"] if helper else []),
+        *(["--instr-atstart=no"] if helper else []),
         PYTHON, "-m", "benchmarks.observe", "drain", url, str(events),
         *([str(helper)] if helper else []),
     ]  # fmt: skip
@@ -370,7 +375,7 @@ def _instructions(logdir: Path, events: int, env: dict[str, str], helper: Path |
 def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if shutil.which("valgrind") is None:
         raise SystemExit("--callgrind needs valgrind (Debian package 'valgrind')")
-    helper = _toggle_helper()
+    helper = _instrument_helper()
     endpoint, stop_sink = start_sink()
     configs = configurations(endpoint, args.sampled)
     names = list(configs)

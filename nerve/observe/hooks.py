@@ -138,7 +138,6 @@ class MetricsObserver(FunctionObserver):
             duration = self._duration
             self._counts[_bisect(self._bounds, seconds)] += 1
             duration.sum += seconds
-            duration.count += 1
             processed = self._processed
             type_name = ctx.event.type
             processed[type_name] = processed.get(type_name, 0) + 1

@@ -87,6 +87,7 @@ INTERNAL, SERVER, CLIENT, PRODUCER, CONSUMER = 1, 2, 3, 4, 5
 _EMPTY = otel_context.Context()
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
+_new = object.__new__
 
 
 class Layout:
@@ -149,33 +150,17 @@ class Span(trace.Span):
     status: Status | None = None
     end_time = 0
 
-    def __init__(
-        self,
-        recorder: SpanRecorder | None,
-        layout: Layout,
-        values: Sequence[Any],
-        trace_id: int,
-        span_id: int,
-        flags: int,
-        parent: Parent | None,
-        links: list[LinkData] | None,
-    ) -> None:
-        self.recorder = recorder
-        """Where the span goes when it ends; None: not sampled, nothing is recorded."""
-        self.layout: Layout | None = layout
-        """None once an attribute of the layout was changed: all are then in extra."""
-        self.values = values
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.flags = flags
-        if parent is not None:
-            self.parent_id = parent[1]
-            if parent[3]:
-                self.state = parent[3]
-            self.remote = parent[4]
-        if links:
-            self.links = links
-        self.start_time = _time_ns()
+    # Set for every span by SpanRecorder.start (which makes them without __init__: one
+    # Python call less per span).
+    recorder: SpanRecorder | None
+    """Where the span goes when it ends; None: not sampled, nothing is recorded."""
+    layout: Layout | None
+    """None once an attribute of the layout was changed: all are then in extra."""
+    values: Sequence[Any]
+    trace_id: int
+    span_id: int
+    flags: int
+    start_time: int
 
     @property
     def name(self) -> str:
@@ -438,7 +423,7 @@ def span_context(parent: Parent | LinkData) -> SpanContext:
 class SpanRecorder:
     """Starts nerve's spans: ids, sampling, the clock; ended spans go to ``pipeline``."""
 
-    __slots__ = ("_span_id", "_trace_id", "add", "pipeline", "sampling")
+    __slots__ = ("_random", "_span_id", "_trace_id", "add", "pipeline", "sampling")
 
     def __init__(self, pipeline: Pipeline, sampling: Sampling, id_generator: Any = None) -> None:
         self.pipeline = pipeline
@@ -446,12 +431,10 @@ class SpanRecorder:
         self.sampling = sampling
         from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
-        if id_generator is None or type(id_generator) is RandomIdGenerator:
-            self._trace_id: Callable[[], int] = lambda: _getrandbits(128) or 1
-            self._span_id: Callable[[], int] = lambda: _getrandbits(64) or 1
-        else:
-            self._trace_id = id_generator.generate_trace_id
-            self._span_id = id_generator.generate_span_id
+        self._random = id_generator is None or type(id_generator) is RandomIdGenerator
+        """The SDK's default ids: random.getrandbits, called here directly."""
+        self._trace_id: Callable[[], int] = getattr(id_generator, "generate_trace_id", int)
+        self._span_id: Callable[[], int] = getattr(id_generator, "generate_span_id", int)
 
     def start(
         self,
@@ -460,14 +443,19 @@ class SpanRecorder:
         values: Sequence[Any] = (),
         links: list[LinkData] | None = None,
     ) -> Span:
-        """A started span: a child of ``parent``, or the root of a new trace."""
+        """A started span: a child of ``parent``, or the root of a new trace. (Written
+        out in one function: it runs for every span.)"""
         sampling = self.sampling
+        random_ids = self._random
         if parent is None:
-            trace_id = self._trace_id()
+            trace_id = (_getrandbits(128) or 1) if random_ids else self._trace_id()
             rule = sampling._root
         else:
             trace_id = parent[0]
-            rule = sampling.rule(parent)
+            if parent[4]:
+                rule = sampling._remote_sampled if parent[2] & 1 else sampling._remote_not
+            else:
+                rule = sampling._local_sampled if parent[2] & 1 else sampling._local_not
         if rule is True:
             sampled = True
         elif rule is False:
@@ -477,9 +465,26 @@ class SpanRecorder:
             sampled = sampling.ask(parent, trace_id, layout.name, layout.kind, attributes, links)
         else:
             sampled = trace_id & _TRACE_ID_LIMIT < rule
+        span: Span = _new(Span)
         if sampled:
-            return Span(self, layout, values, trace_id, self._span_id(), 1, parent, links)
-        return Span(None, layout, values, trace_id, self._span_id(), 0, parent, links)
+            span.recorder = self
+            span.flags = 1
+        else:
+            span.recorder = None
+            span.flags = 0
+        span.layout = layout
+        span.values = values
+        span.trace_id = trace_id
+        span.span_id = (_getrandbits(64) or 1) if random_ids else self._span_id()
+        if parent is not None:
+            span.parent_id = parent[1]
+            if parent[3]:
+                span.state = parent[3]
+            span.remote = parent[4]
+        if links:
+            span.links = links
+        span.start_time = _time_ns()
+        return span
 
 
 # ---------------------------------------------------------------------------------------
@@ -879,6 +884,8 @@ class OtlpEncoder:
                     else:
                         any_value = b"\x0a" + _varint(n) + data
                         parts.append(_field(b"\x4a", prefix + _varint(len(any_value)) + any_value))
+                elif type(value) is int and 0 <= value < 0x80 and len(prefix) < 124:
+                    parts.append(b"\x4a%c%b\x02\x18%c" % (len(prefix) + 3, prefix, value))
                 elif value is not None:
                     encoded = _any_value(value)
                     if encoded is not None:
@@ -919,4 +926,8 @@ class OtlpEncoder:
             parts += (_field(b"\x7a", body), flags[2:])
         body = b"".join(parts)
         n = len(body)
-        return (b"\x12%c" % n if n < 0x80 else b"\x12" + _varint(n)) + body
+        if n < 0x80:
+            return b"\x12%c%b" % (n, body)
+        if n < 0x4000:
+            return b"\x12%c%c%b" % (n & 0x7F | 0x80, n >> 7, body)
+        return b"\x12" + _varint(n) + body

@@ -282,3 +282,23 @@ async def test_latency_is_the_events_age_when_its_handler_starts() -> None:
     assert 5.0 <= latency.sum < 7.0
     assert sum(latency.counts) == 2
     assert latency.counts[latency.bounds.index(5.0) + 1] == 1  # in the (5, 10] bucket
+
+
+def test_buckets_take_many_values_as_they_take_one() -> None:
+    import math
+    import random
+
+    from nerve.observe.metrics import LATENCY_BUCKETS, Buckets
+
+    rng = random.Random(3)
+    values = [rng.choice([0.0, *LATENCY_BUCKETS, 1e9]) for _ in range(200)]
+    values += [rng.uniform(0, 400) for _ in range(300)]
+    one, many = Buckets(LATENCY_BUCKETS), Buckets(LATENCY_BUCKETS)
+    for value in values:
+        one.observe(value)
+    many.add(values[:123])
+    many.add(values[123:])
+    many.add([])
+    assert many.counts == one.counts
+    assert many.count == one.count == 500
+    assert math.isclose(many.sum, one.sum, rel_tol=1e-12)

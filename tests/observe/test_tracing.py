@@ -311,3 +311,7 @@ async def test_spans_a_handler_makes_are_children_of_its_process_span() -> None:
     assert charge.parent is not None and charge.parent.span_id == process.context.span_id
     assert charge.context.trace_id == process.context.trace_id
     assert seen[0].get_span_context().span_id == process.context.span_id  # type: ignore[attr-defined]
+    # with this opentelemetry-api, the span is made current through its context variable
+    from nerve.observe.tracing import _CONTEXT
+
+    assert _CONTEXT is not None
