@@ -178,6 +178,12 @@ async def _reserve(order: OrderCreated, ctx: Context) -> None:
     for line in order.lines:
         wanted[line.sku] += line.qty
     short = []
+    # Lock the order's stock rows first, in sku order: on a PostgreSQL store (READ
+    # COMMITTED) two orders of one sku would otherwise both read the same `available`
+    # and oversell. (SQLite stores run one unit at a time; the no-op UPDATE is portable.)
+    await ctx.store.executemany(
+        "UPDATE stock SET available = available WHERE sku = ?", [(sku,) for sku in sorted(wanted)]
+    )
     for sku, qty in sorted(wanted.items()):
         available = await ctx.store.fetchval("SELECT available FROM stock WHERE sku = ?", (sku,))
         if available is None:
@@ -209,7 +215,8 @@ async def _settle_reservation(order_id: str, state: str, ctx: Context) -> list[O
     """Take an order's reserved units out of ``reserved``: back to ``available`` when
     ``state`` is 'released', out of the warehouse when 'shipped'. Returns them."""
     rows = await ctx.store.fetchall(
-        "SELECT sku, qty FROM reservations WHERE order_id = ? AND state = 'reserved'",
+        "SELECT sku, qty FROM reservations WHERE order_id = ? AND state = 'reserved' "
+        "ORDER BY sku",  # stock rows are locked in sku order, as _reserve does
         (order_id,),
     )
     back_on_shelf = 1 if state == "released" else 0
