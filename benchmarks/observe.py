@@ -329,8 +329,9 @@ def drain_main(argv: list[str]) -> None:
                 helper.nerve_bench_start()
             while runner.stats.processed < count:  # noqa: ASYNC110 (a counter, not an event)
                 await asyncio.sleep(0.02)
-            if rt.tracing is not None:
-                rt.tracing.flush()
+            if rt.tracing is not None:  # export what is queued (older nerve: the provider)
+                flush = getattr(rt.tracing, "flush", None)
+                flush() if flush is not None else rt.tracing.provider.force_flush()
             if helper is not None:
                 helper.nerve_bench_stop()
 

@@ -27,6 +27,9 @@ from the ``OTEL_*`` environment variables (``OTEL_TRACES_EXPORTER``,
 ``OTEL_RESOURCE_ATTRIBUTES``...), or uses a provider the process already installed
 (``opentelemetry-instrument``). With none of them, tracing is off and the runtime creates
 no span at all: the decision is made once, when the runtime is built.
+
+With an SDK provider, spans are recorded and exported by nerve's own lean pipeline
+(:mod:`nerve.observe.otlp`), not by the SDK's per-span machinery.
 """
 
 from __future__ import annotations
