@@ -21,7 +21,7 @@ start-up excluded) per event. The report gives medians over ``--rounds`` and the
 overheads the issue sets goals for, as ratios to ``off``: no exporter configured
 (``metrics``, goal <= 3%) and an exporter configured (``metrics+otlp``, goal <= 15%).
 
-``--callgrind`` counts instructions instead (repeatable to about 0.5% on a shared
+``--callgrind`` counts instructions instead (repeatable to about 1% on a shared
 machine, where wall-clock figures swing by 20%): a consumer process drains
 ``--events`` events already in the broker under ``valgrind --tool=callgrind``, with
 instrumentation switched on once its runtime has started and off once the last event

@@ -89,8 +89,18 @@ class FunctionObserver:
     ) -> None:
         """A handler attempt ended: 'processed', 'retried', 'dead_lettered' or
         'released' (cancelled by a shutdown: not counted)."""
-        if self.metrics is not None and outcome != "released":
-            self.metrics.handled(ctx.event.type, _clock() - started, outcome)
+        metrics = self.metrics
+        if metrics is not None:
+            seconds = _clock() - started
+            if outcome == "processed":  # FunctionMetrics.handled, written out
+                duration = metrics.duration
+                duration.counts[_bisect(duration.bounds, seconds)] += 1
+                duration.sum += seconds
+                processed = metrics.processed
+                type_name = ctx.event.type
+                processed[type_name] = processed.get(type_name, 0) + 1
+            elif outcome != "released":
+                metrics.handled(ctx.event.type, seconds, outcome)
         if self.tracing is not None and ctx.trace is not None:
             self.tracing.end_process(ctx.trace, error, outcome)
 

@@ -800,8 +800,7 @@ class OtlpEncoder:
         self._states: dict[str, bytes] = {}
 
     def request(self, spans: Iterable[Span]) -> bytes:
-        span = self.span
-        scope_spans = _field(b"\x12", self._scope + b"".join([span(s) for s in spans]))
+        scope_spans = _field(b"\x12", self._scope + b"".join(self.spans(spans)))
         resource_spans = self._resource + scope_spans + self._resource_schema
         return _field(b"\x0a", resource_spans)
 
@@ -850,84 +849,102 @@ class OtlpEncoder:
 
     def span(self, s: Span) -> bytes:
         """One span, as a ``ScopeSpans.spans`` field."""
-        trace_id = s.trace_id
-        times = _pack_times(0x39, s.start_time, 0x41, s.end_time)
-        if s.parent_id:
-            ids = _pack_ids_parent(
-                0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, s.span_id, 0x2208, s.parent_id
-            )
-            flags = _REMOTE_PARENT if s.remote else _LOCAL_PARENT
-        else:
-            ids = _pack_ids(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, s.span_id)
-            flags = _LOCAL_PARENT
-        if s.layout is not None:
-            parts = [ids, times]  # the layout's head has the name and kind
-        else:
-            head = self._names.get(s.name)
-            if head is None:
-                if len(self._names) >= _CACHE_MAX:
-                    self._names.clear()
-                head = self._names[s.name] = _field(b"\x2a", s.name.encode())
-            parts = [ids, times, head, _KIND[s.kind]]
-        if s.state:
-            parts.append(self._state(s.state))
-        layout = s.layout
-        if layout is not None:
-            parts.append(layout.head)
-            for prefix, value in zip(layout.prefixes, s.values, strict=True):
-                if type(value) is str:
-                    data = value.encode()
-                    n = len(data)
-                    size = len(prefix) + n
-                    if size < 124:  # every length fits in one byte
-                        parts.append(b"\x4a%c%b%c\x0a%c%b" % (size + 3, prefix, n + 2, n, data))
-                    else:
-                        any_value = b"\x0a" + _varint(n) + data
-                        parts.append(_field(b"\x4a", prefix + _varint(len(any_value)) + any_value))
-                elif type(value) is int and 0 <= value < 0x80 and len(prefix) < 124:
-                    parts.append(b"\x4a%c%b\x02\x18%c" % (len(prefix) + 3, prefix, value))
-                elif value is not None:
-                    encoded = _any_value(value)
-                    if encoded is not None:
-                        parts.append(_field(b"\x4a", prefix + _varint(len(encoded)) + encoded))
-        if s.extra:
-            cache = self._attributes
-            attribute = self._attribute
-            for item in s.extra.items():
-                try:
-                    found = cache.get(item)
-                except TypeError:  # a list value
-                    found = None
-                parts.append(attribute(*item) if found is None else found)
-        if s.events:
-            for event_name, when, values in s.events:
-                body = b"\x09" + _pack_fixed64(when) + _field(b"\x12", event_name.encode())
-                body += b"".join(_field(b"\x1a", _key_value(k, v)) for k, v in values.items())
-                parts.append(_field(b"\x5a", body))
-        if s.links:
-            for trace_id, span_id, _, _, remote, link_values in s.links:
-                # no trace_state: OpenTelemetry's encoder leaves it out of links too
-                body = _pack_ids(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, span_id)
-                if link_values:
-                    body += b"".join(
-                        _field(b"\x22", _key_value(k, v)) for k, v in link_values.items()
-                    )
-                body += b"\x35" + _pack_fixed32(_HAS_IS_REMOTE | (_IS_REMOTE if remote else 0))
-                parts.append(_field(b"\x6a", body))
-        status = s.status
-        if status is None:
-            parts.append(flags)  # unset: an empty Status, as OpenTelemetry writes it
-        else:
-            body = b""
-            if status.description:
-                body += _field(b"\x12", status.description.encode())
-            if status.status_code.value:
-                body += b"\x18" + _varint(status.status_code.value)
-            parts += (_field(b"\x7a", body), flags[2:])
-        body = b"".join(parts)
-        n = len(body)
-        if n < 0x80:
-            return b"\x12%c%b" % (n, body)
-        if n < 0x4000:
-            return b"\x12%c%c%b" % (n & 0x7F | 0x80, n >> 7, body)
-        return b"\x12" + _varint(n) + body
+        return self.spans([s])[0]
+
+    def spans(self, batch: Iterable[Span]) -> list[bytes]:
+        """Spans, each as a ``ScopeSpans.spans`` field (one loop: a call per span costs
+        as much as a tenth of its encoding)."""
+        out: list[bytes] = []
+        append = out.append
+        for s in batch:
+            trace_id = s.trace_id
+            times = _pack_times(0x39, s.start_time, 0x41, s.end_time)
+            if s.parent_id:
+                ids = _pack_ids_parent(
+                    0x0A10,
+                    trace_id >> 64,
+                    trace_id & _LOW64,
+                    0x1208,
+                    s.span_id,
+                    0x2208,
+                    s.parent_id,
+                )
+                flags = _REMOTE_PARENT if s.remote else _LOCAL_PARENT
+            else:
+                ids = _pack_ids(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, s.span_id)
+                flags = _LOCAL_PARENT
+            if s.layout is not None:
+                parts = [ids, times]  # the layout's head has the name and kind
+            else:
+                head = self._names.get(s.name)
+                if head is None:
+                    if len(self._names) >= _CACHE_MAX:
+                        self._names.clear()
+                    head = self._names[s.name] = _field(b"\x2a", s.name.encode())
+                parts = [ids, times, head, _KIND[s.kind]]
+            if s.state:
+                parts.append(self._state(s.state))
+            layout = s.layout
+            if layout is not None:
+                parts.append(layout.head)
+                for prefix, value in zip(layout.prefixes, s.values, strict=True):
+                    if type(value) is str:
+                        data = value.encode()
+                        n = len(data)
+                        size = len(prefix) + n
+                        if size < 124:  # every length fits in one byte
+                            parts.append(b"\x4a%c%b%c\x0a%c%b" % (size + 3, prefix, n + 2, n, data))
+                        else:
+                            any_value = b"\x0a" + _varint(n) + data
+                            parts.append(
+                                _field(b"\x4a", prefix + _varint(len(any_value)) + any_value)
+                            )
+                    elif type(value) is int and 0 <= value < 0x80 and len(prefix) < 124:
+                        parts.append(b"\x4a%c%b\x02\x18%c" % (len(prefix) + 3, prefix, value))
+                    elif value is not None:
+                        encoded = _any_value(value)
+                        if encoded is not None:
+                            parts.append(_field(b"\x4a", prefix + _varint(len(encoded)) + encoded))
+            if s.extra:
+                cache = self._attributes
+                attribute = self._attribute
+                for item in s.extra.items():
+                    try:
+                        found = cache.get(item)
+                    except TypeError:  # a list value
+                        found = None
+                    parts.append(attribute(*item) if found is None else found)
+            if s.events:
+                for event_name, when, values in s.events:
+                    body = b"\x09" + _pack_fixed64(when) + _field(b"\x12", event_name.encode())
+                    body += b"".join(_field(b"\x1a", _key_value(k, v)) for k, v in values.items())
+                    parts.append(_field(b"\x5a", body))
+            if s.links:
+                for trace_id, span_id, _, _, remote, link_values in s.links:
+                    # no trace_state: OpenTelemetry's encoder leaves it out of links too
+                    body = _pack_ids(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, span_id)
+                    if link_values:
+                        body += b"".join(
+                            _field(b"\x22", _key_value(k, v)) for k, v in link_values.items()
+                        )
+                    body += b"\x35" + _pack_fixed32(_HAS_IS_REMOTE | (_IS_REMOTE if remote else 0))
+                    parts.append(_field(b"\x6a", body))
+            status = s.status
+            if status is None:
+                parts.append(flags)  # unset: an empty Status, as OpenTelemetry writes it
+            else:
+                body = b""
+                if status.description:
+                    body += _field(b"\x12", status.description.encode())
+                if status.status_code.value:
+                    body += b"\x18" + _varint(status.status_code.value)
+                parts += (_field(b"\x7a", body), flags[2:])
+            body = b"".join(parts)
+            n = len(body)
+            if n < 0x80:
+                append(b"\x12%c%b" % (n, body))
+            elif n < 0x4000:
+                append(b"\x12%c%c%b" % (n & 0x7F | 0x80, n >> 7, body))
+            else:
+                append(b"\x12" + _varint(n) + body)
+        return out
