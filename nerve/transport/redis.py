@@ -152,14 +152,6 @@ local function gbase(g) return P .. ':g:' .. string.len(g) .. ':' .. g end
 local function parse(m)
   return string.match(m, '^(%d+)|([^|]*)|([^|]*)|(.*)$')
 end
-local function enqueue(base, id, body, k, now)
-  redis.call('HSET', base .. ':body', id, body)
-  redis.call('HSET', base .. ':meta', id, '0|||' .. k)
-  if k ~= '' and redis.call('RPUSH', base .. ':kq:' .. string.sub(k, 2), id) > 1 then
-    return
-  end
-  redis.call('ZADD', base .. ':due', now, id)
-end
 -- variadic calls over a list, at most 1,000 arguments a call (Lua's unpack has limits)
 local function vcall(cmd, key, items)
   local n, i = #items, 1
@@ -194,12 +186,41 @@ local function pass_key(base, dz, id, k, now)
   end
   return false
 end
+-- event positions: read once per script, advanced here, written back by flush()
+local seq = nil
 local function append(body, logmax)
-  local seq = redis.call('INCR', P .. ':seq')
+  if seq == nil then seq = tonumber(redis.call('GET', P .. ':seq') or '0') end
+  seq = seq + 1
   if logmax > 0 then
     redis.call('XADD', P .. ':log', 'MAXLEN', '~', logmax, seq .. '-1', 'b', body)
   end
   return string.format('%016d', seq)
+end
+-- an event entering function g's queue, gathered per function (per) for flush(); for
+-- an ordered function only the head of a key's list is due
+local function stage(per, g, id, body, k, now)
+  local q = per[g]
+  if not q then
+    q = {base = gbase(g), b = {}, m = {}, d = {}}
+    per[g] = q
+  end
+  local nb = #q.b
+  q.b[nb + 1], q.b[nb + 2] = id, body
+  q.m[nb + 1], q.m[nb + 2] = id, '0|||' .. k
+  if k == '' or redis.call('RPUSH', q.base .. ':kq:' .. string.sub(k, 2), id) == 1 then
+    local nd = #q.d
+    q.d[nd + 1], q.d[nd + 2] = now, id
+  end
+end
+-- write what stage() gathered (one variadic call per key) and wake the functions
+local function flush(per)
+  if seq ~= nil then redis.call('SET', P .. ':seq', seq) end
+  for g, q in pairs(per) do
+    vcall('HSET', q.base .. ':body', q.b)
+    vcall('HSET', q.base .. ':meta', q.m)
+    if #q.d > 0 then vcall('ZADD', q.base .. ':due', q.d) end
+    redis.call('PUBLISH', P .. ':wake', '0 ' .. g)
+  end
 end
 """
 
@@ -215,8 +236,6 @@ _PUBLISH = (
 if (redis.call('GET', P .. ':groups:version') or '0') ~= ARGV[2] then return -1 end
 local now = now_ms()
 local logmax = tonumber(ARGV[3])
-local seq = tonumber(redis.call('GET', P .. ':seq') or '0')
-local first_seq = seq
 local i = 6
 local per = {}
 local routes, pos = ARGV[5], 1
@@ -231,39 +250,18 @@ while pos <= string.len(routes) do
   pos = nl + 1
   if iid == '' or redis.call('XACK', P .. ':ingest', 'nerve', iid) == 1 then
     if iid ~= '' then redis.call('XDEL', P .. ':ingest', iid) end
-    seq = seq + 1
-    if logmax > 0 then
-      redis.call('XADD', P .. ':log', 'MAXLEN', '~', logmax, seq .. '-1', 'b', body)
-    end
-    local id = string.format('%016d', seq)
+    local id = append(body, logmax)
     while at < nl do
       local gt = find(routes, '\\t', at + 1, true)
       local kt = find(routes, '\\t', gt + 1, true)
       if not kt or kt > nl then kt = nl end
       local g, k = sub(routes, at + 1, gt - 1), sub(routes, gt + 1, kt - 1)
       at = kt
-      local q = per[g]
-      if not q then
-        q = {base = gbase(g), b = {}, m = {}, d = {}}
-        per[g] = q
-      end
-      local nb = #q.b
-      q.b[nb + 1], q.b[nb + 2] = id, body
-      q.m[nb + 1], q.m[nb + 2] = id, '0|||' .. k
-      if k == '' or redis.call('RPUSH', q.base .. ':kq:' .. string.sub(k, 2), id) == 1 then
-        local nd = #q.d
-        q.d[nd + 1], q.d[nd + 2] = now, id
-      end
+      stage(per, g, id, body, k, now)
     end
   end
 end
-if seq ~= first_seq then redis.call('SET', P .. ':seq', seq) end
-for g, q in pairs(per) do
-  vcall('HSET', q.base .. ':body', q.b)
-  vcall('HSET', q.base .. ':meta', q.m)
-  if #q.d > 0 then vcall('ZADD', q.base .. ':due', q.d) end
-  redis.call('PUBLISH', P .. ':wake', '0 ' .. g)
-end
+flush(per)
 return 1
 """
 )
@@ -435,6 +433,7 @@ _REPLAY = (
     + """
 local now = now_ms()
 local count = 0
+local per = {}
 local i = 4
 for s = 1, tonumber(ARGV[3]) do
   local dl, k = ARGV[i], ARGV[i + 1]
@@ -443,15 +442,14 @@ for s = 1, tonumber(ARGV[3]) do
   local g = redis.call('HGET', h, 'g')
   if g and redis.call('HEXISTS', P .. ':groups', g) == 1 then
     local body = redis.call('HGET', h, 'b')
-    local base = gbase(g)
-    enqueue(base, append(body, tonumber(ARGV[2])), body, k, now)
+    stage(per, g, append(body, tonumber(ARGV[2])), body, k, now)
     redis.call('DEL', h)
     redis.call('ZREM', P .. ':dl', dl)
-    redis.call('ZREM', base .. ':dl', dl)
-    redis.call('PUBLISH', P .. ':wake', '0 ' .. g)
+    redis.call('ZREM', gbase(g) .. ':dl', dl)
     count = count + 1
   end
 end
+flush(per)
 return count
 """
 )
