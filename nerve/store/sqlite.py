@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
+
 from nerve._batch import Coalescer
 from nerve._sqlite import Worker, begin_immediate
 from nerve.errors import ConfigError, StoreError
@@ -384,24 +386,37 @@ _RECORD_CHUNK = 300
 def _record_many(
     conn: sqlite3.Connection, items: Sequence[tuple[str, str, list[bytes]]]
 ) -> list[list[int] | None]:
-    """:func:`_record` for many items, with one multi-row INSERT ... RETURNING per
-    chunk instead of one statement per item (the records of a batch of light units)."""
+    """:func:`_record` for many items: per chunk, one query for the records that exist
+    already (one row: a JSON array) and one multi-row INSERT. Each row Python's sqlite3
+    steps through lets go of the GIL and takes it back (a wait, when the event loop
+    thread is busy), so neither returns a row per item."""
     now = time.time()
     inserted: set[tuple[str, str]] = set()
     for start in range(0, len(items), _RECORD_CHUNK):
         chunk = items[start : start + _RECORD_CHUNK]
-        params: list[object] = []
-        for function, event_id, _ in chunk:
-            params += (function, event_id, now)
-        inserted.update(
-            (row[0], row[1])
-            for row in conn.execute(
+        keys = {(function, event_id) for function, event_id, _ in chunk}
+        by_function: dict[str, list[str]] = {}
+        for function, event_id in keys:
+            by_function.setdefault(function, []).append(event_id)
+        existing: set[tuple[str, str]] = set()
+        for function, event_ids in by_function.items():
+            (found,) = conn.execute(
+                "SELECT json_group_array(event_id) FROM nerve_processed "
+                f"WHERE function = ? AND event_id IN ({','.join('?' * len(event_ids))})",
+                (function, *event_ids),
+            ).fetchall()[0]
+            existing.update((function, e) for e in orjson.loads(found))
+        new = keys - existing
+        if new:
+            rows: list[object] = []
+            for function, event_id in new:
+                rows += (function, event_id, now)
+            conn.execute(
                 "INSERT INTO nerve_processed (function, event_id, processed_at) VALUES "
-                + ",".join(["(?, ?, ?)"] * len(chunk))
-                + " ON CONFLICT DO NOTHING RETURNING function, event_id",
-                params,
+                + ",".join(["(?, ?, ?)"] * len(new)),
+                rows,
             )
-        )
+        inserted.update(new)
     results: list[list[int] | None] = []
     for function, event_id, outbox in items:
         if (function, event_id) not in inserted:

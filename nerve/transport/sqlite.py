@@ -29,7 +29,7 @@ import orjson
 
 from nerve import event as codec
 from nerve._batch import Coalescer
-from nerve._sqlite import Worker, connect
+from nerve._sqlite import Worker, begin_immediate, connect, execute_write
 from nerve.app import Subscription
 from nerve.errors import ConfigError, LeaseLost, TransportError
 from nerve.event import Event
@@ -84,21 +84,53 @@ CREATE TABLE IF NOT EXISTS counters (
     retried INTEGER NOT NULL DEFAULT 0,
     dead_lettered INTEGER NOT NULL DEFAULT 0
 );
+CREATE TRIGGER IF NOT EXISTS count_processed AFTER DELETE ON deliveries WHEN old.token <> 0
+BEGIN
+    UPDATE counters SET processed = processed + 1 WHERE grp = old.grp;
+END;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('groups_version', 0);
 """
 
-_CLAIM = """
-UPDATE deliveries SET lease_until = :until, token = :token, attempt = attempt + 1,
-       first_at = coalesce(first_at, :now)
-WHERE id IN (
+_CLAIM_IDS = """
+SELECT group_concat(id) FROM (
     SELECT d.id FROM deliveries d
     WHERE d.grp = :grp AND d.available_at <= :now AND d.lease_until <= :now
       AND (d.key IS NULL OR NOT EXISTS (
           SELECT 1 FROM deliveries e WHERE e.grp = d.grp AND e.key = d.key AND e.id < d.id))
     ORDER BY d.id LIMIT :limit)
-RETURNING id, seq, key, attempt, first_at
 """
+_LEASE = """
+UPDATE deliveries SET lease_until = ?, token = ?, attempt = attempt + 1,
+       first_at = coalesce(first_at, ?)
+WHERE id IN ({ids}) AND available_at <= ? AND lease_until <= ?
+"""
+_CLAIMED = """
+SELECT json_group_array(
+           json_array(d.id, d.attempt, d.first_at, d.key, length(CAST(l.body AS BLOB)))),
+       CAST(group_concat(l.body, '') AS BLOB)
+FROM deliveries d JOIN log l ON l.seq = d.seq
+WHERE d.id IN ({ids}) AND d.token = ?
+"""
+"""A claim is three statements, and only the middle one writes: read the ids that are
+free (no lock), lease those still free in one UPDATE that is its own transaction
+(the write lock is held for one C call: see ``nerve._sqlite.execute_write``), read
+the rows the lease made ours with their bodies (no lock). A row another process
+leased in between is simply not ours. The last read returns ONE row (the rows as a
+JSON array, the bodies concatenated): Python's sqlite3 lets go of the GIL and takes
+it back for every row stepped, and taking it back from a busy event loop thread can
+take up to the switch interval (5 ms) each time. Per-key order holds: a row is a candidate only
+when no earlier row of its key exists, and rows only ever get later ids."""
+
+
+def _values(width: int, rows: int) -> str:
+    """``(?,?,?),(?,?,?)...``: one multi-row VALUES list (one SQLite step for all)."""
+    one = "(" + ",".join("?" * width) + ")"
+    return ",".join([one] * rows)
+
+
+_ROWS_PER_INSERT = 500
+"""Rows per multi-row INSERT: at most 5 x 500 parameters, far below SQLite's 32,766."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,14 +504,14 @@ class SqliteTransport:
             router.refresh(conn)
             now = time.time()
             touched: set[str] = set()
-            rows: list[tuple[str, int, str | None, float]] = []
+            # seq is assigned here, as SQLite would (max + 1), so that the log rows
+            # and the deliveries can each go in as one multi-row INSERT
+            seq = conn.execute("SELECT coalesce(max(seq), 0) FROM log").fetchone()[0]
+            logged: list[Any] = []
+            rows: list[Any] = []
             for event, body in encoded:
-                cur = conn.execute(
-                    "INSERT INTO log (event_id, type, published_at, body) VALUES (?, ?, ?, ?)",
-                    (event.id, event.type, now, body),
-                )
-                seq = cur.lastrowid
-                assert seq is not None
+                seq += 1
+                logged += (seq, event.id, event.type, now, body)
                 if to_group is not None:
                     targets = [g for g in router.groups if g.group == to_group]
                     if not targets:
@@ -487,12 +519,10 @@ class SqliteTransport:
                 else:
                     targets = router.targets(event)
                 for sub in targets:
-                    key = event.partitionkey if sub.ordered else None
-                    rows.append((sub.group, seq, key, now))
+                    rows += (sub.group, seq, event.partitionkey if sub.ordered else None, now)
                     touched.add(sub.group)
-            conn.executemany(
-                "INSERT INTO deliveries (grp, seq, key, available_at) VALUES (?, ?, ?, ?)", rows
-            )
+            _insert(conn, "log (seq, event_id, type, published_at, body)", 5, logged)
+            _insert(conn, "deliveries (grp, seq, key, available_at)", 4, rows)
             return touched
 
         touched = await self._worker.write(publish)
@@ -519,22 +549,22 @@ class SqliteTransport:
         lease = self.config.visibility_timeout
 
         def claim(conn: sqlite3.Connection) -> list[tuple[int, int, bytes, int, float, str | None]]:
-            now = time.time()
-            claimed = conn.execute(
-                _CLAIM,
-                {"until": now + lease, "token": token, "now": now, "grp": group, "limit": limit},
-            ).fetchall()
-            if not claimed:
-                return []
-            seqs = ",".join(str(row[1]) for row in claimed)
-            bodies = dict(conn.execute(f"SELECT seq, body FROM log WHERE seq IN ({seqs})"))
-            claimed.sort()
-            return [
-                (rid, token, bodies[seq], attempt, first_at, key)
-                for rid, seq, key, attempt, first_at in claimed
-            ]
+            for _ in range(3):  # another process may lease what we saw first
+                now = time.time()
+                found = conn.execute(
+                    _CLAIM_IDS, {"now": now, "grp": group, "limit": limit}
+                ).fetchall()[0][0]
+                if not found:
+                    return []
+                ids = ",".join(str(int(rid)) for rid in found.split(","))
+                leased = execute_write(
+                    conn, _LEASE.format(ids=ids), (now + lease, token, now, now, now)
+                )
+                if leased:
+                    return _claimed(conn, _CLAIMED.format(ids=ids), token)
+            return []
 
-        return await self._worker.write(claim)
+        return await self._worker.call(claim)
 
     async def _settle(
         self, delivery: SqliteDelivery, action: str, amount: float, failure: Failure | None
@@ -542,7 +572,11 @@ class SqliteTransport:
         await self._settler.submit((delivery, action, amount, failure))
 
     async def _settle_batch(self, batch: list[_Settlement]) -> list[BaseException | None]:
-        outcomes = await self._worker.write(lambda conn: _settle_rows(conn, batch))
+        if all(action == "ack" for _, action, _, _ in batch):
+            acked = await self._worker.call(lambda conn: _ack_alone(conn, batch))
+            outcomes = [delivery.row_id in acked for delivery, _, _, _ in batch]
+        else:
+            outcomes = await self._worker.write(lambda conn: _settle_rows(conn, batch))
         results: list[BaseException | None] = []
         wake: set[str] = set()
         for (delivery, action, amount, _), ok in zip(batch, outcomes, strict=True):
@@ -752,25 +786,95 @@ class SqliteTransport:
         return await self._worker.call(read)
 
 
-def _ack_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
-    """Delete the acked rows of ``batch`` whose lease (token) is still theirs, one
-    statement per claim token; returns the row ids deleted."""
+def _insert(conn: sqlite3.Connection, into: str, width: int, flat: list[Any]) -> None:
+    """Insert ``flat`` (``width`` values a row) with multi-row INSERTs."""
+    step = width * _ROWS_PER_INSERT
+    for start in range(0, len(flat), step):
+        chunk = flat[start : start + step]
+        conn.execute(f"INSERT INTO {into} VALUES {_values(width, len(chunk) // width)}", chunk)
+
+
+def _claimed(
+    conn: sqlite3.Connection, sql: str, token: int
+) -> list[tuple[int, int, bytes, int, float, str | None]]:
+    """The rows of a claim, read as one row (see ``_CLAIMED``), in id order."""
+    meta, bodies = conn.execute(sql, (token,)).fetchall()[0]
+    if not meta or bodies is None:
+        return []
+    rows = []
+    at = 0
+    for rid, attempt, first_at, key, size in orjson.loads(meta):
+        rows.append((rid, token, bodies[at : at + size], attempt, first_at, key))
+        at += size
+    rows.sort()
+    return rows
+
+
+def _by_token(batch: list[_Settlement]) -> dict[int, list[int]]:
+    """The acked row ids of ``batch`` per claim token."""
     by_token: dict[int, list[int]] = {}
     for delivery, action, _, _ in batch:
         if action == "ack":
             by_token.setdefault(delivery.token, []).append(delivery.row_id)
-    deleted: set[int] = set()
+    return by_token
+
+
+def _chunks(by_token: dict[int, list[int]]) -> list[tuple[str, tuple[int, ...]]]:
+    """``(WHERE clause, parameters)`` per token and up to 500 ids."""
+    out = []
     for token, ids in by_token.items():
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            deleted.update(
-                row[0]
-                for row in conn.execute(
-                    f"DELETE FROM deliveries WHERE token = ? AND id IN ({marks}) RETURNING id",
-                    (token, *chunk),
-                )
+            out.append(
+                (f"WHERE token = ? AND id IN ({','.join('?' * len(chunk))})", (token, *chunk))
             )
+    return out
+
+
+def _ack_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
+    """Inside a transaction: delete the acked rows of ``batch`` whose lease (token) is
+    still theirs; returns the row ids deleted. (The ``count_processed`` trigger counts
+    them.)"""
+    deleted: set[int] = set()
+    for where, params in _chunks(_by_token(batch)):
+        deleted.update(
+            row[0] for row in conn.execute(f"DELETE FROM deliveries {where} RETURNING id", params)
+        )
+    return deleted
+
+
+def _ack_alone(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
+    """A batch of acks only, outside any transaction: per token, count the rows still
+    ours (no lock), then delete them with one statement that is its own transaction
+    (the write lock is held for one C call). Only when some lease was lost does it
+    fall back to a transaction that returns the ids it deleted."""
+    deleted: set[int] = set()
+    for where, params in _chunks(_by_token(batch)):
+        ids = params[1:]
+        ours = conn.execute(f"SELECT count(*) FROM deliveries {where}", params).fetchall()[0][0]
+        if ours == len(ids):
+            if execute_write(conn, f"DELETE FROM deliveries {where}", params) == len(ids):
+                deleted.update(ids)
+                continue
+            # another process took a lease over between the count and the DELETE
+            # (microseconds): the rows still there are not ours
+            marks = ",".join("?" * len(ids))
+            present = {
+                r[0] for r in conn.execute(f"SELECT id FROM deliveries WHERE id IN ({marks})", ids)
+            }
+            deleted.update(i for i in ids if i not in present)
+        elif ours:
+            begin_immediate(conn)
+            try:
+                deleted.update(
+                    row[0]
+                    for row in conn.execute(f"DELETE FROM deliveries {where} RETURNING id", params)
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
     return deleted
 
 
@@ -782,10 +886,7 @@ def _settle_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> list[boo
     for delivery, action, amount, failure in batch:
         rid, token = delivery.row_id, delivery.token
         if action == "ack":
-            ok = rid in acked
-            outcomes.append(ok)
-            if ok:
-                counts[(delivery.group, action)] = counts.get((delivery.group, action), 0) + 1
+            outcomes.append(rid in acked)
             continue
         if action == "nack":
             cur = conn.execute(
@@ -800,8 +901,12 @@ def _settle_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> list[boo
             )
         else:
             assert failure is not None
-            cur = conn.execute("DELETE FROM deliveries WHERE id = ? AND token = ?", (rid, token))
+            # token 0 first: the count_processed trigger counts only acks
+            cur = conn.execute(
+                "UPDATE deliveries SET token = 0 WHERE id = ? AND token = ?", (rid, token)
+            )
             if cur.rowcount:
+                conn.execute("DELETE FROM deliveries WHERE id = ?", (rid,))
                 try:
                     event_id: str | None = codec.decode(delivery.raw).id
                 except Exception:
@@ -815,7 +920,7 @@ def _settle_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> list[boo
         outcomes.append(ok)
         if ok and action != "extend":
             counts[(delivery.group, action)] = counts.get((delivery.group, action), 0) + 1
-    column = {"ack": "processed", "nack": "retried", "dead": "dead_lettered"}
+    column = {"nack": "retried", "dead": "dead_lettered"}
     for (group, action), n in counts.items():
         conn.execute(
             f"UPDATE counters SET {column[action]} = {column[action]} + ? WHERE grp = ?",
