@@ -69,6 +69,23 @@ def connect(
     return conn
 
 
+def require_features(conn: sqlite3.Connection, who: str, error: type[Exception]) -> None:
+    """Raise ``error`` naming ``who`` if this SQLite cannot run nerve's statements:
+    ``RETURNING`` (3.35) and the JSON functions (built in since 3.38)."""
+    if sqlite3.sqlite_version_info < (3, 35, 0):
+        raise error(
+            f"{who} needs SQLite 3.35 or later (RETURNING); this Python's sqlite3 module "
+            f"uses {sqlite3.sqlite_version}"
+        )
+    try:
+        conn.execute("SELECT json_group_array(json_array(1))").fetchall()
+    except sqlite3.OperationalError:
+        raise error(
+            f"{who} needs SQLite's JSON functions; SQLite {sqlite3.sqlite_version} was "
+            "built without them (they are built in since 3.38)"
+        ) from None
+
+
 def begin_immediate(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
     """BEGIN IMMEDIATE, retrying a busy database with microsecond-scale backoff.
 

@@ -333,3 +333,19 @@ async def test_a_units_session_changes_do_not_outlive_it(store_url: str) -> None
         assert await store.processed_many("f", ["e1", "e2", "e3"]) == {"e1", "e2", "e3"}
     finally:
         await store.close()
+
+
+async def test_an_sqlite_too_old_for_nerve_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from nerve.errors import TransportError
+    from nerve.transport.sqlite import SqliteTransport
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(TransportError, match=r"needs SQLite 3\.35 or later .* uses 3\.34\.1"):
+        await SqliteTransport(f"sqlite:///{tmp_path}/nerve.db").start()
+    with pytest.raises(StoreError, match=r"the SQLite store needs SQLite 3\.35"):
+        await SqliteStore(f"sqlite:///{tmp_path}/store.db").start()

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from nerve._batch import Coalescer
-from nerve._sqlite import Worker, begin_immediate
+from nerve._sqlite import Worker, begin_immediate, require_features
 from nerve.errors import ConfigError, StoreError
 
 SCHEMA = """
@@ -102,6 +102,7 @@ class SqliteStore:
 
     async def start(self, schema: Sequence[str] = ()) -> None:
         def setup(conn: sqlite3.Connection) -> None:
+            require_features(conn, "the SQLite store", StoreError)
             conn.row_factory = sqlite3.Row
             conn.executescript(SCHEMA)
             for ddl in schema:

@@ -2,9 +2,10 @@
 
 Design: publishing appends to ``log`` and fans out one ``deliveries`` row per matching
 group, in one group-committed transaction (WAL, ``synchronous=FULL`` by default). A
-consumer claims rows with one ``UPDATE ... RETURNING`` that sets a lease and a fresh
-random fencing token; settlements delete or update a row only while the token still
-matches, so a consumer whose lease expired cannot settle what someone else now owns.
+consumer claims rows with one ``UPDATE`` (its own transaction) that sets a lease and a
+fresh random fencing token; settlements delete or update a row only while the token
+still matches, so a consumer whose lease expired cannot settle what someone else now
+owns. Needs SQLite 3.35 or later with the JSON functions (built in since 3.38).
 Several processes may share one file: SQLite serialises the writers and a watcher
 thread notices other processes' commits (``PRAGMA data_version``) to wake consumers.
 
@@ -29,7 +30,7 @@ import orjson
 
 from nerve import event as codec
 from nerve._batch import Coalescer
-from nerve._sqlite import Worker, begin_immediate, connect, execute_write
+from nerve._sqlite import Worker, begin_immediate, connect, execute_write, require_features
 from nerve.app import Subscription
 from nerve.errors import ConfigError, LeaseLost, TransportError
 from nerve.event import Event
@@ -121,6 +122,11 @@ JSON array, the bodies concatenated): Python's sqlite3 lets go of the GIL and ta
 it back for every row stepped, and taking it back from a busy event loop thread can
 take up to the switch interval (5 ms) each time. Per-key order holds: a row is a candidate only
 when no earlier row of its key exists, and rows only ever get later ids."""
+
+
+def _setup(conn: sqlite3.Connection) -> None:
+    require_features(conn, "the embedded broker", TransportError)
+    conn.executescript(SCHEMA)
 
 
 def _values(width: int, rows: int) -> str:
@@ -399,7 +405,7 @@ class SqliteTransport:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
-            await self._worker.start(lambda conn: conn.executescript(SCHEMA))
+            await self._worker.start(_setup)
         except (sqlite3.Error, OSError) as exc:
             raise TransportError(
                 f"cannot open the embedded broker at {self.config.path!r}: {exc}"
