@@ -127,23 +127,13 @@ class SqliteStore:
         return event_id in await self.processed_many(function, [event_id])
 
     async def processed_many(self, function: str, event_ids: Sequence[str]) -> set[str]:
-        """Which of ``event_ids`` ``function`` has processed already (one query)."""
-        ids = list(event_ids)
+        """Which of ``event_ids`` ``function`` has processed already (one query, of
+        one statement text whatever the number of ids: see :func:`_record_many`)."""
+        ids = orjson.dumps(list(event_ids)).decode()
 
         def check(conn: sqlite3.Connection) -> set[str]:
-            found: set[str] = set()
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.update(
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT event_id FROM nerve_processed "
-                        f"WHERE function = ? AND event_id IN ({marks})",
-                        (function, *chunk),
-                    )
-                )
-            return found
+            (found,) = conn.execute(_EXISTING, (function, ids)).fetchall()[0]
+            return set(orjson.loads(found))
 
         return await self._reader.call(check)
 
@@ -380,44 +370,39 @@ def _stage_outbox(conn: sqlite3.Connection, outbox: list[bytes], now: float) -> 
     return ids
 
 
-_RECORD_CHUNK = 300
+_EXISTING = (
+    "SELECT json_group_array(event_id) FROM nerve_processed "
+    "WHERE function = ? AND event_id IN (SELECT value FROM json_each(?))"
+)
+_RECORD = (
+    "INSERT INTO nerve_processed (function, event_id, processed_at) "
+    "SELECT ?1, value, ?2 FROM json_each(?3)"
+)
 """Rows per multi-row INSERT (3 parameters each, well under SQLite's limit)."""
 
 
 def _record_many(
     conn: sqlite3.Connection, items: Sequence[tuple[str, str, list[bytes]]]
 ) -> list[list[int] | None]:
-    """:func:`_record` for many items: per chunk, one query for the records that exist
-    already (one row: a JSON array) and one multi-row INSERT. Each row Python's sqlite3
-    steps through lets go of the GIL and takes it back (a wait, when the event loop
-    thread is busy), so neither returns a row per item."""
+    """:func:`_record` for many items: per function, one query for the records that
+    exist already and one INSERT of the others, each taking the event ids as one JSON
+    array. So the statements' text never changes (SQLite prepares them once, where a
+    list of ``?`` per batch size would be parsed again and again), and neither returns
+    a row per item (each row stepped lets go of the GIL and must take it back: a wait
+    when the event loop thread is busy)."""
     now = time.time()
+    by_function: dict[str, dict[str, None]] = {}
+    for function, event_id, _ in items:
+        by_function.setdefault(function, {})[event_id] = None  # ordered, unique
     inserted: set[tuple[str, str]] = set()
-    for start in range(0, len(items), _RECORD_CHUNK):
-        chunk = items[start : start + _RECORD_CHUNK]
-        keys = {(function, event_id) for function, event_id, _ in chunk}
-        by_function: dict[str, list[str]] = {}
-        for function, event_id in keys:
-            by_function.setdefault(function, []).append(event_id)
-        existing: set[tuple[str, str]] = set()
-        for function, event_ids in by_function.items():
-            (found,) = conn.execute(
-                "SELECT json_group_array(event_id) FROM nerve_processed "
-                f"WHERE function = ? AND event_id IN ({','.join('?' * len(event_ids))})",
-                (function, *event_ids),
-            ).fetchall()[0]
-            existing.update((function, e) for e in orjson.loads(found))
-        new = keys - existing
+    for function, unique in by_function.items():
+        ids = orjson.dumps(list(unique)).decode()
+        (found,) = conn.execute(_EXISTING, (function, ids)).fetchall()[0]
+        existing = set(orjson.loads(found))
+        new = [event_id for event_id in unique if event_id not in existing]
         if new:
-            rows: list[object] = []
-            for function, event_id in new:
-                rows += (function, event_id, now)
-            conn.execute(
-                "INSERT INTO nerve_processed (function, event_id, processed_at) VALUES "
-                + ",".join(["(?, ?, ?)"] * len(new)),
-                rows,
-            )
-        inserted.update(new)
+            conn.execute(_RECORD, (function, now, orjson.dumps(new).decode()))
+        inserted.update((function, event_id) for event_id in new)
     results: list[list[int] | None] = []
     for function, event_id, outbox in items:
         if (function, event_id) not in inserted:

@@ -94,7 +94,7 @@ INSERT OR IGNORE INTO meta (k, v) VALUES ('groups_version', 0);
 """
 
 _CLAIM_IDS = """
-SELECT group_concat(id) FROM (
+SELECT '[' || group_concat(id) || ']' FROM (
     SELECT d.id FROM deliveries d
     WHERE d.grp = :grp AND d.available_at <= :now AND d.lease_until <= :now
       AND (d.key IS NULL OR NOT EXISTS (
@@ -104,14 +104,14 @@ SELECT group_concat(id) FROM (
 _LEASE = """
 UPDATE deliveries SET lease_until = ?, token = ?, attempt = attempt + 1,
        first_at = coalesce(first_at, ?)
-WHERE id IN ({ids}) AND available_at <= ? AND lease_until <= ?
+WHERE id IN (SELECT value FROM json_each(?)) AND available_at <= ? AND lease_until <= ?
 """
 _CLAIMED = """
 SELECT json_group_array(
            json_array(d.id, d.attempt, d.first_at, d.key, length(CAST(l.body AS BLOB)))),
        CAST(group_concat(l.body, '') AS BLOB)
 FROM deliveries d JOIN log l ON l.seq = d.seq
-WHERE d.id IN ({ids}) AND d.token = ?
+WHERE d.id IN (SELECT value FROM json_each(?)) AND d.token = ?
 """
 """A claim is three statements, and only the middle one writes: read the ids that are
 free (no lock), lease those still free in one UPDATE that is its own transaction
@@ -562,12 +562,9 @@ class SqliteTransport:
                 ).fetchall()[0][0]
                 if not found:
                     return []
-                ids = ",".join(str(int(rid)) for rid in found.split(","))
-                leased = execute_write(
-                    conn, _LEASE.format(ids=ids), (now + lease, token, now, now, now)
-                )
+                leased = execute_write(conn, _LEASE, (now + lease, token, now, found, now, now))
                 if leased:
-                    return _claimed(conn, _CLAIMED.format(ids=ids), token)
+                    return _claimed(conn, found, token)
             return []
 
         return await self._worker.call(claim)
@@ -801,10 +798,11 @@ def _insert(conn: sqlite3.Connection, into: str, width: int, flat: list[Any]) ->
 
 
 def _claimed(
-    conn: sqlite3.Connection, sql: str, token: int
+    conn: sqlite3.Connection, ids: str, token: int
 ) -> list[tuple[int, int, bytes, int, float, str | None]]:
-    """The rows of a claim, read as one row (see ``_CLAIMED``), in id order."""
-    meta, bodies = conn.execute(sql, (token,)).fetchall()[0]
+    """The rows of a claim (``ids``: a JSON array), read as one row (see ``_CLAIMED``),
+    in id order."""
+    meta, bodies = conn.execute(_CLAIMED, (ids, token)).fetchall()[0]
     if not meta or bodies is None:
         return []
     rows = []
@@ -825,16 +823,9 @@ def _by_token(batch: list[_Settlement]) -> dict[int, list[int]]:
     return by_token
 
 
-def _chunks(by_token: dict[int, list[int]]) -> list[tuple[str, tuple[int, ...]]]:
-    """``(WHERE clause, parameters)`` per token and up to 500 ids."""
-    out = []
-    for token, ids in by_token.items():
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            out.append(
-                (f"WHERE token = ? AND id IN ({','.join('?' * len(chunk))})", (token, *chunk))
-            )
-    return out
+_OURS = "WHERE token = ? AND id IN (SELECT value FROM json_each(?))"
+"""The rows of one claim token among a JSON array of ids: one statement text for any
+number of ids, so SQLite prepares it once."""
 
 
 def _ack_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
@@ -842,9 +833,10 @@ def _ack_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
     still theirs; returns the row ids deleted. (The ``count_processed`` trigger counts
     them.)"""
     deleted: set[int] = set()
-    for where, params in _chunks(_by_token(batch)):
+    for token, ids in _by_token(batch).items():
+        params = (token, orjson.dumps(ids).decode())
         deleted.update(
-            row[0] for row in conn.execute(f"DELETE FROM deliveries {where} RETURNING id", params)
+            row[0] for row in conn.execute(f"DELETE FROM deliveries {_OURS} RETURNING id", params)
         )
     return deleted
 
@@ -855,18 +847,21 @@ def _ack_alone(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
     (the write lock is held for one C call). Only when some lease was lost does it
     fall back to a transaction that returns the ids it deleted."""
     deleted: set[int] = set()
-    for where, params in _chunks(_by_token(batch)):
-        ids = params[1:]
-        ours = conn.execute(f"SELECT count(*) FROM deliveries {where}", params).fetchall()[0][0]
+    for token, ids in _by_token(batch).items():
+        params = (token, orjson.dumps(ids).decode())
+        ours = conn.execute(f"SELECT count(*) FROM deliveries {_OURS}", params).fetchall()[0][0]
         if ours == len(ids):
-            if execute_write(conn, f"DELETE FROM deliveries {where}", params) == len(ids):
+            if execute_write(conn, f"DELETE FROM deliveries {_OURS}", params) == len(ids):
                 deleted.update(ids)
                 continue
             # another process took a lease over between the count and the DELETE
             # (microseconds): the rows still there are not ours
-            marks = ",".join("?" * len(ids))
             present = {
-                r[0] for r in conn.execute(f"SELECT id FROM deliveries WHERE id IN ({marks})", ids)
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM deliveries WHERE id IN (SELECT value FROM json_each(?))",
+                    params[1:],
+                )
             }
             deleted.update(i for i in ids if i not in present)
         elif ours:
@@ -874,7 +869,7 @@ def _ack_alone(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
             try:
                 deleted.update(
                     row[0]
-                    for row in conn.execute(f"DELETE FROM deliveries {where} RETURNING id", params)
+                    for row in conn.execute(f"DELETE FROM deliveries {_OURS} RETURNING id", params)
                 )
                 conn.execute("COMMIT")
             except BaseException:
