@@ -378,7 +378,8 @@ _RECORD = (
     "INSERT INTO nerve_processed (function, event_id, processed_at) "
     "SELECT ?1, value, ?2 FROM json_each(?3)"
 )
-"""Rows per multi-row INSERT (3 parameters each, well under SQLite's limit)."""
+"""The idempotency records' check and insert: one function, its event ids as one JSON
+array (see :func:`_record_many`)."""
 
 
 def _record_many(

@@ -121,8 +121,10 @@ the rows the lease made ours with their bodies (no lock). A row another process
 leased in between is simply not ours. The last read returns ONE row (the rows as a
 JSON array, the bodies concatenated): Python's sqlite3 lets go of the GIL and takes
 it back for every row stepped, and taking it back from a busy event loop thread can
-take up to the switch interval (5 ms) each time. Per-key order holds: a row is a candidate only
-when no earlier row of its key exists, and rows only ever get later ids."""
+take up to the switch interval (5 ms) each time. The ids travel as one JSON array, so
+the statements' text never changes and SQLite prepares each once. Per-key order
+holds: a row is a candidate only when no earlier row of its key exists, and rows only
+ever get later ids."""
 
 
 def _setup(conn: sqlite3.Connection) -> None:
