@@ -557,6 +557,8 @@ class SqliteTransport:
     ) -> list[tuple[int, int, bytes, int, float, str | None]]:
         token = _token()
         lease = self.config.visibility_timeout
+        synchronous = self.config.synchronous
+        relax = synchronous in ("FULL", "EXTRA")
 
         def claim(conn: sqlite3.Connection) -> list[tuple[int, int, bytes, int, float, str | None]]:
             for _ in range(3):  # another process may lease what we saw first
@@ -566,7 +568,13 @@ class SqliteTransport:
                 ).fetchall()[0][0]
                 if not found:
                     return []
-                leased = execute_write(conn, _LEASE, (now + lease, token, now, found, now, now))
+                if relax:  # a lease need not survive a power loss (docs/embedded-broker.md)
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    leased = execute_write(conn, _LEASE, (now + lease, token, now, found, now, now))
+                finally:
+                    if relax:
+                        conn.execute(f"PRAGMA synchronous={synchronous}")
                 if leased:
                     return _claimed(conn, found, token)
             return []
