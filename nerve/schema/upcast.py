@@ -108,7 +108,7 @@ class EventReader:
     upcaster chain of each other ``dataschema`` is worked out once and cached.
     """
 
-    __slots__ = ("_chains", "dataschema", "model", "type_name", "upcasters", "version")
+    __slots__ = ("_chains", "_validate", "dataschema", "model", "type_name", "upcasters", "version")
 
     def __init__(
         self, type_name: str, version: int, model: type[BaseModel], upcasters: Upcasters
@@ -119,12 +119,13 @@ class EventReader:
         self.upcasters = upcasters
         self.dataschema = dataschema_uri(type_name, version)
         self._chains: dict[str, list[tuple[int, int, Upcaster]]] = {}
+        self._validate = _validator(model)
 
     def read(self, data: Any, dataschema: str | None) -> BaseModel:
         """The payload as the model read; raises :class:`pydantic.ValidationError`
         (data does not validate) or :class:`UpcastError` (an upcaster failed)."""
         if dataschema is None or dataschema == self.dataschema:
-            return self.model.model_validate(data)
+            return self._validate(data)
         chain = self._chains.get(dataschema)
         if chain is None:
             chain = self._chain(dataschema)
@@ -156,3 +157,19 @@ class EventReader:
         if len(self._chains) < 256:  # foreign dataschemas must not grow this forever
             self._chains[dataschema] = chain
         return chain
+
+
+def _validator(model: type[BaseModel]) -> Callable[[Any], BaseModel]:
+    """``model.model_validate`` without its keyword handling, which costs here about
+    as much as the validation of a small model itself. A model whose schema is not
+    built yet (forward references), or that overrides ``model_validate``, keeps it."""
+    if (
+        getattr(model, "__pydantic_complete__", False)
+        and getattr(model.model_validate, "__func__", None) is _MODEL_VALIDATE
+    ):
+        validate: Callable[[Any], BaseModel] = model.__pydantic_validator__.validate_python
+        return validate
+    return model.model_validate
+
+
+_MODEL_VALIDATE = BaseModel.model_validate.__func__  # type: ignore[attr-defined]
