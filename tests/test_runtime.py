@@ -239,6 +239,88 @@ async def test_timeout_counts_as_a_failed_attempt() -> None:
     assert stats.failed == 2
 
 
+async def test_timeouts_cancel_only_the_handlers_that_run_over_at_their_deadline() -> None:
+    """Many handlers with one timeout, some slow: each slow one is cancelled about
+    ``timeout`` after it started (not at a later one's deadline, not at an earlier
+    one's), the fast ones are not touched, and a worker that had a handler cancelled
+    still runs the next handler, ``asyncio.timeout`` inside it included."""
+    app = make_app()
+    timed_out: dict[str, float] = {}
+    handled: list[str] = []
+
+    @app.function("order.placed", timeout=0.3, concurrency=8, retry=RetryPolicy(max_attempts=1))
+    async def mixed(order: OrderPlaced, ctx: Context) -> None:
+        started = time.monotonic()
+        if order.order_id.startswith("slow"):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                timed_out[order.order_id] = time.monotonic() - started
+                raise
+        else:
+            await asyncio.sleep(0.01)
+            async with asyncio.timeout(5):  # the task's cancel count is clean again
+                await asyncio.sleep(0)
+        handled.append(order.order_id)
+
+    async with Runtime(app, "memory://") as rt:
+        orders = [
+            OrderPlaced(order_id=f"{'slow' if i % 4 == 0 else 'fast'}-{i}") for i in range(24)
+        ]
+        for order in orders:
+            await rt.client.publish(order)
+            await asyncio.sleep(0.01)  # deadlines spread over time
+        await rt.wait_idle(timeout=15)
+        dead = await dead_letters(rt, "mixed")
+        stats = rt.runners["mixed"].stats
+    slow = {o.order_id for o in orders if o.order_id.startswith("slow")}
+    assert set(timed_out) == slow
+    assert all(0.28 <= took < 0.6 for took in timed_out.values()), timed_out
+    assert sorted(handled) == sorted(o.order_id for o in orders if o.order_id not in slow)
+    assert {e.failure.error_type for e in dead} == {"TimeoutError"} and len(dead) == len(slow)
+    assert all("over its timeout of 0.3 s" in e.failure.message for e in dead)
+    assert stats.processed == len(orders) - len(slow)
+
+
+async def test_a_handler_that_swallows_its_timeout_and_returns_is_processed() -> None:
+    app = make_app()
+    calls = 0
+
+    @app.function("order.placed", timeout=0.1, retry=RetryPolicy(max_attempts=1))
+    async def stubborn(order: OrderPlaced, ctx: Context) -> None:
+        nonlocal calls
+        calls += 1
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # swallowed: the handler returns normally
+        async with asyncio.timeout(5):  # its task is not left cancelling
+            await asyncio.sleep(0.01)
+
+    async with Runtime(app, "memory://") as rt:
+        await rt.client.publish(OrderPlaced(order_id="o1"))
+        await rt.client.publish(OrderPlaced(order_id="o2"))
+        await rt.wait_idle(timeout=10)
+        assert await dead_letters(rt, "stubborn") == []
+        stats = rt.runners["stubborn"].stats
+    assert calls == 2 and stats.processed == 2 and stats.failed == 0
+
+
+async def test_a_handler_own_timeout_error_keeps_its_message() -> None:
+    app = make_app()
+
+    @app.function("order.placed", timeout=5, retry=RetryPolicy(max_attempts=1))
+    async def calls_out(order: OrderPlaced, ctx: Context) -> None:
+        raise TimeoutError("the payment service did not answer")
+
+    async with Runtime(app, "memory://") as rt:
+        await rt.client.publish(OrderPlaced(order_id="o1"))
+        await rt.wait_idle(timeout=10)
+        [entry] = await dead_letters(rt, "calls_out")
+    assert entry.failure.error_type == "TimeoutError"
+    assert entry.failure.message == "the payment service did not answer"
+
+
 async def test_timeout_then_success() -> None:
     app = make_app()
     attempts: list[int] = []

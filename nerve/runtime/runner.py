@@ -77,7 +77,8 @@ class _Gate:
         self.active = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    async def __aenter__(self) -> None:
+    async def acquire(self) -> None:
+        """Wait for a place (the runner takes a free one in place, without a call)."""
         if self.active < self.limit and not self._waiters:
             self.active += 1
             return
@@ -91,9 +92,10 @@ class _Gate:
                 self._wake()
             raise
 
-    async def __aexit__(self, *exc: object) -> None:
+    def release(self) -> None:
         self.active -= 1
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     def resize(self, limit: int) -> None:
         self.limit = limit
@@ -171,6 +173,11 @@ class FunctionRunner:
         self._slot = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started: dict[Delivery, float] = {}
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        """Worker tasks inside a handler with a timeout -> when it runs out (monotonic).
+        One timeout per function, so insertion order is deadline order."""
+        self._timed_out: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._consumer = runtime.transport.consumer(function.subscription)
         self._readers = runtime.app.readers(function)
@@ -264,6 +271,31 @@ class FunctionRunner:
             await asyncio.wait(pending, timeout=5)
         if self._finisher is not None:
             await asyncio.wait([self._finisher], timeout=5)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    async def _watch_timeouts(self) -> None:
+        """Cancel the handlers that run over the function's timeout, each at its
+        deadline; runs while handlers with a deadline run, then ends.
+
+        One task per runner instead of ``asyncio.timeout`` around every call (a timer
+        handle made and cancelled per event, about 5 us here). The cancellation lands
+        in the handler, where its worker task waits: an entry exists only from just
+        before the handler is called to just after it returns, with no await between.
+        """
+        deadlines = self._deadlines
+        try:
+            while deadlines:
+                task, deadline = next(iter(deadlines.items()))
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # entries may come and go meanwhile
+                    continue
+                del deadlines[task]
+                self._timed_out.add(task)
+                task.cancel()
+        finally:
+            self._watchdog = None
 
     async def _keep_leases(self) -> None:
         while True:
@@ -409,6 +441,8 @@ class FunctionRunner:
         fn = self.function
         runtime = self.runtime
         handler, obs = self._handler, self._observer
+        gate = self._gate
+        timeout = fn.timeout
         while True:
             unit = runtime.store.unit(fn.name, event.id)
             ctx = Context(runtime.app, fn, event, attempt, unit)
@@ -416,14 +450,19 @@ class FunctionRunner:
             self._started[delivery] = started
             mark = 0.0
             try:
-                async with self._gate:
+                if gate.active < gate.limit and not gate._waiters:
+                    gate.active += 1  # a free place: taken in place (the common case)
+                else:
+                    await gate.acquire()
+                try:
                     if obs is not None:
                         mark = obs.start(ctx)
-                    if fn.timeout is None:
+                    if timeout is None:
                         await handler(payload, ctx)
                     else:
-                        async with asyncio.timeout(fn.timeout):
-                            await handler(payload, ctx)
+                        await self._timed(handler, payload, ctx, timeout)
+                finally:
+                    gate.release()
             except asyncio.CancelledError:
                 if obs is not None:
                     obs.end(ctx, mark, "released")
@@ -440,8 +479,6 @@ class FunctionRunner:
             except Exception as exc:
                 await unit.rollback()
                 self.stats.failed += 1
-                if isinstance(exc, TimeoutError):
-                    exc = TimeoutError(f"handler ran over its timeout of {fn.timeout} s")
                 if obs is not None:
                     retry = attempt < fn.retry.max_attempts
                     obs.end(ctx, mark, "retried" if retry else "dead_lettered", exc)
@@ -473,15 +510,37 @@ class FunctionRunner:
                 self._started.pop(delivery, None)
             if obs is not None:
                 obs.end(ctx, mark, "processed")
-            await self._succeeded(delivery, event, unit, ctx.emitted)
+            if unit.active:
+                await self._succeeded(delivery, event, unit, ctx.emitted)
+            else:  # the store untouched: the finisher records it with its batch
+                self._finish(_Done(delivery, event.id, ctx.emitted, committed=False))
             return
+
+    async def _timed(self, handler: Any, payload: Any, ctx: Context, timeout: float) -> None:
+        """``await handler(payload, ctx)``, cancelled by the watchdog after ``timeout``
+        seconds and then raising :class:`TimeoutError` (as ``asyncio.timeout`` does)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = time.monotonic() + timeout
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_timeouts())
+        try:
+            await handler(payload, ctx)
+        except asyncio.CancelledError:
+            if task not in self._timed_out:
+                raise
+            self._timed_out.discard(task)
+            task.uncancel()
+            raise TimeoutError(f"handler ran over its timeout of {timeout} s") from None
+        finally:
+            self._deadlines.pop(task, None)
+        if task in self._timed_out:  # cancelled, but the handler swallowed it: it returned
+            self._timed_out.discard(task)
+            task.uncancel()
 
     async def _succeeded(
         self, delivery: Delivery, event: Event, unit: SqliteUnit, emitted: list[Event]
     ) -> None:
-        if not unit.active:
-            self._finish(_Done(delivery, event.id, emitted, committed=False))
-            return
         # The unit holds the store's write turn: commit it here, then settle in a batch.
         try:
             ids = await unit.commit([codec.encode(e) for e in emitted])
