@@ -56,7 +56,7 @@ app = App("bench", source="/bench/orders")
 _declare(app)
 
 
-@app.function(consumes=ORDER_TYPE, concurrency=100, timeout=None)
+@app.function(consumes=ORDER_TYPE, concurrency=100)
 async def sink(order: OrderPlaced, ctx: Any) -> None:
     """Does nothing: the cost measured is nerve's, not the handler's."""
 
@@ -69,7 +69,7 @@ _expect = int(os.environ.get("NERVE_BENCH_EXPECT", "0") or 0)
 _out = os.environ.get("NERVE_BENCH_OUT", "")
 
 
-@latency_app.function(consumes=ORDER_TYPE, concurrency=100, timeout=None)
+@latency_app.function(consumes=ORDER_TYPE, concurrency=100)
 async def probe(order: OrderPlaced, ctx: Any) -> None:
     """Records handler start minus the event's (scheduled) time."""
     started = time.time()

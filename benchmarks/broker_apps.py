@@ -1,8 +1,8 @@
 """The nerve side of ``python -m benchmarks brokers``.
 
 - ``app``: ``sink`` consumes ``order.placed`` (the events of ``benchmarks/apps.py``,
-  concurrency 100) and does nothing, except counting: a warm-up order (customer id
-  ``cus_warmup``) makes it touch ``$NERVE_BENCH_READY``; after the
+  concurrency 100, the default 30 s timeout) and does nothing, except counting: a
+  warm-up order (customer id ``cus_warmup``) makes it touch ``$NERVE_BENCH_READY``; after the
   ``$NERVE_BENCH_EXPECT``-th other event it writes ``time.time()`` to
   ``$NERVE_BENCH_DONE``. (That is when the handler of the last event starts; nerve acks
   it right after the handler returns.)
@@ -37,7 +37,7 @@ _done = os.environ.get("NERVE_BENCH_DONE", "")
 _seen = 0
 
 
-@app.function(consumes=ORDER_TYPE, concurrency=100, timeout=None)
+@app.function(consumes=ORDER_TYPE, concurrency=100)
 async def sink(order: OrderPlaced, ctx: Any) -> None:
     """Does nothing but count (the cost measured is nerve's, not the handler's)."""
     global _seen

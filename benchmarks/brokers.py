@@ -328,8 +328,8 @@ def markdown(
             "",
             f"- server: {env['servers'][broker]}; client: {env['clients'][broker]}",
             f"- nerve: consumer `{s.consumer.replace('URL', NERVE_URLS[broker])}` "
-            "(`benchmarks.broker_apps:app`, one no-op function, concurrency 100, adapter "
-            "defaults); producer `python -m benchmarks.broker_apps` "
+            "(`benchmarks.broker_apps:app`, one no-op function, concurrency 100, default "
+            "timeout, adapter defaults); producer `python -m benchmarks.broker_apps` "
             f"(`client.publish_events`, batches of {s.batch})",
             f"- raw: {raw_clients.SETTINGS[broker].replace('BATCH', str(s.batch))}",
             "",
@@ -440,7 +440,7 @@ def run(settings: Settings, console: Console) -> dict[str, Any]:
                     "url": NERVE_URLS[b],
                     "consumer": settings.consumer,
                     "producer": "python -m benchmarks.broker_apps URL N BATCH READY",
-                    "function": "sink, concurrency 100, no-op",
+                    "function": "sink, concurrency 100, default 30 s timeout, no-op",
                 },
                 "raw": raw_clients.SETTINGS[b].replace("BATCH", str(settings.batch)),
             }

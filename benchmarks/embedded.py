@@ -586,7 +586,8 @@ def markdown(
         "an `order.placed` with 2 line items, keyed by `order_id`)",
         f"- throughput: {settings.events:,} events, published in batches of "
         f"{settings.batch} (`client.publish_events`); one no-op async function "
-        "(concurrency 100); events/s = N / (last ack - first publish), last ack "
+        "(concurrency 100, the default 30 s timeout); events/s = N / (last ack - first "
+        "publish), last ack "
         f"seen by polling the broker file every {POLL_EVERY * 1000:g} ms",
         f"- latency: open loop, {settings.rate:g} events/s for {settings.seconds:g} s, "
         "single-event publishes at send times fixed in advance; latency = handler "

@@ -196,7 +196,7 @@ def settings_text(system: str, broker: str, workload: str, s: Settings) -> str:
             return (
                 "`nerve run benchmarks.apps:app --broker sqlite:///...?synchronous=FULL` "
                 "(WAL, synchronous=FULL for broker and store; `--processes P` in scale), one "
-                f"no-op function, concurrency 100; producer {producer}"
+                f"no-op function, concurrency 100, the default 30 s timeout; producer {producer}"
             )
         from benchmarks.peers.nerve_side import NERVE_URLS
 
@@ -208,8 +208,8 @@ def settings_text(system: str, broker: str, workload: str, s: Settings) -> str:
         return (
             f"`nerve run ... --broker {NERVE_URLS[broker]}` (adapter defaults, `--no-http`), "
             "one no-op function per handler (`benchmarks/peers/nerve_side.py`, "
-            "`benchmarks/broker_apps.py`), concurrency 100, ack after the handler; producer "
-            + producer
+            "`benchmarks/broker_apps.py`), concurrency 100, the default 30 s timeout, ack after "
+            "the handler; producer " + producer
         )
     if system == "floor":
         if workload == "latency":

@@ -1,7 +1,7 @@
 """nerve in ``python -m benchmarks compare``: the consumer is ``nerve run`` on the Apps
 below (what a user runs), the producer ``python -m benchmarks.peers nerve produce``.
 
-- ``app``: one function ``f0`` (``order.placed``, concurrency 100, no timeout);
+- ``app``: one function ``f0`` (``order.placed``, concurrency 100, the default 30 s timeout);
 - ``fanout_app``: four functions ``f0``..``f3`` on the same event type (each its own
   consumer group, so every event is handled four times).
 
@@ -61,9 +61,7 @@ def _app(name: str, functions: int) -> App:
     built = App(name, source="/bench/orders")
     _declare(built)
     for k in range(functions):
-        built.function(consumes=ORDER_TYPE, concurrency=100, timeout=None, name=f"f{k}")(
-            _function(k)
-        )
+        built.function(consumes=ORDER_TYPE, concurrency=100, name=f"f{k}")(_function(k))
     return built
 
 
