@@ -4,6 +4,7 @@ ordering, concurrency and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
@@ -290,10 +291,8 @@ async def test_a_handler_that_swallows_its_timeout_and_returns_is_processed() ->
     async def stubborn(order: OrderPlaced, ctx: Context) -> None:
         nonlocal calls
         calls += 1
-        try:
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed: it returns normally
             await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            pass  # swallowed: the handler returns normally
         async with asyncio.timeout(5):  # its task is not left cancelling
             await asyncio.sleep(0.01)
 
