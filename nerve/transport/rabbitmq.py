@@ -386,25 +386,7 @@ class RabbitMQDelivery:
 
     async def _finish(self, action: str, counter: str) -> None:
         """Ack or requeue the message on its channel (after anything it needed)."""
-        consumer = self._consumer
-        try:
-            if action == "ack":
-                await self.message.channel.basic_ack(self._tag)
-            else:
-                await self.message.channel.basic_nack(self._tag, requeue=True)
-        except aiormq.exceptions.ChannelInvalidStateError:
-            self._state = _LOST
-            raise LeaseLost(
-                f"{self!r}: the channel closed and the event went back to its group; "
-                f"this {action} was refused"
-            ) from None
-        except _AMQP_ERRORS as exc:
-            self._state = _LOST
-            raise _translate(exc, action, consumer.transport.config.where) from None
-        finally:
-            consumer._forget(self)
-        self._state = _DONE
-        consumer.transport._count(self.group, counter)
+        await _settle(self._consumer, [self], action, counter)
 
     # -- the Delivery protocol -------------------------------------------------------
 
@@ -439,6 +421,42 @@ class RabbitMQDelivery:
         self._arm(seconds)
 
 
+async def _settle(
+    consumer: RabbitMQConsumer, deliveries: list[RabbitMQDelivery], action: str, counter: str
+) -> None:
+    """Ack or requeue ``deliveries`` (taken with ``_begin``) on their channel in one
+    frame: one of them, or, for an ack, several as a ``multiple`` ack up to the highest
+    tag (the caller has checked that no other unsettled message of the channel is under
+    it)."""
+    last = deliveries[-1]
+    try:
+        if action == "ack":
+            await last.message.channel.basic_ack(last._tag, multiple=len(deliveries) > 1)
+        else:
+            await last.message.channel.basic_nack(last._tag, requeue=True)
+    except aiormq.exceptions.ChannelInvalidStateError:
+        for delivery in deliveries:
+            delivery._state = _LOST
+        raise LeaseLost(
+            f"{last!r}: the channel closed and the event went back to its group; "
+            f"this {action} was refused"
+        ) from None
+    except _AMQP_ERRORS as exc:
+        for delivery in deliveries:
+            delivery._state = _LOST
+        raise _translate(exc, action, consumer.transport.config.where) from None
+    finally:
+        for delivery in deliveries:
+            consumer._forget(delivery)
+    for delivery in deliveries:
+        delivery._state = _DONE
+    consumer.transport._count(last.group, counter, len(deliveries))
+
+
+_ARRIVAL_TURNS = 8
+"""At most this many event-loop turns a fetch lets messages already sent arrive."""
+
+
 class RabbitMQConsumer:
     def __init__(self, transport: RabbitMQTransport, subscription: Subscription) -> None:
         self.transport = transport
@@ -447,6 +465,9 @@ class RabbitMQConsumer:
         self._queue_name = transport._queue(self.group)
         self._buffer: deque[RabbitMQDelivery] = deque()
         self._held: set[RabbitMQDelivery] = set()
+        self._side: set[tuple[int, int]] = set()
+        """(id of the channel, tag) of messages with an ack or requeue on its way outside
+        ``ack_many`` (a filtered-out message, an expired lease, a give-back)."""
         self._wake = asyncio.Event()
         self._channel: RawChannel | None = None
         self._tag: str | None = None
@@ -481,10 +502,10 @@ class RabbitMQConsumer:
     async def _on_message(self, message: DeliveredMessage) -> None:
         delivery = RabbitMQDelivery(self, message)
         if message.exchange == self._exchange and not self._wanted(delivery):
-            with contextlib.suppress(*_AMQP_ERRORS):
-                await message.channel.basic_ack(delivery._tag)
+            await self._side_settle(delivery, message.channel.basic_ack(delivery._tag))
             return
         if self._cancelled:  # raced the cancel: it never reached a fetch
+            self._side.add((id(message.channel), delivery._tag))
             self._spawn(self._give_back(delivery))
             return
         self._buffer.append(delivery)
@@ -522,6 +543,8 @@ class RabbitMQConsumer:
             if self._closed:
                 return []
             await self._demand(limit)
+            if 0 < len(self._buffer) < limit:
+                await self._let_arrive(limit)
             out: list[RabbitMQDelivery] = []
             now = time.time()
             while self._buffer and len(out) < limit:
@@ -539,25 +562,97 @@ class RabbitMQConsumer:
             self._wake.clear()
             await wait_event(self._wake, remaining)
 
+    async def _let_arrive(self, limit: int) -> None:
+        """Let what the broker has already sent reach the buffer before a batch is taken.
+
+        aiormq hands each message to ``_on_message`` in a task of its own, so a fetch
+        woken by the first of a burst would otherwise take it alone, and the whole
+        pipeline (idempotency check, commit, ack) would run once per message. A few
+        turns of the event loop (no timer, no added wait when nothing more is coming)
+        bring in what is buffered in the socket.
+        """
+        buffer = self._buffer
+        still = 0
+        for _ in range(_ARRIVAL_TURNS):
+            before = len(buffer)
+            await asyncio.sleep(0)
+            if len(buffer) >= limit:
+                return
+            still = still + 1 if len(buffer) == before else 0
+            if still >= 2:
+                return
+
     async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Ack a batch: one ``basic.ack`` with ``multiple`` for the longest run of
+        delivery tags that covers every unsettled message of the channel up to it (the
+        batch's lowest tags, usually all of them), then one ack per remaining delivery."""
         lost: list[Delivery] = []
+        mine: list[RabbitMQDelivery] = []
+        channel = self._channel
         for delivery in deliveries:
             assert isinstance(delivery, RabbitMQDelivery)
             try:
-                await delivery.ack()
+                delivery._begin("ack")
             except LeaseLost:
                 lost.append(delivery)
+                continue
+            mine.append(delivery)
+        covered: list[RabbitMQDelivery] = []
+        if channel is not None and len(mine) > 1:
+            batch = {id(d) for d in mine}
+            # the lowest tag on this channel that must stay unacked: buffered, or held
+            # and not in this batch (a handler still running, a nack being published)
+            others = [
+                d._tag for d in self._held if id(d) not in batch and d.message.channel is channel
+            ]
+            others += [d._tag for d in self._buffer if d.message.channel is channel]
+            others += [tag for of, tag in self._side if of == id(channel)]
+            floor = min(others, default=None)
+            ours = sorted((d for d in mine if d.message.channel is channel), key=lambda d: d._tag)
+            for delivery in ours:
+                if floor is not None and delivery._tag > floor:
+                    break
+                covered.append(delivery)
+            if len(covered) < 2:
+                covered = []
+        try:
+            if covered:
+                try:
+                    await _settle(self, covered, "ack", "processed")
+                except LeaseLost:
+                    lost += covered
+            done = {id(d) for d in covered}
+            for delivery in mine:
+                if id(delivery) in done:
+                    continue
+                try:
+                    await delivery._finish("ack", "processed")
+                except LeaseLost:
+                    lost.append(delivery)
+        except BaseException:
+            for delivery in mine:  # not settled: they keep their leases
+                if delivery._state == _SETTLING:
+                    delivery._abort()
+            raise
         return lost
 
     def _expired(self, delivery: RabbitMQDelivery) -> None:
         """The lease ran out while this consumer is alive: requeue the message."""
         self._held.discard(delivery)
+        requeue = delivery.message.channel.basic_nack(delivery._tag, requeue=True)
+        self._spawn(self._side_settle(delivery, requeue))
 
-        async def requeue() -> None:
+    async def _side_settle(self, delivery: RabbitMQDelivery, settlement: Awaitable[None]) -> None:
+        """Await an ack or requeue sent outside ``ack_many`` and the delivery's own
+        settlement; until it is done its tag is in ``_side``, so that no ``multiple``
+        ack covers it (a tag settled twice closes the channel)."""
+        side = (id(delivery.message.channel), delivery._tag)
+        self._side.add(side)
+        try:
             with contextlib.suppress(*_AMQP_ERRORS):
-                await delivery.message.channel.basic_nack(delivery._tag, requeue=True)
-
-        self._spawn(requeue())
+                await settlement
+        finally:
+            self._side.discard(side)
 
     def _forget(self, delivery: RabbitMQDelivery) -> None:
         self._held.discard(delivery)
@@ -574,9 +669,14 @@ class RabbitMQConsumer:
         copy with the same attempt goes to the queue, then the original is acked."""
         if not self._alive(delivery.message):
             return
-        with contextlib.suppress(*_AMQP_ERRORS, TransportError):
-            await self.transport._publish_copy(delivery, delivery.attempt, self._queue_name)
-            await delivery.message.channel.basic_ack(delivery._tag)
+        side = (id(delivery.message.channel), delivery._tag)
+        self._side.add(side)  # (also done by whoever spawned this, before it runs)
+        try:
+            with contextlib.suppress(*_AMQP_ERRORS, TransportError):
+                await self.transport._publish_copy(delivery, delivery.attempt, self._queue_name)
+                await delivery.message.channel.basic_ack(delivery._tag)
+        finally:
+            self._side.discard(side)
 
     async def close(self) -> None:
         if self._closed:
@@ -1021,11 +1121,11 @@ class RabbitMQTransport:
                 self._dlq(group), durable=True, arguments=self._queue_arguments()
             )
 
-    def _count(self, group: str, counter: str) -> None:
+    def _count(self, group: str, counter: str, n: int = 1) -> None:
         counters = self._counters.setdefault(
             group, {"processed": 0, "retried": 0, "dead_lettered": 0}
         )
-        counters[counter] += 1
+        counters[counter] += n
 
     # -- consuming -------------------------------------------------------------------
 

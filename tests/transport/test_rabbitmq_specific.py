@@ -189,3 +189,52 @@ async def test_a_connection_that_just_dropped_is_broker_unavailable(tmp_path: Pa
     finally:
         robust.transport = live
         await transport.close()
+
+
+async def test_batched_acks_never_cover_a_message_still_held(tmp_path: Path) -> None:
+    """ack_many acks the batch's lowest tags with one ``multiple`` ack only up to the
+    first message the consumer still holds (or has buffered): the held one stays unacked
+    (its requeue is accepted and it comes back) and the channel survives every ack."""
+    transport = RabbitMQTransport(make_url(tmp_path))
+    await transport.start()
+    frames: list[tuple[int, bool]] = []
+    try:
+        sub = Subscription("g", ("order.created",))
+        await transport.declare([sub])
+        consumer = transport.consumer(sub)
+        await transport.publish(
+            [Event(type="order.created", source="/t", data={"n": i}) for i in range(8)]
+        )
+        got: list[RabbitMQDelivery] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 8 and time.monotonic() < deadline:
+            got += await consumer.fetch(8 - len(got), 1.0)
+        assert len(got) == 8
+        got.sort(key=lambda d: d._tag)
+        channel = got[0].message.channel
+        ack = channel.basic_ack
+
+        async def recording(tag: int, multiple: bool = False, wait: bool = True) -> None:
+            frames.append((tag, multiple))
+            await ack(tag, multiple=multiple, wait=wait)
+
+        channel.basic_ack = recording  # type: ignore[method-assign]
+        first, second, held, rest = got[0], got[1], got[2], got[3:]
+        # the lowest two and the top five: the multiple ack stops below the held one
+        assert await consumer.ack_many([second, first, *rest]) == []
+        assert frames[0] == (second._tag, True)
+        assert sorted(t for t, m in frames[1:]) == sorted(d._tag for d in rest)
+        assert all(not m for _, m in frames[1:])
+        # it is still unacked on that channel: a requeue of an acked tag would close it
+        await held.nack(0)
+        await consumer.close()
+        again = transport.consumer(sub)
+        back: list[RabbitMQDelivery] = []
+        deadline = time.monotonic() + 10
+        while not back and time.monotonic() < deadline:
+            back += await again.fetch(8, 0.5)
+        assert [d.event.id for d in back] == [held.event.id]  # only the held one came back
+        assert await again.ack_many(back) == []
+        await again.close()
+    finally:
+        await transport.close()
