@@ -9,13 +9,16 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from nerve import event as codec
 from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError, TransportError
 from nerve.event import Event
-from nerve.transport.nats import NatsConfig, NatsTransport, _ack_meta
+from nerve.transport.nats import NatsConfig, NatsTransport, _ack_meta, _Client
 
 from .adapter_nats import HOST, PORT, make_url
 
@@ -159,3 +162,41 @@ async def test_pipelined_publish_confirms_every_message_and_reports_refusals(
         assert time.monotonic() - started < 5
     finally:
         await transport.close()
+
+
+_HEADER_BYTES = st.binary(max_size=12).filter(lambda b: b"\r\n" not in b) | st.sampled_from(
+    [b"Nats-Msg-Id", b"Content-Type", b" Spaced Name", b"Tab\tName", b"\x1cSep", b"Caf\xc3\xa9"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            _HEADER_BYTES, st.sampled_from([b":", b": ", b":\t", b""]), st.binary(max_size=16)
+        ),
+        max_size=6,
+    )
+)
+def test_the_faster_header_parser_gives_what_nats_py_gives(
+    lines: list[tuple[bytes, bytes, bytes]],
+) -> None:
+    raw = b"".join(name + sep + value.replace(b"\r\n", b"") + b"\r\n" for name, sep, value in lines)
+    raw += b"\r\n"
+    assert _Client._parse_header_lines(raw) == Client._parse_header_lines(raw)
+
+
+async def test_nats_py_still_parses_headers_through_the_faster_parser() -> None:
+    """The override is a hook of nats-py's (a private static method): if a release stops
+    calling it, this fails rather than the speed-up silently disappearing."""
+    calls: list[bytes] = []
+    original = _Client._parse_header_lines
+
+    class Spy(_Client):
+        @staticmethod
+        def _parse_header_lines(raw: bytes) -> dict[str, str]:
+            calls.append(raw)
+            return original(raw)
+
+    headers = await Spy()._process_headers(b"NATS/1.0\r\nNats-Msg-Id: abc\r\n\r\n")
+    assert headers == {"Nats-Msg-Id": "abc"} and len(calls) == 1
