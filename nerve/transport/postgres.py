@@ -281,11 +281,16 @@ FROM fresh
         # its own transaction only): a claim lost in a server crash leaves the rows
         # claimable again, which is a redelivery, never a loss; the next synchronous
         # commit (any publish or ack) flushes it anyway. It saves a disk flush per fetch.
+        # The time is read as a scalar (an InitPlan), not joined: then the cheap lease
+        # checks and the per-key subquery are one filter, ordered by cost, and the rows
+        # leased at the head of the group skip the subquery (a 200-row claim behind 400
+        # leased rows: 3.5 -> 2.1 ms, EXPLAIN ANALYZE).
         self.claim = f"""
 WITH now AS (SELECT {_NOW} AS t, set_config('synchronous_commit', 'off', true)),
 picked AS (
-    SELECT d.seq FROM {s}.deliveries d, now
-    WHERE d.grp = $1 AND d.available_at <= now.t AND d.lease_until <= now.t
+    SELECT d.seq FROM {s}.deliveries d
+    WHERE d.grp = $1
+      AND d.available_at <= (SELECT t FROM now) AND d.lease_until <= (SELECT t FROM now)
       AND (d.key IS NULL OR NOT EXISTS (
           SELECT 1 FROM {s}.deliveries e
           WHERE e.grp = d.grp AND e.key = d.key AND e.seq < d.seq))
