@@ -120,6 +120,7 @@ async def nerve_teardown(broker: str, name: str) -> None:
         conn = await asyncpg.connect(raw_clients.PG_DSN)
         try:
             await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+            await conn.execute(f"DROP SCHEMA IF EXISTS {name}_store CASCADE")
         finally:
             await conn.close()
 
@@ -216,8 +217,11 @@ class Bench:
             "NERVE_BENCH_READY": str(ready),
             "NERVE_BENCH_DONE": str(done),
             "NERVE_BENCH_EXPECT": str(s.events),
-            "NERVE_STORE": f"sqlite:///{logdir / 'store.db'}",  # a fresh store per run
         }
+        if broker != "postgres":
+            env["NERVE_STORE"] = f"sqlite:///{logdir / 'store.db'}"  # a fresh store per run
+        # on PostgreSQL the default store: the same database (schema NAME_store, fresh per
+        # run), where the idempotency records and the acks commit in one statement
         if side == "nerve":
             url = NERVE_URLS[broker].format(name=name)
             consumer_cmd = nerve_consumer_cmd("benchmarks.broker_apps:app", url, self.use_cli)
@@ -330,7 +334,13 @@ def markdown(
             f"- nerve: consumer `{s.consumer.replace('URL', NERVE_URLS[broker])}` "
             "(`benchmarks.broker_apps:app`, one no-op function, concurrency 100, default "
             "timeout, adapter defaults); producer `python -m benchmarks.broker_apps` "
-            f"(`client.publish_events`, batches of {s.batch})",
+            f"(`client.publish_events`, batches of {s.batch}); store (idempotency records): "
+            + (
+                "the default beside a PostgreSQL broker, the same database (records and acks "
+                "commit in one statement)"
+                if broker == "postgres"
+                else "a SQLite file, synchronous=FULL"
+            ),
             f"- raw: {raw_clients.SETTINGS[broker].replace('BATCH', str(s.batch))}",
             "",
         ]
