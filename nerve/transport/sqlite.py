@@ -852,11 +852,14 @@ def _ack_rows(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
     them.)"""
     deleted: set[int] = set()
     for token, ids in _by_token(batch).items():
-        params = (token, orjson.dumps(ids).decode())
-        deleted.update(
-            row[0] for row in conn.execute(f"DELETE FROM deliveries {_OURS} RETURNING id", params)
-        )
+        deleted.update(_delete_ours(conn, (token, orjson.dumps(ids).decode())))
     return deleted
+
+
+def _delete_ours(conn: sqlite3.Connection, params: tuple[int, str]) -> list[int]:
+    """Delete the rows of ``params`` (token, ids as a JSON array) still leased with that
+    token; returns their ids."""
+    return [row[0] for row in conn.execute(f"DELETE FROM deliveries {_OURS} RETURNING id", params)]
 
 
 def _ack_alone(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
@@ -885,10 +888,7 @@ def _ack_alone(conn: sqlite3.Connection, batch: list[_Settlement]) -> set[int]:
         elif ours:
             begin_immediate(conn)
             try:
-                deleted.update(
-                    row[0]
-                    for row in conn.execute(f"DELETE FROM deliveries {_OURS} RETURNING id", params)
-                )
+                deleted.update(_delete_ours(conn, params))
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
