@@ -552,24 +552,21 @@ class NatsConsumer:
                     out += await self._accept(source.take(limit - len(out)))
             if out:
                 return out
+            # both consumers asked at once (one round trip, not one each); what comes
+            # beyond the limit stays buffered for the next fetch
             more = False
-            for source in sources:
-                want = limit - len(out)
-                if want <= 0:
-                    break
-                out += await self._accept(source.take(want))
-                want = limit - len(out)
-                if want <= 0:
-                    break
-                rid = await source.request(want, None)
-                bound = max(deadline, time.monotonic() + 5.0)
-                await self._wait(_pull_ended(source, rid, want), bound)
+            requested = [(source, await source.request(limit, None)) for source in sources]
+            bound = max(deadline, time.monotonic() + 5.0)
+            for source, rid in requested:
+                await self._wait(_pull_ended(source, rid, limit), bound)
                 ended = source.statuses.pop(rid, None)
-                if ended is None and len(source.buffer) >= want:
+                if ended is None and len(source.buffer) >= limit:
                     more = True  # the batch was filled: there may be more right now
                 elif ended is not None and ended.startswith("409"):
                     self._check_status(ended)
-                out += await self._accept(source.take(want))
+            for source in sources:
+                if len(out) < limit:
+                    out += await self._accept(source.take(limit - len(out)))
             if len(out) >= limit or (out and not more):
                 return out
             if more:
