@@ -391,6 +391,25 @@ async def test_invalid_data_is_dead_lettered_without_calling_the_handler(broker:
     assert entry.event is not None and entry.event.id == bad.id
 
 
+async def test_publish_events_validates_at_the_version_named_even_one_declared_later() -> None:
+    app = make_app()
+    async with Runtime(app, "memory://") as rt:
+        ok = Event(type="order.placed", source="/t", data={"order_id": "o1"})
+        await rt.client.publish_events([ok])  # version 1, the latest: valid
+        two = ok.evolve(data={"order_id": "o2"}, dataschema="nerve:schema/order.placed/2")
+
+        class OrderPlacedV2(BaseModel):
+            order_id: str
+            channel: str
+
+        app.event("order.placed", version=2)(OrderPlacedV2)  # declared after a publish
+        with pytest.raises(InvalidEvent, match="channel"):
+            await rt.client.publish_events([two])  # version 2 needs the channel
+        await rt.client.publish_events([two.evolve(data={"order_id": "o2", "channel": "web"})])
+        with pytest.raises(InvalidEvent, match="channel"):  # no dataschema: the latest, 2
+            await rt.client.publish_events([ok.evolve(data={"order_id": "o3"})])
+
+
 async def test_undeclared_event_type_is_dead_lettered() -> None:
     app = make_app()
     calls = 0

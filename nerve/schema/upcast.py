@@ -119,7 +119,7 @@ class EventReader:
         self.upcasters = upcasters
         self.dataschema = dataschema_uri(type_name, version)
         self._chains: dict[str, list[tuple[int, int, Upcaster]]] = {}
-        self._validate = _validator(model)
+        self._validate = validator_for(model)
 
     def read(self, data: Any, dataschema: str | None) -> BaseModel:
         """The payload as the model read; raises :class:`pydantic.ValidationError`
@@ -159,7 +159,7 @@ class EventReader:
         return chain
 
 
-def _validator(model: type[BaseModel]) -> Callable[[Any], BaseModel]:
+def validator_for(model: type[BaseModel]) -> Callable[[Any], BaseModel]:
     """``model.model_validate`` without its keyword handling, which costs here about
     as much as the validation of a small model itself. A model whose schema is not
     built yet (forward references), or that overrides ``model_validate``, keeps it."""
