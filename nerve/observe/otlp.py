@@ -29,6 +29,7 @@ any other sampler is called as OpenTelemetry calls it.
 from __future__ import annotations
 
 import collections
+import http.client
 import logging
 import os
 import random
@@ -36,6 +37,7 @@ import struct
 import threading
 import time
 import traceback
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -95,7 +97,7 @@ class Layout:
     and the keys of the attributes each span gives a value of its own (a value None
     leaves the attribute out). Encoded to OTLP once; a span keeps only its values."""
 
-    __slots__ = ("constant", "head", "keys", "kind", "name", "prefixes")
+    __slots__ = ("constant", "encode", "head", "keys", "kind", "name", "prefixes")
 
     def __init__(
         self, name: str, kind: int, constant: Mapping[str, Any], keys: Sequence[str] = ()
@@ -113,6 +115,8 @@ class Layout:
         """Span fields name (5) and kind (6), and the constant attributes (9)."""
         self.prefixes = tuple(_field(b"\x0a", key.encode()) + b"\x12" for key in self.keys)
         """Per key: the start of its KeyValue, up to the value's length."""
+        self.encode: Callable[[Span], bytes] | None = None
+        """This sort's spans as OTLP (when not ``detailed``): made by the encoder."""
 
     def attributes(self, values: Sequence[Any]) -> dict[str, Any]:
         merged = dict(self.constant)
@@ -149,6 +153,10 @@ class Span(trace.Span):
     events: list[tuple[str, int, Mapping[str, Any]]] | None = None
     status: Status | None = None
     end_time = 0
+    detailed = False
+    """It has more than its layout's values and ids: a tracestate, links, events, a
+    status or attributes of its own (set by whatever adds them; the encoder writes a
+    span that is not detailed from its layout's template)."""
 
     # Set for every span by SpanRecorder.start (which makes them without __init__: one
     # Python call less per span).
@@ -196,6 +204,7 @@ class Span(trace.Span):
         layout = self.layout
         if layout is not None:
             self.extra = self.attributes
+            self.detailed = True
             self._name = layout.name
             self._kind = layout.kind
             self.layout = None
@@ -225,6 +234,7 @@ class Span(trace.Span):
             self._unlay()
         if self.extra is None:
             self.extra = {}
+            self.detailed = True
         self.extra[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
@@ -238,6 +248,7 @@ class Span(trace.Span):
             return
         if self.events is None:
             self.events = []
+            self.detailed = True
         self.events.append((name, timestamp or _time_ns(), dict(attributes or {})))
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
@@ -245,6 +256,7 @@ class Span(trace.Span):
             return
         if self.links is None:
             self.links = []
+            self.detailed = True
         state = context.trace_state.to_header() if context.trace_state else ""
         link = (context.trace_id, context.span_id, int(context.trace_flags), state)
         self.links.append((*link, context.is_remote, dict(attributes) if attributes else None))
@@ -262,6 +274,7 @@ class Span(trace.Span):
         if isinstance(status, StatusCode):
             status = Status(status, description)
         self.status = status
+        self.detailed = True
 
     def record_exception(
         self,
@@ -480,9 +493,11 @@ class SpanRecorder:
             span.parent_id = parent[1]
             if parent[3]:
                 span.state = parent[3]
+                span.detailed = True
             span.remote = parent[4]
         if links:
             span.links = links
+            span.detailed = True
         span.start_time = _time_ns()
         return span
 
@@ -570,16 +585,24 @@ class Pipeline:
     def _run(self) -> None:
         wake = self._wake
         while not self._closed:
-            wake.wait(self.delay)
+            woken = wake.wait(self.delay)
             wake.clear()
-            self.flush()
+            # woken: a full batch waits; export full batches only (the rest joins the
+            # next one: one request per OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans, not one
+            # more for the few that came meanwhile); the delay passed: export all
+            self._send(whole=not woken)
 
     def flush(self) -> None:
         """Export every span queued so far (in the calling thread)."""
+        self._send(whole=True)
+
+    def _send(self, whole: bool) -> None:
         queue = self._queue
+        size = self.batch
+        popleft = queue.popleft
         with self._lock:
-            while queue:
-                batch = [queue.popleft() for _ in range(min(len(queue), self.batch))]
+            while len(queue) >= (1 if whole else size):
+                batch = [popleft() for _ in range(min(len(queue), size))]
                 try:
                     self._export(batch)
                 except Exception:
@@ -647,6 +670,7 @@ def exporter_sink(
     if _is_otlp_http(exporter) and callable(getattr(client, "export", None)):
         encoder = OtlpEncoder(resource, version)
         assert client is not None
+        _keep_alive(client)
 
         def post(batch: list[Span]) -> None:
             result = client.export(encoder.request(batch))
@@ -664,6 +688,133 @@ def exporter_sink(
         exporter.export([sdk.readable(s) for s in batch])
 
     return export
+
+
+class _Response:
+    """What the OTLP exporter's client reads of a response (``BaseHTTPResult``)."""
+
+    __slots__ = ("_content", "_headers", "error", "reason", "status_code")
+
+    def __init__(
+        self,
+        status_code: int | None,
+        reason: str | None,
+        error: Exception | None = None,
+        content: bytes = b"",
+        headers: Any = None,
+    ) -> None:
+        self.status_code = status_code
+        self.reason = reason
+        self.error = error
+        self._content = content
+        self._headers = headers or {}
+
+    def content(self) -> bytes:
+        return self._content
+
+    def text(self) -> str:
+        return self._content.decode("utf-8")
+
+    def headers(self) -> Any:
+        """The response headers (``http.client``'s message: ``get`` is case-insensitive)."""
+        return self._headers
+
+
+class KeptAliveHttp:
+    """The OTLP/HTTP exporter's transport for a plain ``http://`` endpoint: one
+    ``http.client`` connection, kept alive, instead of a ``requests`` session, which
+    spends about five times the CPU per request (a third of it reading proxy settings
+    from the environment). The exporter's client still does the rest: headers,
+    compression, timeouts and retries (a request that fails on a connection a collector
+    closed is retried once at once, on a new one, as with ``requests``).
+
+    Used only where ``requests`` would have sent the request straight to the endpoint:
+    no proxy for it in the environment, no ``.netrc`` entry, the exporter's own plain
+    session (see :func:`_keep_alive`)."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._connection: http.client.HTTPConnection | None = None
+        self._url = ""
+        self._path = "/"
+        self._address: tuple[str, int] = ("", 80)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        data: bytes | None = None,
+    ) -> _Response:
+        if url != self._url:
+            self.close()
+            parts = urllib.parse.urlsplit(url)
+            self._address = (parts.hostname or "localhost", parts.port or 80)
+            self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            self._url = url
+        timeout = self._timeout if timeout is None else timeout
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = http.client.HTTPConnection(*self._address)
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        try:
+            connection.request(method, self._path, body=data, headers=headers or {})
+            response = connection.getresponse()
+            content = response.read()
+        except Exception as error:
+            self.close()
+            return _Response(None, None, error)
+        if response.will_close:
+            self.close()
+        return _Response(response.status, response.reason, None, content, response.headers)
+
+    def is_connection_error(self, error: Exception | None) -> bool:
+        return isinstance(error, OSError | http.client.HTTPException)
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+
+def _keep_alive(client: Any) -> bool:
+    """Give the OTLP/HTTP exporter's ``client`` a :class:`KeptAliveHttp` transport when
+    its requests would go straight to a plain ``http://`` endpoint; else (``https``,
+    a proxy, credentials, a session of one's own, another exporter version) leave its
+    transport as it is. True when it did."""
+    endpoint = getattr(client, "_endpoint", None)
+    transport = getattr(client, "_transport", None)
+    session = getattr(transport, "_session", None)
+    if (
+        type(transport).__name__ != "RequestsHTTPTransport"
+        or not isinstance(endpoint, str)
+        or urllib.parse.urlsplit(endpoint).scheme != "http"
+        or not isinstance(getattr(client, "_timeout", None), int | float)
+    ):
+        return False
+    try:
+        import requests
+        import requests.utils
+    except ImportError:
+        return False
+    if (
+        type(session) is not requests.Session
+        or session.auth is not None
+        or session.proxies
+        or session.cert
+        or not session.trust_env  # a session set up by hand: its own way
+        or requests.utils.get_environ_proxies(endpoint)
+        or requests.utils.get_netrc_auth(endpoint)
+    ):
+        return False
+    assert transport is not None
+    client._transport = KeptAliveHttp(client._timeout)
+    transport.close()
+    return True
 
 
 def _is_otlp_http(exporter: Any) -> bool:
@@ -705,6 +856,11 @@ _pack_double = struct.Struct("<d").pack
 _pack_ids = struct.Struct(">HQQHQ").pack
 _pack_ids_parent = struct.Struct(">HQQHQHQ").pack
 _LOW64 = (1 << 64) - 1
+_TRACE_TAG = 0x0A10 << 128
+_SPAN_TAG = 0x1208 << 64
+_PARENT_TAG = 0x2208 << 64
+"""Tags and lengths of Span.trace_id, span_id and parent_span_id, placed so that
+``((trace_id | _TRACE_TAG) << 80 | _SPAN_TAG | span_id).to_bytes(28)`` writes both."""
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
 _LOCAL_PARENT = b"\x7a\x00\x85\x01" + struct.pack("<I", _HAS_IS_REMOTE)
@@ -852,99 +1008,229 @@ class OtlpEncoder:
         return self.spans([s])[0]
 
     def spans(self, batch: Iterable[Span]) -> list[bytes]:
-        """Spans, each as a ``ScopeSpans.spans`` field (one loop: a call per span costs
-        as much as a tenth of its encoding)."""
+        """Spans, each as a ``ScopeSpans.spans`` field. A span that is not ``detailed``
+        is written by its layout's encoder (see :func:`_compile`): ids, times and
+        values in one bytes formatting with the constant parts in the template."""
         out: list[bytes] = []
         append = out.append
+        detailed = self._detailed
         for s in batch:
-            trace_id = s.trace_id
-            times = _pack_times(0x39, s.start_time, 0x41, s.end_time)
-            if s.parent_id:
-                ids = _pack_ids_parent(
-                    0x0A10,
-                    trace_id >> 64,
-                    trace_id & _LOW64,
-                    0x1208,
-                    s.span_id,
-                    0x2208,
-                    s.parent_id,
-                )
-                flags = _REMOTE_PARENT if s.remote else _LOCAL_PARENT
-            else:
-                ids = _pack_ids(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, s.span_id)
-                flags = _LOCAL_PARENT
-            if s.layout is not None:
-                parts = [ids, times]  # the layout's head has the name and kind
-            else:
-                head = self._names.get(s.name)
-                if head is None:
-                    if len(self._names) >= _CACHE_MAX:
-                        self._names.clear()
-                    head = self._names[s.name] = _field(b"\x2a", s.name.encode())
-                parts = [ids, times, head, _KIND[s.kind]]
-            if s.state:
-                parts.append(self._state(s.state))
             layout = s.layout
-            if layout is not None:
-                parts.append(layout.head)
-                for prefix, value in zip(layout.prefixes, s.values, strict=True):
-                    if type(value) is str:
-                        data = value.encode()
-                        n = len(data)
-                        size = len(prefix) + n
-                        if size < 124:  # every length fits in one byte
-                            parts.append(b"\x4a%c%b%c\x0a%c%b" % (size + 3, prefix, n + 2, n, data))
-                        else:
-                            any_value = b"\x0a" + _varint(n) + data
-                            parts.append(
-                                _field(b"\x4a", prefix + _varint(len(any_value)) + any_value)
-                            )
-                    elif type(value) is int and 0 <= value < 0x80 and len(prefix) < 124:
-                        parts.append(b"\x4a%c%b\x02\x18%c" % (len(prefix) + 3, prefix, value))
-                    elif value is not None:
-                        encoded = _any_value(value)
-                        if encoded is not None:
-                            parts.append(_field(b"\x4a", prefix + _varint(len(encoded)) + encoded))
-            if s.extra:
-                cache = self._attributes
-                attribute = self._attribute
-                for item in s.extra.items():
-                    try:
-                        found = cache.get(item)
-                    except TypeError:  # a list value
-                        found = None
-                    parts.append(attribute(*item) if found is None else found)
-            if s.events:
-                for event_name, when, values in s.events:
-                    body = b"\x09" + _pack_fixed64(when) + _field(b"\x12", event_name.encode())
-                    body += b"".join(_field(b"\x1a", _key_value(k, v)) for k, v in values.items())
-                    parts.append(_field(b"\x5a", body))
-            if s.links:
-                for trace_id, span_id, _, _, remote, link_values in s.links:
-                    # no trace_state: OpenTelemetry's encoder leaves it out of links too
-                    body = _pack_ids(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, span_id)
-                    if link_values:
-                        body += b"".join(
-                            _field(b"\x22", _key_value(k, v)) for k, v in link_values.items()
-                        )
-                    body += b"\x35" + _pack_fixed32(_HAS_IS_REMOTE | (_IS_REMOTE if remote else 0))
-                    parts.append(_field(b"\x6a", body))
-            status = s.status
-            if status is None:
-                parts.append(flags)  # unset: an empty Status, as OpenTelemetry writes it
-            else:
-                body = b""
-                if status.description:
-                    body += _field(b"\x12", status.description.encode())
-                if status.status_code.value:
-                    body += b"\x18" + _varint(status.status_code.value)
-                parts += (_field(b"\x7a", body), flags[2:])
-            body = b"".join(parts)
-            n = len(body)
-            if n < 0x80:
-                append(b"\x12%c%b" % (n, body))
-            elif n < 0x4000:
-                append(b"\x12%c%c%b" % (n & 0x7F | 0x80, n >> 7, body))
-            else:
-                append(b"\x12" + _varint(n) + body)
+            if layout is None or s.detailed:
+                append(detailed(s))
+                continue
+            encode = layout.encode
+            if encode is None:
+                encode = layout.encode = _compile(layout)
+            append(encode(s))
         return out
+
+    def _detailed(self, s: Span) -> bytes:
+        """One span, whatever it holds, as a ``ScopeSpans.spans`` field."""
+        trace_id = s.trace_id
+        times = _pack_times(0x39, s.start_time, 0x41, s.end_time)
+        if s.parent_id:
+            ids = _pack_ids_parent(
+                0x0A10,
+                trace_id >> 64,
+                trace_id & _LOW64,
+                0x1208,
+                s.span_id,
+                0x2208,
+                s.parent_id,
+            )
+            flags = _REMOTE_PARENT if s.remote else _LOCAL_PARENT
+        else:
+            ids = _pack_ids(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, s.span_id)
+            flags = _LOCAL_PARENT
+        if s.layout is not None:
+            parts = [ids, times]  # the layout's head has the name and kind
+        else:
+            head = self._names.get(s.name)
+            if head is None:
+                if len(self._names) >= _CACHE_MAX:
+                    self._names.clear()
+                head = self._names[s.name] = _field(b"\x2a", s.name.encode())
+            parts = [ids, times, head, _KIND[s.kind]]
+        if s.state:
+            parts.append(self._state(s.state))
+        layout = s.layout
+        if layout is not None:
+            parts.append(layout.head)
+            for prefix, value in zip(layout.prefixes, s.values, strict=True):
+                if type(value) is str:
+                    data = value.encode()
+                    n = len(data)
+                    size = len(prefix) + n
+                    if size < 124:  # every length fits in one byte
+                        parts.append(b"\x4a%c%b%c\x0a%c%b" % (size + 3, prefix, n + 2, n, data))
+                    else:
+                        any_value = b"\x0a" + _varint(n) + data
+                        parts.append(
+                            _field(b"\x4a", prefix + _varint(len(any_value)) + any_value)
+                        )
+                elif type(value) is int and 0 <= value < 0x80 and len(prefix) < 124:
+                    parts.append(b"\x4a%c%b\x02\x18%c" % (len(prefix) + 3, prefix, value))
+                elif value is not None:
+                    encoded = _any_value(value)
+                    if encoded is not None:
+                        parts.append(_field(b"\x4a", prefix + _varint(len(encoded)) + encoded))
+        if s.extra:
+            cache = self._attributes
+            attribute = self._attribute
+            for item in s.extra.items():
+                try:
+                    found = cache.get(item)
+                except TypeError:  # a list value
+                    found = None
+                parts.append(attribute(*item) if found is None else found)
+        if s.events:
+            for event_name, when, values in s.events:
+                body = b"\x09" + _pack_fixed64(when) + _field(b"\x12", event_name.encode())
+                body += b"".join(_field(b"\x1a", _key_value(k, v)) for k, v in values.items())
+                parts.append(_field(b"\x5a", body))
+        if s.links:
+            for trace_id, span_id, _, _, remote, link_values in s.links:
+                # no trace_state: OpenTelemetry's encoder leaves it out of links too
+                body = _pack_ids(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, span_id)
+                if link_values:
+                    body += b"".join(
+                        _field(b"\x22", _key_value(k, v)) for k, v in link_values.items()
+                    )
+                body += b"\x35" + _pack_fixed32(_HAS_IS_REMOTE | (_IS_REMOTE if remote else 0))
+                parts.append(_field(b"\x6a", body))
+        status = s.status
+        if status is None:
+            parts.append(flags)  # unset: an empty Status, as OpenTelemetry writes it
+        else:
+            body = b""
+            if status.description:
+                body += _field(b"\x12", status.description.encode())
+            if status.status_code.value:
+                body += b"\x18" + _varint(status.status_code.value)
+            parts += (_field(b"\x7a", body), flags[2:])
+        body = b"".join(parts)
+        return _field(b"\x12", body)
+
+
+_FLAGS = {False: _LOCAL_PARENT, True: _REMOTE_PARENT}
+_SPAN_HEADERS: dict[int, bytes] = {}
+"""A span's length -> its ``ScopeSpans.spans`` tag and length (span sizes repeat)."""
+
+
+def _string_head(prefix: bytes, n: int) -> bytes:
+    """A ``Span.attributes`` field of a string value of ``n`` bytes, up to the value."""
+    any_value = 1 + len(_varint(n)) + n
+    size = len(prefix) + len(_varint(any_value)) + any_value
+    return b"\x4a" + _varint(size) + prefix + _varint(any_value) + b"\x0a" + _varint(n)
+
+
+def _other_value(prefix: bytes, value: Any) -> bytes:
+    """A ``Span.attributes`` field of any value but a string (b"" for none)."""
+    if type(value) is int and 0 <= value < 0x80 and len(prefix) < 124:
+        return b"\x4a%c%b\x02\x18%c" % (len(prefix) + 3, prefix, value)
+    encoded = _any_value(value)
+    if encoded is None:
+        return b""
+    return _field(b"\x4a", prefix + _varint(len(encoded)) + encoded)
+
+
+def _span_head(n: int) -> bytes:
+    found = _SPAN_HEADERS.get(n)
+    if found is None:
+        if len(_SPAN_HEADERS) >= _CACHE_MAX:
+            _SPAN_HEADERS.clear()
+        found = _SPAN_HEADERS[n] = b"\x12" + _varint(n)
+    return found
+
+
+def _compile(layout: Layout) -> Callable[[Span], bytes]:
+    """The encoder of ``layout``'s spans that are not ``detailed``: a function with the
+    layout's keys written out (no loop), joining the span's ids, times and values with
+    the layout's constant bytes (name, kind, constant attributes, keys), a span in a
+    few C calls. The generated source is the function's ``__doc__``.
+
+    A string value is the start of its field, looked up by the value's length (a
+    table per key), then its UTF-8 bytes; a value of another type goes through
+    :func:`_other_value`; a string or int value of a key not in ``_UNCACHED``
+    (attempts, outcomes, counts) is looked up whole, by value (a table per type: 1 ==
+    True == 1.0)."""
+    lines = ["def encode(s):"]
+    names = [f"v{i}" for i in range(len(layout.keys))]
+    if names:
+        lines.append(f"    {', '.join(names)}, = s.values")
+    namespace: dict[str, Any] = {
+        "_pack_times": _pack_times,
+        "_FLAGS": _FLAGS,
+        "_SPAN_HEADERS": _SPAN_HEADERS,
+        "_span_head": _span_head,
+        "_string_head": _string_head,
+        "_other_value": _other_value,
+        "str": str,
+        "type": type,
+        "len": len,
+    }
+    parts: list[str] = []
+    for i, (key, prefix) in enumerate(zip(layout.keys, layout.prefixes, strict=True)):
+        namespace[f"P{i}"] = prefix
+        short = 124 - len(prefix)  # below it, every length of the field fits in a byte
+        namespace[f"H{i}"] = tuple(_string_head(prefix, n) for n in range(max(short, 0)))
+        encoded = [
+            f"        d{i} = v{i}.encode()",
+            "        n = len(d" + str(i) + ")",
+            f"        h{i} = H{i}[n] if n < {short} else _string_head(P{i}, n)",
+        ]
+        if key in _UNCACHED:
+            lines += [
+                f"    if type(v{i}) is str:",
+                *encoded,
+                f"    elif v{i} is None:",
+                f"        h{i} = d{i} = b''",
+                "    else:",
+                f"        h{i} = _other_value(P{i}, v{i})",
+                f"        d{i} = b''",
+            ]
+            parts += [f"h{i}", f"d{i}"]
+        else:
+            namespace[f"S{i}"] = {}  # str value -> field
+            namespace[f"I{i}"] = {}  # int value -> field
+            lines += [
+                f"    if v{i} is None:",
+                f"        a{i} = b''",
+                f"    elif type(v{i}) is str:",
+                f"        a{i} = S{i}.get(v{i})",
+                f"        if a{i} is None:",
+                *("    " + line for line in encoded),
+                f"            a{i} = h{i} + d{i}",
+                f"            if len(S{i}) < {_CACHE_MAX}:",
+                f"                S{i}[v{i}] = a{i}",
+                f"    elif type(v{i}) is int:",
+                f"        a{i} = I{i}.get(v{i})",
+                f"        if a{i} is None:",
+                f"            a{i} = _other_value(P{i}, v{i})",
+                f"            if len(I{i}) < {_CACHE_MAX}:",
+                f"                I{i}[v{i}] = a{i}",
+                "    else:",
+                f"        a{i} = _other_value(P{i}, v{i})",
+            ]
+            parts.append(f"a{i}")
+    namespace["HEAD"] = layout.head
+    values = "".join(f", {part}" for part in parts)
+    times = "_pack_times(0x39, s.start_time, 0x41, s.end_time)"
+    lines += [
+        "    parent_id = s.parent_id",
+        "    if parent_id:",
+        "        body = b''.join((b'\\x0a\\x10', s.trace_id.to_bytes(16), b'\\x12\\x08', "
+        "s.span_id.to_bytes(8), b'\\x22\\x08', parent_id.to_bytes(8), "
+        f"{times}, HEAD{values}, _FLAGS[s.remote]))",
+        "    else:",
+        "        body = b''.join((b'\\x0a\\x10', s.trace_id.to_bytes(16), b'\\x12\\x08', "
+        f"s.span_id.to_bytes(8), {times}, HEAD{values}, _FLAGS[False]))",
+        "    n = len(body)",
+        "    return (_SPAN_HEADERS.get(n) or _span_head(n)) + body",
+    ]
+    code = "\n".join(lines)
+    exec(code, namespace)  # noqa: S102 (code written above from the layout's keys)
+    encode: Callable[[Span], bytes] = namespace["encode"]
+    encode.__doc__ = code
+    return encode

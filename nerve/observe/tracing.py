@@ -70,6 +70,7 @@ _LeanSpan = otlp.Span
 _attach, _detach = otel_context.attach, otel_context.detach
 _new = object.__new__
 _time_ns = time.time_ns
+_OUTCOME = "nerve.outcome"
 
 
 def _context_var() -> tuple[contextvars.ContextVar[Any], object] | None:
@@ -275,7 +276,7 @@ class Tracing:
         self,
         layout: Layout,
         parent: Parent | None,
-        values: tuple[Any, ...] = (),
+        values: Sequence[Any] = (),
         links: list[otlp.LinkData] | None = None,
     ) -> Span:
         recorder = self._recorder
@@ -429,11 +430,16 @@ class Tracing:
                     "messaging.destination.name": type_name,
                     "messaging.consumer.group.name": function,
                 },
-                ("messaging.message.id", "nerve.attempt", "messaging.message.conversation_id"),
+                (
+                    "messaging.message.id",
+                    "nerve.attempt",
+                    "messaging.message.conversation_id",
+                    "nerve.outcome",  # set by end_process
+                ),
             ),
         )
         correlation = event.extensions.get("correlationid")
-        values = (event.id, attempt, None if correlation is None else str(correlation))
+        values = [event.id, attempt, None if correlation is None else str(correlation), None]
         recorder = self._recorder
         if recorder is None:
             return HandlerTrace(self, self._start(layout, _parent_of(event), values), current)
@@ -466,11 +472,10 @@ class Tracing:
             recorder = span.recorder
             if recorder is None or span.end_time:
                 return
-            extra = span.extra
-            if extra is None:
-                span.extra = {"nerve.outcome": outcome}
-            else:
-                extra["nerve.outcome"] = outcome
+            if span.layout is not None:
+                span.values[3] = outcome  # type: ignore[index]
+            else:  # an attribute of the layout was set: they are all in extra
+                span.extra[_OUTCOME] = outcome  # type: ignore[index]
             if error is None:  # Span.end, written out: this runs for every attempt
                 span.end_time = _time_ns()
                 recorder.add(span)

@@ -112,6 +112,59 @@ def test_the_hand_written_request_is_the_message_opentelemetry_encodes() -> None
     assert [s.name for s in resource_spans.scope_spans[0].spans] == [s.name for s in spans]
 
 
+def plain_spans() -> list[otlp.Span]:
+    """Spans with nothing but their layout's values and ids: the compiled encoders."""
+    rec, kept = recorder()
+    keys = ("messaging.message.id", "nerve.attempt", "messaging.message.conversation_id", "x")
+    process = layout(
+        "process order.created %s %%",  # '%' in the constant bytes of the template
+        otlp.CONSUMER,
+        {"messaging.system": "nerve", "n" * 37: "%" * 37, "ratio": 0.5, "flag": False},
+        *keys,
+    )
+    remote: otlp.Parent = (0xAB << 120 | 7, 0xCD, 1, "", True)
+    local: otlp.Parent = (3, 4, 1, "", False)
+    values: list[tuple[Any, ...]] = [
+        ("01-id", 1, None, "processed"),
+        ("naïve ✓ ünïcode", 0, "corr", "retried"),  # non-ASCII
+        ("x" * 95, 127, "y" * 200, "z" * 128),  # lengths that need two-byte varints
+        ("e" * 5000, 128, "€" * 100, "dead_lettered"),  # and longer
+        (None, None, None, None),
+        ("id", -5, "c", 2**62),  # ints that are not one byte
+        ("id", True, 3.5, ["a", "b"]),  # other types: bool, double, array
+        ("id", 1, "c", "processed"),  # the cached fields, a second time
+        ("id", "1", "c", 1),  # the same keys with values of other types than before
+    ]
+    for parent in (None, remote, local):
+        for row in values:
+            rec.start(process, parent, list(row)).end()
+    empty = layout("create stock.reserved", otlp.PRODUCER, {})
+    rec.start(empty, None).end()
+    rec.start(empty, local).end()
+    rec.pipeline.flush()
+    return kept.spans
+
+
+def test_the_compiled_encoders_write_what_opentelemetry_encodes() -> None:
+    spans = plain_spans()
+    assert not any(s.detailed for s in spans)
+    sdk = otlp.SdkSpans(RESOURCE, "1.2.3")
+    expected = encode_spans([sdk.readable(s) for s in spans])
+    encoder = otlp.OtlpEncoder(RESOURCE, "1.2.3")
+    for _ in range(2):  # the second time from the encoders' caches
+        got = ExportTraceServiceRequest.FromString(encoder.request(spans))
+        assert got == expected
+    got_spans = got.resource_spans[0].scope_spans[0].spans
+    for ours, want in zip(got_spans, expected.resource_spans[0].scope_spans[0].spans, strict=True):
+        assert ours == want  # field by field, one span at a time, for a readable failure
+    third = got_spans[2]
+    assert [kv.value.string_value for kv in third.attributes if kv.key == "x"] == ["z" * 128]
+    assert not got_spans[0].parent_span_id and got_spans[9].parent_span_id
+    # every span, alone, is the bytes the encoder for any span writes
+    for span in spans:
+        assert encoder.span(span) == encoder._detailed(span)
+
+
 def test_spans_as_sdk_spans() -> None:
     publish, process, create, receive, changed, dead = varied_spans()
     sdk = otlp.SdkSpans(RESOURCE, "1.2.3")
@@ -209,6 +262,29 @@ def test_a_full_queue_drops_spans_and_counts_them(monkeypatch: pytest.MonkeyPatc
     assert pipeline.dropped == 2
     pipeline.flush()
     assert len(kept.spans) == 4
+
+
+def test_the_export_thread_sends_full_batches_and_the_rest_after_the_delay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    batches: list[int] = []
+    done = threading.Event()
+
+    def export(batch: list[otlp.Span]) -> None:
+        batches.append(len(batch))
+        if sum(batches) == 10:
+            done.set()
+
+    pipeline = otlp.Pipeline(export)
+    rec = otlp.SpanRecorder(pipeline, otlp.Sampling(sampling.ALWAYS_ON))
+    with pipeline._lock:  # the thread waits until all ten are queued
+        for _ in range(10):
+            rec.start(layout("x", otlp.INTERNAL, {}), None).end()
+    assert done.wait(5)
+    pipeline.shutdown()
+    assert batches == [4, 4, 2]  # full batches when woken; the rest once the delay passed
 
 
 class Collector(http.server.BaseHTTPRequestHandler):
@@ -321,3 +397,99 @@ def test_the_traceparent_an_event_carries(traceparent: str, expected: otlp.Paren
     with_state = event.with_extensions(tracestate="b=2, a=1")
     if expected is not None:
         assert _parent_of(with_state) == (*expected[:3], "b=2,a=1", True)
+
+
+class Flaky(http.server.BaseHTTPRequestHandler):
+    """A collector that answers the first request 503 (retry at once), and closes the
+    connection after every response (HTTP/1.0): the client must reconnect."""
+
+    requests: list[tuple[dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        Flaky.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        if len(Flaky.requests) == 1:
+            self.send_response(503)
+            self.send_header("Retry-After", "0")
+        else:
+            self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def exporter_for(endpoint: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> Any:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
+    return OTLPSpanExporter()
+
+
+def test_a_plain_http_endpoint_is_posted_to_over_a_kept_alive_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gzip
+
+    Flaky.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        exporter = exporter_for(
+            f"http://127.0.0.1:{server.server_address[1]}/custom/path",
+            monkeypatch,
+            OTEL_EXPORTER_OTLP_TRACES_HEADERS="x-tenant=acme",
+            OTEL_EXPORTER_OTLP_TRACES_COMPRESSION="gzip",
+        )
+        sink = otlp.exporter_sink(exporter, RESOURCE, "1.2.3")
+        assert isinstance(exporter._client._transport, otlp.KeptAliveHttp)
+        spans = plain_spans()
+        sink(spans[:5])  # 503, retried at once: two requests
+        sink(spans[5:])  # on a new connection: the collector closed the last one
+        exporter.shutdown()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(Flaky.requests) == 3
+    got = []
+    for headers, body in Flaky.requests:
+        assert headers["x-tenant"] == "acme"
+        assert headers["content-encoding"] == "gzip"
+        assert headers["content-type"] == "application/x-protobuf"
+        request = ExportTraceServiceRequest.FromString(gzip.decompress(body))
+        got.append(request.resource_spans[0].scope_spans[0].spans)
+    assert got[0] == got[1] and len(got[0]) == 5 and len(got[2]) == len(spans) - 5
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "env"),
+    [
+        ("https://collector.example:4318/v1/traces", {}),  # TLS: the exporter's own client
+        ("http://collector.example:4318/v1/traces", {"HTTP_PROXY": "http://proxy:3128"}),
+        ("http://collector.example:4318/v1/traces", {"ALL_PROXY": "http://proxy:3128"}),
+    ],
+)
+def test_other_endpoints_keep_the_exporters_transport(
+    endpoint: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter = exporter_for(endpoint, monkeypatch, **env)
+    otlp.exporter_sink(exporter, RESOURCE, "1.2.3")
+    assert not isinstance(exporter._client._transport, otlp.KeptAliveHttp)
+
+
+def test_a_proxy_the_endpoint_bypasses_still_allows_the_kept_alive_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exporter = exporter_for(
+        "http://127.0.0.1:4318/v1/traces",
+        monkeypatch,
+        HTTP_PROXY="http://proxy:3128",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    otlp.exporter_sink(exporter, RESOURCE, "1.2.3")
+    assert isinstance(exporter._client._transport, otlp.KeptAliveHttp)
