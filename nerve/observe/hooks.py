@@ -81,7 +81,7 @@ class FunctionObserver:
     def start(self, ctx: Context) -> float:
         """A handler attempt starts; returns the start time for :meth:`end`."""
         if self.tracing is not None:
-            ctx.trace = self.tracing.start_process(self.name, ctx.event, ctx.attempt, current=True)
+            ctx.trace = self.tracing.start_process(self.name, ctx.event, ctx.attempt, True)
         return _clock()
 
     def end(

@@ -40,6 +40,7 @@ import traceback
 import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import CodeType, FunctionType
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -97,7 +98,7 @@ class Layout:
     and the keys of the attributes each span gives a value of its own (a value None
     leaves the attribute out). Encoded to OTLP once; a span keeps only its values."""
 
-    __slots__ = ("constant", "encode", "head", "keys", "kind", "name", "prefixes")
+    __slots__ = ("constant", "encode", "encoded", "head", "keys", "kind", "name", "prefixes")
 
     def __init__(
         self, name: str, kind: int, constant: Mapping[str, Any], keys: Sequence[str] = ()
@@ -116,7 +117,9 @@ class Layout:
         self.prefixes = tuple(_field(b"\x0a", key.encode()) + b"\x12" for key in self.keys)
         """Per key: the start of its KeyValue, up to the value's length."""
         self.encode: Callable[[Span], bytes] | None = None
-        """This sort's spans as OTLP (when not ``detailed``): made by the encoder."""
+        """This sort's spans as OTLP (when not ``detailed``): made by the encoder once
+        ``encoded`` spans of it were written the general way."""
+        self.encoded = 0
 
     def attributes(self, values: Sequence[Any]) -> dict[str, Any]:
         merged = dict(self.constant)
@@ -1020,8 +1023,12 @@ class OtlpEncoder:
                 append(detailed(s))
                 continue
             encode = layout.encode
-            if encode is None:
-                encode = layout.encode = _compile(layout)
+            if encode is None:  # a sort seen a few times only is not worth compiling
+                append(detailed(s))
+                layout.encoded += 1
+                if layout.encoded >= _COMPILE_AFTER:
+                    layout.encode = _compile(layout)
+                continue
             append(encode(s))
         return out
 
@@ -1144,93 +1151,104 @@ def _span_head(n: int) -> bytes:
     return found
 
 
+def _value_field(cache: dict[Any, bytes], prefix: bytes, value: Any) -> bytes:
+    """The ``Span.attributes`` field of ``value`` (str, int or None: b""), kept in
+    ``cache`` (a key's values that repeat: attempts, outcomes, counts)."""
+    if type(value) is str:
+        data = value.encode()
+        found = _string_head(prefix, len(data)) + data
+    else:
+        found = _other_value(prefix, value)
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[value] = found
+    return found
+
+
+_CACHED_TYPES = frozenset({str, int, type(None)})
+"""Values a key's cache holds: no two of these types have equal values (bool and
+float, which do equal ints, are encoded each time)."""
+
+
 def _compile(layout: Layout) -> Callable[[Span], bytes]:
     """The encoder of ``layout``'s spans that are not ``detailed``: a function with the
     layout's keys written out (no loop), joining the span's ids, times and values with
     the layout's constant bytes (name, kind, constant attributes, keys), a span in a
     few C calls. The generated source is the function's ``__doc__``.
 
-    A string value is the start of its field, looked up by the value's length (a
-    table per key), then its UTF-8 bytes; a value of another type goes through
-    :func:`_other_value`; a string or int value of a key not in ``_UNCACHED``
-    (attempts, outcomes, counts) is looked up whole, by value (a table per type: 1 ==
-    True == 1.0)."""
+    A string value of a key in ``_UNCACHED`` (ids) is the start of its field, looked
+    up by the value's length (a table per key), then its UTF-8 bytes; any other value
+    of such a key goes through :func:`_other_value` (None: b""). The fields of other
+    keys' values (attempts, outcomes, counts) are kept in a table per key."""
     lines = ["def encode(s):"]
-    names = [f"v{i}" for i in range(len(layout.keys))]
-    if names:
-        lines.append(f"    {', '.join(names)}, = s.values")
+    if layout.keys:
+        lines.append("    " + "".join(f"v{i}, " for i in range(len(layout.keys))) + "= s.values")
     namespace: dict[str, Any] = {
         "_pack_times": _pack_times,
         "_FLAGS": _FLAGS,
         "_SPAN_HEADERS": _SPAN_HEADERS,
+        "_CACHED_TYPES": _CACHED_TYPES,
         "_span_head": _span_head,
         "_string_head": _string_head,
         "_other_value": _other_value,
-        "str": str,
-        "type": type,
-        "len": len,
+        "_value_field": _value_field,
+        "HEAD": layout.head,
     }
-    parts: list[str] = []
+    shape = []
+    parts = ""
     for i, (key, prefix) in enumerate(zip(layout.keys, layout.prefixes, strict=True)):
         namespace[f"P{i}"] = prefix
-        short = 124 - len(prefix)  # below it, every length of the field fits in a byte
-        namespace[f"H{i}"] = tuple(_string_head(prefix, n) for n in range(max(short, 0)))
-        encoded = [
-            f"        d{i} = v{i}.encode()",
-            "        n = len(d" + str(i) + ")",
-            f"        h{i} = H{i}[n] if n < {short} else _string_head(P{i}, n)",
-        ]
         if key in _UNCACHED:
+            short = max(124 - len(prefix), 0)  # below it, every length fits in a byte
+            namespace[f"N{i}"] = short
+            size = len(prefix) + 3
+            namespace[f"H{i}"] = tuple(
+                b"\x4a%c%b%c\x0a%c" % (n + size, prefix, n + 2, n) for n in range(short)
+            )
             lines += [
                 f"    if type(v{i}) is str:",
-                *encoded,
+                f"        d{i} = v{i}.encode()",
+                f"        n = len(d{i})",
+                f"        h{i} = H{i}[n] if n < N{i} else _string_head(P{i}, n)",
                 f"    elif v{i} is None:",
                 f"        h{i} = d{i} = b''",
                 "    else:",
-                f"        h{i} = _other_value(P{i}, v{i})",
-                f"        d{i} = b''",
+                f"        h{i}, d{i} = _other_value(P{i}, v{i}), b''",
             ]
-            parts += [f"h{i}", f"d{i}"]
+            parts += f", h{i}, d{i}"
+            shape.append(True)
         else:
-            namespace[f"S{i}"] = {}  # str value -> field
-            namespace[f"I{i}"] = {}  # int value -> field
+            namespace[f"C{i}"] = {}
             lines += [
-                f"    if v{i} is None:",
-                f"        a{i} = b''",
-                f"    elif type(v{i}) is str:",
-                f"        a{i} = S{i}.get(v{i})",
-                f"        if a{i} is None:",
-                *("    " + line for line in encoded),
-                f"            a{i} = h{i} + d{i}",
-                f"            if len(S{i}) < {_CACHE_MAX}:",
-                f"                S{i}[v{i}] = a{i}",
-                f"    elif type(v{i}) is int:",
-                f"        a{i} = I{i}.get(v{i})",
-                f"        if a{i} is None:",
-                f"            a{i} = _other_value(P{i}, v{i})",
-                f"            if len(I{i}) < {_CACHE_MAX}:",
-                f"                I{i}[v{i}] = a{i}",
-                "    else:",
-                f"        a{i} = _other_value(P{i}, v{i})",
+                f"    a{i} = C{i}.get(v{i}) if type(v{i}) in _CACHED_TYPES "
+                f"else _other_value(P{i}, v{i})",
+                f"    if a{i} is None:",
+                f"        a{i} = _value_field(C{i}, P{i}, v{i})",
             ]
-            parts.append(f"a{i}")
-    namespace["HEAD"] = layout.head
-    values = "".join(f", {part}" for part in parts)
+            parts += f", a{i}"
+            shape.append(False)
+    trace = "b'\\x0a\\x10', s.trace_id.to_bytes(16), b'\\x12\\x08', s.span_id.to_bytes(8)"
     times = "_pack_times(0x39, s.start_time, 0x41, s.end_time)"
     lines += [
         "    parent_id = s.parent_id",
         "    if parent_id:",
-        "        body = b''.join((b'\\x0a\\x10', s.trace_id.to_bytes(16), b'\\x12\\x08', "
-        "s.span_id.to_bytes(8), b'\\x22\\x08', parent_id.to_bytes(8), "
-        f"{times}, HEAD{values}, _FLAGS[s.remote]))",
+        f"        body = b''.join(({trace}, b'\\x22\\x08', parent_id.to_bytes(8), {times}, "
+        f"HEAD{parts}, _FLAGS[s.remote]))",
         "    else:",
-        "        body = b''.join((b'\\x0a\\x10', s.trace_id.to_bytes(16), b'\\x12\\x08', "
-        f"s.span_id.to_bytes(8), {times}, HEAD{values}, _FLAGS[False]))",
+        f"        body = b''.join(({trace}, {times}, HEAD{parts}, _FLAGS[False]))",
         "    n = len(body)",
         "    return (_SPAN_HEADERS.get(n) or _span_head(n)) + body",
     ]
-    code = "\n".join(lines)
-    exec(code, namespace)  # noqa: S102 (code written above from the layout's keys)
-    encode: Callable[[Span], bytes] = namespace["encode"]
-    encode.__doc__ = code
+    source = "\n".join(lines)
+    code = _CODES.get(source)
+    if code is None:  # the source depends on the keys' kinds only: shared by layouts
+        module = compile(source, "<nerve.observe.otlp encoder>", "exec")
+        code = _CODES[source] = next(c for c in module.co_consts if isinstance(c, CodeType))
+    encode: Callable[[Span], bytes] = FunctionType(code, namespace, "encode")
+    encode.__doc__ = source
     return encode
+
+
+_CODES: dict[str, CodeType] = {}
+_COMPILE_AFTER = 32
+"""Spans of a layout written the general way before its encoder is compiled."""

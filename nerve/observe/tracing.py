@@ -412,7 +412,7 @@ class Tracing:
         self._start(layout, None, (len(events),), links).end()
 
     def start_process(
-        self, function: str, event: Event, attempt: int, *, current: bool = False
+        self, function: str, event: Event, attempt: int, current: bool = False
     ) -> HandlerTrace:
         """The ``process`` span of one handler attempt (child of the event's context).
         With ``current``, the span is the current span until :meth:`end_process`, so
@@ -438,15 +438,18 @@ class Tracing:
                 ),
             ),
         )
-        correlation = event.extensions.get("correlationid")
+        # `in` first: a mapping proxy's get() is a method call, four times the cost
+        extensions = event.extensions
+        correlation = extensions["correlationid"] if "correlationid" in extensions else None  # noqa: SIM401
         values = [event.id, attempt, None if correlation is None else str(correlation), None]
+        parent = _parent_of(event) if "traceparent" in extensions else None
         recorder = self._recorder
         if recorder is None:
-            return HandlerTrace(self, self._start(layout, _parent_of(event), values), current)
+            return HandlerTrace(self, self._start(layout, parent, values), current)
         # the lean path, written out: this runs for every handler attempt
         handle: HandlerTrace = _new(HandlerTrace)
         handle._tracing = self
-        handle.span = span = recorder.start(layout, _parent_of(event), values)
+        handle.span = span = recorder.start(layout, parent, values)
         if not current:
             handle._token = None
         elif _CONTEXT is None:
@@ -466,7 +469,15 @@ class Tracing:
         token = handle._token
         if token is not None:
             handle._token = None
-            _restore(token)
+            if _CONTEXT is None:
+                _detach(token)
+            else:  # _restore, written out
+                try:
+                    _CONTEXT[0].reset(token)
+                except ValueError:  # made in another context: as detach does, log
+                    logging.getLogger("nerve.observe").exception(
+                        "tracing: failed to detach context"
+                    )
         span = handle.span
         if type(span) is _LeanSpan:
             recorder = span.recorder
@@ -476,9 +487,16 @@ class Tracing:
                 span.values[3] = outcome  # type: ignore[index]
             else:  # an attribute of the layout was set: they are all in extra
                 span.extra[_OUTCOME] = outcome  # type: ignore[index]
-            if error is None:  # Span.end, written out: this runs for every attempt
+            if error is None:  # Span.end and Pipeline.add, written out: for every attempt
                 span.end_time = _time_ns()
-                recorder.add(span)
+                pipeline = self._pipeline
+                if pipeline is None:
+                    recorder.add(span)
+                    return
+                queue = pipeline._queue
+                queue.append(span)
+                if len(queue) >= pipeline._check:
+                    pipeline._more()
                 return
         elif span.is_recording():
             span.set_attribute("nerve.outcome", outcome)

@@ -145,7 +145,10 @@ def plain_spans() -> list[otlp.Span]:
     return kept.spans
 
 
-def test_the_compiled_encoders_write_what_opentelemetry_encodes() -> None:
+def test_the_compiled_encoders_write_what_opentelemetry_encodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(otlp, "_COMPILE_AFTER", 1)  # compiled after one span of a sort
     spans = plain_spans()
     assert not any(s.detailed for s in spans)
     sdk = otlp.SdkSpans(RESOURCE, "1.2.3")
@@ -161,6 +164,7 @@ def test_the_compiled_encoders_write_what_opentelemetry_encodes() -> None:
     assert [kv.value.string_value for kv in third.attributes if kv.key == "x"] == ["z" * 128]
     assert not got_spans[0].parent_span_id and got_spans[9].parent_span_id
     # every span, alone, is the bytes the encoder for any span writes
+    assert all(s.layout is not None and s.layout.encode is not None for s in spans)
     for span in spans:
         assert encoder.span(span) == encoder._detailed(span)
 
