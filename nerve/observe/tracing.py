@@ -393,9 +393,10 @@ class Tracing:
         ``_MAX_LINKS`` of) its events' contexts."""
         links: list[otlp.LinkData] = []
         for event in events[:_MAX_LINKS]:
-            linked = _parent_of(event)
-            if linked is not None:
-                links.append((*linked, None))
+            if "traceparent" in event.extensions:
+                linked = _parent_of(event)
+                if linked is not None:
+                    links.append((*linked, None))
         layout = self._layout(
             ("receive", function),
             lambda: Layout(
