@@ -15,6 +15,7 @@ from nerve.errors import BrokerUnavailable, ConfigError
 from nerve.event import Event
 from nerve.transport.rabbitmq import (
     RabbitMQConfig,
+    RabbitMQConsumer,
     RabbitMQDelivery,
     RabbitMQTransport,
     binding_key,
@@ -107,6 +108,15 @@ async def test_a_binary_mode_cloudevent_from_a_plain_client_is_received(tmp_path
         await transport.close()
 
 
+async def _fetch_n(consumer: RabbitMQConsumer, n: int) -> list[RabbitMQDelivery]:
+    """Fetch until ``n`` deliveries came, or 10 s passed."""
+    got: list[RabbitMQDelivery] = []
+    deadline = time.monotonic() + 10
+    while len(got) < n and time.monotonic() < deadline:
+        got += await consumer.fetch(n - len(got), 1.0)
+    return got
+
+
 async def test_concurrent_nacks_declare_each_delay_queue_once(tmp_path: Path) -> None:
     # The cause of the amqp:// stall: concurrent nacks each declared the same delay queue
     # on their own channel, and RabbitMQ 3.10 refused (nacked) copies published to a
@@ -129,19 +139,13 @@ async def test_concurrent_nacks_declare_each_delay_queue_once(tmp_path: Path) ->
         await transport.publish(
             [Event(type="order.created", source="/t", data={"n": i}) for i in range(40)]
         )
-        got: list[RabbitMQDelivery] = []
-        deadline = time.monotonic() + 10
-        while len(got) < 40 and time.monotonic() < deadline:
-            got += await consumer.fetch(40 - len(got), 1.0)
+        got = await _fetch_n(consumer, 40)
         delays = [0.1 * (1 + i % 8) for i in range(len(got))]
         await asyncio.gather(*(d.nack(s) for d, s in zip(got, delays, strict=True)))
         assert sorted(declared) == sorted(
             {f"{transport._queue('g')}.delay.{delay_bucket(s)}" for s in delays}
         )
-        again: list[RabbitMQDelivery] = []
-        deadline = time.monotonic() + 10
-        while len(again) < 40 and time.monotonic() < deadline:
-            again += await consumer.fetch(40 - len(again), 1.0)
+        again = await _fetch_n(consumer, 40)
         assert sorted(d.event.id for d in again) == sorted(d.event.id for d in got)
         await consumer.ack_many(again)
     finally:
@@ -205,10 +209,7 @@ async def test_batched_acks_never_cover_a_message_still_held(tmp_path: Path) -> 
         await transport.publish(
             [Event(type="order.created", source="/t", data={"n": i}) for i in range(8)]
         )
-        got: list[RabbitMQDelivery] = []
-        deadline = time.monotonic() + 10
-        while len(got) < 8 and time.monotonic() < deadline:
-            got += await consumer.fetch(8 - len(got), 1.0)
+        got = await _fetch_n(consumer, 8)
         assert len(got) == 8
         got.sort(key=lambda d: d._tag)
         channel = got[0].message.channel
@@ -218,7 +219,7 @@ async def test_batched_acks_never_cover_a_message_still_held(tmp_path: Path) -> 
             frames.append((tag, multiple))
             await ack(tag, multiple=multiple, wait=wait)
 
-        channel.basic_ack = recording  # type: ignore[method-assign]
+        channel.basic_ack = recording  # type: ignore[method-assign,assignment]
         first, second, held, rest = got[0], got[1], got[2], got[3:]
         # the lowest two and the top five: the multiple ack stops below the held one
         assert await consumer.ack_many([second, first, *rest]) == []
@@ -229,10 +230,7 @@ async def test_batched_acks_never_cover_a_message_still_held(tmp_path: Path) -> 
         await held.nack(0)
         await consumer.close()
         again = transport.consumer(sub)
-        back: list[RabbitMQDelivery] = []
-        deadline = time.monotonic() + 10
-        while not back and time.monotonic() < deadline:
-            back += await again.fetch(8, 0.5)
+        back = await _fetch_n(again, 1)
         assert [d.event.id for d in back] == [held.event.id]  # only the held one came back
         assert await again.ack_many(back) == []
         await again.close()
