@@ -1073,9 +1073,7 @@ class OtlpEncoder:
                         parts.append(b"\x4a%c%b%c\x0a%c%b" % (size + 3, prefix, n + 2, n, data))
                     else:
                         any_value = b"\x0a" + _varint(n) + data
-                        parts.append(
-                            _field(b"\x4a", prefix + _varint(len(any_value)) + any_value)
-                        )
+                        parts.append(_field(b"\x4a", prefix + _varint(len(any_value)) + any_value))
                 elif type(value) is int and 0 <= value < 0x80 and len(prefix) < 124:
                     parts.append(b"\x4a%c%b\x02\x18%c" % (len(prefix) + 3, prefix, value))
                 elif value is not None:
