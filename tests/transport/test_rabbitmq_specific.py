@@ -108,6 +108,19 @@ async def test_a_binary_mode_cloudevent_from_a_plain_client_is_received(tmp_path
         await transport.close()
 
 
+async def _publish_and_fetch(
+    transport: RabbitMQTransport, n: int
+) -> tuple[Subscription, RabbitMQConsumer, list[RabbitMQDelivery]]:
+    """Declare group ``g``, publish ``n`` events to it and fetch them."""
+    sub = Subscription("g", ("order.created",))
+    await transport.declare([sub])
+    consumer = transport.consumer(sub)
+    await transport.publish(
+        [Event(type="order.created", source="/t", data={"n": i}) for i in range(n)]
+    )
+    return sub, consumer, await _fetch_n(consumer, n)
+
+
 async def _fetch_n(consumer: RabbitMQConsumer, n: int) -> list[RabbitMQDelivery]:
     """Fetch until ``n`` deliveries came, or 10 s passed."""
     got: list[RabbitMQDelivery] = []
@@ -133,13 +146,7 @@ async def test_concurrent_nacks_declare_each_delay_queue_once(tmp_path: Path) ->
 
     transport._declare_delay_queue = counting  # type: ignore[method-assign]
     try:
-        sub = Subscription("g", ("order.created",))
-        await transport.declare([sub])
-        consumer = transport.consumer(sub)
-        await transport.publish(
-            [Event(type="order.created", source="/t", data={"n": i}) for i in range(40)]
-        )
-        got = await _fetch_n(consumer, 40)
+        _, consumer, got = await _publish_and_fetch(transport, 40)
         delays = [0.1 * (1 + i % 8) for i in range(len(got))]
         await asyncio.gather(*(d.nack(s) for d, s in zip(got, delays, strict=True)))
         assert sorted(declared) == sorted(
@@ -203,13 +210,7 @@ async def test_batched_acks_never_cover_a_message_still_held(tmp_path: Path) -> 
     await transport.start()
     frames: list[tuple[int, bool]] = []
     try:
-        sub = Subscription("g", ("order.created",))
-        await transport.declare([sub])
-        consumer = transport.consumer(sub)
-        await transport.publish(
-            [Event(type="order.created", source="/t", data={"n": i}) for i in range(8)]
-        )
-        got = await _fetch_n(consumer, 8)
+        sub, consumer, got = await _publish_and_fetch(transport, 8)
         assert len(got) == 8
         got.sort(key=lambda d: d._tag)
         channel = got[0].message.channel
