@@ -50,7 +50,7 @@ class FunctionObserver:
 
     def _latencies(self, metrics: FunctionMetrics, events: Sequence[Event], now: float) -> None:
         """The end-to-end latency of a batch's events: the one the runner has just noted
-        in its stats (``FunctionStats.note_latency``, once per event with a time, just
+        in its stats (``FunctionStats.latencies``, once per event with a time, just
         before it calls :meth:`dispatched`), read from there rather than computed again."""
         stats = self._stats
         if stats is None:

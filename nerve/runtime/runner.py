@@ -121,12 +121,8 @@ class FunctionStats:
     cold_starts: int = 0
     handler_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
-    """Recent event-time-to-handler-start latencies in seconds (bounded window)."""
-
-    def note_latency(self, seconds: float) -> None:
-        self.latencies.append(seconds)
-        if len(self.latencies) > 4096:
-            del self.latencies[:2048]
+    """Recent event-time-to-handler-start latencies in seconds (bounded window: the
+    runner appends a fetched batch's, then trims to the last 2,048-4,096)."""
 
 
 @dataclass(slots=True)
