@@ -639,6 +639,7 @@ class RabbitMQConsumer:
     def _expired(self, delivery: RabbitMQDelivery) -> None:
         """The lease ran out while this consumer is alive: requeue the message."""
         self._held.discard(delivery)
+        self._side.add((id(delivery.message.channel), delivery._tag))  # now, not when it runs
         requeue = delivery.message.channel.basic_nack(delivery._tag, requeue=True)
         self._spawn(self._side_settle(delivery, requeue))
 
