@@ -147,7 +147,7 @@ class EventReader:
                     f"the upcaster of {self.type_name!r} {from_version} -> {to_version} "
                     f"returned a {type(data).__name__}; it must return a dict"
                 )
-        return self.model.model_validate(data)
+        return self._validate(data)
 
     def _chain(self, dataschema: str) -> list[tuple[int, int, Upcaster]]:
         parsed = parse_dataschema(dataschema)
