@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transport.conftest import require_server
@@ -349,3 +350,50 @@ async def test_an_sqlite_too_old_for_nerve_is_refused_by_name(
         await SqliteTransport(f"sqlite:///{tmp_path}/nerve.db").start()
     with pytest.raises(StoreError, match=r"the SQLite store needs SQLite 3\.35"):
         await SqliteStore(f"sqlite:///{tmp_path}/store.db").start()
+
+
+async def test_small_idempotency_checks_read_on_the_loop_and_fall_back_to_the_thread(
+    tmp_path: Path,
+) -> None:
+    """Checks of up to INLINE_READ ids read on the loop's own connection, larger ones
+    in the reader thread, and a failing inline read goes to the thread: the answers
+    are the same either way, including records committed just before."""
+    from nerve.store import sqlite as sqlite_store
+
+    store = store_from_url(f"sqlite:///{tmp_path}/store.db")
+    assert isinstance(store, SqliteStore)
+    await store.start()
+    try:
+        assert store._inline is not None
+        done = [f"e{i}" for i in range(0, 40, 2)]
+        await store.commit_records([("f", e, []) for e in done])
+        small = ["e0", "e1", "e2"]
+        large = [f"e{i}" for i in range(40)]
+        assert len(small) <= sqlite_store.INLINE_READ < len(large)
+        reads: list[str] = []
+        inline, call = store._inline, store._reader.call
+
+        class Counted:  # the inline connection, counting its statements
+            def execute(self, *args: Any) -> Any:
+                reads.append("inline")
+                return inline.execute(*args)
+
+        async def counted_call(fn: Any) -> Any:
+            reads.append("thread")
+            return await call(fn)
+
+        store._inline = Counted()  # type: ignore[assignment]
+        store._reader.call = counted_call  # type: ignore[method-assign]
+        assert await store.processed_many("f", small) == {"e0", "e2"}
+        assert await store.processed_many("f", large) == set(done)
+        assert reads == ["inline", "thread"]
+        await store.commit_records([("f", "e1", [])])  # seen at once by the next check
+        assert await store.processed_many("f", small) == {"e0", "e1", "e2"}
+        inline.close()  # every inline read now fails: the thread answers
+        reads.clear()
+        assert await store.processed_many("f", small) == {"e0", "e1", "e2"}
+        assert reads == ["inline", "thread"]
+        store._inline = inline
+    finally:
+        await store.close()
+
