@@ -62,7 +62,12 @@ def connect(
     )
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     if path != ":memory:":
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        # Switching a new file to WAL takes an exclusive lock without calling the busy
+        # handler: processes opening the same new file at once get "database is
+        # locked" at once, so retry here.
+        mode = retry_busy(
+            lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone()[0], max(busy_timeout, 5.0)
+        )
         if str(mode).lower() != "wal" and "mode=memory" not in path:
             raise StoreError(f"{path}: could not switch SQLite to WAL mode (got {mode})")
     conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -109,11 +114,17 @@ def execute_write(
     worker thread must take the GIL back, which can mean waiting for a busy event
     loop thread (up to the interpreter's switch interval, 5 ms), while every other
     process's writers wait for the lock."""
+    return retry_busy(lambda: conn.execute(sql, params).rowcount, timeout)
+
+
+def retry_busy(fn: Callable[[], T], timeout: float) -> T:
+    """``fn()``, retried while SQLite says the database is locked or busy, with a
+    backoff from 20 microseconds to 1 ms, for up to ``timeout`` seconds."""
     delay = 0.00002
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return conn.execute(sql, params).rowcount
+            return fn()
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise

@@ -397,3 +397,41 @@ async def test_small_idempotency_checks_read_on_the_loop_and_fall_back_to_the_th
     finally:
         await store.close()
 
+
+async def test_many_openers_of_one_new_database_all_succeed(tmp_path: Path) -> None:
+    """Processes starting together (two workers of one app) open the same new SQLite
+    files at once. Switching a new file to WAL takes an exclusive lock without SQLite's
+    busy handler, so without a retry one opener in ~15 got "database is locked" (the
+    schema registry failed this way in CI). Threads race the same way as processes."""
+    import threading
+
+    from nerve._sqlite import connect
+    from nerve.http.auth import KeyStore
+    from nerve.schema.registry import SqliteSchemaStorage
+
+    def open_one(kind: int, path: str, start: threading.Barrier, errors: list[Exception]) -> None:
+        start.wait()
+        try:
+            if kind == 0:
+                connect(path).close()
+            elif kind == 1:
+                KeyStore(path).close()
+            else:
+                storage = SqliteSchemaStorage(path)
+                asyncio.run(storage.start())
+                asyncio.run(storage.close())
+        except Exception as exc:
+            errors.append(exc)
+
+    for round_ in range(40):
+        path = str(tmp_path / f"db{round_}.db")
+        start = threading.Barrier(6)
+        errors: list[Exception] = []
+        threads = [
+            threading.Thread(target=open_one, args=(n % 3, path, start, errors)) for n in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [], f"round {round_}: {errors}"

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import orjson
 
+from nerve._sqlite import connect
 from nerve.app import matches_pattern
 from nerve.errors import ConfigError
 
@@ -109,12 +110,7 @@ class KeyStore:
     def __init__(self, path: str | Path = ":memory:") -> None:
         self.path = str(path)
         try:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn = connect(self.path)
             self._conn.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"cannot open the key store at {self.path!r}: {exc}") from None

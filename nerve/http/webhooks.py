@@ -174,16 +174,14 @@ class SeenMessages:
     always with the same webhook-id)."""
 
     def __init__(self, path: str, retention: float = 7 * 86400.0) -> None:
-        import sqlite3
         import threading
+
+        from nerve._sqlite import connect
 
         self.path = path
         self.retention = retention
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=30
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn = connect(path)
         self._conn.execute(
             "CREATE TABLE IF NOT EXISTS http_webhooks_seen (source TEXT NOT NULL, "
             "msg_id TEXT NOT NULL, seen_at REAL NOT NULL, PRIMARY KEY (source, msg_id))"

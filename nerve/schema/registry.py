@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import orjson
 
+from nerve._sqlite import connect
 from nerve.errors import ConfigError, StoreError
 from nerve.schema.compat import (
     Compatibility,
@@ -171,14 +172,7 @@ class SqliteSchemaStorage:
 
     async def start(self) -> None:
         def open_db() -> sqlite3.Connection:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            if self.path != ":memory:":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn = connect(self.path)
             conn.executescript(_SQLITE_SCHEMA)
             return conn
 
