@@ -863,3 +863,23 @@ def test_only_with_an_unknown_name_is_a_config_error() -> None:
 def test_bad_broker_url_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="bogus"):
         Runtime(make_app(), "bogus://x")
+
+
+async def test_the_duration_metric_and_the_stats_time_each_handler_call() -> None:
+    app = make_app()
+
+    @app.function("order.placed", concurrency=1)
+    async def slow(order: OrderPlaced, ctx: Context) -> None:
+        await asyncio.sleep(0.05)
+
+    async with Runtime(app, "memory://", metrics=True) as rt:
+        for i in range(4):
+            await rt.client.publish(OrderPlaced(order_id=f"o{i}", amount=i))
+        await rt.wait_idle()
+        assert rt.metrics is not None
+        duration = rt.metrics.function("slow").duration
+        stats = rt.runners["slow"].stats
+    assert sum(duration.counts) == 4
+    # one clock pair per call, shared by the metric and the stats: ~0.05 s each
+    assert 0.2 <= duration.sum < 0.4, duration.sum
+    assert stats.handler_seconds == pytest.approx(duration.sum)

@@ -5,14 +5,14 @@ A runner holds one :class:`FunctionObserver` when tracing or metrics are on, and
 per fetched batch where they can be (latency, receive span, emitted events) and per
 handler attempt where they must be (duration, outcome, process span). With metrics
 only (the default of ``nerve run``) a :class:`MetricsObserver` does the least work
-it can: a clock read, a bisect and two dictionary updates per attempt, and a batch's
-latencies (which the runner has computed already) bucketed at once.
+it can: a bisect and two dictionary updates per attempt (the runner times the
+handler, with the clock reads of its own statistics), and a batch's latencies (which
+the runner has computed already) bucketed at once.
 """
 
 from __future__ import annotations
 
 import bisect
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FunctionObserver", "MetricsObserver", "observer_for"]
 
-_clock = time.perf_counter
 _bisect = bisect.bisect_left
 
 
@@ -78,20 +77,20 @@ class FunctionObserver:
         if self.tracing is not None and events:
             self.tracing.received(self.name, events)
 
-    def start(self, ctx: Context) -> float:
-        """A handler attempt starts; returns the start time for :meth:`end`."""
-        if self.tracing is not None:
-            ctx.trace = self.tracing.start_process(self.name, ctx.event, ctx.attempt, True)
-        return _clock()
+    def start(self, ctx: Context) -> None:
+        """A handler attempt starts (called only when tracing is on: metrics need
+        nothing here, the runner times the handler)."""
+        tracing = self.tracing
+        if tracing is not None:
+            ctx.trace = tracing.start_process(self.name, ctx.event, ctx.attempt, True)
 
     def end(
-        self, ctx: Context, started: float, outcome: str, error: BaseException | None = None
+        self, ctx: Context, seconds: float, outcome: str, error: BaseException | None = None
     ) -> None:
-        """A handler attempt ended: 'processed', 'retried', 'dead_lettered' or
-        'released' (cancelled by a shutdown: not counted)."""
+        """A handler attempt ended after ``seconds``: 'processed', 'retried',
+        'dead_lettered' or 'released' (cancelled by a shutdown: not counted)."""
         metrics = self.metrics
         if metrics is not None:
-            seconds = _clock() - started
             if outcome == "processed":  # FunctionMetrics.handled, written out
                 duration = metrics.duration
                 duration.counts[_bisect(duration.bounds, seconds)] += 1
@@ -101,8 +100,9 @@ class FunctionObserver:
                 processed[type_name] = processed.get(type_name, 0) + 1
             elif outcome != "released":
                 metrics.handled(ctx.event.type, seconds, outcome)
-        if self.tracing is not None and ctx.trace is not None:
-            self.tracing.end_process(ctx.trace, error, outcome)
+        handle = ctx.trace
+        if handle is not None and self.tracing is not None:
+            self.tracing.end_process(handle, error, outcome)
 
     def dead(self, delivery: Delivery, reason: str, before_handler: bool) -> None:
         """A delivery is dead-lettered (``before_handler``: its handler never ran)."""
@@ -138,13 +138,9 @@ class MetricsObserver(FunctionObserver):
     def dispatched(self, events: Sequence[Event], now: float) -> None:
         self._latencies(self.metrics, events, now)  # type: ignore[arg-type]
 
-    def start(self, ctx: Context) -> float:
-        return _clock()
-
     def end(
-        self, ctx: Context, started: float, outcome: str, error: BaseException | None = None
+        self, ctx: Context, seconds: float, outcome: str, error: BaseException | None = None
     ) -> None:
-        seconds = _clock() - started
         if outcome == "processed":
             duration = self._duration
             self._counts[_bisect(self._bounds, seconds)] += 1

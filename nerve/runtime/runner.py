@@ -38,7 +38,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -188,8 +188,12 @@ class FunctionRunner:
         self._finisher: asyncio.Task[None] | None = None
         self._observer = observer_for(runtime, function.name)  # None: nothing observes
         self._handler = function.handler
+        self._traced: Callable[[Context], None] | None = None
+        """Starts a handler attempt's span (None: tracing is off)."""
         if self._observer is not None:
             self._handler = self._observer.wrap(function.handler)
+            if self._observer.tracing is not None:
+                self._traced = self._observer.start
 
     # -- the loop --------------------------------------------------------------------
 
@@ -439,7 +443,7 @@ class FunctionRunner:
         """
         fn = self.function
         runtime = self.runtime
-        handler, obs = self._handler, self._observer
+        handler, obs, traced = self._handler, self._observer, self._traced
         gate = self._gate
         timeout = fn.timeout
         while True:
@@ -447,24 +451,28 @@ class FunctionRunner:
             ctx = Context(runtime.app, fn, event, attempt, unit)
             started = time.monotonic()
             self._started[delivery] = started
-            mark = 0.0
+            # the handler's run time, from when it has its place: the runner's stats and
+            # the observer's duration metric share these two clock reads
+            seconds = 0.0
             try:
                 if gate.active < gate.limit and not gate._waiters:
                     gate.active += 1  # a free place: taken in place (the common case)
                 else:
                     await gate.acquire()
+                    started = time.monotonic()
                 try:
-                    if obs is not None:
-                        mark = obs.start(ctx)
+                    if traced is not None:
+                        traced(ctx)
                     if timeout is None:
                         await handler(payload, ctx)
                     else:
                         await self._timed(handler, payload, ctx, timeout)
                 finally:
+                    seconds = time.monotonic() - started
                     gate.release()
             except asyncio.CancelledError:
                 if obs is not None:
-                    obs.end(ctx, mark, "released")
+                    obs.end(ctx, seconds, "released")
                 await unit.rollback()
                 await self._release(delivery, 0.0)
                 raise
@@ -472,7 +480,7 @@ class FunctionRunner:
                 await unit.rollback()
                 reason = "dead-letter" if isinstance(exc, DeadLetter) else "emit-not-declared"
                 if obs is not None:
-                    obs.end(ctx, mark, "dead_lettered", exc)
+                    obs.end(ctx, seconds, "dead_lettered", exc)
                 await self._dead(delivery, reason, exc, attempt)
                 return
             except Exception as exc:
@@ -480,7 +488,7 @@ class FunctionRunner:
                 self.stats.failed += 1
                 if obs is not None:
                     retry = attempt < fn.retry.max_attempts
-                    obs.end(ctx, mark, "retried" if retry else "dead_lettered", exc)
+                    obs.end(ctx, seconds, "retried" if retry else "dead_lettered", exc)
                 if attempt >= fn.retry.max_attempts:
                     await self._dead(delivery, "max-attempts", exc, attempt)
                     return
@@ -505,10 +513,10 @@ class FunctionRunner:
                 await self._release(delivery, delay)
                 return
             finally:
-                self.stats.handler_seconds += time.monotonic() - started
+                self.stats.handler_seconds += seconds
                 self._started.pop(delivery, None)
             if obs is not None:
-                obs.end(ctx, mark, "processed")
+                obs.end(ctx, seconds, "processed")
             if unit.active:
                 await self._succeeded(delivery, event, unit, ctx.emitted)
             else:  # the store untouched: the finisher records it with its batch
