@@ -116,9 +116,9 @@ class Layout:
         """Span fields name (5) and kind (6), and the constant attributes (9)."""
         self.prefixes = tuple(_field(b"\x0a", key.encode()) + b"\x12" for key in self.keys)
         """Per key: the start of its KeyValue, up to the value's length."""
-        self.encode: Callable[[Span], bytes] | None = None
-        """This sort's spans as OTLP (when not ``detailed``): made by the encoder once
-        ``encoded`` spans of it were written the general way."""
+        self.encode: Callable[[Span, Callable[[bytes], None]], None] | None = None
+        """Appends this sort's spans as OTLP parts (when not ``detailed``): made by the
+        encoder once ``encoded`` spans of it were written the general way."""
         self.encoded = 0
 
     def attributes(self, values: Sequence[Any]) -> dict[str, Any]:
@@ -577,6 +577,8 @@ class Pipeline:
             self.dropped += 1
         if not self._wake.is_set():
             self._wake.set()
+        # the thread is woken: look again a batch later, not at every span until it runs
+        self._check = min(len(queue) + self.batch, self.max_queue + 1)
 
     def _start(self) -> None:
         if self._closed:
@@ -594,6 +596,7 @@ class Pipeline:
             # next one: one request per OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans, not one
             # more for the few that came meanwhile); the delay passed: export all
             self._send(whole=not woken)
+            self._check = self.batch
 
     def flush(self) -> None:
         """Export every span queued so far (in the calling thread)."""
@@ -959,9 +962,18 @@ class OtlpEncoder:
         self._states: dict[str, bytes] = {}
 
     def request(self, spans: Iterable[Span]) -> bytes:
-        scope_spans = _field(b"\x12", self._scope + b"".join(self.spans(spans)))
-        resource_spans = self._resource + scope_spans + self._resource_schema
-        return _field(b"\x0a", resource_spans)
+        """The request body, joined once (a batch is 100 KB or more: no copies of it
+        on the way, only the lengths of its enclosing messages worked out)."""
+        parts = self.spans(spans)
+        scope_spans = len(self._scope) + sum(map(len, parts))
+        scope_head = b"\x12" + _varint(scope_spans)
+        resource_spans = (
+            len(self._resource) + len(scope_head) + scope_spans + len(self._resource_schema)
+        )
+        head = [b"\x0a" + _varint(resource_spans), self._resource, scope_head, self._scope]
+        parts[:0] = head
+        parts.append(self._resource_schema)
+        return b"".join(parts)
 
     def _attribute(self, key: str, value: Any) -> bytes:
         """The ``Span.attributes`` field of one attribute (after a miss in the cache of
@@ -974,13 +986,7 @@ class OtlpEncoder:
                     self._keys.clear()
                 prefix = self._keys[key] = _field(b"\x0a", key.encode()) + b"\x12"
             data = value.encode()
-            n = len(data)
-            if n < 126 and len(prefix) + n < 124:  # every length fits in one byte
-                encoded = b"\x4a%c%b%c\x0a%c%b" % (len(prefix) + n + 3, prefix, n + 2, n, data)
-            else:
-                encoded = _field(
-                    b"\x4a", prefix + _varint(n + 1 + len(_varint(n))) + b"\x0a" + _varint(n) + data
-                )
+            encoded: bytes = _string_head(prefix, len(data)) + data
             if key not in _UNCACHED:
                 cache = self._attributes
                 if len(cache) >= _CACHE_MAX:
@@ -1008,12 +1014,13 @@ class OtlpEncoder:
 
     def span(self, s: Span) -> bytes:
         """One span, as a ``ScopeSpans.spans`` field."""
-        return self.spans([s])[0]
+        return b"".join(self.spans([s]))
 
     def spans(self, batch: Iterable[Span]) -> list[bytes]:
-        """Spans, each as a ``ScopeSpans.spans`` field. A span that is not ``detailed``
-        is written by its layout's encoder (see :func:`_compile`): ids, times and
-        values in one bytes formatting with the constant parts in the template."""
+        """Spans as ``ScopeSpans.spans`` fields, in parts to be joined (a span may be
+        more than one). A span that is not ``detailed`` is written by its layout's
+        encoder (see :func:`_compile`): ids, times and values joined with the constant
+        parts of its layout, and its field's tag and length as a part of its own."""
         out: list[bytes] = []
         append = out.append
         detailed = self._detailed
@@ -1029,7 +1036,7 @@ class OtlpEncoder:
                 if layout.encoded >= _COMPILE_AFTER:
                     layout.encode = _compile(layout)
                 continue
-            append(encode(s))
+            encode(s, append)
         return out
 
     def _detailed(self, s: Span) -> bytes:
@@ -1067,19 +1074,9 @@ class OtlpEncoder:
             for prefix, value in zip(layout.prefixes, s.values, strict=True):
                 if type(value) is str:
                     data = value.encode()
-                    n = len(data)
-                    size = len(prefix) + n
-                    if size < 124:  # every length fits in one byte
-                        parts.append(b"\x4a%c%b%c\x0a%c%b" % (size + 3, prefix, n + 2, n, data))
-                    else:
-                        any_value = b"\x0a" + _varint(n) + data
-                        parts.append(_field(b"\x4a", prefix + _varint(len(any_value)) + any_value))
-                elif type(value) is int and 0 <= value < 0x80 and len(prefix) < 124:
-                    parts.append(b"\x4a%c%b\x02\x18%c" % (len(prefix) + 3, prefix, value))
+                    parts += (_string_head(prefix, len(data)), data)
                 elif value is not None:
-                    encoded = _any_value(value)
-                    if encoded is not None:
-                        parts.append(_field(b"\x4a", prefix + _varint(len(encoded)) + encoded))
+                    parts.append(_other_value(prefix, value))
         if s.extra:
             cache = self._attributes
             attribute = self._attribute
@@ -1168,7 +1165,7 @@ _CACHED_TYPES = frozenset({str, int, type(None)})
 float, which do equal ints, are encoded each time)."""
 
 
-def _compile(layout: Layout) -> Callable[[Span], bytes]:
+def _compile(layout: Layout) -> Callable[[Span, Callable[[bytes], None]], None]:
     """The encoder of ``layout``'s spans that are not ``detailed``: a function with the
     layout's keys written out (no loop), joining the span's ids, times and values with
     the layout's constant bytes (name, kind, constant attributes, keys), a span in a
@@ -1178,7 +1175,7 @@ def _compile(layout: Layout) -> Callable[[Span], bytes]:
     up by the value's length (a table per key), then its UTF-8 bytes; any other value
     of such a key goes through :func:`_other_value` (None: b""). The fields of other
     keys' values (attempts, outcomes, counts) are kept in a table per key."""
-    lines = ["def encode(s):"]
+    lines = ["def encode(s, append):"]
     if layout.keys:
         lines.append("    " + "".join(f"v{i}, " for i in range(len(layout.keys))) + "= s.values")
     namespace: dict[str, Any] = {
@@ -1235,14 +1232,17 @@ def _compile(layout: Layout) -> Callable[[Span], bytes]:
         "    else:",
         f"        body = b''.join(({trace}, {times}, HEAD{parts}, _FLAGS[False]))",
         "    n = len(body)",
-        "    return (_SPAN_HEADERS.get(n) or _span_head(n)) + body",
+        "    append(_SPAN_HEADERS.get(n) or _span_head(n))",
+        "    append(body)",
     ]
     source = "\n".join(lines)
     code = _CODES.get(source)
     if code is None:  # the source depends on the keys' kinds only: shared by layouts
         module = compile(source, "<nerve.observe.otlp encoder>", "exec")
         code = _CODES[source] = next(c for c in module.co_consts if isinstance(c, CodeType))
-    encode: Callable[[Span], bytes] = FunctionType(code, namespace, "encode")
+    encode: Callable[[Span, Callable[[bytes], None]], None] = FunctionType(
+        code, namespace, "encode"
+    )
     encode.__doc__ = source
     return encode
 
