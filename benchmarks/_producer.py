@@ -20,8 +20,9 @@ from datetime import UTC, datetime
 import orjson
 
 from benchmarks.apps import app, make_orders
+from nerve.observe import default_tracing
 from nerve.runtime import Client
-from nerve.transport import from_url
+from nerve.transport import Transport, from_url
 
 
 def _use_uvloop() -> bool:
@@ -33,11 +34,19 @@ def _use_uvloop() -> bool:
     return True
 
 
+def _client(transport: Transport) -> Client:
+    """A client that traces what it publishes when the ``OTEL_*`` variables ask for
+    spans (as ``nerve run`` does), so the events carry their ``traceparent``."""
+    client = Client(app, transport)
+    client.tracing = default_tracing(f"{app.name}-producer")
+    return client
+
+
 async def throughput(broker: str, count: int, batch: int) -> dict[str, float]:
     events = make_orders(count)
     transport = from_url(broker)
     await transport.start()
-    client = Client(app, transport)
+    client = _client(transport)
     try:
         first = time.time()
         for start in range(0, count, batch):
@@ -45,6 +54,8 @@ async def throughput(broker: str, count: int, batch: int) -> dict[str, float]:
         last = time.time()
     finally:
         await transport.close()
+        if client.tracing is not None:
+            client.tracing.shutdown()
     return {"first_publish": first, "last_publish": last, "published": count}
 
 
@@ -53,7 +64,7 @@ async def latency(broker: str, rate: float, seconds: float) -> dict[str, float]:
     events = make_orders(count)
     transport = from_url(broker)
     await transport.start()
-    client = Client(app, transport)
+    client = _client(transport)
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
     behind = 0.0
@@ -75,6 +86,8 @@ async def latency(broker: str, rate: float, seconds: float) -> dict[str, float]:
         last = time.time()
     finally:
         await transport.close()
+        if client.tracing is not None:
+            client.tracing.shutdown()
     return {"first_publish": t0, "last_publish": last, "published": count, "max_behind_s": behind}
 
 

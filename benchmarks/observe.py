@@ -23,7 +23,9 @@ overheads the issue sets goals for, as ratios to ``off``: no exporter configured
 
 ``--callgrind`` counts instructions instead (repeatable to about 1% on a shared
 machine, where wall-clock figures swing by 20%): a consumer process drains
-``--events`` events already in the broker under ``valgrind --tool=callgrind``, with
+``--events`` events already in the broker (published as in the wall-clock runs: by a
+producer with the configuration's ``OTEL_*`` variables, so traced events carry their
+``traceparent``) under ``valgrind --tool=callgrind``, with
 instrumentation switched on once its runtime has started and off once the last event
 is handled and the span queue exported (callgrind's client requests, through a tiny C
 helper compiled with ``cc`` on first use; every thread counts: the export thread's
@@ -343,21 +345,25 @@ def drain_main(argv: list[str]) -> None:
         asyncio.run(drain())
 
 
-def _prepare(logdir: Path, events: int) -> str:
-    """A broker file holding ``events`` events for the benchmark's ``sink`` group."""
+def _prepare(logdir: Path, events: int, config: dict[str, str]) -> str:
+    """A broker file holding ``events`` events for the benchmark's ``sink`` group,
+    published by a producer with the configuration's ``OTEL_*`` variables, as in the
+    wall-clock runs: with tracing on, every event carries its ``traceparent`` and the
+    consumer's ``process`` spans are its children (parsing it is part of the cost)."""
     url = f"sqlite:///{logdir / 'nerve.db'}?synchronous=FULL"
     env = _env(NERVE_METRICS="0")
     for name in _OTEL_NAMES:
         env.pop(name, None)
     run = [PYTHON, "-m", "benchmarks.observe", "drain", url, "0"]
     subprocess.run(run, cwd=ROOT, env=env, check=True, capture_output=True)  # the group
+    env.update((k, v) for k, v in config.items() if k.startswith("OTEL_"))
     produce = [PYTHON, "-m", "benchmarks._producer", "throughput", url, str(events), "100"]
     subprocess.run(produce, cwd=ROOT, env=env, check=True, capture_output=True)
     return url
 
 
 def _instructions(logdir: Path, events: int, env: dict[str, str], helper: Path | None) -> int:
-    url = _prepare(logdir, events)
+    url = _prepare(logdir, events, env)
     cmd = [
         "valgrind",
         "--tool=callgrind",

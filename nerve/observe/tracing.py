@@ -147,37 +147,33 @@ def parent_context(event: Event) -> otel_context.Context | None:
 
 def _parent_of(event: Event) -> Parent | None:
     """The parent context ``event`` carries (W3C Trace Context level 1, version 00),
-    parsed directly: this runs once per handled event."""
+    parsed directly: this runs once per handled event. (``in`` and ``[]`` rather than
+    ``get``: a mapping proxy's ``get`` is a method call, several times the cost.)"""
     extensions = event.extensions
-    value = extensions.get("traceparent")
-    if (
-        type(value) is not str
-        or len(value) != 55
-        or value[2] != "-"
-        or value[35] != "-"
-        or value[52] != "-"
-        or value.startswith("ff")
-    ):
+    if "traceparent" not in extensions:
+        return None
+    value = extensions["traceparent"]
+    if type(value) is not str or len(value) != 55:
+        return None
+    sampled = _SAMPLED.get(value[52:])  # "-" and the trace flags, at once
+    if sampled is None or value[2] != "-" or value[35] != "-" or value.startswith("ff"):
         return None
     try:
         trace_id = int(value[3:35], 16)
         span_id = int(value[36:52], 16)
     except ValueError:
         return None
-    if not trace_id or not span_id or value[53] not in _HEX:
+    if not trace_id or not span_id:
         return None
-    sampled = _SAMPLED.get(value[54])
-    if sampled is None:
-        return None
-    state = extensions.get("tracestate")
+    state = extensions["tracestate"] if "tracestate" in extensions else None  # noqa: SIM401
     if state:
         return (trace_id, span_id, sampled, TraceState.from_header([str(state)]).to_header(), True)
     return (trace_id, span_id, sampled, "", True)
 
 
-_HEX = frozenset("0123456789abcdef")
-_SAMPLED = {c: int(c, 16) & 0x01 for c in "0123456789abcdef"}
-"""The sampled flag by the last hex digit of the trace flags."""
+_SAMPLED = {f"-{a}{b}": int(b, 16) & 0x01 for a in "0123456789abcdef" for b in "0123456789abcdef"}
+"""The end of a valid traceparent (a dash and the two hex digits of the trace flags)
+-> the sampled flag."""
 
 
 def _parent_of_span(span: Span) -> Parent | None:
@@ -244,6 +240,10 @@ class Tracing:
         self.tracer = self.provider.get_tracer("nerve", __version__)
         self._owned = owned
         self._layouts: dict[tuple[str, ...], Layout] = {}
+        self._parsed: dict[str, Parent] = {}
+        """Event id -> the parent context it carries, parsed for a receive span's links,
+        taken by the event's first ``process`` span (a parse less for the first
+        ``_MAX_LINKS`` events of each batch)."""
         self._pipeline: otlp.Pipeline | None = None
         self._recorder: otlp.SpanRecorder | None = None
         sdk = _sdk_provider(self.provider)
@@ -392,11 +392,15 @@ class Tracing:
         """A ``receive`` span for one fetched batch, linked to (the first
         ``_MAX_LINKS`` of) its events' contexts."""
         links: list[otlp.LinkData] = []
+        parsed = self._parsed
+        if len(parsed) > 4 * _MAX_LINKS:  # those of events never handled (dead-lettered)
+            parsed.clear()
         for event in events[:_MAX_LINKS]:
             if "traceparent" in event.extensions:
                 linked = _parent_of(event)
                 if linked is not None:
                     links.append((*linked, None))
+                    parsed[event.id] = linked
         layout = self._layout(
             ("receive", function),
             lambda: Layout(
@@ -442,8 +446,14 @@ class Tracing:
         # `in` first: a mapping proxy's get() is a method call, four times the cost
         extensions = event.extensions
         correlation = extensions["correlationid"] if "correlationid" in extensions else None  # noqa: SIM401
-        values = [event.id, attempt, None if correlation is None else str(correlation), None]
-        parent = _parent_of(event) if "traceparent" in extensions else None
+        if correlation is not None and type(correlation) is not str:
+            correlation = str(correlation)
+        values = [event.id, attempt, correlation, None]
+        parent = None
+        if "traceparent" in extensions:
+            parsed = self._parsed  # parsed already for the batch's receive span's links?
+            if not parsed or (parent := parsed.pop(event.id, None)) is None:
+                parent = _parent_of(event)
         recorder = self._recorder
         if recorder is None:
             return HandlerTrace(self, self._start(layout, parent, values), current)

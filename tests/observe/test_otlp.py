@@ -403,6 +403,40 @@ def test_the_traceparent_an_event_carries(traceparent: str, expected: otlp.Paren
         assert _parent_of(with_state) == (*expected[:3], "b=2,a=1", True)
 
 
+def test_a_receive_span_hands_its_parsed_links_to_the_process_spans() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from nerve.observe.tracing import Tracing
+
+    tracing = Tracing(TracerProvider())
+    assert tracing._recorder is not None
+    jobs = App("jobs")
+    jobs.event("job.queued")(Job)
+    parents = [(random.getrandbits(128) or 1, random.getrandbits(64) or 1) for _ in range(20)]
+    events = [
+        jobs.make_event(Job(n=i), extensions={"traceparent": f"00-{t:032x}-{s:016x}-01"})
+        for i, (t, s) in enumerate(parents)
+    ]
+    tracing.received("jobs", events)  # links the first 16, parsed once
+    assert set(tracing._parsed) == {e.id for e in events[:16]}
+    for event, (trace_id, span_id) in zip(events, parents, strict=True):
+        span = tracing.start_process("jobs", event, 1).span
+        assert isinstance(span, otlp.Span)
+        assert (span.trace_id, span.parent_id, span.remote) == (trace_id, span_id, True)
+    assert tracing._parsed == {}  # each taken by its event's first process span
+    # a retry parses again; parsed links of events never handled do not pile up
+    span = tracing.start_process("jobs", events[0], 2).span
+    assert isinstance(span, otlp.Span) and span.parent_id == parents[0][1]
+    for _ in range(6):
+        batch = [
+            jobs.make_event(Job(n=1), extensions={"traceparent": f"00-{t:032x}-{s:016x}-01"})
+            for t, s in parents[:16]
+        ]
+        tracing.received("jobs", batch)
+        assert 16 <= len(tracing._parsed) <= 5 * 16
+    tracing.shutdown()
+
+
 class Flaky(http.server.BaseHTTPRequestHandler):
     """A collector that answers the first request 503 (retry at once), and closes the
     connection after every response (HTTP/1.0): the client must reconnect."""
