@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -148,32 +149,35 @@ def parent_context(event: Event) -> otel_context.Context | None:
 def _parent_of(event: Event) -> Parent | None:
     """The parent context ``event`` carries (W3C Trace Context level 1, version 00),
     parsed directly: this runs once per handled event. (``in`` and ``[]`` rather than
-    ``get``: a mapping proxy's ``get`` is a method call, several times the cost.)"""
+    ``get``: a mapping proxy's ``get`` is a method call, several times the cost.)
+
+    Only lowercase hex digits make a valid id (``int(x, 16)`` alone would also take
+    uppercase, a sign, underscores or spaces); version ``ff`` is invalid."""
     extensions = event.extensions
     if "traceparent" not in extensions:
         return None
     value = extensions["traceparent"]
     if type(value) is not str or len(value) != 55:
         return None
-    sampled = _SAMPLED.get(value[52:])  # "-" and the trace flags, at once
-    if sampled is None or value[2] != "-" or value[35] != "-" or value.startswith("ff"):
+    found = _TRACEPARENT(value)
+    if found is None:
         return None
-    try:
-        trace_id = int(value[3:35], 16)
-        span_id = int(value[36:52], 16)
-    except ValueError:
-        return None
+    trace_id = int(found[1], 16)
+    span_id = int(found[2], 16)
     if not trace_id or not span_id:
         return None
+    sampled = _SAMPLED[found[3]]
     state = extensions["tracestate"] if "tracestate" in extensions else None  # noqa: SIM401
     if state:
         return (trace_id, span_id, sampled, TraceState.from_header([str(state)]).to_header(), True)
     return (trace_id, span_id, sampled, "", True)
 
 
-_SAMPLED = {f"-{a}{b}": int(b, 16) & 0x01 for a in "0123456789abcdef" for b in "0123456789abcdef"}
-"""The end of a valid traceparent (a dash and the two hex digits of the trace flags)
--> the sampled flag."""
+_TRACEPARENT = re.compile(
+    "(?!ff)[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]([0-9a-f])", re.ASCII
+).fullmatch
+_SAMPLED = {c: int(c, 16) & 0x01 for c in "0123456789abcdef"}
+"""The sampled flag by the last hex digit of the trace flags."""
 
 
 def _parent_of_span(span: Span) -> Parent | None:

@@ -388,6 +388,14 @@ SPAN = "00f067aa0ba902b7"
         (f"00-{TRACE}-{SPAN}-1", None),
         (f"00-{TRACE[:-1]}x-{SPAN}-01", None),
         (f"00_{TRACE}-{SPAN}-01", None),
+        # only lowercase hex digits (int(x, 16) takes each of these)
+        (f"00-{TRACE.upper()}-{SPAN}-01", None),
+        (f"00-+{TRACE[1:]}-{SPAN}-01", None),
+        (f"00-{TRACE}- {SPAN[1:]}-01", None),
+        (f"00-{TRACE[:16]}_{TRACE[17:]}-{SPAN}-01", None),
+        (f"0A-{TRACE}-{SPAN}-01", None),
+        (f"00-{TRACE}-{SPAN}-0B", None),
+        (f"01-{TRACE}-{SPAN}-01", (int(TRACE, 16), int(SPAN, 16), 1, "", True)),
         ("", None),
     ],
 )
