@@ -435,3 +435,38 @@ async def test_many_openers_of_one_new_database_all_succeed(tmp_path: Path) -> N
         for thread in threads:
             thread.join()
         assert errors == [], f"round {round_}: {errors}"
+
+
+async def test_records_commit_at_most_once_per_commit_interval(tmp_path: Path) -> None:
+    """commit_records waits out the rest of ``commit_interval`` after the last commit
+    began (at low rates a handled event would otherwise fsync on its own), except for
+    records with emitted events, and the records stay exact; the URL option sets it, a
+    bad value is refused by name."""
+    from nerve.store import sqlite as sqlite_store
+
+    store = SqliteStore(f"sqlite:///{tmp_path}/store.db?commit_interval=0.5")
+    await store.start()
+    try:
+        loop = asyncio.get_running_loop()
+        first = loop.time()
+        assert await store.commit_records([("f", "e1", [])]) == [[]]
+        began = loop.time()
+        assert await store.commit_records([("f", "e2", [])]) == [[]]
+        assert loop.time() - first >= 0.5  # the second waited for the interval
+        assert began - first < 0.25  # (the first did not)
+        # emitted events are published after their commit: it does not wait for them
+        second = loop.time()
+        assert await store.commit_records([("f", "e3", [b"x"])]) == [[1]]
+        assert loop.time() - second < 0.25  # (it would have waited about 0.5 s)
+        assert await store.commit_records([("f", "e1", [])]) == [None]  # a repeat
+        assert await store.processed_many("f", ["e1", "e2", "e3", "e4"]) == {"e1", "e2", "e3"}
+    finally:
+        await store.close()
+    assert SqliteStore(f"sqlite:///{tmp_path}/s.db")._commit_interval == (
+        sqlite_store.COMMIT_INTERVAL
+    )
+    assert SqliteStore("memory://")._commit_interval == 0.0  # no fsync to spare
+    assert SqliteStore(f"sqlite:///{tmp_path}/s.db", commit_interval=0)._commit_interval == 0
+    for bad in ("-1", "2", "soon"):
+        with pytest.raises(ConfigError, match="commit_interval is in seconds, from 0 to 1"):
+            SqliteStore(f"sqlite:///{tmp_path}/s.db?commit_interval={bad}")

@@ -55,6 +55,16 @@ the reader thread, so the loop never stalls on one."""
 INLINE_BUSY_TIMEOUT = 0.0
 """An inline read never waits on a lock (a WAL recovery, a log restart): it goes to the
 reader thread at once instead, so the loop cannot stall behind the busy handler."""
+COMMIT_INTERVAL = 0.004
+"""Seconds from one commit of processed records (:meth:`SqliteStore.commit_records`)
+to the next, at least (URL option ``commit_interval``). At low rates every handled
+event would otherwise commit, and fsync, on its own: hundreds of fsyncs a second, which
+compete with the broker's own on the same disk (a RabbitMQ quorum queue delivers a
+message only once its log is synced, later for every fsync of ours). Records that come
+meanwhile join the next commit. What waits is the ack, never a handler: latency to
+the handler does not grow, and nothing is acked before its record is durable. Records
+with emitted events commit at once: those events are published after the commit, and
+the functions they go to would wait."""
 _Step = tuple[Any, BaseException | None, BaseException | None]
 """What a turn's last step returns: (result, handler-side error, commit error)."""
 
@@ -70,7 +80,13 @@ def _translate(exc: Exception) -> BaseException:
 class SqliteStore:
     """``sqlite:///path/store.db`` (durable) or ``memory://`` (one process, for tests)."""
 
-    def __init__(self, url: str = "sqlite:///.nerve/store.db", *, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        url: str = "sqlite:///.nerve/store.db",
+        *,
+        max_batch: int = 256,
+        commit_interval: float | None = None,
+    ) -> None:
         parts = urlsplit(url)
         options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         if parts.scheme == "memory":
@@ -85,6 +101,18 @@ class SqliteStore:
         else:
             raise ConfigError(f"store URL {url!r}: use sqlite:///path/store.db or memory://")
         synchronous = options.get("synchronous", "FULL").upper()
+        if commit_interval is None:
+            try:
+                commit_interval = float(options.get("commit_interval", COMMIT_INTERVAL))
+            except ValueError:
+                commit_interval = -1.0
+            if not 0 <= commit_interval <= 1:
+                raise ConfigError(
+                    f"store URL {url!r}: commit_interval is in seconds, from 0 to 1 "
+                    f"(default {COMMIT_INTERVAL})"
+                )
+        self._commit_interval = 0.0 if self.path == ":memory:" else commit_interval
+        self._next_commit = 0.0
         self.url = url
         self._worker = Worker(self.path, synchronous=synchronous, name=f"nerve-store:{self.path}")
         self._reader = (
@@ -167,6 +195,11 @@ class SqliteStore:
         For units that never touched ctx.store. Returns, per item, its outbox row ids,
         or None if it had been processed already.
         """
+        now = time.monotonic()
+        if self._next_commit > now and not any(outbox for _, _, outbox in items):
+            await asyncio.sleep(self._next_commit - now)  # one commit an interval, at most
+            now = time.monotonic()
+        self._next_commit = now + self._commit_interval
         rows = list(items)
         return await self._in_turn(lambda conn: _record_many(conn, rows))
 
