@@ -101,17 +101,17 @@ class SqliteStore:
         else:
             raise ConfigError(f"store URL {url!r}: use sqlite:///path/store.db or memory://")
         synchronous = options.get("synchronous", "FULL").upper()
-        if commit_interval is None:
-            try:
-                commit_interval = float(options.get("commit_interval", COMMIT_INTERVAL))
-            except ValueError:
-                commit_interval = -1.0
-            if not 0 <= commit_interval <= 1:
-                raise ConfigError(
-                    f"store URL {url!r}: commit_interval is in seconds, from 0 to 1 "
-                    f"(default {COMMIT_INTERVAL})"
-                )
-        self._commit_interval = 0.0 if self.path == ":memory:" else commit_interval
+        given = options.get("commit_interval") if commit_interval is None else commit_interval
+        try:
+            interval = COMMIT_INTERVAL if given is None else float(given)
+            if not 0 <= interval <= 1:
+                raise ValueError(interval)
+        except ValueError:
+            raise ConfigError(
+                f"store URL {url!r}: commit_interval is in seconds, from 0 to 1 "
+                f"(default {COMMIT_INTERVAL})"
+            ) from None
+        self._commit_interval = 0.0 if self.path == ":memory:" else interval
         self._next_commit = 0.0
         self.url = url
         self._worker = Worker(self.path, synchronous=synchronous, name=f"nerve-store:{self.path}")
