@@ -157,9 +157,9 @@ def _parent_of(event: Event) -> Parent | None:
     if "traceparent" not in extensions:
         return None
     value = extensions["traceparent"]
-    if type(value) is not str or len(value) != 55:
+    if type(value) is not str:
         return None
-    found = _TRACEPARENT(value)
+    found = _TRACEPARENT(value)  # (55 characters: version 00 has no more fields)
     if found is None:
         return None
     trace_id = int(found[1], 16)
