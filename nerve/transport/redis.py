@@ -12,8 +12,10 @@ registry and the script refuses it if the registry changed meanwhile) and to the
 capped ``<prefix>:log`` stream. A claim moves entries to ``:lease`` with a fresh
 random token; ack, nack, extend and dead-letter succeed only while the token
 matches, so a consumer whose lease was taken over is fenced off. The scripts use
-the server's clock, so clients with skewed clocks agree on leases. A Pub/Sub channel
-``<prefix>:wake`` wakes waiting consumers in every process.
+the server's clock, so clients with skewed clocks agree on leases. A consumer with
+nothing to claim waits in Redis (``BLPOP`` on its group's ``:wake`` list, the claim
+script pipelined behind it); scripts that make entries due push a token there, and
+the Pub/Sub channel ``<prefix>:wake`` announces retries due later.
 
 URL options: ``?prefix=nerve&visibility_timeout=30&max_payload=1048576
 &poll_interval=1.0&log_max=10000&ingest=false``.
@@ -43,6 +45,7 @@ from nerve.errors import (
     ConfigError,
     InvalidEvent,
     LeaseLost,
+    NerveError,
     PayloadTooLarge,
     TransportError,
 )
@@ -54,8 +57,10 @@ from nerve.transport.base import (
     Features,
     GroupStats,
     encode_checked,
-    wait_event,
 )
+
+_NEVER = 3600.0
+"""Seconds "nothing is pending" stands for (a fetch still looks every poll_interval)."""
 
 _INGEST_BLOCK = 0.25
 """Seconds one read of the ingest stream blocks (bounds how long close() waits)."""
@@ -186,6 +191,12 @@ local function pass_key(base, dz, id, k, now)
   end
   return false
 end
+-- wake a consumer of the group at base: a token in its wake list, where waiting consumers
+-- block (BLPOP, followed by a claim in the same round trip); a few tokens at most
+local function wake(base)
+  redis.call('LPUSH', base .. ':wake', 1)
+  redis.call('LTRIM', base .. ':wake', 0, 15)
+end
 -- event positions: read once per script, advanced here, written back by flush()
 local seq = nil
 local function append(body, logmax)
@@ -219,7 +230,7 @@ local function flush(per)
     vcall('HSET', q.base .. ':body', q.b)
     vcall('HSET', q.base .. ':meta', q.m)
     if #q.d > 0 then vcall('ZADD', q.base .. ':due', q.d) end
-    redis.call('PUBLISH', P .. ':wake', '0 ' .. g)
+    wake(q.base)
   end
 end
 """
@@ -266,10 +277,15 @@ return 1
 """
 )
 
-# ARGV: P, group, limit, lease_ms, token -> {{id, body, attempt, first_ms}...}, wait_ms
+# ARGV: P, group, limit, lease_ms, token, stop key ('' for none)
+# -> {{id, body, attempt, first_ms}...}, wait_ms: ms until an entry may be claimable (0:
+# more are due now, -1: nothing is pending, -2: the group is not declared, -3: the
+# consumer was closed while it waited, nothing was claimed)
 _CLAIM = (
     _PRELUDE
     + """
+local stop = ARGV[6]
+if stop and stop ~= '' and redis.call('DEL', stop) == 1 then return {{}, -3} end
 local base = gbase(ARGV[2])
 local limit, lease, token = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local dz, lz, meta, bodies = base .. ':due', base .. ':lease', base .. ':meta', base .. ':body'
@@ -281,6 +297,8 @@ if #ids < limit then
   for _, id in ipairs(more) do ids[#ids + 1] = id end
 end
 local out = {}
+-- everything due is taken: the group's wake tokens are spent (left when there is more)
+if #ids < limit then redis.call('DEL', base .. ':wake') end
 if #ids > 0 then
   local ms = vget('HMGET', meta, ids)
   local bs = vget('HMGET', bodies, ids)
@@ -307,15 +325,17 @@ if #ids > 0 then
   end
   if #gone > 0 then vcall('ZREM', lz, gone) end
 end
-local wait = -1
-if #out == 0 then
+-- ms until an entry may be claimable: 0 when more were due than taken, -1 for never
+local wait = 0
+if #ids < limit then
+  wait = -1
   local d = redis.call('ZRANGE', dz, 0, 0, 'WITHSCORES')
   local l = redis.call('ZRANGE', lz, 0, 0, 'WITHSCORES')
   local nxt = nil
   if d[2] then nxt = tonumber(d[2]) end
   if l[2] and (nxt == nil or tonumber(l[2]) < nxt) then nxt = tonumber(l[2]) end
   if nxt then wait = math.max(0, nxt - now) end
-  if redis.call('HEXISTS', P .. ':groups', ARGV[2]) == 0 then wait = -2 end
+  if #out == 0 and redis.call('HEXISTS', P .. ':groups', ARGV[2]) == 0 then wait = -2 end
 end
 return {out, wait}
 """
@@ -330,7 +350,7 @@ _SETTLE = (
     _PRELUDE
     + """
 local now = now_ms()
-local items, res, groups, wake = {}, {}, {}, {}
+local items, res, groups, woken = {}, {}, {}, {}
 local packed, pos = ARGV[3], 1
 local find, sub = string.find, string.sub
 while pos <= string.len(packed) do
@@ -375,10 +395,14 @@ for g, gl in pairs(groups) do
           redis.call('ZADD', dz, now + tonumber(arg), id)
           redis.call('HSET', meta, id, a .. '||' .. first .. '|' .. k)
           redis.call('HINCRBY', base .. ':cnt', 'retried', 1)
-          redis.call('PUBLISH', P .. ':wake', arg .. ' ' .. g)
+          if tonumber(arg) > 0 then
+            redis.call('PUBLISH', P .. ':wake', arg .. ' ' .. g)  -- due later: timers
+          else
+            woken[g] = true
+          end
         else
           ended[id] = true
-          if k ~= '' and pass_key(base, dz, id, k, now) then wake[g] = true end
+          if k ~= '' and pass_key(base, dz, id, k, now) then woken[g] = true end
           if action == 'ack' then
             acked[#acked + 1] = id
             processed = processed + 1
@@ -404,7 +428,7 @@ for g, gl in pairs(groups) do
     redis.call('HINCRBY', base .. ':cnt', 'processed', processed)
   end
 end
-for g, _ in pairs(wake) do redis.call('PUBLISH', P .. ':wake', '0 ' .. g) end
+for g, _ in pairs(woken) do wake(gbase(g)) end
 return res
 """
 )
@@ -601,11 +625,30 @@ def _ms(seconds: float) -> int:
 
 
 class RedisConsumer:
+    """Fetches one function's entries. A fetch that finds nothing waits *in Redis*: one
+    round trip holds a ``BLPOP`` on the group's wake list (a token pushed by every
+    script that makes entries due) and on this consumer's own one (local wake-ups and
+    close), and the claim script right behind it, which Redis runs as soon as the
+    ``BLPOP`` returns. A published event reaches a waiting handler in one hop, as a
+    blocking ``XREADGROUP`` would."""
+
     def __init__(self, transport: RedisTransport, subscription: Subscription) -> None:
         self.transport = transport
         self.subscription = subscription
         self.group = subscription.group
-        self.wake = asyncio.Event()
+        base = _base(transport._prefix, self.group)
+        name = os.urandom(8).hex()
+        self._wake_keys = (f"{base}:wake", f"{base}:wake:{name}")
+        """The group's wake list and this consumer's own."""
+        self._stop_key = f"{base}:stop:{name}"
+        """Set by close() while a fetch waits: its claim then takes nothing."""
+        self.waiting = False
+        """A fetch waits in Redis: a wake-up must reach it through Redis."""
+        self._woken = False
+        """A wake-up came while no fetch waited: the next fetch claims at once."""
+        self._due = 0.0
+        """Monotonic time from which an entry may be claimable (what the last claim
+        said); until then a fetch waits in Redis for a wake token first."""
         self._closed = False
         self._declared = False
 
@@ -618,27 +661,33 @@ class RedisConsumer:
             return []
         deadline = time.monotonic() + timeout
         while not self._closed:
-            self.wake.clear()
             token = os.urandom(8).hex()
-            rows, wait_ms = await transport._claim(self.group, limit, token)
+            now = time.monotonic()
+            if self._due <= now or self._woken:
+                # something may be claimable now: claim without waiting
+                self._woken = False
+                rows, wait_ms = await transport._claim(self.group, limit, token)
+            else:
+                # the last claim took everything due: wait for a token (or until the
+                # next entry is due), and claim in the same round trip
+                block = min(deadline - now, transport.config.poll_interval, self._due - now)
+                block = max(block, 0.001)  # BLPOP's 0 would wait for ever
+                rows, wait_ms = await transport._wait_and_claim(self, block, limit, token)
+            if wait_ms == -2:  # the server lost the group (restarted without persistence)
+                await transport._declare_again([self.subscription])
+                wait_ms = 0
+            now = time.monotonic()
+            self._due = now + (wait_ms / 1000 + 0.002 if wait_ms >= 0 else _NEVER)
             if rows:
-                now = time.time()
+                wall = time.time()
                 return [
                     RedisDelivery(
-                        self, bytes(eid).decode(), token, bytes(body), int(a), int(f) / 1000, now
+                        self, bytes(eid).decode(), token, bytes(body), int(a), int(f) / 1000, wall
                     )
                     for eid, body, a, f in rows
                 ]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if wait_ms == -3 or now >= deadline:
                 return []
-            if wait_ms == -2:  # the server lost the group (restarted without persistence)
-                await transport._declare_again([self.subscription])
-                continue
-            pause = min(remaining, transport.config.poll_interval)
-            if wait_ms >= 0:
-                pause = min(pause, wait_ms / 1000 + 0.002)
-            await wait_event(self.wake, pause)
         return []
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
@@ -653,8 +702,10 @@ class RedisConsumer:
 
     async def close(self) -> None:
         self._closed = True
-        self.wake.set()
         self.transport._consumers.discard(self)
+        if self.waiting:
+            with contextlib.suppress(NerveError):
+                await self.transport._wake_consumer(self, stop=True)
 
 
 class _Router:
@@ -700,6 +751,7 @@ class RedisTransport:
         self._router = _Router()
         self._consumers: set[RedisConsumer] = set()
         self._timers: set[asyncio.TimerHandle] = set()
+        self._waking: set[asyncio.Future[None]] = set()
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
         self._scripts: dict[str, Any] = {}
         self._declared: dict[str, Subscription] = {}
@@ -865,9 +917,33 @@ class RedisTransport:
             await self._publish(valid, None)
 
     def _wake_groups(self, groups: set[str]) -> None:
+        """Wake this process's consumers of ``groups`` that wait (a delay is due)."""
         for consumer in self._consumers:
-            if consumer.group in groups:
-                consumer.wake.set()
+            if consumer.group not in groups:
+                continue
+            if not consumer.waiting:
+                consumer._woken = True
+                continue
+            task = asyncio.ensure_future(self._wake_consumer(consumer))
+            self._waking.add(task)
+            task.add_done_callback(self._woken)
+
+    def _woken(self, task: asyncio.Future[None]) -> None:
+        self._waking.discard(task)
+        if not task.cancelled():
+            task.exception()  # seen: the broker is away, and the fetch's timeout wakes it
+
+    async def _wake_consumer(self, consumer: RedisConsumer, *, stop: bool = False) -> None:
+        """A token in ``consumer``'s own wake list (with ``stop``: its claim takes
+        nothing). Both keys expire, should the consumer never look again."""
+        client = self._client()
+        with _translated(self.config):
+            async with client.pipeline(transaction=False) as pipe:
+                if stop:
+                    pipe.set(consumer._stop_key, 1, px=60_000)
+                pipe.lpush(consumer._wake_keys[1], 1)
+                pipe.pexpire(consumer._wake_keys[1], 60_000)
+                await pipe.execute()
 
     def _wake_later(self, group: str, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -938,7 +1014,6 @@ class RedisTransport:
                     raise TransportError(f"no consumer group named {to_group!r} is declared")
             routes: list[str] = []
             bodies: list[bytes] = []
-            touched: set[str] = set()
             for event, body, ingest_id in encoded:
                 targets = [router.groups[to_group]] if to_group else router.targets(event)
                 bodies.append(body)
@@ -946,7 +1021,6 @@ class RedisTransport:
                 for sub in targets:
                     key = event.partitionkey if sub.ordered else None
                     route += f"\t{sub.group}\t{_keyenc(key)}"
-                    touched.add(sub.group)
                 routes.append(route)
             routes.append("")  # every line ends with a newline
             args: list[str | bytes | int] = [
@@ -957,7 +1031,6 @@ class RedisTransport:
                 *bodies,
             ]
             if await self._run("publish", args) != -1:
-                self._wake_groups(touched)
                 return
             await self._refresh_router()  # another process declared a group meanwhile
         raise TransportError("the group registry kept changing while publishing; try again")
@@ -981,6 +1054,33 @@ class RedisTransport:
         rows, wait_ms = await self._run("claim", [group, limit, lease, token])
         return rows, int(wait_ms)
 
+    async def _wait_and_claim(
+        self, consumer: RedisConsumer, block: float, limit: int, token: str
+    ) -> tuple[list[Any], int]:
+        """Wait up to ``block`` seconds for a wake token, then claim, in one round trip
+        (the claim runs in Redis right after the ``BLPOP`` returns or times out)."""
+        script = self._scripts["claim"]
+        args: list[str | int] = [
+            self._prefix,
+            consumer.group,
+            limit,
+            _ms(self.config.visibility_timeout),
+            token,
+        ]
+        consumer.waiting = True
+        try:
+            with _translated(self.config):
+                async with self._client().pipeline(transaction=False) as pipe:
+                    pipe.blpop(list(consumer._wake_keys), block)
+                    pipe.evalsha(script.sha, 0, *args, consumer._stop_key)
+                    try:
+                        _, (rows, wait_ms) = await pipe.execute()
+                    except redis_errors.NoScriptError:  # the server restarted: load it
+                        return await self._claim(consumer.group, limit, token)
+        finally:
+            consumer.waiting = False
+        return rows, int(wait_ms)
+
     async def _settle(self, delivery: RedisDelivery, action: str, arg: str) -> None:
         await self._settler.submit((delivery, action, arg))
 
@@ -1000,12 +1100,8 @@ class RedisTransport:
                 )
                 continue
             results.append(None)
-            if action == "nack":
-                delay = int(arg) / 1000
-                if delay > 0:
-                    self._wake_later(delivery.group, delay)
-                else:
-                    self._wake_groups({delivery.group})
+            if action == "nack" and int(arg) > 0:
+                self._wake_later(delivery.group, int(arg) / 1000)
         return results
 
     # -- optional abilities: dead letters, stats, log ----------------------------------
@@ -1080,9 +1176,7 @@ class RedisTransport:
             key = entry.event.partitionkey if entry.event is not None else None
             ordered = sub is not None and sub.ordered and key is not None
             args += [entry.id, _keyenc(key) if ordered else ""]
-        count = int(await self._run("replay", args))
-        self._wake_groups({e.group for e in entries})
-        return count
+        return int(await self._run("replay", args))
 
     async def purge(
         self, entry_ids: Sequence[str] | None = None, *, group: str | None = None

@@ -256,3 +256,93 @@ async def test_ordering_keys_with_tabs_newlines_and_percent_keep_their_own_order
             seen[str(delivery.event.partitionkey)].append(delivery.event.data["n"])
         assert await consumer.ack_many(batch) == []
     assert seen == {k: [i for i in range(12) if i % 4 == j] for j, k in enumerate(keys)}
+
+
+# -- wake-ups ---------------------------------------------------------------------------
+# A consumer with nothing to claim waits in Redis (BLPOP on wake lists, the claim behind
+# it). These use poll_interval=30: a wake-up that did not arrive would show as a fetch
+# that takes seconds, not milliseconds.
+
+
+@pytest.fixture
+async def pair(url: str) -> AsyncIterator[tuple[RedisTransport, RedisTransport]]:
+    """Two transports on one prefix, as two processes would have."""
+    one = RedisTransport(url + "&poll_interval=30")
+    two = RedisTransport(url + "&poll_interval=30")
+    await one.start()
+    await two.start()
+    yield one, two
+    await one.close()
+    await two.close()
+
+
+async def waiting_fetch(consumer: object, timeout: float = 20.0) -> asyncio.Task[list[object]]:
+    """A fetch that has claimed nothing and now waits in Redis."""
+    task = asyncio.ensure_future(consumer.fetch(10, timeout))  # type: ignore[attr-defined]
+    deadline = time.monotonic() + SOON
+    while not consumer.waiting:  # type: ignore[attr-defined]
+        assert not task.done(), task
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    return task
+
+
+async def test_a_waiting_fetch_gets_an_event_another_process_publishes_at_once(
+    pair: tuple[RedisTransport, RedisTransport],
+) -> None:
+    one, two = pair
+    sub = Subscription("g", ("order.created",))
+    await one.declare([sub])
+    fetching = await waiting_fetch(one.consumer(sub))
+    started = time.monotonic()
+    await two.publish([make(1)])
+    batch = await asyncio.wait_for(fetching, SOON)
+    assert time.monotonic() - started < 1.0
+    assert [d.event.data["n"] for d in batch] == [1]  # type: ignore[attr-defined]
+
+
+async def test_a_retry_delay_wakes_a_consumer_waiting_in_another_process(
+    pair: tuple[RedisTransport, RedisTransport],
+) -> None:
+    one, two = pair
+    sub = Subscription("g", ("order.created",))
+    await one.declare([sub])
+    await one.publish([make(1)])
+    (delivery,) = await drain(two.consumer(sub), 1)
+    waiting = await waiting_fetch(one.consumer(sub))
+    nacked = time.monotonic()
+    await delivery.nack(0.3)  # type: ignore[attr-defined]
+    (again,) = await asyncio.wait_for(waiting, SOON)
+    assert 0.25 < time.monotonic() - nacked < 2.0
+    assert again.attempt == 2  # type: ignore[attr-defined]
+
+
+async def test_closing_a_consumer_ends_its_waiting_fetch_at_once(
+    pair: tuple[RedisTransport, RedisTransport],
+) -> None:
+    one, _ = pair
+    sub = Subscription("g", ("order.created",))
+    await one.declare([sub])
+    closing = one.consumer(sub)
+    waiting = await waiting_fetch(closing)
+    closed = time.monotonic()
+    await closing.close()
+    assert await asyncio.wait_for(waiting, SOON) == []
+    assert time.monotonic() - closed < 1.0
+
+
+async def test_the_claim_behind_a_closed_consumers_wait_takes_nothing(
+    url: str, transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    """close() sets the consumer's stop key before waking it: the claim pipelined
+    behind its BLPOP then takes nothing (it would lease events to a consumer that is
+    gone, for a visibility timeout, and count an attempt)."""
+    sub = Subscription("g", ("order.created",))
+    await transport.declare([sub])
+    await transport.publish([make(1)])
+    stop = f"{prefix_of(url)}:g:1:g:stop:test"
+    await raw.set(stop, 1)
+    assert await transport._run("claim", ["g", 10, 30_000, "token", stop]) == [[], -3]
+    assert not await raw.exists(stop)
+    (delivery,) = await drain(transport.consumer(sub), 1)
+    assert delivery.attempt == 1  # type: ignore[attr-defined]
