@@ -59,6 +59,11 @@ from nerve.transport.base import (
     encode_checked,
 )
 
+_PUBLISHES_AT_ONCE = 32
+"""Publish scripts one transport runs at once; more concurrent publishes wait their
+turn. redis-py opens a connection per command in flight: 3,000 concurrent publishes
+opened connections until the server refused them ("Too many connections")."""
+
 _NEVER = 3600.0
 """Seconds "nothing is pending" stands for (a fetch still looks every poll_interval)."""
 
@@ -755,6 +760,7 @@ class RedisTransport:
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
         self._scripts: dict[str, Any] = {}
         self._declared: dict[str, Subscription] = {}
+        self._publishing = asyncio.Semaphore(_PUBLISHES_AT_ONCE)
 
     def _features(self, *, durable: bool) -> Features:
         return Features(
@@ -1030,7 +1036,9 @@ class RedisTransport:
                 "\n".join(routes),
                 *bodies,
             ]
-            if await self._run("publish", args) != -1:
+            async with self._publishing:
+                published = await self._run("publish", args)
+            if published != -1:
                 return
             await self._refresh_router()  # another process declared a group meanwhile
         raise TransportError("the group registry kept changing while publishing; try again")

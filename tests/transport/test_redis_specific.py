@@ -346,3 +346,18 @@ async def test_the_claim_behind_a_closed_consumers_wait_takes_nothing(
     assert not await raw.exists(stop)
     (delivery,) = await drain(transport.consumer(sub), 1)
     assert delivery.attempt == 1  # type: ignore[attr-defined]
+
+
+async def test_a_burst_of_concurrent_publishes_keeps_the_connections_bounded(
+    transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    """redis-py opens a connection for every command in flight: without a bound, 3,000
+    concurrent publishes opened connections until the server refused them."""
+    sub = Subscription("g", ("order.created",))
+    await transport.declare([sub])
+    before = (await raw.info("clients"))["connected_clients"]
+    await asyncio.gather(*(transport.publish([make(i)]) for i in range(3000)))
+    opened = (await raw.info("clients"))["connected_clients"] - before
+    assert opened <= 40, opened
+    (stats,) = await transport.stats()
+    assert stats.ready == 3000, stats
