@@ -206,6 +206,19 @@ async def test_batch_of_500_is_received_completely_exactly_once(
     await nothing(consumer)
 
 
+async def test_many_concurrent_publishes_all_arrive_once(
+    adapter: AdapterSpec, transport: Transport
+) -> None:
+    """Publishes from many tasks at once (an HTTP ingest under load): none may fail
+    for want of connections, channels or sessions, and every event arrives once."""
+    count = adapter.scaled(500)
+    (consumer,) = await setup(transport, Subscription("g", ("order.created",)))
+    await asyncio.gather(*(transport.publish([make(i)]) for i in range(count)))
+    got = await drain(consumer, count)
+    assert sorted(numbers(got)) == list(range(count))
+    await nothing(consumer)
+
+
 # -- 3. fan-out -------------------------------------------------------------------------
 
 
