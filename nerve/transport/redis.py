@@ -682,7 +682,10 @@ class RedisConsumer:
                 await transport._declare_again([self.subscription])
                 wait_ms = 0
             now = time.monotonic()
-            self._due = now + (wait_ms / 1000 + 0.002 if wait_ms >= 0 else _NEVER)
+            if wait_ms > 0:  # (a margin for the server's clock, in ms)
+                self._due = now + wait_ms / 1000 + 0.002
+            else:  # 0: more are due, claim at once; -1 (or -3): nothing is pending
+                self._due = now if wait_ms == 0 else now + _NEVER
             if rows:
                 wall = time.time()
                 return [

@@ -361,3 +361,29 @@ async def test_a_burst_of_concurrent_publishes_keeps_the_connections_bounded(
     assert opened <= 40, opened
     (stats,) = await transport.stats()
     assert stats.ready == 3000, stats
+
+
+async def test_a_backlog_larger_than_a_fetch_is_claimed_without_waiting(
+    pair: tuple[RedisTransport, RedisTransport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the last claim left entries due, the next fetch claims at once: it must
+    not wait for a wake token (there is one per publish, not one per fetch)."""
+    one, _ = pair
+    sub = Subscription("g", ("order.created",))
+    await one.declare([sub])
+    await one.publish([make(i) for i in range(100)])
+    waits = 0
+    wait_and_claim = one._wait_and_claim
+
+    async def counted(*args: object) -> tuple[list[object], int]:
+        nonlocal waits
+        waits += 1
+        return await wait_and_claim(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(one, "_wait_and_claim", counted)
+    consumer = one.consumer(sub)
+    got = []
+    for _ in range(10):
+        got += await consumer.fetch(10, SOON)
+    assert len(got) == 100
+    assert waits == 0
