@@ -827,6 +827,8 @@ class RedisTransport:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        for waking in list(self._waking):  # wake-ups of consumers now closed
+            waking.cancel()
         self._stopping = True
         if self._ingester is not None:
             # let the blocking read end by itself (cancelling redis-py mid-command can

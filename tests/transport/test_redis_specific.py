@@ -264,14 +264,19 @@ async def test_ordering_keys_with_tabs_newlines_and_percent_keep_their_own_order
 # that takes seconds, not milliseconds.
 
 
+Pair = tuple[RedisTransport, RedisTransport, Subscription]
+
+
 @pytest.fixture
-async def pair(url: str) -> AsyncIterator[tuple[RedisTransport, RedisTransport]]:
-    """Two transports on one prefix, as two processes would have."""
+async def pair(url: str) -> AsyncIterator[Pair]:
+    """Two transports on one prefix, as two processes would have, and a declared group."""
     one = RedisTransport(url + "&poll_interval=30")
     two = RedisTransport(url + "&poll_interval=30")
     await one.start()
     await two.start()
-    yield one, two
+    sub = Subscription("g", ("order.created",))
+    await one.declare([sub])
+    yield one, two, sub
     await one.close()
     await two.close()
 
@@ -288,11 +293,9 @@ async def waiting_fetch(consumer: object, timeout: float = 20.0) -> asyncio.Task
 
 
 async def test_a_waiting_fetch_gets_an_event_another_process_publishes_at_once(
-    pair: tuple[RedisTransport, RedisTransport],
+    pair: Pair,
 ) -> None:
-    one, two = pair
-    sub = Subscription("g", ("order.created",))
-    await one.declare([sub])
+    one, two, sub = pair
     fetching = await waiting_fetch(one.consumer(sub))
     started = time.monotonic()
     await two.publish([make(1)])
@@ -302,11 +305,9 @@ async def test_a_waiting_fetch_gets_an_event_another_process_publishes_at_once(
 
 
 async def test_a_retry_delay_wakes_a_consumer_waiting_in_another_process(
-    pair: tuple[RedisTransport, RedisTransport],
+    pair: Pair,
 ) -> None:
-    one, two = pair
-    sub = Subscription("g", ("order.created",))
-    await one.declare([sub])
+    one, two, sub = pair
     await one.publish([make(1)])
     (delivery,) = await drain(two.consumer(sub), 1)
     waiting = await waiting_fetch(one.consumer(sub))
@@ -318,11 +319,9 @@ async def test_a_retry_delay_wakes_a_consumer_waiting_in_another_process(
 
 
 async def test_closing_a_consumer_ends_its_waiting_fetch_at_once(
-    pair: tuple[RedisTransport, RedisTransport],
+    pair: Pair,
 ) -> None:
-    one, _ = pair
-    sub = Subscription("g", ("order.created",))
-    await one.declare([sub])
+    one, _, sub = pair
     closing = one.consumer(sub)
     waiting = await waiting_fetch(closing)
     closed = time.monotonic()
@@ -364,13 +363,11 @@ async def test_a_burst_of_concurrent_publishes_keeps_the_connections_bounded(
 
 
 async def test_a_backlog_larger_than_a_fetch_is_claimed_without_waiting(
-    pair: tuple[RedisTransport, RedisTransport], monkeypatch: pytest.MonkeyPatch
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While the last claim left entries due, the next fetch claims at once: it must
     not wait for a wake token (there is one per publish, not one per fetch)."""
-    one, _ = pair
-    sub = Subscription("g", ("order.created",))
-    await one.declare([sub])
+    one, _, sub = pair
     await one.publish([make(i) for i in range(100)])
     waits = 0
     wait_and_claim = one._wait_and_claim
