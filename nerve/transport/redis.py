@@ -937,9 +937,9 @@ class RedisTransport:
                 continue
             task = asyncio.ensure_future(self._wake_consumer(consumer))
             self._waking.add(task)
-            task.add_done_callback(self._woken)
+            task.add_done_callback(self._wake_sent)
 
-    def _woken(self, task: asyncio.Future[None]) -> None:
+    def _wake_sent(self, task: asyncio.Future[None]) -> None:
         self._waking.discard(task)
         if not task.cancelled():
             task.exception()  # seen: the broker is away, and the fetch's timeout wakes it
