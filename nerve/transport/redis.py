@@ -1066,9 +1066,12 @@ class RedisTransport:
         if not declared:
             raise TransportError(f"declare group {group!r} before consuming it")
 
+    def _claim_args(self, group: str, limit: int, token: str) -> list[str | int]:
+        """The claim script's arguments after the prefix (the stop key may follow)."""
+        return [group, limit, _ms(self.config.visibility_timeout), token]
+
     async def _claim(self, group: str, limit: int, token: str) -> tuple[list[Any], int]:
-        lease = _ms(self.config.visibility_timeout)
-        rows, wait_ms = await self._run("claim", [group, limit, lease, token])
+        rows, wait_ms = await self._run("claim", self._claim_args(group, limit, token))
         return rows, int(wait_ms)
 
     async def _wait_and_claim(
@@ -1077,19 +1080,13 @@ class RedisTransport:
         """Wait up to ``block`` seconds for a wake token, then claim, in one round trip
         (the claim runs in Redis right after the ``BLPOP`` returns or times out)."""
         script = self._scripts["claim"]
-        args: list[str | int] = [
-            self._prefix,
-            consumer.group,
-            limit,
-            _ms(self.config.visibility_timeout),
-            token,
-        ]
+        args = [self._prefix, *self._claim_args(consumer.group, limit, token), consumer._stop_key]
         consumer.waiting = True
         try:
             with _translated(self.config):
                 async with self._client().pipeline(transaction=False) as pipe:
                     pipe.blpop(list(consumer._wake_keys), block)
-                    pipe.evalsha(script.sha, 0, *args, consumer._stop_key)
+                    pipe.evalsha(script.sha, 0, *args)
                     try:
                         _, (rows, wait_ms) = await pipe.execute()
                     except redis_errors.NoScriptError:  # the server restarted: load it
