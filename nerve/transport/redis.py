@@ -347,7 +347,8 @@ return {out, wait}
 )
 
 # ARGV: P, n, then the n settlements in one string, a line each (newline-separated):
-# group TAB action TAB id TAB token TAB arg -> {1|0 ...}
+# group TAB action TAB id TAB token TAB arg, then the sender (the transport's id, which
+# the wake-up of a delayed nack carries) -> {1|0 ...}
 # arg: delay ms (nack), lease ms (extend), failure JSON (dead; JSON has no raw tab or
 # newline). One argument instead of five per settlement: redis-py packs each argument
 # in Python, and that was the largest cost of an ack in the consumer's profile.
@@ -401,7 +402,8 @@ for g, gl in pairs(groups) do
           redis.call('HSET', meta, id, a .. '||' .. first .. '|' .. k)
           redis.call('HINCRBY', base .. ':cnt', 'retried', 1)
           if tonumber(arg) > 0 then
-            redis.call('PUBLISH', P .. ':wake', arg .. ' ' .. g)  -- due later: timers
+            -- due later: a timer in every process (the sender's own starts its own)
+            redis.call('PUBLISH', P .. ':wake', arg .. ' ' .. g .. '\t' .. ARGV[4])
           else
             woken[g] = true
           end
@@ -763,6 +765,9 @@ class RedisTransport:
         self._router = _Router()
         self._consumers: set[RedisConsumer] = set()
         self._timers: set[asyncio.TimerHandle] = set()
+        self._id = os.urandom(8).hex()
+        """Names this transport in the wake-ups its delayed nacks send to every process
+        (its own listener skips them: it set the timer already)."""
         self._waking: set[asyncio.Future[None]] = set()
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
         self._scripts: dict[str, Any] = {}
@@ -865,7 +870,10 @@ class RedisTransport:
                 continue
             if not message or message.get("type") != "message":
                 continue
-            delay, _, group = bytes(message["data"]).decode().partition(" ")
+            delay, _, rest = bytes(message["data"]).decode().partition(" ")
+            group, _, sender = rest.partition("\t")
+            if sender == self._id:
+                continue  # a nack of this transport's: _settle_batch set its timer
             if delay.isdigit() and int(delay) > 0:
                 self._wake_later(group, int(delay) / 1000)
             else:
@@ -1102,7 +1110,7 @@ class RedisTransport:
         packed = "\n".join(
             f"{d.group}\t{action}\t{d.entry_id}\t{d.token}\t{arg}" for d, action, arg in batch
         )
-        outcomes = await self._run("settle", [len(batch), packed])
+        outcomes = await self._run("settle", [len(batch), packed, self._id])
         results: list[BaseException | None] = []
         for (delivery, action, arg), ok in zip(batch, outcomes, strict=True):
             if not ok:

@@ -318,6 +318,22 @@ async def test_a_retry_delay_wakes_a_consumer_waiting_in_another_process(
     assert again.attempt == 2  # type: ignore[attr-defined]
 
 
+async def test_a_retry_delay_sets_one_timer_in_each_process(pair: Pair) -> None:
+    """The nacking transport sets its timer when the settle returns; the wake-up its
+    script sends every process over Pub/Sub reaches its own listener too, which skips
+    it (it set a second timer, and a second wake-up, for every delayed nack)."""
+    one, two, sub = pair
+    await one.publish([make(1)])
+    (delivery,) = await drain(one.consumer(sub), 1)
+    await delivery.nack(5.0)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + SOON
+    while not two._timers:  # the other process hears it over Pub/Sub
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the nacking process's listener has heard it by now too
+    assert (len(one._timers), len(two._timers)) == (1, 1)
+
+
 async def test_closing_a_consumer_ends_its_waiting_fetch_at_once(
     pair: Pair,
 ) -> None:
