@@ -55,57 +55,9 @@ def _unavailable(message: str) -> None:
     pytest.skip(message)
 
 
-_LAUNCHER = r"""
-import os, sys, threading, time
-from moto.server import main
-from moto.sqs import models
-
-lock = threading.RLock()
-
-
-def locked(method):
-    def run(*args, **kwargs):
-        with lock:
-            return method(*args, **kwargs)
-
-    return run
-
-
-for name in (
-    "send_message", "send_message_batch", "receive_message", "delete_message",
-    "delete_message_batch", "change_message_visibility",
-    "change_message_visibility_batch", "purge_queue", "get_queue_attributes",
-    "set_queue_attributes", "create_queue", "delete_queue",
-):
-    setattr(models.SQSBackend, name, locked(getattr(models.SQSBackend, name)))
-
-waits = models.Queue.wait_for_messages
-
-
-def wait_unlocked(self, timeout):
-    # a long poll must not hold the lock while it waits for a send
-    saved = lock._release_save()
-    try:
-        waits(self, timeout)
-    finally:
-        lock._acquire_restore(saved)
-
-
-models.Queue.wait_for_messages = wait_unlocked
-parent = os.getppid()
-
-
-def watch():
-    # the test process died without stopping us (SIGKILL): stop too
-    while os.getppid() == parent:
-        time.sleep(1)
-    os._exit(0)
-
-
-threading.Thread(target=watch, daemon=True).start()
-main(sys.argv[1:])
-"""
-"""``moto_server`` with its SQS backend made thread-safe (see the module docstring)."""
+_LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "moto_server.py"
+"""``moto_server`` with its SQS backend made thread-safe (see its docstring); shared
+with ``scripts/services``, which starts one on port 5000 for interactive use."""
 
 
 def _installed() -> bool:
@@ -127,7 +79,7 @@ def _ensure_server() -> int:
         _unavailable("moto_server is not installed (pip install 'moto[server]')")
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-c", _LAUNCHER, "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(_LAUNCHER), "--watch-parent", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -108,7 +108,7 @@ def moto_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     server = subprocess.Popen(
-        [sys.executable, "-c", _LAUNCHER, "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(_LAUNCHER), "--watch-parent", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
