@@ -134,3 +134,32 @@ def test_bad_options_say_what_is_wrong(args: list[str], message: str) -> None:
     )
     assert done.returncode == 2
     assert message in done.stderr.decode()
+
+
+def test_observe_reports_paired_ratios_not_ratios_of_medians() -> None:
+    """Five wall-clock rounds of a noisy run (this machine, 2026-11-23): the medians of
+    each column gave 0.873x throughput and 1.121x CPU, "met"; the per-round ratios,
+    which cancel the drift between rounds, give 0.833x and 1.193x: not met."""
+    from rich.console import Console
+
+    from benchmarks.observe import _report
+
+    rates = {
+        "off": [11865, 15280, 12509, 9822, 13001],
+        "metrics": [11292, 13669, 11465, 12660, 13205],
+        "metrics+otlp": [11024, 11759, 10423, 10916, 8857],
+    }
+    cpu = {
+        "off": [75.0, 51.5, 70.0, 89.0, 67.0],
+        "metrics": [77.0, 66.0, 78.5, 69.0, 65.5],
+        "metrics+otlp": [77.0, 74.0, 83.5, 78.5, 97.0],
+    }
+    console = Console(record=True, width=200)
+    summary = _report(console, list(rates), rates, cpu, "test")
+    otlp = summary["metrics+otlp"]
+    assert round(otlp["throughput_ratio"], 3) == 0.833
+    assert round(otlp["cpu_ratio"], 3) == 1.193
+    assert [round(x, 3) for x in otlp["throughput_ratio_range"]] == [0.681, 1.111]
+    text = console.export_text()
+    assert "OTLP exporter: throughput 0.833x (-16.7%)" in text
+    assert "goal <= 15%: NOT met (rounds range 0.68x-1.11x, across the goal" in text
