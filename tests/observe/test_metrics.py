@@ -4,6 +4,8 @@ accepts the exposition as it is served."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import subprocess
 from pathlib import Path
 
@@ -159,19 +161,31 @@ def test_bucket_quantiles_interpolate() -> None:
     assert p95 is not None and 0.2 < p95 < 0.4
 
 
+def _two_free_ports() -> int:
+    """A port free on 127.0.0.1 whose successor is free too (worker k listens on
+    PORT+k: a random free port's successor was once taken, and worker 2 exited)."""
+    for _ in range(100):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two adjacent free ports on 127.0.0.1")
+
+
 @pytest.mark.slow
 async def test_each_worker_process_serves_its_own_metrics(tmp_path: Path) -> None:
     """``nerve run --processes 2 --metrics-listen PORT``: worker k on PORT+k, and
     together they count every order exactly once."""
-    import socket
     import sys
 
     from nerve.runtime import Client
     from nerve.transport.sqlite import SqliteTransport
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _two_free_ports()
     broker = f"sqlite:///{tmp_path}/nerve.db"
     log = (tmp_path / "nerve.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
@@ -249,9 +263,13 @@ async def test_each_worker_process_serves_its_own_metrics(tmp_path: Path) -> Non
                 assert checked.returncode == 0, checked.stdout + checked.stderr
                 assert 'nerve_function_backlog_events{function="inventory"} 0.0' in text
     finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 30)
-        log.close()
+        try:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                    proc.terminate()
+            await asyncio.wait_for(proc.wait(), 30)
+        finally:
+            log.close()
 
 
 async def test_latency_is_the_events_age_when_its_handler_starts() -> None:
