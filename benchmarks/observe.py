@@ -30,7 +30,9 @@ producer with the configuration's ``OTEL_*`` variables, so traced events carry t
 instrumentation switched on once its runtime has started and off once the last event
 is handled and the span queue exported (callgrind's client requests, through a tiny C
 helper compiled with ``cc`` on first use; every thread counts: the export thread's
-encoding and HTTP requests too). Where the helper cannot be built, the count is the
+encoding and HTTP requests too; the report splits the count into the event loop's
+thread and the others: SQLite's workers and the span exporter). Where the helper
+cannot be built, the count is the
 slope between draining N and 2N events (noisier: it also counts polling that grows
 with valgrind's slowness).
 """
@@ -379,11 +381,16 @@ def _prepare(logdir: Path, events: int, config: dict[str, str]) -> str:
     return url
 
 
-def _instructions(logdir: Path, events: int, env: dict[str, str], helper: Path | None) -> int:
+def _instructions(
+    logdir: Path, events: int, env: dict[str, str], helper: Path | None
+) -> tuple[int, int]:
+    """Instructions counted in the draining process: (all threads, its main thread,
+    where the event loop runs; the rest are SQLite workers and the span exporter)."""
     url = _prepare(logdir, events, env)
     cmd = [
         "valgrind",
         "--tool=callgrind",
+        "--separate-threads=yes",
         f"--callgrind-out-file={logdir / 'callgrind.out'}",
         *(["--instr-atstart=no"] if helper else []),
         PYTHON, "-m", "benchmarks.observe", "drain", url, str(events),
@@ -393,7 +400,8 @@ def _instructions(logdir: Path, events: int, env: dict[str, str], helper: Path |
     found = re.search(rb"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
         raise RuntimeError(done.stderr.decode(errors="replace")[-3000:])
-    return int(found.group(1))
+    main = re.search(r"^totals: (\d+)", (logdir / "callgrind.out-01").read_text(), re.M)
+    return int(found.group(1)), int(main.group(1)) if main else 0
 
 
 def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -404,6 +412,7 @@ def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     configs = configurations(endpoint, args.sampled)
     names = list(configs)
     per_event: dict[str, list[float]] = {name: [] for name in names}
+    on_loop: dict[str, list[float]] = {name: [] for name in names}
     base = RUNS_DIR / time.strftime("observe-callgrind-%Y%m%dT%H%M%S")
     method = "counted from start to last export" if helper else "slope between N and 2N events"
     try:
@@ -413,13 +422,19 @@ def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 logdir = base / f"{name.replace(' ', '_').replace('%', 'pct')}-{r + 1}"
                 logdir.mkdir(parents=True, exist_ok=True)
                 if helper:
-                    value = _instructions(logdir, args.events, configs[name], helper) / args.events
+                    total, main = _instructions(logdir, args.events, configs[name], helper)
+                    value, loop = total / args.events, main / args.events
                 else:
                     small = _instructions(logdir / "n", args.events, configs[name], None)
                     large = _instructions(logdir / "2n", 2 * args.events, configs[name], None)
-                    value = (large - small) / args.events
+                    value = (large[0] - small[0]) / args.events
+                    loop = (large[1] - small[1]) / args.events
                 per_event[name].append(value)
-                console.print(f"round {r + 1} {name:<18} {value:>10,.0f} instructions/event")
+                on_loop[name].append(loop)
+                console.print(
+                    f"round {r + 1} {name:<18} {value:>10,.0f} instructions/event "
+                    f"({loop:,.0f} on the event loop's thread)"
+                )
     finally:
         stop_sink()
     shutil.rmtree(base, ignore_errors=True)
@@ -428,16 +443,26 @@ def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         title="Instructions per event (callgrind)",
         caption=f"{args.events:,} events drained, {method}; medians of {args.rounds}",
     )
-    for column in ("configuration", "instructions/event", "vs off"):
+    for column in ("configuration", "instructions/event", "vs off", "event loop", "other threads"):
         table.add_column(column, justify="left" if column == "configuration" else "right")
     summary: dict[str, Any] = {}
     for name in names:
         value = statistics.median(per_event[name])
+        loop = statistics.median(on_loop[name])
         ratio = value / base_value
         table.add_row(
-            name, f"{value:,.0f}", "" if name == "off" else f"{ratio:.3f}x ({ratio - 1:+.1%})"
+            name,
+            f"{value:,.0f}",
+            "" if name == "off" else f"{ratio:.3f}x ({ratio - 1:+.1%})",
+            f"{loop:,.0f}",
+            f"{value - loop:,.0f}",
         )
-        summary[name] = {"instructions_per_event": value, "ratio": ratio}
+        summary[name] = {
+            "instructions_per_event": value,
+            "ratio": ratio,
+            "event_loop_thread": loop,
+            "other_threads": value - loop,
+        }
     console.print(table)
     for name, what in (("metrics", "no exporter configured"), ("metrics+otlp", "OTLP exporter")):
         ratio = summary[name]["ratio"]
