@@ -240,7 +240,9 @@ class DeadLetterQueue(Protocol):
 
 @runtime_checkable
 class Inspectable(Protocol):
-    """Optional: backlog, in-flight and counters per group."""
+    """Optional: backlog, in-flight and counters per group. The figures may trail the
+    latest settlements for a moment where the broker counts asynchronously (RabbitMQ's
+    quorum queues); they settle within a few seconds."""
 
     async def stats(self) -> list[GroupStats]: ...
 
