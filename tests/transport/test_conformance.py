@@ -840,8 +840,9 @@ async def stats_once(
 ) -> GroupStats:
     """``group``'s stats as soon as ``expected`` holds, else the last ones read within
     5 s (the assertions after it then say what differs). Stats may trail a settlement
-    briefly: RabbitMQ's quorum queues went on counting a message handed to a consumer
-    as ready for a moment (CI saw ready 3 where 2 were left)."""
+    briefly: RabbitMQ's add the queue's count and the consumer's prefetch buffer, read
+    one after the other, and a message on its way from one to the other was counted
+    in both once (CI saw ready 3 where 2 were left)."""
     deadline = time.monotonic() + 5.0
     while True:
         s = group_stats(await transport.stats(), group)
