@@ -162,4 +162,4 @@ def test_observe_reports_paired_ratios_not_ratios_of_medians() -> None:
     assert [round(x, 3) for x in otlp["throughput_ratio_range"]] == [0.681, 1.111]
     text = console.export_text()
     assert "OTLP exporter: throughput 0.833x (-16.7%)" in text
-    assert "goal <= 15%: NOT met (rounds range 0.68x-1.11x, across the goal" in text
+    assert "goal <= 15%: NOT met (rounds range throughput 0.68x-1.11x, CPU 0.88x-1.45x:" in text
