@@ -412,7 +412,9 @@ def _instructions(
     if done.returncode != 0 or found is None:
         raise RuntimeError(done.stderr.decode(errors="replace")[-3000:])
     main = re.search(r"^totals: (\d+)", (logdir / "callgrind.out-01").read_text(), re.M)
-    return int(found.group(1)), int(main.group(1)) if main else 0
+    if main is None:
+        raise RuntimeError(f"no totals for the main thread in {logdir / 'callgrind.out-01'}")
+    return int(found.group(1)), int(main.group(1))
 
 
 def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:

@@ -241,8 +241,9 @@ class DeadLetterQueue(Protocol):
 @runtime_checkable
 class Inspectable(Protocol):
     """Optional: backlog, in-flight and counters per group. The figures may trail the
-    latest settlements for a moment (RabbitMQ's add counts read one after the other:
-    the queue's, then its consumers' prefetch buffers); they settle within seconds."""
+    latest settlements for a moment (RabbitMQ's sum two counts read one after the
+    other: the queue's, then its consumers' prefetch buffers); they settle within
+    seconds."""
 
     async def stats(self) -> list[GroupStats]: ...
 

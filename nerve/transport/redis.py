@@ -402,7 +402,8 @@ for g, gl in pairs(groups) do
           redis.call('HSET', meta, id, a .. '||' .. first .. '|' .. k)
           redis.call('HINCRBY', base .. ':cnt', 'retried', 1)
           if tonumber(arg) > 0 then
-            -- due later: a timer in every process (the sender's own starts its own)
+            -- due later: a timer in every process (the sender's listener skips this:
+            -- its settle call set one already)
             redis.call('PUBLISH', P .. ':wake', arg .. ' ' .. g .. '\t' .. ARGV[4])
           else
             woken[g] = true
