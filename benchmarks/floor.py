@@ -1,8 +1,10 @@
 """The sqlite3 floor: the same workloads written directly against ``sqlite3``.
 
-Same durability as the embedded broker (WAL, ``synchronous=FULL``), same process
-split, same ~500-byte bodies (the encoded order events), but nothing else: no
-envelope decoding, no validation, no idempotency record, no routing, no asyncio.
+Same durability as the embedded broker (WAL, ``synchronous=FULL`` for publishes;
+the consumer's leases and acks commit with ``synchronous=NORMAL``, as the broker's do:
+see docs/embedded-broker.md), same process split, same ~500-byte bodies (the encoded
+order events), but nothing else: no envelope decoding, no validation, no idempotency
+record, no routing, no asyncio.
 
 - Writers take the lock with ``BEGIN IMMEDIATE``, retried every 50 us while another
   process holds it (``--busy spin``, default), or with SQLite's own sleeping busy
@@ -34,6 +36,8 @@ import time
 from pathlib import Path
 
 import orjson
+
+from benchmarks.peers.common import settle_gc
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
@@ -102,7 +106,8 @@ def consume(
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    conn = connect(path, synchronous, busy)
+    # leases and acks are not fsynced on their own, as in the embedded broker
+    conn = connect(path, "NORMAL" if synchronous in ("FULL", "EXTRA") else synchronous, busy)
     latencies: list[float] = []
     record = bool(out)
     version = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -157,6 +162,7 @@ def produce_throughput(
 ) -> dict[str, float]:
     bodies = _bodies(count)
     conn = connect(path, synchronous, busy)
+    settle_gc()
     sql = "INSERT INTO queue (sent_at, body) VALUES (?, ?)"
     first = time.time()
     for start in range(0, count, batch):
@@ -175,6 +181,7 @@ def produce_latency(
     count = int(rate * seconds)
     bodies = _bodies(count)
     conn = connect(path, synchronous, busy)
+    settle_gc()
     sql = "INSERT INTO queue (sent_at, body) VALUES (?, ?)"
     t0 = time.time() + 0.1
     sent = 0

@@ -195,7 +195,8 @@ def settings_text(system: str, broker: str, workload: str, s: Settings) -> str:
             )
             return (
                 "`nerve run benchmarks.apps:app --broker sqlite:///...?synchronous=FULL` "
-                "(WAL, synchronous=FULL for broker and store; `--processes P` in scale), one "
+                "(WAL, synchronous=FULL for broker and store; leases and acks are not "
+                "fsynced on their own, docs/embedded-broker.md; `--processes P` in scale), one "
                 f"no-op function, concurrency 100, the default 30 s timeout; producer {producer}"
             )
         from benchmarks.peers.nerve_side import NERVE_URLS
@@ -214,12 +215,14 @@ def settings_text(system: str, broker: str, workload: str, s: Settings) -> str:
     if system == "floor":
         if workload == "latency":
             return (
-                "raw `sqlite3` (`benchmarks/floor.py`): WAL, synchronous=FULL; the producer "
+                "raw `sqlite3` (`benchmarks/floor.py`): WAL, synchronous=FULL (the consumer's "
+                "leases and acks NORMAL, as nerve's); the producer "
                 "inserts the rows that are due, one transaction each; the consumer leases up "
                 f"to {batch} rows (UPDATE ... RETURNING), then deletes them (= ack)"
             )
         return (
-            "raw `sqlite3` (`benchmarks/floor.py`): WAL, synchronous=FULL, insert batches of "
+            "raw `sqlite3` (`benchmarks/floor.py`): WAL, synchronous=FULL (the consumer's "
+            "leases and acks NORMAL, as nerve's), insert batches of "
             f"{batch}; the consumer leases up to {batch} rows (UPDATE ... RETURNING), then "
             "deletes them and bumps a counter (= ack)"
         )

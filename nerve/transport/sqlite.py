@@ -22,7 +22,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -557,8 +557,7 @@ class SqliteTransport:
     ) -> list[tuple[int, int, bytes, int, float, str | None]]:
         token = _token()
         lease = self.config.visibility_timeout
-        synchronous = self.config.synchronous
-        relax = synchronous in ("FULL", "EXTRA")
+        relaxed = self._relaxed
 
         def claim(conn: sqlite3.Connection) -> list[tuple[int, int, bytes, int, float, str | None]]:
             for _ in range(3):  # another process may lease what we saw first
@@ -568,18 +567,30 @@ class SqliteTransport:
                 ).fetchall()[0][0]
                 if not found:
                     return []
-                if relax:  # a lease need not survive a power loss (docs/embedded-broker.md)
-                    conn.execute("PRAGMA synchronous=NORMAL")
-                try:
+                with relaxed(conn):  # a lease need not survive a power loss
                     leased = execute_write(conn, _LEASE, (now + lease, token, now, found, now, now))
-                finally:
-                    if relax:
-                        conn.execute(f"PRAGMA synchronous={synchronous}")
                 if leased:
                     return _claimed(conn, found, token)
             return []
 
         return await self._worker.call(claim)
+
+    @contextlib.contextmanager
+    def _relaxed(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """The commits inside run with ``synchronous=NORMAL`` (no fsync of their own)
+        when the broker is configured ``FULL`` or ``EXTRA``: for leases and acks, which
+        a power loss may undo without losing an event (docs/embedded-broker.md). Their
+        WAL frames are written, so a crashed process loses nothing, and the next
+        fsynced commit (a publish, a nack...) carries them to disk."""
+        synchronous = self.config.synchronous
+        if synchronous not in ("FULL", "EXTRA"):
+            yield
+            return
+        conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
+        finally:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
 
     async def _settle(
         self, delivery: SqliteDelivery, action: str, amount: float, failure: Failure | None
@@ -588,7 +599,13 @@ class SqliteTransport:
 
     async def _settle_batch(self, batch: list[_Settlement]) -> list[BaseException | None]:
         if all(action == "ack" for _, action, _, _ in batch):
-            acked = await self._worker.call(lambda conn: _ack_alone(conn, batch))
+            relaxed = self._relaxed
+
+            def ack(conn: sqlite3.Connection) -> set[int]:
+                with relaxed(conn):  # the runtime's store record is fsynced already
+                    return _ack_alone(conn, batch)
+
+            acked = await self._worker.call(ack)
             outcomes = [delivery.row_id in acked for delivery, _, _, _ in batch]
         else:
             outcomes = await self._worker.write(lambda conn: _settle_rows(conn, batch))

@@ -9,23 +9,76 @@ from nerve.event import Event
 from nerve.transport.sqlite import SqliteTransport
 
 
-async def test_a_claim_is_not_fsynced_but_everything_after_it_is(tmp_path: Path) -> None:
+def _levels(statements: list[str]) -> dict[str, set[str]]:
+    """The sync level each kind of write ran with, from a connection's statement trace
+    (FULL until a ``PRAGMA synchronous=...`` says otherwise)."""
+    level = "FULL"
+    seen: dict[str, set[str]] = {}
+    for sql in statements:
+        text = " ".join(sql.split()).upper()
+        if text.startswith("PRAGMA SYNCHRONOUS="):
+            level = text.split("=", 1)[1]
+            continue
+        for kind in ("INSERT INTO LOG", "UPDATE DELIVERIES", "DELETE FROM DELIVERIES"):
+            if text.startswith(kind):
+                seen.setdefault(kind, set()).add(level)
+    return seen
+
+
+async def test_leases_and_acks_are_not_fsynced_but_publishes_and_nacks_are(
+    tmp_path: Path,
+) -> None:
     transport = SqliteTransport(f"sqlite:///{tmp_path}/nerve.db?synchronous=FULL")
     await transport.start()
+    statements: list[str] = []
     try:
         await transport.declare([Subscription("g", ("t.*",))])
+        await transport._worker.call(lambda conn: conn.set_trace_callback(statements.append))
         consumer = transport.consumer(Subscription("g", ("t.*",)))
         await transport.publish([Event(type="t.one", source="/test", data={"n": 1})])
         (delivery,) = await consumer.fetch(10, 1.0)
         assert delivery.attempt == 1
-        # the claim relaxed the connection for its one statement and put it back: the
-        # ack (and every other write) commits with synchronous=FULL (2)
+        await delivery.ack()
+        # the lease (UPDATE) and the ack (DELETE) ran relaxed, the publish with FULL
+        assert _levels(statements) == {
+            "INSERT INTO LOG": {"FULL"},
+            "UPDATE DELIVERIES": {"NORMAL"},
+            "DELETE FROM DELIVERIES": {"NORMAL"},
+        }
+        # ... and the connection was put back: what comes next commits with FULL (2)
         level = await transport._worker.call(
             lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]
         )
         assert level == 2
-        await delivery.ack()
+        statements.clear()
+        await transport.publish([Event(type="t.two", source="/test", data={"n": 2})])
+        (delivery,) = await consumer.fetch(10, 1.0)
+        await delivery.nack(0.0)  # a nack is fsynced (its lease is not)
+        assert _levels(statements) == {
+            "INSERT INTO LOG": {"FULL"},
+            "UPDATE DELIVERIES": {"NORMAL", "FULL"},
+        }
         stats = {s.group: s for s in await transport.stats()}
         assert stats["g"].processed == 1
+        assert stats["g"].retried == 1
     finally:
+        await transport._worker.call(lambda conn: conn.set_trace_callback(None))
+        await transport.close()
+
+
+async def test_with_synchronous_normal_nothing_is_switched(tmp_path: Path) -> None:
+    transport = SqliteTransport(f"sqlite:///{tmp_path}/nerve.db?synchronous=NORMAL")
+    await transport.start()
+    statements: list[str] = []
+    try:
+        await transport.declare([Subscription("g", ("t.*",))])
+        await transport._worker.call(lambda conn: conn.set_trace_callback(statements.append))
+        consumer = transport.consumer(Subscription("g", ("t.*",)))
+        await transport.publish([Event(type="t.one", source="/test", data={"n": 1})])
+        (delivery,) = await consumer.fetch(10, 1.0)
+        await delivery.ack()
+        assert not [s for s in statements if "synchronous" in s.lower()]
+        assert (await transport.stats())[0].processed == 1
+    finally:
+        await transport._worker.call(lambda conn: conn.set_trace_callback(None))
         await transport.close()
