@@ -49,6 +49,7 @@ from benchmarks.embedded import (
     nerve_consumer_cmd,
     process,
     producer_result,
+    throughput_result,
 )
 
 BROKERS = ("nats", "rabbitmq", "redis", "postgres")
@@ -247,12 +248,7 @@ class Bench:
             else:
                 asyncio.run(raw_clients.teardown(broker, name))
         self.progress.update(task, completed=s.events)
-        elapsed = done_at - sent["first_publish"]
-        return {
-            "events_per_s": s.events / elapsed,
-            "seconds": elapsed,
-            "publish_seconds": sent["last_publish"] - sent["first_publish"],
-        }
+        return throughput_result(s.events, sent, done_at)
 
 
 # ---------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from benchmarks.embedded import (
     RESULTS_DIR,
     ROOT,
     RUNS_DIR,
+    CpuSampler,
     _fail,
     machine,
     nerve_cli_available,
@@ -62,6 +63,7 @@ from benchmarks.embedded import (
     percentiles,
     process,
     producer_result,
+    throughput_result,
 )
 from benchmarks.peers import DISTRIBUTIONS, MODULES, PEERS
 from benchmarks.peers.common import CONFIG_ENV, Config
@@ -316,6 +318,18 @@ class Runner:
     # -- dispatch ---------------------------------------------------------------------
 
     def run(self, case: Case, rep: int) -> dict[str, float]:
+        if case.workload != "scale":
+            return self._run(case, rep)
+        # what bounds scaling: how busy the machine's cores were from first publish to
+        # last ack (the producer, the workers and the broker share them)
+        with CpuSampler() as cpu:
+            result = self._run(case, rep)
+        busy = cpu.cores_busy(result["first_publish"], result["done_at"])
+        if busy is not None:
+            result["cores_busy"] = busy
+        return result
+
+    def _run(self, case: Case, rep: int) -> dict[str, float]:
         if case.workload == "throughput" and case.system in ("nerve", "raw"):
             if case.broker == "kafka":
                 return self.peer(case, rep)
@@ -448,14 +462,9 @@ class Runner:
             result = percentiles(orjson.loads(raw))
             result["producer_max_behind_ms"] = sent.get("max_behind_s", 0.0) * 1000.0
             return result
-        elapsed = float(raw) - sent["first_publish"]
-        result = {
-            "events_per_s": events / elapsed,
-            "seconds": elapsed,
-            "publish_seconds": sent["last_publish"] - sent["first_publish"],
-        }
+        result = throughput_result(events, sent, float(raw))
         if fanout > 1:
-            result["deliveries_per_s"] = expect / elapsed
+            result["deliveries_per_s"] = expect / result["seconds"]
         return result
 
     # -- the shop ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -319,12 +320,7 @@ class Bench:
                     sent = producer_result(producer, logdir, "producer")
             finally:
                 conn.close()
-        elapsed = done_at - sent["first_publish"]
-        return {
-            "events_per_s": s.events / elapsed,
-            "seconds": elapsed,
-            "publish_seconds": sent["last_publish"] - sent["first_publish"],
-        }
+        return throughput_result(s.events, sent, done_at)
 
     def nerve_latency(self, run: int) -> dict[str, float]:
         s = self.s
@@ -399,12 +395,7 @@ class Bench:
                     sent = producer_result(producer, logdir, "producer")
             finally:
                 conn.close()
-        elapsed = done_at - sent["first_publish"]
-        return {
-            "events_per_s": s.events / elapsed,
-            "seconds": elapsed,
-            "publish_seconds": sent["last_publish"] - sent["first_publish"],
-        }
+        return throughput_result(s.events, sent, done_at)
 
     def floor_latency(self, run: int) -> dict[str, float]:
         s = self.s
@@ -440,6 +431,76 @@ class Bench:
         result = percentiles(orjson.loads(raw))
         result["producer_max_behind_ms"] = sent.get("max_behind_s", 0.0) * 1000.0
         return result
+
+
+def throughput_result(events: int, sent: dict[str, float], done_at: float) -> dict[str, float]:
+    """A throughput run's result: ``events`` from the producer's first publish (``sent``:
+    what the producer printed) to the last one handled (wall time ``done_at``)."""
+    elapsed = done_at - sent["first_publish"]
+    return {
+        "events_per_s": events / elapsed,
+        "seconds": elapsed,
+        "publish_seconds": sent["last_publish"] - sent["first_publish"],
+        "first_publish": sent["first_publish"],
+        "done_at": done_at,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# What the machine's CPUs did during a run
+
+
+class CpuSampler:
+    """Samples the machine's CPU time (``/proc/stat``) every ``every`` seconds in a
+    thread while in use, so that :meth:`cores_busy` can say how many cores were busy
+    over a run's timed part (start-up and shutdown left out). On a machine without
+    ``/proc/stat`` it records nothing and :meth:`cores_busy` is None."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        self._every = every
+        self._samples: list[tuple[float, int, int]] = []
+        """(wall time, busy jiffies, total jiffies), all CPUs together."""
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        total = sum(fields[:8])  # user..steal (guest time is counted in user already)
+        return total - idle, total
+
+    def _run(self) -> None:
+        while True:
+            got = self._read()
+            if got is None:
+                return
+            self._samples.append((time.time(), *got))
+            if self._halt.wait(self._every):
+                return
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._halt.set()
+        self._thread.join(5)
+
+    def cores_busy(self, start: float, end: float) -> float | None:
+        """Cores busy on average between wall times ``start`` and ``end`` (from the
+        last sample before ``start`` to the first after ``end``)."""
+        samples = self._samples
+        before = [x for x in samples if x[0] <= start]
+        after = [x for x in samples if x[0] >= end]
+        if not before or not after or after[0][2] <= before[-1][2]:
+            return None
+        (_, busy0, total0), (_, busy1, total1) = before[-1], after[0]
+        return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------

@@ -347,17 +347,29 @@ def markdown(
             "count and the time of its latest event every 10 ms, the end is the latest of "
             "them once the counts add up to N.",
             "",
-            "| broker | processes | events/s | vs 1 process |",
-            "|---|---:|---:|---:|",
+            "What bounds it: the producer (one process, publishing in batches of "
+            f"{s.batch}) and the workers share this machine's {m['cores']} cores with the "
+            "broker. *Published/s* is the producer's own rate (N / first to last publish): "
+            "where the workers handle events as fast as it publishes them, the producer is "
+            "the limit. *Cores busy* is the whole machine's CPU time from the first publish "
+            "to the last handled event (`/proc/stat`), in cores: near the core count, the "
+            "machine is.",
+            "",
+            "| broker | processes | events/s | vs 1 process | published/s | cores busy |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for series in _by(results, "scale"):
             one = results.get(f"scale/{series.case.broker}/nerve@1")
             base = one.median("events_per_s") if one else None
             med = series.median("events_per_s")
             vs = f"{med / base:.2f}x" if med and base else "-"
+            publish = series.median("publish_seconds")
+            rate = f"{s.scale_events / publish:,.0f}" if publish else "-"
+            busy = series.median("cores_busy")
+            cores = f"{busy:.2f} of {m['cores']}" if busy is not None else "-"
             lines.append(
                 f"| {series.case.broker} | {series.case.param:g} | "
-                f"{_cell(series, 'events_per_s')} | {vs} |"
+                f"{_cell(series, 'events_per_s')} | {vs} | {rate} | {cores} |"
             )
     if chart_paths:
         lines += ["", "## Charts", ""]
