@@ -163,3 +163,24 @@ def test_observe_reports_paired_ratios_not_ratios_of_medians() -> None:
     text = console.export_text()
     assert "OTLP exporter: throughput 0.833x (-16.7%)" in text
     assert "goal <= 15%: NOT met (rounds range throughput 0.68x-1.11x, CPU 0.88x-1.45x:" in text
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
+def test_cpu_sampler_counts_a_busy_core_over_the_window_asked() -> None:
+    import time
+
+    from benchmarks.embedded import CpuSampler
+
+    with CpuSampler(every=0.01) as cpu:
+        time.sleep(0.05)
+        start = time.time()
+        while time.time() - start < 0.4:  # this thread keeps one core busy
+            pass
+        end = time.time()
+        time.sleep(0.05)
+    busy = cpu.cores_busy(start, end)
+    assert busy is not None
+    assert 0.7 <= busy <= (os.cpu_count() or 1) + 0.05
+    # a window the samples do not cover has no answer, rather than a made-up one
+    assert cpu.cores_busy(start - 60, end) is None
+    assert cpu.cores_busy(start, end + 60) is None
