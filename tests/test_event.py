@@ -88,6 +88,14 @@ def test_with_extensions_sets_and_removes_in_a_copy() -> None:
     with pytest.raises(InvalidEvent) as info:
         event.with_extensions(**{"Bad": "x"})
     assert info.value.attribute == "Bad"
+    # the copy is the event with those extensions, every other field as it was
+    assert changed == event.evolve(extensions=changed.extensions)
+    assert type(changed.extensions).__name__ == "mappingproxy"
+    with pytest.raises(InvalidEvent) as info:
+        event.with_extensions(ratio=0.5)  # type: ignore[arg-type]
+    assert info.value.attribute == "ratio"
+    with pytest.raises(InvalidEvent):
+        event.with_extensions(source="x")  # a context attribute, not an extension
 
 
 # ---------------------------------------------------------------------------------------
