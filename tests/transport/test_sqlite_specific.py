@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from nerve.app import Subscription
 from nerve.event import Event
-from nerve.transport.sqlite import SqliteTransport
+from nerve.transport.sqlite import SqliteConsumer, SqliteTransport
 
 
 def _levels(statements: list[str]) -> dict[str, set[str]]:
@@ -25,16 +27,28 @@ def _levels(statements: list[str]) -> dict[str, set[str]]:
     return seen
 
 
-async def test_leases_and_acks_are_not_fsynced_but_publishes_and_nacks_are(
-    tmp_path: Path,
-) -> None:
-    transport = SqliteTransport(f"sqlite:///{tmp_path}/nerve.db?synchronous=FULL")
+@contextlib.asynccontextmanager
+async def _traced(
+    tmp_path: Path, synchronous: str
+) -> AsyncIterator[tuple[SqliteTransport, SqliteConsumer, list[str]]]:
+    """A started transport with group ``g`` declared, a consumer of it, and the list
+    its writer connection's statements are traced into from then on."""
+    transport = SqliteTransport(f"sqlite:///{tmp_path}/nerve.db?synchronous={synchronous}")
     await transport.start()
     statements: list[str] = []
     try:
         await transport.declare([Subscription("g", ("t.*",))])
         await transport._worker.call(lambda conn: conn.set_trace_callback(statements.append))
-        consumer = transport.consumer(Subscription("g", ("t.*",)))
+        yield transport, transport.consumer(Subscription("g", ("t.*",))), statements
+    finally:
+        await transport._worker.call(lambda conn: conn.set_trace_callback(None))
+        await transport.close()
+
+
+async def test_leases_and_acks_are_not_fsynced_but_publishes_and_nacks_are(
+    tmp_path: Path,
+) -> None:
+    async with _traced(tmp_path, "FULL") as (transport, consumer, statements):
         await transport.publish([Event(type="t.one", source="/test", data={"n": 1})])
         (delivery,) = await consumer.fetch(10, 1.0)
         assert delivery.attempt == 1
@@ -61,24 +75,12 @@ async def test_leases_and_acks_are_not_fsynced_but_publishes_and_nacks_are(
         stats = {s.group: s for s in await transport.stats()}
         assert stats["g"].processed == 1
         assert stats["g"].retried == 1
-    finally:
-        await transport._worker.call(lambda conn: conn.set_trace_callback(None))
-        await transport.close()
 
 
 async def test_with_synchronous_normal_nothing_is_switched(tmp_path: Path) -> None:
-    transport = SqliteTransport(f"sqlite:///{tmp_path}/nerve.db?synchronous=NORMAL")
-    await transport.start()
-    statements: list[str] = []
-    try:
-        await transport.declare([Subscription("g", ("t.*",))])
-        await transport._worker.call(lambda conn: conn.set_trace_callback(statements.append))
-        consumer = transport.consumer(Subscription("g", ("t.*",)))
+    async with _traced(tmp_path, "NORMAL") as (transport, consumer, statements):
         await transport.publish([Event(type="t.one", source="/test", data={"n": 1})])
         (delivery,) = await consumer.fetch(10, 1.0)
         await delivery.ack()
         assert not [s for s in statements if "synchronous" in s.lower()]
         assert (await transport.stats())[0].processed == 1
-    finally:
-        await transport._worker.call(lambda conn: conn.set_trace_callback(None))
-        await transport.close()
