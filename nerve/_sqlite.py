@@ -126,7 +126,8 @@ go gets it. A publisher committing event after event lets go of it for well unde
 did) can miss gap after gap: a consumer's lease waited up to 30 ms behind a producer
 publishing 1,000 events/s, one transaction each (probe in the embedded latency
 benchmark). Retrying every 0.1 ms at most catches a gap within a few tries; a waiting
-thread costs about a tenth of a core while it waits."""
+thread costs about an eighth of a core while it waits (measured: 0.26 s of CPU over a
+2 s wait)."""
 
 
 def retry_busy(fn: Callable[[], T], timeout: float) -> T:
