@@ -367,12 +367,9 @@ def drain_main(argv: list[str]) -> None:
             if helper is not None:
                 helper.nerve_bench_stop()
 
-    try:
-        import uvloop
+    from nerve.cli import _run_async
 
-        uvloop.run(drain())
-    except ImportError:
-        asyncio.run(drain())
+    _run_async(drain(), fast=True)  # as `nerve run` runs: uvloop, its GC settings
 
 
 def _prepare(logdir: Path, events: int, config: dict[str, str]) -> str:
