@@ -243,6 +243,9 @@ def to_attributes(event: Event) -> dict[str, Any]:
     return attrs
 
 
+_fromisoformat = datetime.fromisoformat
+
+
 def _parse_time(value: object) -> datetime:
     if isinstance(value, datetime):
         parsed = value
@@ -325,10 +328,13 @@ def from_attributes(attributes: Mapping[str, Any], data: Any = None) -> Event:
             if value is not None and not isinstance(value, str):
                 raise InvalidEvent(name, f"must be a string, got {type(value).__name__}")
     extensions: dict[str, ExtensionValue] = {}
-    if attributes.keys() - _RESERVED:  # (a set difference in C; usually one or two names)
-        # CloudEvents JSON format 2.2: an attribute whose value is null is treated as unset
-        for name, value in attributes.items():
-            if value is not None and name not in _RESERVED:
+    extra = attributes.keys() - _RESERVED  # (a set difference in C; usually one or two)
+    if extra:
+        # only the extensions are looked at, in the document's order (one needs no
+        # ordering); CloudEvents JSON format 2.2: a null attribute is treated as unset
+        for name in extra if len(extra) == 1 else [n for n in attributes if n in extra]:
+            value = attributes[name]
+            if value is not None:
                 if type(value) is not str or name not in _checked_names:
                     _check_extension(name, value)
                 extensions[name] = value
@@ -337,7 +343,16 @@ def from_attributes(attributes: Mapping[str, Any], data: Any = None) -> Event:
     event.source = source
     event.id = event_id
     event.specversion = "1.0"
-    event.time = None if time_value is None else _parse_time(time_value)
+    if type(time_value) is str:  # the usual case, inline: this runs for every event
+        try:
+            when: datetime | None = _fromisoformat(time_value)
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            _parse_time(time_value)  # raises the error that says what is wrong
+        event.time = when
+    else:
+        event.time = None if time_value is None else _parse_time(time_value)
     event.subject = subject
     event.datacontenttype = content_type
     event.dataschema = schema

@@ -543,6 +543,15 @@ def test_null_attributes_are_treated_as_unset() -> None:
     assert event.data == {"a": 1}
 
 
+def test_decoded_extensions_keep_the_documents_order_and_are_each_checked() -> None:
+    raw = orjson.dumps(_doc(zeta="z", alpha=1, skipped=None, mid=True))
+    assert list(decode(raw).extensions.items()) == [("zeta", "z"), ("alpha", 1), ("mid", True)]
+    bad = orjson.dumps(_doc(zeta="z", alpha=1, Tenant="x"))
+    with pytest.raises(DecodeError) as info:
+        decode(bad)
+    assert info.value.attribute == "Tenant"
+
+
 def test_extensions_given_as_a_mapping_proxy_are_copied() -> None:
     from types import MappingProxyType
 
