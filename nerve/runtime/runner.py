@@ -377,6 +377,7 @@ class FunctionRunner:
         keyed = self.function.key is not None
         ready = self._ready
         done = 0
+        task = asyncio.current_task()
         self._starting -= 1
         try:
             while ready and self._workers <= self.limit:
@@ -384,20 +385,24 @@ class FunctionRunner:
                 if ready:
                     self._more_workers()  # the rest must not wait for this handler
                 if keyed:
-                    await self._keyed(delivery, event, payload)
+                    await self._keyed(delivery, event, payload, task)
                 else:
-                    await self._attempt(delivery, event, payload, delivery.attempt, hold=False)
+                    await self._attempt(
+                        delivery, event, payload, delivery.attempt, hold=False, task=task
+                    )
                 done += 1
                 if done % 64 == 0:
                     await asyncio.sleep(0)  # handlers that never wait must not starve the loop
         finally:
             self._workers -= 1
 
-    async def _keyed(self, delivery: Delivery, event: Event, payload: Any) -> None:
+    async def _keyed(
+        self, delivery: Delivery, event: Event, payload: Any, task: asyncio.Task[Any] | None
+    ) -> None:
         assert self.function.key is not None
         key = self.function.key(payload)
         if key is None:
-            await self._attempt(delivery, event, payload, delivery.attempt, hold=False)
+            await self._attempt(delivery, event, payload, delivery.attempt, hold=False, task=task)
             return
         turns = self._key_turns
         if key not in turns:
@@ -417,7 +422,7 @@ class FunctionRunner:
                     waiting.remove(turn)
                 raise
         try:
-            await self._attempt(delivery, event, payload, delivery.attempt, hold=True)
+            await self._attempt(delivery, event, payload, delivery.attempt, hold=True, task=task)
         finally:
             self._pass_turn(key)
 
@@ -434,18 +439,30 @@ class FunctionRunner:
     # -- one handler call --------------------------------------------------------------
 
     async def _attempt(
-        self, delivery: Delivery, event: Event, payload: Any, attempt: int, *, hold: bool
+        self,
+        delivery: Delivery,
+        event: Event,
+        payload: Any,
+        attempt: int,
+        *,
+        hold: bool,
+        task: asyncio.Task[Any] | None = None,
     ) -> None:
         """Run the handler until it succeeds, or its failure is settled.
 
         With ``hold`` (a custom ordering key) retries happen in place, keeping the key's
         turn so later events of that key wait; otherwise a retry is a delayed nack.
+        ``task`` is the task this runs in (a worker passes its own: one lookup a worker,
+        not one an event).
         """
         fn = self.function
         runtime = self.runtime
         handler, obs, traced = self._handler, self._observer, self._traced
         gate = self._gate
         timeout = fn.timeout
+        if timeout is not None and task is None:
+            task = asyncio.current_task()
+            assert task is not None
         while True:
             unit = runtime.store.unit(fn.name, event.id)
             ctx = Context(runtime.app, fn, event, attempt, unit)
@@ -463,10 +480,27 @@ class FunctionRunner:
                 try:
                     if traced is not None:
                         traced(ctx)
-                    if timeout is None:
+                    if timeout is None or task is None:
                         await handler(payload, ctx)
-                    else:
-                        await self._timed(handler, payload, ctx, timeout)
+                    else:  # cancelled by the watchdog after `timeout` s: TimeoutError
+                        self._deadlines[task] = started + timeout
+                        if self._watchdog is None:
+                            self._watchdog = asyncio.create_task(self._watch_timeouts())
+                        try:
+                            await handler(payload, ctx)
+                        except asyncio.CancelledError:
+                            if task not in self._timed_out:
+                                raise
+                            self._timed_out.discard(task)
+                            task.uncancel()
+                            raise TimeoutError(
+                                f"handler ran over its timeout of {timeout} s"
+                            ) from None
+                        finally:
+                            self._deadlines.pop(task, None)
+                        if task in self._timed_out:  # cancelled, but the handler returned
+                            self._timed_out.discard(task)
+                            task.uncancel()
                 finally:
                     seconds = time.monotonic() - started
                     gate.release()
@@ -522,28 +556,6 @@ class FunctionRunner:
             else:  # the store untouched: the finisher records it with its batch
                 self._finish(_Done(delivery, event.id, ctx.emitted, committed=False))
             return
-
-    async def _timed(self, handler: Any, payload: Any, ctx: Context, timeout: float) -> None:
-        """``await handler(payload, ctx)``, cancelled by the watchdog after ``timeout``
-        seconds and then raising :class:`TimeoutError` (as ``asyncio.timeout`` does)."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._deadlines[task] = time.monotonic() + timeout
-        if self._watchdog is None:
-            self._watchdog = asyncio.create_task(self._watch_timeouts())
-        try:
-            await handler(payload, ctx)
-        except asyncio.CancelledError:
-            if task not in self._timed_out:
-                raise
-            self._timed_out.discard(task)
-            task.uncancel()
-            raise TimeoutError(f"handler ran over its timeout of {timeout} s") from None
-        finally:
-            self._deadlines.pop(task, None)
-        if task in self._timed_out:  # cancelled, but the handler swallowed it: it returned
-            self._timed_out.discard(task)
-            task.uncancel()
 
     async def _succeeded(
         self, delivery: Delivery, event: Event, unit: SqliteUnit, emitted: list[Event]
