@@ -350,7 +350,10 @@ class Runner:
             return bench.nerve_latency(rep)
         if case.workload == "scale" and case.broker == "sqlite":
             bench = self._embedded_bench("scale", self.s.scale_events, int(case.param))
-            return bench.nerve_throughput(rep)
+            result = bench.nerve_throughput(rep)
+            # and the same workers on a backlog, with no producer competing for the cores
+            result["drained_per_s"] = bench.nerve_drain(rep)["events_per_s"]
+            return result
         if case.workload == "pipeline":
             return self.pipeline(case, rep)
         return self.peer(case, rep)

@@ -322,6 +322,49 @@ class Bench:
                 conn.close()
         return throughput_result(s.events, sent, done_at)
 
+    def nerve_drain(self, run: int) -> dict[str, float]:
+        """A backlog drained, the producer not running: what the worker processes
+        (``processes``) handle when nothing else competes for the machine. The group is
+        declared by a first consumer, stopped; N events are published; then the
+        consumer starts. Events/s from the first ack seen to the last (its start-up
+        is not timed: ``(N - acked at the first look) / seconds``)."""
+        s = self.s
+        logdir = self._dir(f"nerve-drain-{run}")
+        db = logdir / "nerve.db"
+        url = self._url(db)
+        consumer_cmd = nerve_consumer_cmd("benchmarks.apps:app", url, self.use_cli)
+        with process(consumer_cmd, logdir, "declare") as consumer:
+            conn = read_only(db, time.monotonic() + READY_TIMEOUT)
+            try:
+                wait_ready(conn, "SELECT count(*) FROM counters", consumer, logdir)
+            finally:
+                conn.close()
+        producer_cmd = [
+            PYTHON, "-m", "benchmarks._producer", "throughput", url,
+            str(s.events), str(s.batch),
+        ]  # fmt: skip
+        with process(producer_cmd, logdir, "producer") as producer:
+            producer_result(producer, logdir, "producer")
+        if s.processes > 1:
+            consumer_cmd += ["--processes", str(s.processes)]
+        show = self._task(f"nerve drain x{s.processes} #{run}", s.events)
+        sql = "SELECT processed FROM counters WHERE grp = ?"
+        with process(consumer_cmd, logdir, "consumer") as consumer:
+            conn = read_only(db, time.monotonic() + READY_TIMEOUT)
+            try:
+                deadline = time.monotonic() + READY_TIMEOUT
+                first = scalar(conn, sql, ("sink",))
+                while first == 0:  # starting up: no ack yet
+                    if consumer.poll() is not None or time.monotonic() > deadline:
+                        raise _fail("the consumer acked nothing", logdir)
+                    time.sleep(POLL_EVERY / 5)
+                    first = scalar(conn, sql, ("sink",))
+                start = time.time()
+                end = wait_count(conn, sql, ("sink",), s.events, 120, [consumer], logdir, show)
+            finally:
+                conn.close()
+        return {"events_per_s": (s.events - first) / (end - start), "seconds": end - start}
+
     def nerve_latency(self, run: int) -> dict[str, float]:
         s = self.s
         logdir = self._dir(f"nerve-latency-{run}")

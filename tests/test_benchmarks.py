@@ -73,6 +73,34 @@ def test_quick_throughput_on_the_embedded_broker(tmp_path: Path) -> None:
         assert chart.stat().st_size > 1000 and "results/compare-throughput.png" in results
 
 
+@pytest.mark.slow
+def test_quick_scale_on_the_embedded_broker_also_drains_a_backlog(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = ["--quick", "--workloads", "scale", "--brokers", "sqlite", "--peers", "none"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "compare", *args, "--scale-events", "600"]
+        + ["--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    doc = orjson.loads((tmp_path / "results" / "compare.json").read_bytes())
+    for processes in (1, 2):
+        series = doc["series"][f"scale/sqlite/nerve@{processes}"]
+        assert series["failures"] == []
+        (run,) = series["runs"]
+        assert run["events_per_s"] == pytest.approx(600 / run["seconds"])
+        assert run["drained_per_s"] > 0
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "| backlog drained/s | vs 1 process |" in results
+    row = next(line for line in results.splitlines() if line.startswith("| sqlite | 2 |"))
+    drained, vs_one = (cell.strip() for cell in row.strip("|").split("|")[-2:])
+    assert drained.replace(",", "").isdigit() and vs_one.endswith("x")
+
+
 def _series(workload: str, broker: str, system: str, values: list[float], param: float = 0.0,
             key: str = "events_per_s") -> Series:  # fmt: skip
     return Series(Case(workload, broker, system, param), runs=[{key: v} for v in values])
