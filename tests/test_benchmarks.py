@@ -19,35 +19,27 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.compare import Case, Series, Settings, deadline_seconds, goals, plan  # noqa: E402
 
 
-@pytest.mark.slow
-def test_quick_throughput_on_the_embedded_broker(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _quick_compare(out: Path, workload: str, *args: str, timeout: float) -> bytes:
+    """``python -m benchmarks compare --quick`` of one workload on the embedded broker
+    alone, writing to ``out``; its standard output."""
+    command = [sys.executable, "-m", "benchmarks", "compare", "--quick"]
+    command += ["--workloads", workload, "--brokers", "sqlite", "--peers", "none"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "compare",
-            "--quick",
-            "--workloads",
-            "throughput",
-            "--brokers",
-            "sqlite",
-            "--peers",
-            "none",
-            "--embedded-events",
-            "400",
-            "--out",
-            str(tmp_path),
-        ],
+        [*command, *args, "--out", str(out)],
         cwd=ROOT,
-        env=env,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
         capture_output=True,
-        timeout=110,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    summary = orjson.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_quick_throughput_on_the_embedded_broker(tmp_path: Path) -> None:
+    stdout = _quick_compare(tmp_path, "throughput", "--embedded-events", "400", timeout=110)
+    summary = orjson.loads(stdout.strip().splitlines()[-1])
     assert set(summary) == {"throughput/sqlite/nerve", "throughput/sqlite/floor"}
     assert summary["throughput/sqlite/nerve"] > 0
     assert summary["throughput/sqlite/floor"] > 0
@@ -75,18 +67,7 @@ def test_quick_throughput_on_the_embedded_broker(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quick_scale_on_the_embedded_broker_also_drains_a_backlog(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    args = ["--quick", "--workloads", "scale", "--brokers", "sqlite", "--peers", "none"]
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "compare", *args, "--scale-events", "600"]
-        + ["--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        timeout=170,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    _quick_compare(tmp_path, "scale", "--scale-events", "600", timeout=170)
     doc = orjson.loads((tmp_path / "results" / "compare.json").read_bytes())
     for processes in (1, 2):
         series = doc["series"][f"scale/sqlite/nerve@{processes}"]
