@@ -302,11 +302,7 @@ class Bench:
             conn = read_only(db, time.monotonic() + READY_TIMEOUT)
             try:
                 wait_ready(conn, "SELECT count(*) FROM counters", consumer, logdir)
-                producer_cmd = [
-                    PYTHON, "-m", "benchmarks._producer", "throughput", url,
-                    str(s.events), str(s.batch),
-                ]  # fmt: skip
-                with process(producer_cmd, logdir, "producer") as producer:
+                with process(self._producer_cmd(url), logdir, "producer") as producer:
                     done_at = wait_count(
                         conn,
                         "SELECT processed FROM counters WHERE grp = ?",
@@ -321,6 +317,14 @@ class Bench:
             finally:
                 conn.close()
         return throughput_result(s.events, sent, done_at)
+
+    def _producer_cmd(self, url: str) -> list[str]:
+        """The nerve producer of the throughput workload: N events, in batches."""
+        s = self.s
+        return [
+            PYTHON, "-m", "benchmarks._producer", "throughput", url,
+            str(s.events), str(s.batch),
+        ]  # fmt: skip
 
     def nerve_drain(self, run: int) -> dict[str, float]:
         """A backlog drained, the producer not running: what the worker processes
@@ -339,11 +343,7 @@ class Bench:
                 wait_ready(conn, "SELECT count(*) FROM counters", consumer, logdir)
             finally:
                 conn.close()
-        producer_cmd = [
-            PYTHON, "-m", "benchmarks._producer", "throughput", url,
-            str(s.events), str(s.batch),
-        ]  # fmt: skip
-        with process(producer_cmd, logdir, "producer") as producer:
+        with process(self._producer_cmd(url), logdir, "producer") as producer:
             producer_result(producer, logdir, "producer")
         if s.processes > 1:
             consumer_cmd += ["--processes", str(s.processes)]
