@@ -378,6 +378,7 @@ class FunctionRunner:
         ready = self._ready
         done = 0
         task = asyncio.current_task()
+        assert task is not None  # a worker runs as a task of its own
         self._starting -= 1
         try:
             while ready and self._workers <= self.limit:
@@ -397,7 +398,7 @@ class FunctionRunner:
             self._workers -= 1
 
     async def _keyed(
-        self, delivery: Delivery, event: Event, payload: Any, task: asyncio.Task[Any] | None
+        self, delivery: Delivery, event: Event, payload: Any, task: asyncio.Task[Any]
     ) -> None:
         assert self.function.key is not None
         key = self.function.key(payload)
@@ -446,23 +447,20 @@ class FunctionRunner:
         attempt: int,
         *,
         hold: bool,
-        task: asyncio.Task[Any] | None = None,
+        task: asyncio.Task[Any],
     ) -> None:
         """Run the handler until it succeeds, or its failure is settled.
 
         With ``hold`` (a custom ordering key) retries happen in place, keeping the key's
         turn so later events of that key wait; otherwise a retry is a delayed nack.
-        ``task`` is the task this runs in (a worker passes its own: one lookup a worker,
-        not one an event).
+        ``task`` is the worker's task this runs in (looked up once a worker, not once
+        an event: the timeout watchdog cancels it).
         """
         fn = self.function
         runtime = self.runtime
         handler, obs, traced = self._handler, self._observer, self._traced
         gate = self._gate
         timeout = fn.timeout
-        if timeout is not None and task is None:
-            task = asyncio.current_task()
-            assert task is not None
         while True:
             unit = runtime.store.unit(fn.name, event.id)
             ctx = Context(runtime.app, fn, event, attempt, unit)
@@ -480,7 +478,7 @@ class FunctionRunner:
                 try:
                     if traced is not None:
                         traced(ctx)
-                    if timeout is None or task is None:
+                    if timeout is None:
                         await handler(payload, ctx)
                     else:  # cancelled by the watchdog after `timeout` s: TimeoutError
                         self._deadlines[task] = started + timeout
