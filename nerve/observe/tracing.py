@@ -92,6 +92,7 @@ def _context_var() -> tuple[contextvars.ContextVar[Any], object] | None:
 
 
 _CONTEXT = _context_var()
+_reset_current = None if _CONTEXT is None else _CONTEXT[0].reset
 
 
 def _make_current(span: Span) -> Any:
@@ -484,11 +485,11 @@ class Tracing:
         token = handle._token
         if token is not None:
             handle._token = None
-            if _CONTEXT is None:
+            if _reset_current is None:
                 _detach(token)
             else:  # _restore, written out
                 try:
-                    _CONTEXT[0].reset(token)
+                    _reset_current(token)
                 except ValueError:  # made in another context: as detach does, log
                     logging.getLogger("nerve.observe").exception(
                         "tracing: failed to detach context"

@@ -244,6 +244,41 @@ def test_sampling_decides_as_the_sdk_sampler(sampler: sampling.Sampler) -> None:
         assert decisions == {True, False}
 
 
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        sampling.DEFAULT_ON,  # the SDK's default: the recorder's shorter way
+        sampling.ALWAYS_ON,
+        sampling.DEFAULT_OFF,
+        sampling.ParentBasedTraceIdRatio(0.3),
+    ],
+    ids=lambda s: s.get_description(),
+)
+def test_a_started_span_is_sampled_as_the_sampler_decides_and_keeps_its_parent(
+    sampler: sampling.Sampler,
+) -> None:
+    rec, _ = recorder(sampler)
+    assert rec._plain is (sampler is sampling.DEFAULT_ON)
+    decisions = set()
+    for parent in [*PARENTS, (5, 6, 1, "vendor=x", True)]:
+        for _ in range(50):
+            span = rec.start(layout("process x", otlp.CONSUMER, {}), parent, ["id"])
+            expected = rec.sampling.sampled(parent, span.trace_id, "x", otlp.CONSUMER, {}, None)
+            assert (span.recorder is rec) is expected and span.flags == int(expected)
+            assert span.values == ["id"] and span.start_time > 0 and span.span_id > 0
+            if parent is None:
+                assert span.trace_id > 0 and span.parent_id == 0 and not span.remote
+            else:
+                assert (span.trace_id, span.parent_id, span.remote) == (
+                    parent[0],
+                    parent[1],
+                    parent[4],
+                )
+                assert span.state == parent[3] and span.detailed is bool(parent[3])
+            decisions.add(expected)
+    assert decisions == ({True} if sampler is sampling.ALWAYS_ON else {True, False})
+
+
 def test_an_unsampled_span_carries_its_context_and_records_nothing() -> None:
     rec, kept = recorder(sampling.ALWAYS_OFF)
     span = rec.start(layout("process x", otlp.CONSUMER, {}), None)
