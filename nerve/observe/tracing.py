@@ -107,11 +107,11 @@ def _make_current(span: Span) -> Any:
 
 def _restore(token: Any) -> None:
     """Undo :func:`_make_current`."""
-    if _CONTEXT is None:
+    if _reset_current is None:
         _detach(token)
         return
     try:
-        _CONTEXT[0].reset(token)
+        _reset_current(token)
     except ValueError:  # made in another context: as OpenTelemetry's detach does, log
         logging.getLogger("nerve.observe").exception("tracing: failed to detach context")
 
