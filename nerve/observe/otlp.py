@@ -475,52 +475,37 @@ class SpanRecorder:
     ) -> Span:
         """A started span: a child of ``parent``, or the root of a new trace. (Written
         out in one function: it runs for every span.)"""
-        if self._plain:  # the defaults: sampled as the parent is, no sampler to ask
-            span: Span = _new(Span)
-            span.layout = layout
-            span.values = values
-            span.span_id = _getrandbits(64) or 1
-            if parent is None:
-                span.trace_id = _getrandbits(128) or 1
-                span.recorder = self
-                span.flags = 1
-            else:
-                span.trace_id, span.parent_id, flags, state, span.remote = parent
-                if flags & 1:
-                    span.recorder = self
-                    span.flags = 1
-                else:
-                    span.recorder = None
-                    span.flags = 0
-                if state:
-                    span.state = state
-                    span.detailed = True
-            if links:
-                span.links = links
-                span.detailed = True
-            span.start_time = _time_ns()
-            return span
-        sampling = self.sampling
         random_ids = self._random
-        if parent is None:
-            trace_id = (_getrandbits(128) or 1) if random_ids else self._trace_id()
-            rule = sampling._root
-        else:
-            trace_id = parent[0]
-            if parent[4]:
-                rule = sampling._remote_sampled if parent[2] & 1 else sampling._remote_not
+        if self._plain:  # the defaults: sampled as the parent is, no rule to look up
+            if parent is None:
+                trace_id = _getrandbits(128) or 1
+                sampled: bool | int = True
             else:
-                rule = sampling._local_sampled if parent[2] & 1 else sampling._local_not
-        if rule is True:
-            sampled = True
-        elif rule is False:
-            sampled = False
-        elif rule is None:
-            attributes = layout.attributes(values)
-            sampled = sampling.ask(parent, trace_id, layout.name, layout.kind, attributes, links)
+                trace_id = parent[0]
+                sampled = parent[2] & 1
         else:
-            sampled = trace_id & _TRACE_ID_LIMIT < rule
-        span = _new(Span)
+            sampling = self.sampling
+            if parent is None:
+                trace_id = (_getrandbits(128) or 1) if random_ids else self._trace_id()
+                rule = sampling._root
+            else:
+                trace_id = parent[0]
+                if parent[4]:
+                    rule = sampling._remote_sampled if parent[2] & 1 else sampling._remote_not
+                else:
+                    rule = sampling._local_sampled if parent[2] & 1 else sampling._local_not
+            if rule is True:
+                sampled = True
+            elif rule is False:
+                sampled = False
+            elif rule is None:
+                attributes = layout.attributes(values)
+                sampled = sampling.ask(
+                    parent, trace_id, layout.name, layout.kind, attributes, links
+                )
+            else:
+                sampled = trace_id & _TRACE_ID_LIMIT < rule
+        span: Span = _new(Span)
         if sampled:
             span.recorder = self
             span.flags = 1
