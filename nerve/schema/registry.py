@@ -312,7 +312,10 @@ class PostgresSchemaStorage:
             return
         try:
             self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=2)
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # one process at a time creates the tables (CREATE IF NOT EXISTS races),
+                # as the store does
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('nerve-registry-ddl'))")
                 if self.schema:
                     await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
                 await conn.execute(_PG_SCHEMA.format(prefix=self.prefix))

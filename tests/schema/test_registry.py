@@ -247,3 +247,22 @@ async def test_on_the_postgresql_broker_the_registry_lives_beside_it() -> None:
                 raise AssertionError("must not start")
     finally:
         await _pg(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+async def test_registries_starting_at_once_on_new_postgresql_tables_all_start(
+    registry_url: str,
+) -> None:
+    """Worker processes of one app open the registry together: creating its tables must
+    not race (``CREATE TABLE IF NOT EXISTS`` in concurrent sessions can fail on the
+    type's unique index)."""
+    registries = [registry_from_url(registry_url) for _ in range(6)]
+    await asyncio.gather(*(r.__aenter__() for r in registries))
+    try:
+        registered = await registries[0].register("order.created", 1, V1)
+        assert registered.created
+        for other in registries[1:]:
+            found = await other.lookup("order.created", 1)
+            assert found is not None and found.schema == V1
+    finally:
+        for registry in registries:
+            await registry.__aexit__(None, None, None)
