@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from nerve._batch import Coalescer
+from nerve._postgres import int_array
 from nerve._urls import redact
 from nerve.errors import ConfigError, StoreError
 
@@ -370,7 +371,7 @@ _COMMIT = """
 WITH {acks}{sep}
 ok AS ({acked}),
 input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[])
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text::int[], $4::text::bigint[])
     WITH ORDINALITY AS i(function, event_id, b, seq, n)),
 keep AS (SELECT * FROM input WHERE b IS NULL OR n = ANY(ARRAY(SELECT n FROM ok))),
 rec AS (
@@ -381,7 +382,7 @@ rec AS (
 done AS (SELECT k.n FROM keep k JOIN rec r USING (function, event_id)),
 ob AS (
     INSERT INTO nerve_outbox (body, created_at)
-    SELECT o.body, $5 FROM unnest($6::bytea[], $7::int[]) WITH ORDINALITY AS o(body, item, k)
+    SELECT o.body, $5 FROM unnest($6::bytea[], $7::text::int[]) WITH ORDINALITY AS o(body, item, k)
     WHERE o.item IN (SELECT n FROM done)
     ORDER BY o.k
     RETURNING id)
@@ -392,7 +393,8 @@ SELECT (SELECT coalesce(array_agg(n), '{{}}') FROM done),
 """Record items as processed, stage their outbox rows, and ack their deliveries (the CTEs
 each broker gives, ``acks``), in one statement: items 1..N in ``$1`` (function), ``$2``
 (event id), ``$3`` (index of the broker holding its delivery, or NULL), ``$4`` (the
-delivery's seq); ``$5`` now; ``$6``/``$7`` outbox bodies and their item. An item whose
+delivery's seq); ``$5`` now; ``$6``/``$7`` outbox bodies and their item (the integer
+columns as array literals: :func:`nerve._postgres.int_array`). An item whose
 delivery was not acked (lease lost) is not recorded."""
 
 
@@ -406,10 +408,18 @@ async def _commit(
     Returns, per item, its outbox row ids or None (processed already, or earlier in
     ``items``, or its lease lost), and per broker, (transport, deliveries, acked) for
     ``settled_within`` once the transaction has committed."""
-    first: dict[tuple[str, str], int] = {}
+    # (written for the usual batch: distinct events, one broker, no outbox rows)
+    first: set[tuple[str, str]] = set()
+    unique: list[int] = []
+    functions: list[str] = []
+    event_ids: list[str] = []
     for n, (function, event_id, _) in enumerate(items):
-        first.setdefault((function, event_id), n)
-    unique = [n for n, (f, e, _) in enumerate(items) if first[(f, e)] == n]
+        key = (function, event_id)
+        if key not in first:
+            first.add(key)
+            unique.append(n)
+            functions.append(function)
+            event_ids.append(event_id)
     brokers: list[Any] = []
     held: list[list[tuple[int, Any]]] = []  # per broker: (item position, delivery)
     b_col: list[int | None] = []
@@ -423,15 +433,21 @@ async def _commit(
             seq_col.append(None)
         else:
             transport, delivery = found
-            if transport not in brokers:
+            if brokers and brokers[0] is transport:
+                b = 0
+            elif transport in brokers:
+                b = brokers.index(transport)
+            else:
+                b = len(brokers)
                 brokers.append(transport)
                 held.append([])
-            b = brokers.index(transport)
             held[b].append((position, delivery))
             b_col.append(b)
             seq_col.append(delivery.seq)
-        bodies += items[n][2]
-        owners += [position] * len(items[n][2])
+        outbox = items[n][2]
+        if outbox:
+            bodies += outbox
+            owners += [position] * len(outbox)
     ctes = [t.ack_ctes(f"acked{b}", 8 + 4 * b) for b, t in enumerate(brokers)]
     union = " UNION ALL ".join(f"SELECT tag AS n FROM acked{b}" for b in range(len(brokers)))
     sql = _COMMIT.format(
@@ -440,24 +456,25 @@ async def _commit(
         acked=union or "SELECT NULL::int AS n WHERE false",
     )
     args: list[Any] = [
-        [items[n][0] for n in unique],
-        [items[n][1] for n in unique],
-        b_col,
-        seq_col,
+        functions,
+        event_ids,
+        int_array(b_col),
+        int_array(seq_col),
         time.time(),
         bodies,
-        owners,
+        int_array(owners),
     ]
     for b, transport in enumerate(brokers):
         args += transport.ack_args([d for _, d in held[b]], [p for p, _ in held[b]])
     recorded, ids, acked_items = await conn.fetchrow(sql, *args)
     new = set(recorded)
-    acked = set(acked_items)
     next_ids = iter(sorted(ids))
     out: list[list[int] | None] = [None] * len(items)
     for position, n in enumerate(unique, start=1):
         if position in new:  # outbox ids follow the items' order (one sorted insert)
-            out[n] = [next(next_ids) for _ in items[n][2]]
+            outbox = items[n][2]
+            out[n] = [next(next_ids) for _ in outbox] if outbox else []
+    acked = set(acked_items)
     settled = [
         (transport, [d for _, d in held[b]], [p in acked for p, _ in held[b]])
         for b, transport in enumerate(brokers)

@@ -37,6 +37,7 @@ import orjson
 
 from nerve import event as codec
 from nerve._batch import Coalescer
+from nerve._postgres import int_array
 from nerve._urls import redact as _redact
 from nerve.app import Subscription
 from nerve.errors import (
@@ -409,20 +410,21 @@ WHERE published_at < {_NOW} - $1
         """CTEs that ack deliveries, fenced by their tokens, and count them as processed,
         ending in ``name(grp, seq, tag)``: the deliveries acked. Parameters ``$first``,
         ``$first+1``, ``$first+2``: groups, seqs, tokens; with ``tagged``, ``$first+3``: a
-        number per delivery, returned as its ``tag`` (else NULL). Counters rows are locked
+        number per delivery, returned as its ``tag`` (else NULL). The integer columns
+        are array literals (:func:`nerve._postgres.int_array`). Counters rows are locked
         in name order, as ``lock_counters`` does. Part of ``ack_counted`` and of a
         store's commit (:meth:`PostgresTransport.ack_ctes`)."""
         s = self.schema
-        g, q, t = f"${first}", f"${first + 1}", f"${first + 2}"
+        g, q, t = f"${first}", f"${first + 1}::text::bigint[]", f"${first + 2}::text::bigint[]"
         tags = (
-            f"${first + 3}::int[]"
+            f"${first + 3}::text::int[]"
             if tagged
-            else f"array_fill(NULL::int, ARRAY[cardinality({q}::bigint[])])"
+            else f"array_fill(NULL::int, ARRAY[cardinality({q})])"
         )
         return f"""{name}_gone AS (
     DELETE FROM {s}.deliveries d
-    USING unnest({g}::text[], {q}::bigint[], {t}::bigint[], {tags}) AS u(grp, seq, token, tag)
-    WHERE d.grp = u.grp AND d.seq = u.seq AND d.token = u.token AND d.seq = ANY({q}::bigint[])
+    USING unnest({g}::text[], {q}, {t}, {tags}) AS u(grp, seq, token, tag)
+    WHERE d.grp = u.grp AND d.seq = u.seq AND d.token = u.token AND d.seq = ANY({q})
     RETURNING d.grp, d.seq, u.tag),
 {name}_tally AS (SELECT grp, count(*) AS n FROM {name}_gone GROUP BY grp),
 {name}_locked AS (
@@ -630,7 +632,8 @@ class PostgresTransport:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
-        self._held: dict[tuple[str, str], list[PostgresDelivery]] = {}
+        self._held: dict[tuple[str, str], PostgresDelivery | list[PostgresDelivery]] = {}
+        """Claimed deliveries by (group, event id): see :meth:`_hold`."""
         self._processed_in: str | None = None
         self._claim_sql = self._sql.claim_noting(None)
 
@@ -1036,42 +1039,53 @@ class PostgresTransport:
         return done
 
     @staticmethod
-    def _columns(items: Sequence[_Settlement]) -> tuple[list[str], list[int], list[int]]:
+    def _columns(items: Sequence[_Settlement]) -> tuple[list[str], str, str]:
+        """The parameters of ``ack_counted`` for ``items``."""
         return (
             [d.group for d, *_ in items],
-            [d.seq for d, *_ in items],
-            [d.token for d, *_ in items],
+            int_array([d.seq for d, *_ in items]),
+            int_array([d.token for d, *_ in items]),
         )
 
     # -- acks inside a store's transaction (nerve.store.postgres) ---------------------
 
     def _hold(self, deliveries: list[PostgresDelivery]) -> None:
-        """Remember claimed deliveries by (group, event id), for :meth:`claimed`."""
+        """Remember claimed deliveries by (group, event id), for :meth:`claimed`: the
+        delivery, or a list of them in claim order for an event claimed more than once
+        (published twice, or claimed again after its lease expired) while held here."""
         held = self._held
         for d in deliveries:
             key = (d.group, d.event_id)
-            same = held.get(key)
-            if same is None:
-                held[key] = [d]
+            if key not in held:
+                held[key] = d
             else:
-                same.append(d)  # the same event published twice, both in flight here
+                same = held[key]
+                if isinstance(same, list):
+                    same.append(d)
+                else:
+                    held[key] = [same, d]
 
     def _unhold(self, delivery: PostgresDelivery) -> None:
+        held = self._held
         key = (delivery.group, delivery.event_id)
-        same = self._held.get(key)
-        if same is not None:
-            with contextlib.suppress(ValueError):
+        same = held.get(key)
+        if same is delivery:
+            del held[key]
+        elif isinstance(same, list):
+            if delivery in same:
                 same.remove(delivery)
             if not same:
-                del self._held[key]
+                del held[key]
 
     def claimed(self, group: str, event_id: str) -> PostgresDelivery | None:
         """The delivery of ``event_id`` to ``group`` this process holds unsettled, or
         None. Of several (a lease that expired and was claimed again here, or the event
         published twice), the last claimed: the one whose lease is current."""
         same = self._held.get((group, event_id))
-        if not same:
+        if same is None:
             return None
+        if not isinstance(same, list):
+            return same if same.acked_within is None else None
         for delivery in reversed(same):
             if delivery.acked_within is None:
                 return delivery
@@ -1101,13 +1115,13 @@ class PostgresTransport:
         return self._sql.ack_ctes(name, first, tagged=True)
 
     @staticmethod
-    def ack_args(deliveries: Sequence[PostgresDelivery], tags: Sequence[int]) -> list[list[Any]]:
+    def ack_args(deliveries: Sequence[PostgresDelivery], tags: Sequence[int]) -> list[Any]:
         """The parameters of :meth:`ack_ctes` for ``deliveries``, tagged ``tags``."""
         return [
             [d.group for d in deliveries],
-            [d.seq for d in deliveries],
-            [d.token for d in deliveries],
-            list(tags),
+            int_array([d.seq for d in deliveries]),
+            int_array([d.token for d in deliveries]),
+            int_array(tags),
         ]
 
     def settled_within(self, deliveries: Sequence[PostgresDelivery], acked: Sequence[bool]) -> None:

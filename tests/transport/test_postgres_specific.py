@@ -304,6 +304,38 @@ async def test_records_and_acks_commit_together_in_one_statement(tmp_path: Path)
         await transport.close()
 
 
+async def test_an_event_held_twice_is_committed_with_its_latest_delivery(tmp_path: Path) -> None:
+    """The same event published twice, both deliveries claimed by one process: the
+    store's commit acks the one claimed last (whose lease is current); the next commit
+    of it finds it recorded and acks the other; nothing stays held."""
+    transport, store = await _pair(tmp_path)
+    try:
+        sub = Subscription("g", ("order.created",), ordered=False)
+        await transport.declare([sub])
+        event = make(1)
+        await transport.publish([event, make(2)])
+        await transport.publish([event])  # the same id again
+        deliveries = list(await transport.consumer(sub).fetch(10, SOON))
+        twice = [d for d in deliveries if d.event.id == event.id]
+        assert len(deliveries) == 3 and len(twice) == 2
+        assert transport.claimed("g", event.id) is twice[1]
+        assert await store.commit_records([("g", event.id, [])]) == [[]]
+        assert [d.acked_within for d in twice] == [None, True]
+        assert transport.claimed("g", event.id) is twice[0]
+        # recorded already (None), and its delivery acked by the same statement
+        assert await store.commit_records([("g", event.id, [])]) == [None]
+        assert [d.acked_within for d in twice] == [True, True]
+        assert transport.claimed("g", event.id) is None
+        assert await transport.consumer(sub).ack_many(twice) == []
+        other = next(d for d in deliveries if d.event.id != event.id)
+        assert await store.commit_records([("g", other.event.id, [])]) == [[]]
+        assert transport._held == {}
+        assert await _pending(transport) == []
+    finally:
+        await store.close()
+        await transport.close()
+
+
 async def test_claims_tell_the_store_what_it_has_processed(tmp_path: Path) -> None:
     """A claim looks up the store's records of the events it hands out, so the runtime's
     idempotency check after a fetch needs no query; the answer is used once."""
