@@ -1,5 +1,5 @@
 """``python -m benchmarks compare [--quick]`` (everything side by side, RESULTS.md),
-``python -m benchmarks brokers [--brokers nats,...] [--events N] [--runs 3]``,
+``python -m benchmarks brokers [--brokers nats,...] [--events N] [--runs 3] [--profile]``,
 ``python -m benchmarks observe [--rounds 5] [--events N] [--sampled] [--callgrind]``
 (what metrics and tracing cost, as ratios to neither), or
 ``python -m benchmarks embedded [--runs 3] [--events N] [--rate R] [--seconds S]
@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     brk.add_argument("--events", type=int, default=10_000, help="events per run (10000)")
     brk.add_argument("--batch", type=int, default=100, help="publish batch (100)")
     brk.add_argument("--runs", type=int, default=3, help="runs per side and broker (3)")
+    brk.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: one nerve run per broker with py-spy on its consumer, one raw run "
+        "beside it; writes results/profile-BROKER.md",
+    )
     _add_compare(sub)
     obs = sub.add_parser(
         "observe", help="what metrics and tracing cost: throughput with and without, side by side"
@@ -143,6 +149,11 @@ def _brokers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)
+    if args.profile:
+        from benchmarks.brokers import run_profiles
+
+        run_profiles(settings, console)
+        return 0
     summary = run_brokers(settings, console)
     sys.stdout.flush()
     print(orjson.dumps(summary).decode(), flush=True)

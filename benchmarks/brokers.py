@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import os
+import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ from benchmarks.embedded import (
     ROOT,
     RUNS_DIR,
     _fail,
+    cpu_seconds,
     machine,
     nerve_cli_available,
     nerve_consumer_cmd,
@@ -185,7 +187,34 @@ def client_version(broker: str) -> str:
 # One run
 
 
-def wait_done(path: Path, procs: list[Any], logdir: Path) -> float:
+class Profiler:
+    """``py-spy record`` of one process (all its threads) for part of a run: from
+    :meth:`attach` (the producer is held back until then) to :meth:`detach`; the folded
+    stacks end up in ``folded``."""
+
+    def __init__(self, spy: str, folded: Path, rate: int = 250) -> None:
+        self.spy, self.folded, self.rate = spy, folded, rate
+        self._recorder: Any = None
+
+    def attach(self, stack: contextlib.ExitStack, pid: int, logdir: Path) -> None:
+        cmd = [
+            self.spy, "record", "--pid", str(pid), "--rate", str(self.rate),
+            "--format", "raw", "--threads", "--output", str(self.folded),
+        ]  # fmt: skip
+        self._recorder = stack.enter_context(process(cmd, logdir, "py-spy"))
+        time.sleep(1.0)  # py-spy attaches
+        if self._recorder.poll() is not None:
+            err = (logdir / "py-spy.err").read_text(errors="replace")
+            raise SystemExit(f"py-spy could not attach: {err.strip()[-500:]}")
+
+    def detach(self) -> None:
+        self._recorder.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        self._recorder.wait(30)
+
+
+def wait_done(path: Path, procs: list[Any], logdir: Path, *, exists: bool = False) -> float:
+    """Wait for ``path`` to appear; the wall time written in it (0.0 with ``exists``:
+    only that it is there)."""
     deadline = time.monotonic() + RUN_TIMEOUT
     while not path.exists():
         for proc in procs:
@@ -194,7 +223,7 @@ def wait_done(path: Path, procs: list[Any], logdir: Path) -> float:
         if time.monotonic() > deadline:
             raise _fail(f"{path.name} did not appear within {RUN_TIMEOUT:.0f} s", logdir)
         time.sleep(0.005)
-    return float(path.read_text())
+    return 0.0 if exists else float(path.read_text())
 
 
 class Bench:
@@ -205,7 +234,11 @@ class Bench:
         self.base = RUNS_DIR / f"brokers-{stamp}"
         self.tag = stamp[-6:]
 
-    def one(self, broker: str, side: str, run: int) -> dict[str, float]:
+    def one(
+        self, broker: str, side: str, run: int, profile: Profiler | None = None
+    ) -> dict[str, float]:
+        """One run; with ``profile`` (nerve only), the producer waits until the
+        profiler is attached to the consumer."""
         s = self.s
         logdir = self.base / f"{broker}-{side}-{run}"
         logdir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +252,8 @@ class Bench:
             "NERVE_BENCH_DONE": str(done),
             "NERVE_BENCH_EXPECT": str(s.events),
         }
+        if profile is not None:
+            env["NERVE_BENCH_GO"] = str(logdir / "go")
         if broker != "postgres":
             env["NERVE_STORE"] = f"sqlite:///{logdir / 'store.db'}"  # a fresh store per run
         # on PostgreSQL the default store: the same database (schema NAME_store, fresh per
@@ -239,8 +274,17 @@ class Bench:
             with (
                 process(consumer_cmd, logdir, "consumer", **env) as consumer,
                 process(producer_cmd, logdir, "producer", **env) as producer,
+                contextlib.ExitStack() as attached,
             ):
+                wait_done(ready, [consumer, producer], logdir, exists=True)
+                if profile is not None:
+                    profile.attach(attached, consumer.pid, logdir)
+                    (logdir / "go").touch()
+                cpu_ready = cpu_seconds(consumer.pid)  # the warm-up is handled
                 done_at = wait_done(done, [consumer, producer], logdir)
+                cpu_done = cpu_seconds(consumer.pid)
+                if profile is not None:
+                    profile.detach()
                 sent = producer_result(producer, logdir, "producer")
         finally:
             if side == "nerve":
@@ -248,7 +292,12 @@ class Bench:
             else:
                 asyncio.run(raw_clients.teardown(broker, name))
         self.progress.update(task, completed=s.events)
-        return throughput_result(s.events, sent, done_at)
+        result = throughput_result(s.events, sent, done_at)
+        if cpu_ready is not None and cpu_done is not None:
+            result["consumer_cpu_us"] = (cpu_done - cpu_ready) / s.events * 1e6
+        if "publish_cpu" in sent:
+            result["producer_cpu_us"] = sent["publish_cpu"] / s.events * 1e6
+        return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -478,6 +527,93 @@ def run(settings: Settings, console: Console) -> dict[str, Any]:
         + (", brokers.png" if plotted else " (no plot: matplotlib is not installed)")
     )
     return summary
+
+
+def run_profiles(settings: Settings, console: Console) -> list[Path]:
+    """``benchmarks brokers --profile``: per broker, one nerve run with ``py-spy``
+    attached to the consumer and one raw run beside it; writes
+    ``results/profile-BROKER.md`` (CPU time per event of both consumers, nerve's split
+    into stages, its top lines and functions)."""
+    from benchmarks import profiling
+
+    spy = profiling._py_spy()
+    if spy is None:
+        raise SystemExit("py-spy is not installed: pip install py-spy")
+    use_cli = nerve_cli_available()
+    settings.consumer = " ".join(
+        ["python", *nerve_consumer_cmd("benchmarks.broker_apps:app", "URL", use_cli)[1:]]
+    )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    written = []
+    columns = (
+        TextColumn("{task.description:<20}"),
+        BarColumn(),
+        TextColumn("{task.completed:>7,}/{task.total:,}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bench = Bench(settings, use_cli, progress, stamp)
+        for broker in settings.brokers:
+            folded = bench.base / f"{broker}-consumer.folded"
+            bench.base.mkdir(parents=True, exist_ok=True)
+            profiler = Profiler(spy, folded)
+            nerve = bench.one(broker, "nerve", 1, profiler)
+            raw = bench.one(broker, "raw", 1)
+            total, own, cumulative, threads = profiling.summarise(folded)
+            stages = profiling.stage_split(folded)
+            cpu = nerve.get("consumer_cpu_us")
+            raw_cpu = raw.get("consumer_cpu_us")
+            lines = [
+                f"# {broker}: where the nerve consumer's time goes",
+                "",
+                f"`python -m benchmarks brokers --profile --brokers {broker} "
+                f"--events {settings.events}`, {datetime.now(UTC).isoformat(timespec='seconds')}"
+                f"; {machine()['cpu']}, {os.cpu_count()} cores.",
+                "",
+                f"The throughput workload of `benchmarks brokers` ({settings.events:,} "
+                f"events, batches of {settings.batch}), once for nerve with `py-spy record "
+                f"--rate {profiler.rate} --threads` attached to its consumer (`"
+                f"{settings.consumer.replace('URL', NERVE_URLS[broker])}`, attached before "
+                "the producer starts), once for the raw client, unprofiled. CPU time: the "
+                "consumer process's user + system time, all threads, from the warm-up "
+                "handled to the last event handled, per event (py-spy's own sampling "
+                "slows the profiled process a little).",
+                "",
+                "| | events/s | consumer CPU µs/event | producer CPU µs/event |",
+                "|---|---:|---:|---:|",
+            ]
+            for side, result in (("nerve (profiled)", nerve), ("raw client", raw)):
+                c, p = result.get("consumer_cpu_us"), result.get("producer_cpu_us")
+                lines.append(
+                    f"| {side} | {result['events_per_s']:,.0f} | "
+                    f"{'-' if c is None else f'{c:,.1f}'} | {'-' if p is None else f'{p:,.1f}'} |"
+                )
+            if cpu and raw_cpu:
+                lines += [
+                    "",
+                    f"nerve's consumer spends {cpu / raw_cpu:.1f}x the raw client's CPU "
+                    f"time per event ({cpu - raw_cpu:+,.1f} µs).",
+                ]
+            lines += [
+                "",
+                "## nerve's consumer by stage",
+                "",
+                "Each sample goes to the innermost frame of its stack that belongs to one "
+                "of these stages (C work such as orjson, pydantic-core or the client's "
+                "parser counts for the Python code that called it); samples blocked on a "
+                "queue, lock or sleep are left out. µs/event = the stage's share x the "
+                "consumer's CPU time per event.",
+                "",
+                *profiling.stage_table(stages, cpu),
+                "",
+                *profiling.sections(total, own, cumulative, threads),
+            ]
+            path = RESULTS_DIR / f"profile-{broker}.md"
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines))
+            written.append(path)
+            console.print(f"wrote {path.relative_to(ROOT)}; folded stacks in {folded}")
+    return written
 
 
 def _has_dist(name: str) -> bool:

@@ -488,6 +488,16 @@ def throughput_result(events: int, sent: dict[str, float], done_at: float) -> di
 # What the machine's CPUs did during a run
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` so far, all its threads (Linux
+    ``/proc``); None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class CpuSampler:
     """Samples the machine's CPU time (``/proc/stat``) every ``every`` seconds in a
     thread while in use, so that :meth:`cores_busy` can say how many cores were busy

@@ -63,6 +63,8 @@ from benchmarks.embedded import (
     ROOT,
     RUNS_DIR,
     _env,
+    _fail,
+    cpu_seconds,
     nerve_cli_available,
     nerve_consumer_cmd,
     process,
@@ -154,12 +156,6 @@ def start_sink() -> tuple[str, Callable[[], None]]:
 # Wall clock: throughput and consumer CPU
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def throughput_run(
     logdir: Path, events: int, env: dict[str, str], show: Callable[[int], None]
 ) -> dict[str, float]:
@@ -171,7 +167,7 @@ def throughput_run(
         conn = read_only(db, time.monotonic() + 30)
         try:
             wait_ready(conn, "SELECT count(*) FROM counters", consumer, logdir)
-            cpu_ready = _cpu_seconds(consumer.pid)
+            cpu_ready = cpu_seconds(consumer.pid)
             producer_cmd = [
                 PYTHON, "-m", "benchmarks._producer", "throughput", url, str(events), "100",
             ]  # fmt: skip
@@ -186,11 +182,13 @@ def throughput_run(
                     logdir,
                     show,
                 )
-                cpu_done = _cpu_seconds(consumer.pid)
+                cpu_done = cpu_seconds(consumer.pid)
                 sent = producer_result(producer, logdir, "producer")
         finally:
             conn.close()
     elapsed = done_at - sent["first_publish"]
+    if cpu_ready is None or cpu_done is None:
+        raise _fail("the consumer's CPU time cannot be read from /proc", logdir)
     return {
         "events_per_s": events / elapsed,
         "consumer_cpu_us": (cpu_done - cpu_ready) / events * 1e6,

@@ -197,7 +197,8 @@ def run_profile(settings: Settings, console: Console, rate: int = 250, native: b
                 conn.close()
     eps = settings.events / (done_at - sent["first_publish"])
     total, own, cumulative, threads = summarise(folded)
-    text = report(total, own, cumulative, threads, eps, settings, rate, use_cli, native)
+    stages = stage_split(folded)
+    text = report(total, own, cumulative, threads, stages, eps, settings, rate, use_cli, native)
     waiting = sum(n for frame, n in own.items() if is_waiting(source_of(frame)))
     busy = max(total - waiting, 1)
     table = Table(title=f"nerve consumer, top {TOP} source lines by own time ({total:,} samples)")
@@ -233,6 +234,7 @@ def report(
     own: Counter[str],
     cumulative: Counter[str],
     threads: Counter[str],
+    stages: Counter[str],
     eps: float,
     settings: Settings,
     rate: int,
@@ -249,9 +251,24 @@ def report(
         f"synchronous={settings.synchronous}). {total:,} samples of non-idle threads. "
         f"Throughput while profiled: {eps:,.0f} events/s.",
         "",
-        "## Samples per thread",
+        "## By stage",
+        "",
+        "Each sample goes to the innermost frame of its stack that belongs to one of "
+        "these stages (C work counts for the Python code that called it); samples "
+        "blocked on a queue, lock or sleep are left out.",
+        "",
+        *stage_table(stages, None),
         "",
     ]
+    return "\n".join(lines + sections(total, own, cumulative, threads))
+
+
+def sections(
+    total: int, own: Counter[str], cumulative: Counter[str], threads: Counter[str]
+) -> list[str]:
+    """The parts of a profile report every profile has: samples per thread, the top
+    source lines by own time, the top functions by cumulative time."""
+    lines = ["## Samples per thread", ""]
     for thread, count in threads.most_common():
         lines.append(f"- {thread}: {100 * count / max(total, 1):.1f}%")
     waiting = sum(n for frame, n in own.items() if is_waiting(source_of(frame)))
@@ -287,4 +304,67 @@ def report(
     for name, count in cumulative.most_common(TOP):
         lines.append(f"| {100 * count / max(total, 1):.1f} | `{name}` |")
     lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+STAGES = (
+    ("observability (nerve.observe)", ("nerve/observe/",)),
+    ("event decoding (nerve.event, orjson)", ("nerve/event.py",)),
+    ("data validation (pydantic, nerve.schema)", ("nerve/schema/", "pydantic/")),
+    ("idempotency store (nerve.store)", ("nerve/store/",)),
+    ("transport adapter (nerve.transport)", ("nerve/transport/", "nerve/_postgres.py")),
+    (
+        "broker client library",
+        ("/redis/", "/asyncpg/", "/nats/", "/aio_pika/", "/aiormq/", "/aiokafka/", "/pamqp/"),
+    ),
+    ("SQLite worker threads (nerve._sqlite)", ("nerve/_sqlite.py",)),
+    ("runner (nerve.runtime)", ("nerve/runtime/", "nerve/app.py")),
+)
+"""Where a sample's time goes: the innermost frame of the stack whose file matches
+one of these; C work (orjson, pydantic-core, the client's parser) is charged to the
+Python frame that called it, as py-spy does."""
+OTHER = "the event loop (uvloop, asyncio) and everything else"
+WAITING = "waiting (queue, lock, sleep)"
+
+
+def stage_of(frames: list[str]) -> str:
+    """The stage of one folded stack (outermost frame first)."""
+    if is_waiting(source_of(frames[-1])):
+        return WAITING
+    for frame in reversed(frames):
+        match = _LOCATION.match(frame.strip())
+        path = "/" + (match.group("file") if match else frame)  # py-spy may shorten it
+        for stage, markers in STAGES:
+            if any(marker in path for marker in markers):
+                return stage
+    return OTHER
+
+
+def stage_split(folded: Path) -> Counter[str]:
+    """Samples per stage (:data:`STAGES`) of a folded-stacks file."""
+    stages: Counter[str] = Counter()
+    for line in folded.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[0].startswith(("process ", "thread ")):
+            frames.pop(0)
+        if frames:
+            stages[stage_of(frames)] += int(count_text)
+    return stages
+
+
+def stage_table(stages: Counter[str], cpu_us: float | None) -> list[str]:
+    """Markdown rows: each stage's share of the busy samples and, given the consumer's
+    CPU time per event, its cost per event in microseconds."""
+    busy = sum(n for stage, n in stages.items() if stage != WAITING) or 1
+    lines = ["| stage | % of busy samples |", "|---|---:|"]
+    if cpu_us:
+        lines = [lines[0] + " ≈ CPU µs/event |", lines[1] + "---:|"]
+    for stage, count in stages.most_common():
+        if stage == WAITING:
+            continue
+        row = f"| {stage} | {100 * count / busy:.1f} |"
+        lines.append(row + f" {cpu_us * count / busy:,.1f} |" if cpu_us else row)
+    return lines

@@ -433,7 +433,9 @@ def markdown(
 
 
 def _overhead(results: dict[str, Series]) -> list[str]:
-    """nerve's cost per event over the raw client's, from the median throughputs."""
+    """nerve's cost per event over the raw client's: wall time from the median
+    throughputs, and CPU time of the consumer and the producer where the runs measured
+    it (``benchmarks brokers``: the consumer's from ``/proc``, the producer's its own)."""
     rows = []
     for broker in BROKER_ORDER:
         nerve = results.get(f"throughput/{broker}/nerve")
@@ -442,16 +444,25 @@ def _overhead(results: dict[str, Series]) -> list[str]:
         b = floor.median("events_per_s") if floor else None
         if a and b:
             us = (1 / a - 1 / b) * 1e6
-            rows.append(f"| {broker} | {1e6 / a:,.0f} | {1e6 / b:,.0f} | {us:+,.0f} |")
+            row = f"| {broker} | {1e6 / a:,.0f} | {1e6 / b:,.0f} | {us:+,.0f} |"
+            for key in ("consumer_cpu_us", "producer_cpu_us"):
+                x = nerve.median(key) if nerve else None
+                y = floor.median(key) if floor else None
+                row += f" {x:,.1f} / {y:,.1f} = {x / y:.1f}x |" if x and y else " - |"
+            rows.append(row)
     if not rows:
         return []
     return [
         "",
         "Per event, end to end (1 / throughput; two processes on two cores, so this is "
-        "wall time per event, not CPU time):",
+        "wall time per event, not CPU time), and the CPU time each side's consumer and "
+        "producer spent per event (median; consumer: its process's user + system time, "
+        "all threads, from the warm-up handled to the last event handled; producer: "
+        "from its first publish to its last; Kafka's runs do not measure it):",
         "",
-        "| broker | nerve µs/event | raw (floor) µs/event | nerve - raw |",
-        "|---|---:|---:|---:|",
+        "| broker | nerve µs/event | raw (floor) µs/event | nerve - raw "
+        "| consumer CPU µs/event, nerve / raw | producer CPU µs/event, nerve / raw |",
+        "|---|---:|---:|---:|---:|---:|",
         *rows,
     ]
 

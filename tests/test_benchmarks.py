@@ -193,3 +193,75 @@ def test_cpu_sampler_counts_a_busy_core_over_the_window_asked() -> None:
     # a window the samples do not cover has no answer, rather than a made-up one
     assert cpu.cores_busy(start - 60, end) is None
     assert cpu.cores_busy(start, end + 60) is None
+
+
+def test_per_event_table_gives_each_sides_consumer_and_producer_cpu() -> None:
+    from benchmarks.report import _overhead
+
+    nerve = Series(Case("throughput", "redis", "nerve"))
+    nerve.runs = [
+        {"events_per_s": 10_000, "consumer_cpu_us": 80.0, "producer_cpu_us": 20.0},
+        {"events_per_s": 20_000, "consumer_cpu_us": 60.0, "producer_cpu_us": 30.0},
+        {"events_per_s": 25_000, "consumer_cpu_us": 40.0, "producer_cpu_us": 25.0},
+    ]
+    raw = Series(Case("throughput", "redis", "raw"))
+    raw.runs = [{"events_per_s": 50_000, "consumer_cpu_us": 15.0, "producer_cpu_us": 25.0}]
+    kafka = Series(Case("throughput", "kafka", "nerve"), [{"events_per_s": 1000}])
+    kafka_raw = Series(Case("throughput", "kafka", "raw"), [{"events_per_s": 2000}])
+    lines = _overhead({s.case.key: s for s in (nerve, raw, kafka, kafka_raw)})
+    # medians: 20,000/s = 50 µs, consumer 60 µs, producer 25 µs
+    assert "| redis | 50 | 20 | +30 | 60.0 / 15.0 = 4.0x | 25.0 / 25.0 = 1.0x |" in lines
+    assert "| kafka | 1,000 | 500 | +500 | - | - |" in lines  # not measured: said so
+
+
+def test_profile_stages_go_to_the_innermost_frame_of_nerve_or_its_client(tmp_path: Path) -> None:
+    from benchmarks import profiling
+
+    loop = "run (uvloop/__init__.py:92)"
+    attempt = "FunctionRunner._attempt (/x/nerve/runtime/runner.py:10)"
+    read = "EventReader.read (/x/nerve/schema/upcast.py:5)"
+    fetch = "RedisConsumer.fetch (/x/nerve/transport/redis.py:7)"
+    client = "Redis.execute_command (redis/asyncio/client.py:600)"  # py-spy's short path
+    stream = "StreamWriter.writelines (asyncio/streams.py:346)"
+    worker = ROOT / "nerve" / "_sqlite.py"
+    waits = 1 + worker.read_text().splitlines().index("            first = self._queue.get()")
+    folded = tmp_path / "consumer.folded"
+    folded.write_text(
+        "\n".join(
+            [
+                f"thread (1): MainThread;{loop};{attempt};{read} 7",  # pydantic-core: the caller
+                f"thread (1): MainThread;{loop};{fetch};{client};{stream} 3",
+                f"thread (1): MainThread;{loop};{fetch} 2",
+                f"thread (1): MainThread;{loop} 5",
+                f"thread (2): nerve-store;Worker._serve ({worker}:{waits}) 11",  # queue.get()
+                "",
+            ]
+        )
+    )
+    stages = profiling.stage_split(folded)
+    assert stages == {
+        "data validation (pydantic, nerve.schema)": 7,
+        "broker client library": 3,
+        "transport adapter (nerve.transport)": 2,
+        profiling.OTHER: 5,
+        profiling.WAITING: 11,
+    }
+    rows = profiling.stage_table(stages, cpu_us=34.0)
+    assert rows[2] == "| data validation (pydantic, nerve.schema) | 41.2 | 14.0 |"  # 7 of 17 busy
+    assert not any(profiling.WAITING in row for row in rows)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_cpu_seconds_of_a_process_counts_its_busy_time() -> None:
+    import time
+
+    from benchmarks.embedded import cpu_seconds
+
+    before = cpu_seconds(os.getpid())
+    start = time.monotonic()
+    while time.monotonic() - start < 0.3:
+        pass
+    after = cpu_seconds(os.getpid())
+    assert before is not None and after is not None
+    assert 0.2 <= after - before <= 0.5
+    assert cpu_seconds(2**22 + 12345) is None  # no such process: no made-up figure
