@@ -448,6 +448,18 @@ def plot(results: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> b
 # ---------------------------------------------------------------------------------------
 
 
+def _progress(console: Console) -> Progress:
+    """A progress display with a bar per run."""
+    return Progress(
+        TextColumn("{task.description:<20}"),
+        BarColumn(),
+        TextColumn("{task.completed:>7,}/{task.total:,}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
 def run(settings: Settings, console: Console) -> dict[str, Any]:
     use_cli = nerve_cli_available()
     settings.consumer = " ".join(
@@ -458,13 +470,7 @@ def run(settings: Settings, console: Console) -> dict[str, Any]:
     results: dict[str, dict[str, list[dict[str, float]]]] = {
         b: {"nerve": [], "raw": []} for b in settings.brokers
     }
-    columns = (
-        TextColumn("{task.description:<20}"),
-        BarColumn(),
-        TextColumn("{task.completed:>7,}/{task.total:,}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with _progress(console) as progress:
         bench = Bench(settings, use_cli, progress, stamp)
         for broker in settings.brokers:
             for i in range(1, settings.runs + 1):  # alternating, so drift hits both alike
@@ -545,13 +551,7 @@ def run_profiles(settings: Settings, console: Console) -> list[Path]:
     )
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     written = []
-    columns = (
-        TextColumn("{task.description:<20}"),
-        BarColumn(),
-        TextColumn("{task.completed:>7,}/{task.total:,}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with _progress(console) as progress:
         bench = Bench(settings, use_cli, progress, stamp)
         for broker in settings.brokers:
             folded = bench.base / f"{broker}-consumer.folded"
