@@ -212,9 +212,8 @@ class Profiler:
         self._recorder.wait(30)
 
 
-def wait_done(path: Path, procs: list[Any], logdir: Path, *, exists: bool = False) -> float:
-    """Wait for ``path`` to appear; the wall time written in it (0.0 with ``exists``:
-    only that it is there)."""
+def wait_exists(path: Path, procs: list[Any], logdir: Path) -> None:
+    """Wait for ``path`` to appear, while none of ``procs`` has failed."""
     deadline = time.monotonic() + RUN_TIMEOUT
     while not path.exists():
         for proc in procs:
@@ -223,7 +222,12 @@ def wait_done(path: Path, procs: list[Any], logdir: Path, *, exists: bool = Fals
         if time.monotonic() > deadline:
             raise _fail(f"{path.name} did not appear within {RUN_TIMEOUT:.0f} s", logdir)
         time.sleep(0.005)
-    return 0.0 if exists else float(path.read_text())
+
+
+def wait_done(path: Path, procs: list[Any], logdir: Path) -> float:
+    """Wait for ``path`` to appear; the wall time written in it."""
+    wait_exists(path, procs, logdir)
+    return float(path.read_text())
 
 
 class Bench:
@@ -276,7 +280,7 @@ class Bench:
                 process(producer_cmd, logdir, "producer", **env) as producer,
                 contextlib.ExitStack() as attached,
             ):
-                wait_done(ready, [consumer, producer], logdir, exists=True)
+                wait_exists(ready, [consumer, producer], logdir)
                 if profile is not None:
                     profile.attach(attached, consumer.pid, logdir)
                     (logdir / "go").touch()
@@ -559,8 +563,7 @@ def run_profiles(settings: Settings, console: Console) -> list[Path]:
             profiler = Profiler(spy, folded)
             nerve = bench.one(broker, "nerve", 1, profiler)
             raw = bench.one(broker, "raw", 1)
-            total, own, cumulative, threads = profiling.summarise(folded)
-            stages = profiling.stage_split(folded)
+            total, own, cumulative, threads, stages = profiling.summarise(folded)
             cpu = nerve.get("consumer_cpu_us")
             raw_cpu = raw.get("consumer_cpu_us")
             lines = [
@@ -596,16 +599,7 @@ def run_profiles(settings: Settings, console: Console) -> list[Path]:
                 ]
             lines += [
                 "",
-                "## nerve's consumer by stage",
-                "",
-                "Each sample goes to the innermost frame of its stack that belongs to one "
-                "of these stages (C work such as orjson, pydantic-core or the client's "
-                "parser counts for the Python code that called it); samples blocked on a "
-                "queue, lock or sleep are left out. µs/event = the stage's share x the "
-                "consumer's CPU time per event.",
-                "",
-                *profiling.stage_table(stages, cpu),
-                "",
+                *profiling.stage_section("nerve's consumer by stage", stages, cpu),
                 *profiling.sections(total, own, cumulative, threads),
             ]
             path = RESULTS_DIR / f"profile-{broker}.md"

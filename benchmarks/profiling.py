@@ -16,6 +16,7 @@ import shutil
 import sysconfig
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -115,29 +116,39 @@ def is_waiting(source: str) -> bool:
     return bool(_WAITS.search(source))
 
 
-def summarise(folded: Path) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
-    """Total samples; own samples per source line; cumulative samples per function
-    (entry-point and event-loop frames left out); samples per thread."""
-    own: Counter[str] = Counter()
-    cumulative: Counter[str] = Counter()
-    threads: Counter[str] = Counter()
-    total = 0
+def _stacks(folded: Path) -> Iterator[tuple[str | None, list[str], int]]:
+    """The samples of a folded-stacks file: (thread field or None, frames outermost
+    first, count)."""
     for line in folded.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
-        count = int(count_text)
         frames = stack.split(";")
-        if frames[0].startswith(("process ", "thread ")):
-            threads[_thread_name(frames.pop(0))] += count
+        thread = frames.pop(0) if frames[0].startswith(("process ", "thread ")) else None
+        yield thread, frames, int(count_text)
+
+
+def summarise(folded: Path) -> tuple[int, Counter[str], Counter[str], Counter[str], Counter[str]]:
+    """Total samples; own samples per source line; cumulative samples per function
+    (entry-point and event-loop frames left out); samples per thread; samples per
+    stage (:data:`STAGES`)."""
+    own: Counter[str] = Counter()
+    cumulative: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
+    total = 0
+    for thread, frames, count in _stacks(folded):
+        if thread is not None:
+            threads[_thread_name(thread)] += count
         if not frames:
             continue
         total += count
         own[frames[-1].strip()] += count
+        stages[stage_of(frames)] += count
         for name in {_short(f) for f in frames}:
             if not _boilerplate(name):
                 cumulative[name] += count
-    return total, own, cumulative, threads
+    return total, own, cumulative, threads, stages
 
 
 def run_profile(settings: Settings, console: Console, rate: int = 250, native: bool = False) -> str:
@@ -196,8 +207,7 @@ def run_profile(settings: Settings, console: Console, rate: int = 250, native: b
             finally:
                 conn.close()
     eps = settings.events / (done_at - sent["first_publish"])
-    total, own, cumulative, threads = summarise(folded)
-    stages = stage_split(folded)
+    total, own, cumulative, threads, stages = summarise(folded)
     text = report(total, own, cumulative, threads, stages, eps, settings, rate, use_cli, native)
     waiting = sum(n for frame, n in own.items() if is_waiting(source_of(frame)))
     busy = max(total - waiting, 1)
@@ -251,14 +261,7 @@ def report(
         f"synchronous={settings.synchronous}). {total:,} samples of non-idle threads. "
         f"Throughput while profiled: {eps:,.0f} events/s.",
         "",
-        "## By stage",
-        "",
-        "Each sample goes to the innermost frame of its stack that belongs to one of "
-        "these stages (C work counts for the Python code that called it); samples "
-        "blocked on a queue, lock or sleep are left out.",
-        "",
-        *stage_table(stages, None),
-        "",
+        *stage_section("By stage", stages, None),
     ]
     return "\n".join(lines + sections(total, own, cumulative, threads))
 
@@ -340,21 +343,6 @@ def stage_of(frames: list[str]) -> str:
     return OTHER
 
 
-def stage_split(folded: Path) -> Counter[str]:
-    """Samples per stage (:data:`STAGES`) of a folded-stacks file."""
-    stages: Counter[str] = Counter()
-    for line in folded.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        frames = stack.split(";")
-        if frames[0].startswith(("process ", "thread ")):
-            frames.pop(0)
-        if frames:
-            stages[stage_of(frames)] += int(count_text)
-    return stages
-
-
 def stage_table(stages: Counter[str], cpu_us: float | None) -> list[str]:
     """Markdown rows: each stage's share of the busy samples and, given the consumer's
     CPU time per event, its cost per event in microseconds."""
@@ -368,3 +356,16 @@ def stage_table(stages: Counter[str], cpu_us: float | None) -> list[str]:
         row = f"| {stage} | {100 * count / busy:.1f} |"
         lines.append(row + f" {cpu_us * count / busy:,.1f} |" if cpu_us else row)
     return lines
+
+
+def stage_section(title: str, stages: Counter[str], cpu_us: float | None) -> list[str]:
+    """A report's section on stages: how samples are split, then :func:`stage_table`."""
+    how = (
+        "Each sample goes to the innermost frame of its stack that belongs to one of these "
+        "stages (C work such as orjson, pydantic-core or the client's parser counts for "
+        "the Python code that called it); samples blocked on a queue, lock or sleep are "
+        "left out."
+    )
+    if cpu_us:
+        how += " µs/event = the stage's share x the consumer's CPU time per event."
+    return [f"## {title}", "", how, "", *stage_table(stages, cpu_us), ""]

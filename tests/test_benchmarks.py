@@ -238,7 +238,8 @@ def test_profile_stages_go_to_the_innermost_frame_of_nerve_or_its_client(tmp_pat
             ]
         )
     )
-    stages = profiling.stage_split(folded)
+    total, _, _, threads, stages = profiling.summarise(folded)
+    assert (total, threads["MainThread"], threads["nerve-store"]) == (28, 17, 11)
     assert stages == {
         "data validation (pydantic, nerve.schema)": 7,
         "broker client library": 3,
