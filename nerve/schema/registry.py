@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import orjson
 
+from nerve._postgres import lock_ddl
 from nerve._sqlite import connect
 from nerve.errors import ConfigError, StoreError
 from nerve.schema.compat import (
@@ -313,9 +314,7 @@ class PostgresSchemaStorage:
         try:
             self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=2)
             async with self._pool.acquire() as conn, conn.transaction():
-                # one process at a time creates the tables (CREATE IF NOT EXISTS races),
-                # as the store does
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('nerve-registry-ddl'))")
+                await lock_ddl(conn, "nerve-registry-ddl")
                 if self.schema:
                     await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
                 await conn.execute(_PG_SCHEMA.format(prefix=self.prefix))

@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from nerve._batch import Coalescer
-from nerve._postgres import int_array
+from nerve._postgres import int_array, lock_ddl
 from nerve._urls import redact
 from nerve.errors import ConfigError, StoreError
 
@@ -180,8 +180,7 @@ class PostgresStore:
                 reset=_keep_session,  # units reset what handlers' SQL may leave: _release
             )
             async with self._pool.acquire() as conn, conn.transaction():
-                # one process at a time creates the tables (CREATE IF NOT EXISTS races)
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('nerve-store-ddl'))")
+                await lock_ddl(conn, "nerve-store-ddl")
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 await conn.execute(SCHEMA)
                 for ddl in schema:
