@@ -168,7 +168,8 @@ class Event:
         Only the new values are checked: the other fields were when this event was
         made, and it cannot have changed since (a traced publish adds ``traceparent``
         to every event: ``replace`` checked every field again, half of the
-        producer's tracing cost)."""
+        producer's tracing cost; and ten ``object.__setattr__`` calls past the frozen
+        guard cost three times the rest of it)."""
         merged = dict(self.extensions)
         for name, value in values.items():
             if value is None:
@@ -177,7 +178,21 @@ class Event:
                 _check_extension(name, value)
                 merged[name] = value
         cls = type(self)
-        copy = _new(cls)
+        if cls is Event:  # plain stores into the same layout (see _Building): 4x cheaper
+            built = _Building()
+            built.type = self.type
+            built.source = self.source
+            built.id = self.id
+            built.specversion = self.specversion
+            built.time = self.time
+            built.subject = self.subject
+            built.datacontenttype = self.datacontenttype
+            built.dataschema = self.dataschema
+            built.data = self.data
+            built.extensions = MappingProxyType(merged)
+            built.__class__ = Event  # type: ignore[assignment]
+            return built  # type: ignore[return-value]
+        copy = _new(cls)  # a subclass: its own fields too, past the frozen guard
         for name in _fields_of(cls):
             _set(copy, name, getattr(self, name))
         _set(copy, "extensions", MappingProxyType(merged))

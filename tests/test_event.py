@@ -98,6 +98,27 @@ def test_with_extensions_sets_and_removes_in_a_copy() -> None:
         event.with_extensions(source="x")  # a context attribute, not an extension
 
 
+def test_with_extensions_copies_are_frozen_events_of_the_same_class() -> None:
+    event = make(subject="s1", extensions={"tenant": "acme"})
+    changed = event.with_extensions(tenant="beta")
+    assert type(changed) is Event
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        changed.subject = "s2"  # type: ignore[misc]
+    assert changed == event.evolve(extensions={"tenant": "beta"})
+
+    @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    class Audited(Event):
+        auditor: str = "nobody"
+
+    audited = Audited(type="t.x", source="/s", auditor="ann", extensions={"tenant": "acme"})
+    copy = audited.with_extensions(tenant=None, region="eu")
+    assert type(copy) is Audited
+    assert copy.auditor == "ann" and copy.id == audited.id and copy.time == audited.time
+    assert dict(copy.extensions) == {"region": "eu"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copy.auditor = "bob"  # type: ignore[misc]
+
+
 # ---------------------------------------------------------------------------------------
 # Defaults and UUIDv7
 

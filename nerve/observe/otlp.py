@@ -197,7 +197,7 @@ class Span(trace.Span):
     @property
     def traceparent(self) -> str:
         """This span's W3C ``traceparent``."""
-        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}"
+        return traceparent(self.trace_id, self.span_id, self.flags)
 
     def as_parent(self) -> Parent:
         return (self.trace_id, self.span_id, self.flags, self.state, False)
@@ -310,6 +310,24 @@ class Span(trace.Span):
         recorder = self.recorder
         if recorder is not None:
             recorder.add(self)
+
+
+def traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    """The W3C ``traceparent`` of a span context (version 00). ``to_bytes().hex()``:
+    half the cost of ``f"{trace_id:032x}"``, which parses its format spec every time;
+    this runs for every event a traced producer publishes."""
+    return "".join(
+        (
+            "00-",
+            trace_id.to_bytes(16).hex(),
+            "-",
+            span_id.to_bytes(8).hex(),
+            _FLAGS_HEX[flags & 0xFF],
+        )
+    )
+
+
+_FLAGS_HEX = tuple(f"-{n:02x}" for n in range(256))
 
 
 # ---------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ Handler = Callable[[Any, Any], Awaitable[None]]
 
 def traceparent_of(context: SpanContext) -> str:
     """The W3C ``traceparent`` header value of a span context."""
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+    return otlp.traceparent(context.trace_id, context.span_id, int(context.trace_flags))
 
 
 def _extensions_of(span: Span) -> dict[str, str]:
@@ -312,7 +312,15 @@ class Tracing:
     def create(self, type_name: str, parent: Span | None = None) -> dict[str, str]:
         """Start and end a ``create`` span for one new event (a child of ``parent``,
         default: the caller's current span); its trace extensions."""
-        layout = self._layouts.get(("create", type_name)) or self._layout(
+        span = self._start(
+            self._create_layout(type_name),
+            _current() if parent is None else _parent_of_span(parent),
+        )
+        span.end()
+        return _extensions_of(span)
+
+    def _create_layout(self, type_name: str) -> Layout:
+        return self._layouts.get(("create", type_name)) or self._layout(
             ("create", type_name),
             lambda: Layout(
                 f"create {type_name}",
@@ -325,9 +333,6 @@ class Tracing:
                 },
             ),
         )
-        span = self._start(layout, _current() if parent is None else _parent_of_span(parent))
-        span.end()
-        return _extensions_of(span)
 
     def start_publish(self, events: Sequence[Event]) -> tuple[list[Event], Span]:
         """For ``Client``: a ``publish`` span, and ``events`` carrying a trace context
@@ -363,19 +368,30 @@ class Tracing:
             if event.extensions.get("traceparent") is None:
                 event = event.with_extensions(**_extensions_of(span))
             return [event], span
+        # a create span per event without one (as create(), written out: the parent,
+        # the caller's current span, is looked up once for the batch)
         traced: list[Event] = []
         links: list[otlp.LinkData] = []
-        current: Span | None = None
+        parent: Parent | None = None
+        looked_up = False
+        start = self._start
+        layouts = self._layouts
         for event in events:
+            linked: Parent | None
             if event.extensions.get("traceparent") is None:
-                if current is None:
-                    current = trace.get_current_span()
-                event = event.with_extensions(**self.create(event.type, current))
+                if not looked_up:
+                    parent, looked_up = _current(), True
+                type_name = event.type
+                layout = layouts.get(("create", type_name)) or self._create_layout(type_name)
+                span = start(layout, parent)
+                span.end()
+                event = event.with_extensions(**_extensions_of(span))
+                linked = _parent_of_span(span) if len(links) < _MAX_LINKS else None
+            else:
+                linked = _parent_of(event) if len(links) < _MAX_LINKS else None
             traced.append(event)
-            if len(links) < _MAX_LINKS:
-                linked = _parent_of(event)
-                if linked is not None:
-                    links.append((*linked, None))
+            if linked is not None:
+                links.append((*linked, None))
         layout = self._layout(
             ("publish",),
             lambda: Layout(

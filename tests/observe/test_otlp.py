@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
@@ -574,3 +576,14 @@ def test_a_proxy_the_endpoint_bypasses_still_allows_the_kept_alive_connection(
     )
     otlp.exporter_sink(exporter, RESOURCE, "1.2.3")
     assert isinstance(exporter._client._transport, otlp.KeptAliveHttp)
+
+
+@given(st.integers(1, (1 << 128) - 1), st.integers(1, (1 << 64) - 1), st.integers(0, 255))
+def test_traceparent_is_the_w3c_format_of_the_ids(trace_id: int, span_id: int, flags: int) -> None:
+    value = otlp.traceparent(trace_id, span_id, flags)
+    assert value == f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+    from nerve.event import Event
+    from nerve.observe.tracing import _parent_of
+
+    event = Event(type="t.x", source="/s", extensions={"traceparent": value})
+    assert _parent_of(event) == (trace_id, span_id, flags & 1, "", True)
