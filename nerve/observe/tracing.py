@@ -372,7 +372,7 @@ class Tracing:
         # the caller's current span, is looked up once for the batch)
         traced: list[Event] = []
         links: list[otlp.LinkData] = []
-        parent: Parent | None = None
+        current: Parent | None = None
         looked_up = False
         start = self._start
         layouts = self._layouts
@@ -380,10 +380,10 @@ class Tracing:
             linked: Parent | None
             if event.extensions.get("traceparent") is None:
                 if not looked_up:
-                    parent, looked_up = _current(), True
+                    current, looked_up = _current(), True
                 type_name = event.type
                 layout = layouts.get(("create", type_name)) or self._create_layout(type_name)
-                span = start(layout, parent)
+                span = start(layout, current)
                 span.end()
                 event = event.with_extensions(**_extensions_of(span))
                 linked = _parent_of_span(span) if len(links) < _MAX_LINKS else None
