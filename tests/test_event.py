@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -150,6 +151,23 @@ def test_uuid7_layout_and_timestamp() -> None:
     assert (value.int >> 76) & 0xF == 7
     assert (value.int >> 62) & 0b11 == 0b10
     assert abs((value.int >> 80) - now_ms) < 5_000  # the first 48 bits are Unix ms
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_uuid7_randomness_is_not_shared_with_a_forked_child() -> None:
+    uuid7()  # the parent has drawn random bytes for more ids than this one
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        os.write(write, uuid7().encode())
+        os._exit(0)
+    os.close(write)
+    mine = uuid7()
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert uuid.UUID(child).version == 7
+    assert child[-12:] != mine[-12:]  # the random tails: the same had the child reused them
 
 
 def test_uuid7_sorts_in_creation_order_even_within_one_millisecond() -> None:
