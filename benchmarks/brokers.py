@@ -45,7 +45,9 @@ from benchmarks.embedded import (
     ROOT,
     RUNS_DIR,
     _fail,
+    cpu_by_name,
     cpu_seconds,
+    cpu_since,
     machine,
     nerve_cli_available,
     nerve_consumer_cmd,
@@ -173,6 +175,15 @@ async def server_version(broker: str) -> str:
 
 
 CLIENTS = {"nats": "nats-py", "rabbitmq": "aio-pika", "redis": "redis", "postgres": "asyncpg"}
+SERVER_PROCESSES = {
+    "nats": ("nats-server",),
+    "rabbitmq": ("beam.smp",),
+    "redis": ("redis-server",),
+    "postgres": ("postgres",),  # the postmaster, its workers and a backend per connection
+}
+"""The broker server's processes by command name: their CPU time from the warm-up
+handled to the last event handled is ``server_cpu_us`` (the local server runs on the
+same cores as the consumer and the producer)."""
 
 
 def client_version(broker: str) -> str:
@@ -285,8 +296,10 @@ class Bench:
                     profile.attach(attached, consumer.pid, logdir)
                     (logdir / "go").touch()
                 cpu_ready = cpu_seconds(consumer.pid)  # the warm-up is handled
+                server_ready = cpu_by_name(SERVER_PROCESSES.get(broker, ()))
                 done_at = wait_done(done, [consumer, producer], logdir)
                 cpu_done = cpu_seconds(consumer.pid)
+                server_done = cpu_by_name(SERVER_PROCESSES.get(broker, ()))
                 if profile is not None:
                     profile.detach()
                 sent = producer_result(producer, logdir, "producer")
@@ -301,6 +314,8 @@ class Bench:
             result["consumer_cpu_us"] = (cpu_done - cpu_ready) / s.events * 1e6
         if "publish_cpu" in sent:
             result["producer_cpu_us"] = sent["publish_cpu"] / s.events * 1e6
+        if server_done:
+            result["server_cpu_us"] = cpu_since(server_ready, server_done) / s.events * 1e6
         return result
 
 
@@ -582,15 +597,16 @@ def run_profiles(settings: Settings, console: Console) -> list[Path]:
                 "handled to the last event handled, per event (py-spy's own sampling "
                 "slows the profiled process a little).",
                 "",
-                "| | events/s | consumer CPU µs/event | producer CPU µs/event |",
-                "|---|---:|---:|---:|",
+                "| | events/s | consumer CPU µs/event | producer CPU µs/event "
+                "| broker server CPU µs/event |",
+                "|---|---:|---:|---:|---:|",
             ]
             for side, result in (("nerve (profiled)", nerve), ("raw client", raw)):
-                c, p = result.get("consumer_cpu_us"), result.get("producer_cpu_us")
-                lines.append(
-                    f"| {side} | {result['events_per_s']:,.0f} | "
-                    f"{'-' if c is None else f'{c:,.1f}'} | {'-' if p is None else f'{p:,.1f}'} |"
-                )
+                cells = [
+                    "-" if result.get(key) is None else f"{result[key]:,.1f}"
+                    for key in ("consumer_cpu_us", "producer_cpu_us", "server_cpu_us")
+                ]
+                lines.append(f"| {side} | {result['events_per_s']:,.0f} | {' | '.join(cells)} |")
             if cpu and raw_cpu:
                 lines += [
                     "",

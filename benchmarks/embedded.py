@@ -498,6 +498,37 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def cpu_by_name(prefixes: tuple[str, ...]) -> dict[int, float]:
+    """pid -> user + system CPU seconds so far, of every process whose command name
+    (``/proc/PID/stat``'s, at most 15 characters) starts with one of ``prefixes``: a
+    broker server and its workers (PostgreSQL runs a backend per connection). Empty
+    where ``/proc`` cannot be read."""
+    found: dict[int, float] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name, _, rest = stat.partition(" (")[2].rpartition(")")
+        if name.startswith(prefixes):
+            fields = rest.split()
+            found[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
+def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two :func:`cpu_by_name` readings by the processes of
+    the second (one started meanwhile counts from zero; one that ended is not seen)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
 class CpuSampler:
     """Samples the machine's CPU time (``/proc/stat``) every ``every`` seconds in a
     thread while in use, so that :meth:`cores_busy` can say how many cores were busy

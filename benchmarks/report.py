@@ -467,7 +467,7 @@ def _overhead(results: dict[str, Series]) -> list[str]:
         if a and b:
             us = (1 / a - 1 / b) * 1e6
             row = [f"| {broker} | {1e6 / a:,.0f} | {1e6 / b:,.0f} | {us:+,.0f} |"]
-            for key in ("consumer_cpu_us", "producer_cpu_us"):
+            for key in ("consumer_cpu_us", "producer_cpu_us", "server_cpu_us"):
                 x = nerve.median(key) if nerve else None
                 y = floor.median(key) if floor else None
                 measured = measured or bool(x and y)
@@ -489,10 +489,14 @@ def _overhead(results: dict[str, Series]) -> list[str]:
         ", and the CPU time each side's consumer and producer spent per event (median; "
         "consumer: its process's user + system time, all threads, from the warm-up "
         "handled to the last event handled; producer: from its first publish to its "
-        "last; measured on NATS, RabbitMQ, Redis and PostgreSQL):"
+        "last; broker server: its processes' time over the consumer's window; measured "
+        "on NATS, RabbitMQ, Redis and PostgreSQL):"
     )
-    head[3] += " consumer CPU µs/event, nerve / raw | producer CPU µs/event, nerve / raw |"
-    head[4] += "---:|---:|"
+    head[3] += (
+        " consumer CPU µs/event, nerve / raw | producer CPU µs/event, nerve / raw |"
+        " broker server CPU µs/event, nerve / raw |"
+    )
+    head[4] += "---:|---:|---:|"
     return head + ["".join(row) for row in rows]
 
 

@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -204,14 +205,26 @@ def test_per_event_table_gives_each_sides_consumer_and_producer_cpu() -> None:
         {"events_per_s": 20_000, "consumer_cpu_us": 60.0, "producer_cpu_us": 30.0},
         {"events_per_s": 25_000, "consumer_cpu_us": 40.0, "producer_cpu_us": 25.0},
     ]
+    for run, server in zip(nerve.runs, (90.0, 120.0, 100.0), strict=True):
+        run["server_cpu_us"] = server
     raw = Series(Case("throughput", "redis", "raw"))
-    raw.runs = [{"events_per_s": 50_000, "consumer_cpu_us": 15.0, "producer_cpu_us": 25.0}]
+    raw.runs = [
+        {
+            "events_per_s": 50_000,
+            "consumer_cpu_us": 15.0,
+            "producer_cpu_us": 25.0,
+            "server_cpu_us": 20.0,
+        }
+    ]
     kafka = Series(Case("throughput", "kafka", "nerve"), [{"events_per_s": 1000}])
     kafka_raw = Series(Case("throughput", "kafka", "raw"), [{"events_per_s": 2000}])
     lines = _overhead({s.case.key: s for s in (nerve, raw, kafka, kafka_raw)})
     # medians: 20,000/s = 50 µs, consumer 60 µs, producer 25 µs
-    assert "| redis | 50 | 20 | +30 | 60.0 / 15.0 = 4.0x | 25.0 / 25.0 = 1.0x |" in lines
-    assert "| kafka | 1,000 | 500 | +500 | - | - |" in lines  # not measured: said so
+    assert (
+        "| redis | 50 | 20 | +30 | 60.0 / 15.0 = 4.0x | 25.0 / 25.0 = 1.0x "
+        "| 100.0 / 20.0 = 5.0x |" in lines
+    )
+    assert "| kafka | 1,000 | 500 | +500 | - | - | - |" in lines  # not measured: said so
 
 
 def test_profile_stages_go_to_the_innermost_frame_of_nerve_or_its_client(tmp_path: Path) -> None:
@@ -266,3 +279,27 @@ def test_cpu_seconds_of_a_process_counts_its_busy_time() -> None:
     assert before is not None and after is not None
     assert 0.2 <= after - before <= 0.5
     assert cpu_seconds(2**22 + 12345) is None  # no such process: no made-up figure
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_cpu_by_name_counts_every_process_of_a_server_started_or_not() -> None:
+    import subprocess
+    import sys
+
+    from benchmarks.embedded import cpu_by_name, cpu_since
+
+    name = "py"  # "pytest" (the script's name) or "python": this process and its child
+    before = cpu_by_name((name,))
+    assert os.getpid() in before
+    spin = "import time\nend = time.monotonic() + 0.3\nwhile time.monotonic() < end: pass"
+    child = subprocess.Popen([sys.executable, "-c", spin + "\ntime.sleep(5)"])
+    try:
+        time.sleep(1.0)  # the child has spun and now sleeps
+        after = cpu_by_name((name,))
+        assert child.pid in after and child.pid not in before
+        assert after[child.pid] >= 0.2  # started meanwhile: counted from zero
+        assert cpu_since(before, after) >= after[child.pid]
+        assert cpu_by_name(("no-such-server-x",)) == {}
+    finally:
+        child.kill()
+        child.wait()
