@@ -595,7 +595,8 @@ def run_profiles(settings: Settings, console: Console) -> list[Path]:
                 "the producer starts), once for the raw client, unprofiled. CPU time: the "
                 "consumer process's user + system time, all threads, from the warm-up "
                 "handled to the last event handled, per event (py-spy's own sampling "
-                "slows the profiled process a little).",
+                "slows the profiled process a little); the producer's over its publishing; "
+                "the broker server's (all its processes) over the consumer's window.",
                 "",
                 "| | events/s | consumer CPU µs/event | producer CPU µs/event "
                 "| broker server CPU µs/event |",
@@ -612,6 +613,14 @@ def run_profiles(settings: Settings, console: Console) -> list[Path]:
                     "",
                     f"nerve's consumer spends {cpu / raw_cpu:.1f}x the raw client's CPU "
                     f"time per event ({cpu - raw_cpu:+,.1f} µs).",
+                ]
+            server, raw_server = nerve.get("server_cpu_us"), raw.get("server_cpu_us")
+            if server and raw_server:
+                lines += [
+                    "",
+                    f"The broker server spends {server / raw_server:.1f}x as much CPU time "
+                    f"on nerve's events as on the raw client's ({server - raw_server:+,.1f} "
+                    "µs an event), on the same cores.",
                 ]
             lines += [
                 "",

@@ -439,13 +439,15 @@ def _why_missed() -> list[str]:
     profiles = sorted(p.name for p in (Path(__file__).parent / "results").glob("*profile*.md"))
     lines = [
         "What bounds a missed goal: the per-event table under *Throughput* gives each "
-        "side's consumer and producer CPU time per event; the *Scale* section says what "
+        "side's consumer, producer and broker-server CPU time per event (the local "
+        "server shares the cores with both); the *Scale* section says what "
         "bounds the 2-process figure (the producer and the workers share the cores)."
     ]
     if profiles:
         lines[0] += (
-            " Profiles of nerve's consumer, split by stage, beside the raw client's CPU "
-            "time (`python -m benchmarks brokers --profile`, `python -m benchmarks "
+            " Profiles of nerve's consumer, split by stage, beside the raw client's and "
+            "the broker server's CPU time (`python -m benchmarks brokers --profile`, "
+            "`python -m benchmarks "
             "embedded --profile`; each file names its machine): "
             + ", ".join(f"[{name}](results/{name})" for name in profiles)
             + "."
