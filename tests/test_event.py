@@ -99,6 +99,29 @@ def test_with_extensions_sets_and_removes_in_a_copy() -> None:
         event.with_extensions(source="x")  # a context attribute, not an extension
 
 
+def test_constructor_defaults_and_a_subclass_that_inherits_it() -> None:
+    untimed = Event(type="t.x", source="/s", time=None)  # None: no time, not the default
+    assert untimed.time is None and uuid.UUID(untimed.id).version == 7
+    assert dict(untimed.extensions) == {} and untimed.datacontenttype == "application/json"
+    with pytest.raises(InvalidEvent) as info:
+        Event(type="t.x", source="/s", id=None)  # type: ignore[arg-type]
+    assert info.value.attribute == "id"
+
+    class Tagged(Event):  # not a dataclass: Event's own __init__
+        __slots__ = ()
+
+        def tag(self) -> str:
+            return self.type.upper()
+
+    tagged = Tagged(type="t.x", source="/s", extensions={"k": "v"})
+    assert type(tagged) is Tagged and tagged.tag() == "T.X"
+    assert dict(tagged.extensions) == {"k": "v"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tagged.subject = "x"  # type: ignore[misc]
+    with pytest.raises(InvalidEvent):
+        Tagged(type="", source="/s")
+
+
 def test_with_extensions_copies_are_frozen_events_of_the_same_class() -> None:
     event = make(subject="s1", extensions={"tenant": "acme"})
     changed = event.with_extensions(tenant="beta")
