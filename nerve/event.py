@@ -78,7 +78,7 @@ if hasattr(os, "register_at_fork"):
 
 def uuid7() -> str:
     """A new UUIDv7 string: sorts by creation time, unique without coordination."""
-    global _last_ms, _last_seq, _entropy, _taken
+    global _last_ms, _last_seq, _entropy, _taken, _ms_text
     ms = _time.time_ns() // 1_000_000
     with _uuid_lock:
         at = _taken
@@ -97,7 +97,6 @@ def uuid7() -> str:
         seq = _last_seq
     # as str(uuid.UUID(int=...)); the millisecond's part is written once a millisecond
     # (one tuple, read once: another thread may replace it meanwhile)
-    global _ms_text
     cached = _ms_text
     if cached[0] != ms:
         h = ms.to_bytes(6).hex()

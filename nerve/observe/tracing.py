@@ -312,15 +312,13 @@ class Tracing:
     def create(self, type_name: str, parent: Span | None = None) -> dict[str, str]:
         """Start and end a ``create`` span for one new event (a child of ``parent``,
         default: the caller's current span); its trace extensions."""
-        span = self._start(
-            self._create_layout(type_name),
-            _current() if parent is None else _parent_of_span(parent),
+        return _extensions_of(
+            self._created(type_name, _current() if parent is None else _parent_of_span(parent))
         )
-        span.end()
-        return _extensions_of(span)
 
-    def _create_layout(self, type_name: str) -> Layout:
-        return self._layouts.get(("create", type_name)) or self._layout(
+    def _created(self, type_name: str, parent: Parent | None) -> Span:
+        """A ``create`` span, started and ended, child of ``parent``."""
+        layout = self._layouts.get(("create", type_name)) or self._layout(
             ("create", type_name),
             lambda: Layout(
                 f"create {type_name}",
@@ -333,6 +331,9 @@ class Tracing:
                 },
             ),
         )
+        span = self._start(layout, parent)
+        span.end()
+        return span
 
     def start_publish(self, events: Sequence[Event]) -> tuple[list[Event], Span]:
         """For ``Client``: a ``publish`` span, and ``events`` carrying a trace context
@@ -368,23 +369,18 @@ class Tracing:
             if event.extensions.get("traceparent") is None:
                 event = event.with_extensions(**_extensions_of(span))
             return [event], span
-        # a create span per event without one (as create(), written out: the parent,
-        # the caller's current span, is looked up once for the batch)
+        # a create span per event without one (as create(); the parent, the caller's
+        # current span, is looked up once for the batch)
         traced: list[Event] = []
         links: list[otlp.LinkData] = []
         current: Parent | None = None
         looked_up = False
-        start = self._start
-        layouts = self._layouts
         for event in events:
             linked: Parent | None
             if event.extensions.get("traceparent") is None:
                 if not looked_up:
                     current, looked_up = _current(), True
-                type_name = event.type
-                layout = layouts.get(("create", type_name)) or self._create_layout(type_name)
-                span = start(layout, current)
-                span.end()
+                span = self._created(event.type, current)
                 event = event.with_extensions(**_extensions_of(span))
                 linked = _parent_of_span(span) if len(links) < _MAX_LINKS else None
             else:
