@@ -295,11 +295,12 @@ class Bench:
                 if profile is not None:
                     profile.attach(attached, consumer.pid, logdir)
                     (logdir / "go").touch()
+                server = SERVER_PROCESSES.get(broker, ())
                 cpu_ready = cpu_seconds(consumer.pid)  # the warm-up is handled
-                server_ready = cpu_by_name(SERVER_PROCESSES.get(broker, ()))
+                server_ready = cpu_by_name(server)
                 done_at = wait_done(done, [consumer, producer], logdir)
                 cpu_done = cpu_seconds(consumer.pid)
-                server_done = cpu_by_name(SERVER_PROCESSES.get(broker, ()))
+                server_done = cpu_by_name(server)
                 if profile is not None:
                     profile.detach()
                 sent = producer_result(producer, logdir, "producer")

@@ -488,38 +488,42 @@ def throughput_result(events: int, sent: dict[str, float], done_at: float) -> di
 # What the machine's CPUs did during a run
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process ``pid`` so far, all its threads (Linux
-    ``/proc``); None where that cannot be read."""
+def _stat(pid: int | str) -> tuple[str, float] | None:
+    """A process's command name (``/proc/PID/stat``'s, at most 15 characters) and its
+    user + system CPU seconds so far, all its threads; None where that cannot be read
+    (no such process, no ``/proc``)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        name, _, rest = stat.partition(" (")[2].rpartition(")")
+        fields = rest.split()
+        return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` so far, all its threads (Linux
+    ``/proc``); None where that cannot be read."""
+    found = _stat(pid)
+    return None if found is None else found[1]
+
+
 def cpu_by_name(prefixes: tuple[str, ...]) -> dict[int, float]:
     """pid -> user + system CPU seconds so far, of every process whose command name
-    (``/proc/PID/stat``'s, at most 15 characters) starts with one of ``prefixes``: a
-    broker server and its workers (PostgreSQL runs a backend per connection). Empty
-    where ``/proc`` cannot be read."""
-    found: dict[int, float] = {}
+    starts with one of ``prefixes``: a broker server and its workers (PostgreSQL runs a
+    backend per connection). Empty where ``/proc`` cannot be read, or for no prefix."""
+    if not prefixes:
+        return {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return found
-    tick = os.sysconf("SC_CLK_TCK")
+        return {}
+    found: dict[int, float] = {}
     for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        name, _, rest = stat.partition(" (")[2].rpartition(")")
-        if name.startswith(prefixes):
-            fields = rest.split()
-            found[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+        if entry.isdigit():
+            stat = _stat(entry)  # None: gone meanwhile
+            if stat is not None and stat[0].startswith(prefixes):
+                found[int(entry)] = stat[1]
     return found
 
 

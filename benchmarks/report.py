@@ -488,7 +488,8 @@ def _overhead(results: dict[str, Series]) -> list[str]:
     if not measured:  # results of a harness that did not measure CPU time
         return head + [row[0] for row in rows]
     head[1] = head[1][:-1] + (
-        ", and the CPU time each side's consumer and producer spent per event (median; "
+        ", and the CPU time each side's consumer, producer and broker server spent per "
+        "event (median; "
         "consumer: its process's user + system time, all threads, from the warm-up "
         "handled to the last event handled; producer: from its first publish to its "
         "last; broker server: its processes' time over the consumer's window; measured "
