@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml hatch_build.py nerve/observe/_speedups.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/nerve demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check nerve tests examples benchmarks
+	$(BIN)/ruff check nerve tests examples benchmarks hatch_build.py
 	$(BIN)/ruff format --check nerve
 
 typecheck: $(STAMP)

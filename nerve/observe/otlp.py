@@ -88,6 +88,24 @@ INTERNAL, SERVER, CLIENT, PRODUCER, CONSUMER = 1, 2, 3, 4, 5
 """Span kinds as OTLP numbers them (``opentelemetry.trace.SpanKind``'s value + 1)."""
 
 _EMPTY = otel_context.Context()
+
+
+def _load_speedups() -> Any:
+    """:mod:`nerve.observe._speedups` (C, built with the package where a compiler was at
+    hand) when it imports with the ABI this code expects and ``NERVE_SPEEDUPS`` is not
+    ``0``; else None, and the pure-Python code below does the same work."""
+    if os.environ.get("NERVE_SPEEDUPS", "").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        from nerve.observe import _speedups
+    except ImportError:
+        return None
+    return _speedups if getattr(_speedups, "ABI", None) == 1 else None
+
+
+speedups = _load_speedups()
+_encode_span: Callable[..., bytes] | None = None if speedups is None else speedups.encode_span
+"""Writes a span that is not detailed, in C (None: the compiled Python encoders)."""
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
 _new = object.__new__
@@ -1066,10 +1084,14 @@ class OtlpEncoder:
         out: list[bytes] = []
         append = out.append
         detailed = self._detailed
+        native = _encode_span
         for s in batch:
             layout = s.layout
             if layout is None or s.detailed:
                 append(detailed(s))
+                continue
+            if native is not None:
+                append(native(s, layout.head, layout.prefixes, _other_value))
                 continue
             encode = layout.encode
             if encode is None:  # a sort seen a few times only is not worth compiling

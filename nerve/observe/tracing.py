@@ -160,6 +160,19 @@ def _parent_of(event: Event) -> Parent | None:
     value = extensions["traceparent"]
     if type(value) is not str:
         return None
+    parent = _parse_traceparent(value)
+    if parent is None:
+        return None
+    state = extensions["tracestate"] if "tracestate" in extensions else None  # noqa: SIM401
+    if state:
+        header = TraceState.from_header([str(state)]).to_header()
+        return (parent[0], parent[1], parent[2], header, True)
+    return parent
+
+
+def _parse_python(value: str) -> Parent | None:
+    """A ``traceparent`` value as a remote parent without tracestate, None when it is
+    not valid (the pure-Python twin of ``_speedups.parse_traceparent``)."""
     found = _TRACEPARENT(value)  # (55 characters: version 00 has no more fields)
     if found is None:
         return None
@@ -167,11 +180,7 @@ def _parent_of(event: Event) -> Parent | None:
     span_id = int(found[2], 16)
     if not trace_id or not span_id:
         return None
-    sampled = _SAMPLED[found[3]]
-    state = extensions["tracestate"] if "tracestate" in extensions else None  # noqa: SIM401
-    if state:
-        return (trace_id, span_id, sampled, TraceState.from_header([str(state)]).to_header(), True)
-    return (trace_id, span_id, sampled, "", True)
+    return (trace_id, span_id, _SAMPLED[found[3]], "", True)
 
 
 _TRACEPARENT = re.compile(
@@ -179,6 +188,9 @@ _TRACEPARENT = re.compile(
 ).fullmatch
 _SAMPLED = {c: int(c, 16) & 0x01 for c in "0123456789abcdef"}
 """The sampled flag by the last hex digit of the trace flags."""
+_parse_traceparent: Callable[[str], Parent | None] = (
+    _parse_python if otlp.speedups is None else otlp.speedups.parse_traceparent
+)
 
 
 def _parent_of_span(span: Span) -> Parent | None:

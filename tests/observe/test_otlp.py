@@ -5,6 +5,7 @@ OTEL_* configuration exports through the OTLP/HTTP exporter's client."""
 from __future__ import annotations
 
 import http.server
+import os
 import random
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,23 @@ from nerve.observe import otlp
 from nerve.observe.tracing import tracing_from_env
 
 RESOURCE = Resource.create({"service.name": "shop", "deployment.environment": "test"})
+
+
+@pytest.fixture(params=["c", "python"])
+def speedups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the C speedups (nerve/observe/_speedups.c) and without them:
+    both must give the same results. Without a built module the C run skips, and
+    fails under CI, which builds it."""
+    from nerve.observe import tracing
+
+    if request.param == "python":
+        monkeypatch.setattr(otlp, "_encode_span", None)
+        monkeypatch.setattr(tracing, "_parse_traceparent", tracing._parse_python)
+    elif otlp.speedups is None:
+        if os.environ.get("CI"):
+            pytest.fail("nerve.observe._speedups was not built (see hatch_build.py)")
+        pytest.skip("nerve.observe._speedups was not built")
+    return str(request.param)
 
 
 class Kept:
@@ -148,7 +166,7 @@ def plain_spans() -> list[otlp.Span]:
 
 
 def test_the_compiled_encoders_write_what_opentelemetry_encodes(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, speedups: str
 ) -> None:
     monkeypatch.setattr(otlp, "_COMPILE_AFTER", 1)  # compiled after one span of a sort
     spans = plain_spans()
@@ -166,7 +184,8 @@ def test_the_compiled_encoders_write_what_opentelemetry_encodes(
     assert [kv.value.string_value for kv in third.attributes if kv.key == "x"] == ["z" * 128]
     assert not got_spans[0].parent_span_id and got_spans[9].parent_span_id
     # every span, alone, is the bytes the encoder for any span writes
-    assert all(s.layout is not None and s.layout.encode is not None for s in spans)
+    if speedups == "python":
+        assert all(s.layout is not None and s.layout.encode is not None for s in spans)
     for span in spans:
         assert encoder.span(span) == encoder._detailed(span)
 
@@ -436,7 +455,9 @@ SPAN = "00f067aa0ba902b7"
         ("", None),
     ],
 )
-def test_the_traceparent_an_event_carries(traceparent: str, expected: otlp.Parent | None) -> None:
+def test_the_traceparent_an_event_carries(
+    traceparent: str, expected: otlp.Parent | None, speedups: str
+) -> None:
     from nerve.observe.tracing import _parent_of
 
     jobs = App("jobs")
@@ -587,3 +608,88 @@ def test_traceparent_is_the_w3c_format_of_the_ids(trace_id: int, span_id: int, f
 
     event = Event(type="t.x", source="/s", extensions={"traceparent": value})
     assert _parent_of(event) == (trace_id, span_id, flags & 1, "", True)
+
+
+_HEX = "0123456789abcdef"
+
+
+@given(
+    st.one_of(
+        st.text(max_size=60),
+        # near misses of a valid value: one character of it replaced
+        st.builds(
+            lambda trace_id, span_id, flags, at, char: (
+                (value := f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}")[:at]
+                + char
+                + value[at + 1 :]
+            ),
+            st.integers(0, (1 << 128) - 1),
+            st.integers(0, (1 << 64) - 1),
+            st.integers(0, 255),
+            st.integers(0, 54),
+            st.sampled_from([*_HEX, "A", "F", "-", "_", " ", "+", "é", "0"]),
+        ),
+    )
+)
+def test_the_c_traceparent_parser_agrees_with_the_python_one(value: str) -> None:
+    from nerve.observe import tracing
+
+    if otlp.speedups is None:
+        pytest.skip("nerve.observe._speedups was not built")
+    assert otlp.speedups.parse_traceparent(value) == tracing._parse_python(value)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.text(max_size=300),
+            st.integers(-(1 << 70), 1 << 70),
+            st.booleans(),
+            st.floats(allow_nan=False),
+            st.lists(st.text(max_size=5), max_size=3),
+        ),
+        min_size=3,
+        max_size=3,
+    ),
+    st.integers(1, (1 << 128) - 1),
+    st.integers(0, (1 << 64) - 1),
+    st.booleans(),
+)
+def test_the_c_encoder_writes_what_the_python_one_writes(
+    values: list[Any], trace_id: int, parent_id: int, remote: bool
+) -> None:
+    if otlp.speedups is None:
+        pytest.skip("nerve.observe._speedups was not built")
+    rec, _ = recorder()
+    sort = layout("process x", otlp.CONSUMER, {"a": "b"}, "messaging.message.id", "n", "other")
+    parent: otlp.Parent | None = (trace_id, parent_id, 1, "", remote) if parent_id else None
+    span = rec.start(sort, parent, values)
+    span.end()
+    encoder = otlp.OtlpEncoder(RESOURCE, "1.2.3")
+    assert not span.detailed
+    assert otlp.speedups.encode_span(
+        span, sort.head, sort.prefixes, otlp._other_value
+    ) == encoder._detailed(span)
+
+
+def test_the_c_encoder_refuses_what_it_cannot_write() -> None:
+    if otlp.speedups is None:
+        pytest.skip("nerve.observe._speedups was not built")
+    rec, _ = recorder()
+    sort = layout("process x", otlp.CONSUMER, {}, "k")
+    span = rec.start(sort, None, ["v"])
+    span.end()
+    encode = otlp.speedups.encode_span
+    with pytest.raises(ValueError, match="1 values for 2 keys"):
+        encode(span, sort.head, (b"a", b"b"), otlp._other_value)
+    span.trace_id = 1 << 128
+    with pytest.raises(OverflowError):
+        encode(span, sort.head, sort.prefixes, otlp._other_value)
+    span.trace_id = 5
+    span.values = ["\ud800"]  # a lone surrogate has no UTF-8
+    with pytest.raises(UnicodeEncodeError):
+        encode(span, sort.head, sort.prefixes, otlp._other_value)
+    span.values = [object()]  # not an attribute value: left out, as the Python one does
+    written = encode(span, sort.head, sort.prefixes, otlp._other_value)
+    assert written == otlp.OtlpEncoder(RESOURCE, "1")._detailed(span)
