@@ -9,16 +9,27 @@
  *   as the parent tuple (trace_id, span_id, sampled, "", True), None when invalid.
  * - encode_span(span, head, prefixes, other_value): one span that is not "detailed"
  *   as an OTLP ScopeSpans.spans field, the bytes OtlpEncoder writes for it.
+ * - SpanFields: the base type of nerve.observe.otlp.Span, its per-span fields in a C
+ *   struct (read and written from Python as attributes, directly from C here).
+ * - start_span(span_type, recorder, layout, parent, values, links): a started span
+ *   with random ids (the random module's getrandbits), sampled as its parent is, as
+ *   SpanRecorder.start makes it with the SDK's default id generator and sampler.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#if PY_VERSION_HEX < 0x030C0000
+#include <structmember.h>
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#endif
 
-#define SPEEDUPS_ABI 1
+#define SPEEDUPS_ABI 3
 
 static signed char HEX[256];
-static PyObject *EMPTY, *S_trace_id, *S_span_id, *S_parent_id, *S_remote, *S_start_time,
+static PyObject *EMPTY, *EMPTY_TUPLE, *ZERO, *ONE, *BITS_128, *BITS_64, *GETRANDBITS,
+    *S_trace_id, *S_span_id, *S_parent_id, *S_remote, *S_start_time,
     *S_end_time, *S_values, *SIXTY_FOUR;
 
 static PyObject *
@@ -97,6 +108,233 @@ parse_traceparent(PyObject *module, PyObject *value)
     return parent;
 }
 
+/* -- SpanFields ------------------------------------------------------------------ */
+
+#define SPAN_FIELDS(X)                                                                  \
+    X(trace_id)                                                                         \
+    X(span_id)                                                                          \
+    X(flags)                                                                            \
+    X(start_time)                                                                       \
+    X(end_time)                                                                         \
+    X(parent_id)                                                                        \
+    X(remote)                                                                           \
+    X(recorder)                                                                         \
+    X(layout)                                                                           \
+    X(values)                                                                           \
+    X(state)                                                                            \
+    X(detailed)                                                                         \
+    X(links)
+
+typedef struct {
+    PyObject_HEAD
+#define DECLARE(name) PyObject *name;
+    SPAN_FIELDS(DECLARE)
+#undef DECLARE
+} SpanFields;
+
+static PyTypeObject SpanFieldsType;
+
+static PyObject *
+fields_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if ((args != NULL && PyTuple_GET_SIZE(args)) || (kwds != NULL && PyDict_GET_SIZE(kwds))) {
+        PyErr_Format(PyExc_TypeError, "%s() takes no arguments", type->tp_name);
+        return NULL;
+    }
+    SpanFields *self = (SpanFields *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    /* the defaults of a span that was never started */
+    self->trace_id = Py_NewRef(ZERO);
+    self->span_id = Py_NewRef(ZERO);
+    self->flags = Py_NewRef(ZERO);
+    self->start_time = Py_NewRef(ZERO);
+    self->end_time = Py_NewRef(ZERO);
+    self->parent_id = Py_NewRef(ZERO);
+    self->remote = Py_NewRef(Py_False);
+    self->recorder = Py_NewRef(Py_None);
+    self->layout = Py_NewRef(Py_None);
+    self->values = Py_NewRef(EMPTY_TUPLE);
+    self->state = Py_NewRef(EMPTY);
+    self->detailed = Py_NewRef(Py_False);
+    self->links = Py_NewRef(Py_None);
+    return (PyObject *)self;
+}
+
+static int
+fields_traverse(SpanFields *self, visitproc visit, void *arg)
+{
+#define VISIT(name) Py_VISIT(self->name);
+    SPAN_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+fields_clear(SpanFields *self)
+{
+#define CLEAR(name) Py_CLEAR(self->name);
+    SPAN_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+fields_dealloc(SpanFields *self)
+{
+    PyObject_GC_UnTrack(self);
+    fields_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef fields_members[] = {
+#define MEMBER(name) {#name, Py_T_OBJECT_EX, offsetof(SpanFields, name), 0, NULL},
+    SPAN_FIELDS(MEMBER)
+#undef MEMBER
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject SpanFieldsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nerve.observe._speedups.SpanFields",
+    .tp_doc = "The fields of one span, in C: the base of nerve.observe.otlp.Span.",
+    .tp_basicsize = sizeof(SpanFields),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = fields_new,
+    .tp_dealloc = (destructor)fields_dealloc,
+    .tp_traverse = (traverseproc)fields_traverse,
+    .tp_clear = (inquiry)fields_clear,
+    .tp_members = fields_members,
+};
+
+static inline void
+replace(PyObject **slot, PyObject *value)
+{
+    PyObject *old = *slot;
+    *slot = Py_NewRef(value);
+    Py_DECREF(old);
+}
+
+static inline void
+take(PyObject **slot, PyObject *value) /* steals value */
+{
+    PyObject *old = *slot;
+    *slot = value;
+    Py_DECREF(old);
+}
+
+/* getrandbits(bits), or 1 when it gives 0 (an id is never 0) */
+static PyObject *
+random_id(PyObject *bits)
+{
+    PyObject *id = PyObject_CallOneArg(GETRANDBITS, bits);
+    if (id == NULL) {
+        return NULL;
+    }
+    int nonzero = PyObject_IsTrue(id);
+    if (nonzero <= 0) {
+        Py_DECREF(id);
+        return nonzero < 0 ? NULL : Py_NewRef(ONE);
+    }
+    return id;
+}
+
+static PyObject *
+start_span_of(PyTypeObject *type, PyObject *recorder, PyObject *layout, PyObject *parent,
+              PyObject *values, PyObject *links)
+{
+    PyObject *trace_id;
+    int sampled = 1;
+    if (parent == Py_None) {
+        trace_id = random_id(BITS_128);
+        if (trace_id == NULL) {
+            return NULL;
+        }
+    }
+    else {
+        if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) != 5) {
+            PyErr_SetString(PyExc_TypeError, "a parent is a tuple of 5");
+            return NULL;
+        }
+        long flags = PyLong_AsLong(PyTuple_GET_ITEM(parent, 2));
+        if (flags == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        sampled = (int)(flags & 1);
+        trace_id = Py_NewRef(PyTuple_GET_ITEM(parent, 0));
+    }
+    SpanFields *span = (SpanFields *)type->tp_new(type, EMPTY_TUPLE, NULL);
+    if (span == NULL) {
+        Py_DECREF(trace_id);
+        return NULL;
+    }
+    take(&span->trace_id, trace_id);
+    if (sampled) {
+        replace(&span->recorder, recorder);
+        replace(&span->flags, ONE);
+    }
+    replace(&span->layout, layout);
+    replace(&span->values, values);
+    PyObject *span_id = random_id(BITS_64);
+    if (span_id == NULL) {
+        Py_DECREF(span);
+        return NULL;
+    }
+    take(&span->span_id, span_id);
+    if (parent != Py_None) {
+        replace(&span->parent_id, PyTuple_GET_ITEM(parent, 1));
+        PyObject *state = PyTuple_GET_ITEM(parent, 3);
+        int has_state = PyObject_IsTrue(state);
+        if (has_state < 0) {
+            Py_DECREF(span);
+            return NULL;
+        }
+        if (has_state) {
+            replace(&span->state, state);
+            replace(&span->detailed, Py_True);
+        }
+        replace(&span->remote, PyTuple_GET_ITEM(parent, 4));
+    }
+    if (links != Py_None) {
+        int has_links = PyObject_IsTrue(links);
+        if (has_links < 0) {
+            Py_DECREF(span);
+            return NULL;
+        }
+        if (has_links) {
+            replace(&span->links, links);
+            replace(&span->detailed, Py_True);
+        }
+    }
+    struct timespec now;
+    if (timespec_get(&now, TIME_UTC) == 0) {
+        Py_DECREF(span);
+        PyErr_SetString(PyExc_OSError, "timespec_get failed");
+        return NULL;
+    }
+    PyObject *start = PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+    if (start == NULL) {
+        Py_DECREF(span);
+        return NULL;
+    }
+    take(&span->start_time, start);
+    return (PyObject *)span;
+}
+
+static PyObject *
+start_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6 || !PyType_Check(args[0])
+        || !PyType_IsSubtype((PyTypeObject *)args[0], &SpanFieldsType)) {
+        PyErr_SetString(PyExc_TypeError, "start_span(span_type: type[SpanFields], recorder, "
+                                         "layout, parent, values, links)");
+        return NULL;
+    }
+    return start_span_of((PyTypeObject *)args[0], args[1], args[2], args[3], args[4], args[5]);
+}
+
 /* -- encoding -------------------------------------------------------------------- */
 
 static size_t
@@ -154,10 +392,27 @@ typedef struct {
 
 #define MAX_VALUES 16
 
-static int
-get_u64(PyObject *span, PyObject *name, uint64_t *out)
+/* A span's attribute: from the struct of a SpanFields, else through getattr. */
+static PyObject *
+attr(PyObject *span, PyObject *name, size_t offset)
 {
-    PyObject *value = PyObject_GetAttr(span, name);
+    if (PyObject_TypeCheck(span, &SpanFieldsType)) {
+        PyObject *value = *(PyObject **)((char *)span + offset);
+        if (value == NULL) {
+            PyErr_SetObject(PyExc_AttributeError, name);
+            return NULL;
+        }
+        return Py_NewRef(value);
+    }
+    return PyObject_GetAttr(span, name);
+}
+
+#define ATTR(span, field) attr(span, S_##field, offsetof(SpanFields, field))
+
+static int
+get_u64(PyObject *span, PyObject *name, size_t offset, uint64_t *out)
+{
+    PyObject *value = attr(span, name, offset);
     if (value == NULL) {
         return -1;
     }
@@ -191,7 +446,7 @@ encode_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL, *seq = NULL, *sequence = NULL;
 
     uint64_t hi, lo, span_id, parent_id = 0, start, end;
-    PyObject *trace_id = PyObject_GetAttr(span, S_trace_id);
+    PyObject *trace_id = ATTR(span, trace_id);
     if (trace_id == NULL) {
         return NULL;
     }
@@ -210,13 +465,14 @@ encode_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (hi == (uint64_t)-1 && PyErr_Occurred()) {
         return NULL;
     }
-    if (get_u64(span, S_span_id, &span_id) || get_u64(span, S_parent_id, &parent_id)
-        || get_u64(span, S_start_time, &start) || get_u64(span, S_end_time, &end)) {
+#define GET_U64(field, out) get_u64(span, S_##field, offsetof(SpanFields, field), out)
+    if (GET_U64(span_id, &span_id) || GET_U64(parent_id, &parent_id)
+        || GET_U64(start_time, &start) || GET_U64(end_time, &end)) {
         return NULL;
     }
     int remote = 0;
     if (parent_id) {
-        PyObject *r = PyObject_GetAttr(span, S_remote);
+        PyObject *r = ATTR(span, remote);
         if (r == NULL) {
             return NULL;
         }
@@ -226,7 +482,7 @@ encode_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    seq = PyObject_GetAttr(span, S_values);
+    seq = ATTR(span, values);
     if (seq == NULL) {
         return NULL;
     }
@@ -383,11 +639,435 @@ done:
     return result;
 }
 
+
+/* -- HandleFields: the base of nerve.observe.tracing.HandlerTrace -------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *span;
+    PyObject *_tracing;
+    PyObject *_token;
+} HandleFields;
+
+static PyObject *
+handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds; /* HandlerTrace.__init__ takes the arguments */
+    HandleFields *self = (HandleFields *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->span = Py_NewRef(Py_None);
+    self->_tracing = Py_NewRef(Py_None);
+    self->_token = Py_NewRef(Py_None);
+    return (PyObject *)self;
+}
+
+static int
+handle_traverse(HandleFields *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->span);
+    Py_VISIT(self->_tracing);
+    Py_VISIT(self->_token);
+    return 0;
+}
+
+static int
+handle_clear(HandleFields *self)
+{
+    Py_CLEAR(self->span);
+    Py_CLEAR(self->_tracing);
+    Py_CLEAR(self->_token);
+    return 0;
+}
+
+static void
+handle_dealloc(HandleFields *self)
+{
+    PyObject_GC_UnTrack(self);
+    handle_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef handle_members[] = {
+    {"span", Py_T_OBJECT_EX, offsetof(HandleFields, span), 0, NULL},
+    {"_tracing", Py_T_OBJECT_EX, offsetof(HandleFields, _tracing), 0, NULL},
+    {"_token", Py_T_OBJECT_EX, offsetof(HandleFields, _token), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject HandleFieldsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nerve.observe._speedups.HandleFields",
+    .tp_doc = "The fields of a handler attempt's trace: the base of HandlerTrace.",
+    .tp_basicsize = sizeof(HandleFields),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = handle_new,
+    .tp_dealloc = (destructor)handle_dealloc,
+    .tp_traverse = (traverseproc)handle_traverse,
+    .tp_clear = (inquiry)handle_clear,
+    .tp_members = handle_members,
+};
+
+/* -- ProcessSpans: Tracing.start_process and end_process, for the lean recorder ----- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *layouts;     /* dict: (function, type) -> Layout */
+    PyObject *make_layout; /* (function, type) -> Layout, kept in layouts */
+    PyObject *parsed;      /* dict: event id -> parent parsed for a receive span */
+    PyObject *parent_of;   /* (event) -> parent | None, for an event with a tracestate */
+    PyObject *recorder;
+    PyObject *span_type;
+    PyObject *handle_type;
+    PyObject *tracing;
+    PyObject *var;          /* OpenTelemetry's context variable */
+    PyObject *key;          /* the current span's key in its context */
+    PyObject *context_type; /* opentelemetry.context.Context */
+    PyObject *pipeline;
+    PyObject *queue;    /* the pipeline's deque */
+    PyObject *slow_end; /* Tracing.end_process: every case but the plainest */
+} ProcessSpans;
+
+#define PROCESS_FIELDS(X)                                                                  \
+    X(layouts) X(make_layout) X(parsed) X(parent_of) X(recorder) X(span_type)              \
+    X(handle_type) X(tracing) X(var) X(key) X(context_type) X(pipeline) X(queue) X(slow_end)
+
+static PyObject *S_type, *S_id, *S_extensions, *S_correlationid, *S_traceparent, *S_tracestate,
+    *S_append, *S_check, *S_more;
+
+static int
+process_traverse(ProcessSpans *self, visitproc visit, void *arg)
+{
+#define VISIT(name) Py_VISIT(self->name);
+    PROCESS_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+process_clear(ProcessSpans *self)
+{
+#define CLEAR(name) Py_CLEAR(self->name);
+    PROCESS_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+process_dealloc(ProcessSpans *self)
+{
+    PyObject_GC_UnTrack(self);
+    process_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject ProcessSpansType;
+
+static PyObject *
+process_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"layouts", "make_layout", "parsed", "parent_of", "recorder",
+                            "span_type", "handle_type", "tracing", "var", "key",
+                            "context_type", "pipeline", "slow_end", NULL};
+    PyObject *o[13];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!OOO!O!OO!UOOO:ProcessSpans", names,
+                                     &PyDict_Type, &o[0], &o[1], &PyDict_Type, &o[2], &o[3],
+                                     &o[4], &PyType_Type, &o[5], &PyType_Type, &o[6], &o[7],
+                                     &PyContextVar_Type, &o[8], &o[9], &o[10], &o[11], &o[12])) {
+        return NULL;
+    }
+    if (!PyType_IsSubtype((PyTypeObject *)o[5], &SpanFieldsType)
+        || !PyType_IsSubtype((PyTypeObject *)o[6], &HandleFieldsType)) {
+        PyErr_SetString(PyExc_TypeError, "span_type and handle_type must derive from "
+                                         "SpanFields and HandleFields");
+        return NULL;
+    }
+    PyObject *queue = PyObject_GetAttrString(o[11], "_queue");
+    if (queue == NULL) {
+        return NULL;
+    }
+    ProcessSpans *self = (ProcessSpans *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(queue);
+        return NULL;
+    }
+    self->layouts = Py_NewRef(o[0]);
+    self->make_layout = Py_NewRef(o[1]);
+    self->parsed = Py_NewRef(o[2]);
+    self->parent_of = Py_NewRef(o[3]);
+    self->recorder = Py_NewRef(o[4]);
+    self->span_type = Py_NewRef(o[5]);
+    self->handle_type = Py_NewRef(o[6]);
+    self->tracing = Py_NewRef(o[7]);
+    self->var = Py_NewRef(o[8]);
+    self->key = Py_NewRef(o[9]);
+    self->context_type = Py_NewRef(o[10]);
+    self->pipeline = Py_NewRef(o[11]);
+    self->queue = queue;
+    self->slow_end = Py_NewRef(o[12]);
+    return (PyObject *)self;
+}
+
+static PyObject *start_span_of(PyTypeObject *type, PyObject *recorder, PyObject *layout,
+                               PyObject *parent, PyObject *values, PyObject *links);
+
+/* The parent context an event carries (new reference; None for none). */
+static PyObject *
+parent_of_event(ProcessSpans *self, PyObject *event, PyObject *extensions, PyObject *id)
+{
+    int has = PySequence_Contains(extensions, S_traceparent);
+    if (has <= 0) {
+        return has < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    if (PyDict_GET_SIZE(self->parsed)) { /* parsed already for the receive span's links? */
+        PyObject *parent = PyDict_GetItemWithError(self->parsed, id);
+        if (parent != NULL) {
+            Py_INCREF(parent);
+            if (PyDict_DelItem(self->parsed, id) < 0) {
+                Py_DECREF(parent);
+                return NULL;
+            }
+            return parent;
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    has = PySequence_Contains(extensions, S_tracestate);
+    if (has) {
+        return has < 0 ? NULL : PyObject_CallOneArg(self->parent_of, event);
+    }
+    PyObject *value = PyObject_GetItem(extensions, S_traceparent);
+    if (value == NULL) {
+        return NULL;
+    }
+    PyObject *parent = parse_traceparent(NULL, value);
+    Py_DECREF(value);
+    return parent;
+}
+
+static PyObject *
+process_start(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "start(function, event, attempt, current)");
+        return NULL;
+    }
+    PyObject *function = args[0], *event = args[1], *attempt = args[2];
+    int current = PyObject_IsTrue(args[3]);
+    if (current < 0) {
+        return NULL;
+    }
+    PyObject *type_name = NULL, *extensions = NULL, *id = NULL, *layout = NULL,
+             *correlation = NULL, *values = NULL, *parent = NULL, *span = NULL,
+             *result = NULL;
+    if ((type_name = PyObject_GetAttr(event, S_type)) == NULL) {
+        goto done;
+    }
+    PyObject *key = PyTuple_Pack(2, function, type_name);
+    if (key == NULL) {
+        goto done;
+    }
+    layout = PyDict_GetItemWithError(self->layouts, key);
+    Py_DECREF(key);
+    if (layout != NULL) {
+        Py_INCREF(layout);
+    }
+    else if (PyErr_Occurred()
+             || (layout = PyObject_CallFunctionObjArgs(self->make_layout, function, type_name,
+                                                       NULL))
+                    == NULL) {
+        goto done;
+    }
+    if ((extensions = PyObject_GetAttr(event, S_extensions)) == NULL
+        || (id = PyObject_GetAttr(event, S_id)) == NULL) {
+        goto done;
+    }
+    int has = PySequence_Contains(extensions, S_correlationid);
+    if (has < 0) {
+        goto done;
+    }
+    if (has) {
+        if ((correlation = PyObject_GetItem(extensions, S_correlationid)) == NULL) {
+            goto done;
+        }
+        if (correlation != Py_None && !PyUnicode_CheckExact(correlation)) {
+            PyObject *text = PyObject_Str(correlation);
+            Py_SETREF(correlation, text);
+            if (correlation == NULL) {
+                goto done;
+            }
+        }
+    }
+    if ((values = PyList_New(4)) == NULL) {
+        goto done;
+    }
+    PyList_SET_ITEM(values, 0, Py_NewRef(id));
+    PyList_SET_ITEM(values, 1, Py_NewRef(attempt));
+    PyList_SET_ITEM(values, 2, correlation == NULL ? Py_NewRef(Py_None) : Py_NewRef(correlation));
+    PyList_SET_ITEM(values, 3, Py_NewRef(Py_None));
+    if ((parent = parent_of_event(self, event, extensions, id)) == NULL) {
+        goto done;
+    }
+    span = start_span_of((PyTypeObject *)self->span_type, self->recorder, layout, parent,
+                         values, Py_None);
+    if (span == NULL) {
+        goto done;
+    }
+    PyTypeObject *handle_type = (PyTypeObject *)self->handle_type;
+    HandleFields *handle = (HandleFields *)handle_type->tp_new(handle_type, EMPTY_TUPLE, NULL);
+    if (handle == NULL) {
+        goto done;
+    }
+    Py_SETREF(handle->span, Py_NewRef(span));
+    Py_SETREF(handle->_tracing, Py_NewRef(self->tracing));
+    if (current) { /* the span is the current span until end() */
+        PyObject *context = NULL;
+        if (PyContextVar_Get(self->var, NULL, &context) < 0) {
+            Py_DECREF(handle);
+            goto done;
+        }
+        PyObject *copy = context == NULL ? PyDict_New() : PyDict_Copy(context);
+        Py_XDECREF(context);
+        if (copy == NULL || PyDict_SetItem(copy, self->key, span) < 0) {
+            Py_XDECREF(copy);
+            Py_DECREF(handle);
+            goto done;
+        }
+        PyObject *made = PyObject_CallOneArg(self->context_type, copy);
+        Py_DECREF(copy);
+        if (made == NULL) {
+            Py_DECREF(handle);
+            goto done;
+        }
+        PyObject *token = PyContextVar_Set(self->var, made);
+        Py_DECREF(made);
+        if (token == NULL) {
+            Py_DECREF(handle);
+            goto done;
+        }
+        Py_SETREF(handle->_token, token);
+    }
+    result = (PyObject *)handle;
+done:
+    Py_XDECREF(type_name);
+    Py_XDECREF(extensions);
+    Py_XDECREF(id);
+    Py_XDECREF(layout);
+    Py_XDECREF(correlation);
+    Py_XDECREF(values);
+    Py_XDECREF(parent);
+    Py_XDECREF(span);
+    return result;
+}
+
+static PyObject *
+process_end(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "end(handle, error=None, outcome='processed')");
+        return NULL;
+    }
+    PyObject *handle = args[0];
+    PyObject *error = nargs > 1 ? args[1] : Py_None;
+    if (error != Py_None || nargs < 3 || !PyObject_TypeCheck(handle, &HandleFieldsType)) {
+        return PyObject_Vectorcall(self->slow_end, args, (size_t)nargs, NULL);
+    }
+    PyObject *outcome = args[2];
+    HandleFields *h = (HandleFields *)handle;
+    if (h->_token != Py_None) {
+        PyObject *token = h->_token;
+        h->_token = Py_NewRef(Py_None);
+        if (PyContextVar_Reset(self->var, token) < 0) {
+            /* made in another context: Tracing.end_process tries again and logs it */
+            PyErr_Clear();
+            Py_SETREF(h->_token, token);
+            return PyObject_Vectorcall(self->slow_end, args, (size_t)nargs, NULL);
+        }
+        Py_DECREF(token);
+    }
+    PyObject *span = h->span;
+    if ((PyObject *)Py_TYPE(span) != self->span_type) {
+        return PyObject_Vectorcall(self->slow_end, args, (size_t)nargs, NULL);
+    }
+    SpanFields *s = (SpanFields *)span;
+    int ended = PyObject_IsTrue(s->end_time);
+    if (ended < 0) {
+        return NULL;
+    }
+    if (s->recorder == Py_None || ended) {
+        Py_RETURN_NONE;
+    }
+    if (s->layout == Py_None) { /* an attribute of the layout was set: all are in extra */
+        return PyObject_Vectorcall(self->slow_end, args, (size_t)nargs, NULL);
+    }
+    if (PySequence_SetItem(s->values, 3, outcome) < 0) {
+        return NULL;
+    }
+    struct timespec now;
+    if (timespec_get(&now, TIME_UTC) == 0) {
+        PyErr_SetString(PyExc_OSError, "timespec_get failed");
+        return NULL;
+    }
+    PyObject *end = PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+    if (end == NULL) {
+        return NULL;
+    }
+    take(&s->end_time, end);
+    PyObject *appended = PyObject_CallMethodOneArg(self->queue, S_append, span);
+    if (appended == NULL) {
+        return NULL;
+    }
+    Py_DECREF(appended);
+    PyObject *check = PyObject_GetAttr(self->pipeline, S_check);
+    if (check == NULL) {
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(check);
+    Py_DECREF(check);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t length = PyObject_Length(self->queue);
+    if (length < 0) {
+        return NULL;
+    }
+    if (length >= limit) {
+        return PyObject_CallMethodNoArgs(self->pipeline, S_more);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef process_methods[] = {
+    {"start", (PyCFunction)(void (*)(void))process_start, METH_FASTCALL,
+     "start(function, event, attempt, current): Tracing.start_process, in C."},
+    {"end", (PyCFunction)(void (*)(void))process_end, METH_FASTCALL,
+     "end(handle, error=None, outcome='processed'): Tracing.end_process, in C."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ProcessSpansType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nerve.observe._speedups.ProcessSpans",
+    .tp_doc = "A handler attempt's process span, started and ended in C.",
+    .tp_basicsize = sizeof(ProcessSpans),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = process_new,
+    .tp_dealloc = (destructor)process_dealloc,
+    .tp_traverse = (traverseproc)process_traverse,
+    .tp_clear = (inquiry)process_clear,
+    .tp_methods = process_methods,
+};
+
 static PyMethodDef methods[] = {
     {"parse_traceparent", (PyCFunction)parse_traceparent, METH_O,
      "A W3C traceparent as (trace_id, span_id, sampled, '', True); None when invalid."},
     {"encode_span", (PyCFunction)(void (*)(void))encode_span, METH_FASTCALL,
      "One span as an OTLP ScopeSpans.spans field."},
+    {"start_span", (PyCFunction)(void (*)(void))start_span, METH_FASTCALL,
+     "A started span of span_type: random ids, sampled as its parent is, the clock."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -418,12 +1098,39 @@ PyInit__speedups(void)
     INTERN(S_start_time, "start_time")
     INTERN(S_end_time, "end_time")
     INTERN(S_values, "values")
+    INTERN(S_type, "type")
+    INTERN(S_id, "id")
+    INTERN(S_extensions, "extensions")
+    INTERN(S_correlationid, "correlationid")
+    INTERN(S_traceparent, "traceparent")
+    INTERN(S_tracestate, "tracestate")
+    INTERN(S_append, "append")
+    INTERN(S_check, "_check")
+    INTERN(S_more, "_more")
 #undef INTERN
-    if ((SIXTY_FOUR = PyLong_FromLong(64)) == NULL) {
+    if ((SIXTY_FOUR = PyLong_FromLong(64)) == NULL || (BITS_64 = PyLong_FromLong(64)) == NULL
+        || (BITS_128 = PyLong_FromLong(128)) == NULL || (ZERO = PyLong_FromLong(0)) == NULL
+        || (ONE = PyLong_FromLong(1)) == NULL || (EMPTY_TUPLE = PyTuple_New(0)) == NULL) {
+        return NULL;
+    }
+    PyObject *random = PyImport_ImportModule("random");
+    if (random == NULL) {
+        return NULL;
+    }
+    GETRANDBITS = PyObject_GetAttrString(random, "getrandbits");
+    Py_DECREF(random);
+    if (GETRANDBITS == NULL || PyType_Ready(&SpanFieldsType) < 0
+        || PyType_Ready(&HandleFieldsType) < 0 || PyType_Ready(&ProcessSpansType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "SpanFields", (PyObject *)&SpanFieldsType) < 0
+        || PyModule_AddObjectRef(module, "HandleFields", (PyObject *)&HandleFieldsType) < 0
+        || PyModule_AddObjectRef(module, "ProcessSpans", (PyObject *)&ProcessSpansType) < 0) {
+        Py_DECREF(module);
         return NULL;
     }
     if (PyModule_AddIntConstant(module, "ABI", SPEEDUPS_ABI) < 0) {

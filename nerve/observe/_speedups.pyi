@@ -12,3 +12,55 @@ def encode_span(
     other_value: Callable[[bytes, Any], bytes],
     /,
 ) -> bytes: ...
+
+class SpanFields:
+    trace_id: int
+    span_id: int
+    flags: int
+    start_time: int
+    end_time: int
+    parent_id: int
+    remote: bool
+    recorder: Any
+    layout: Any
+    values: Any
+    state: str
+    detailed: bool
+    links: Any
+
+def start_span(
+    span_type: type[SpanFields],
+    recorder: Any,
+    layout: Any,
+    parent: tuple[int, int, int, str, bool] | None,
+    values: Any,
+    links: Any,
+    /,
+) -> Any: ...
+
+class HandleFields:
+    span: Any
+    _tracing: Any
+    _token: Any
+
+class ProcessSpans:
+    def __init__(
+        self,
+        layouts: dict[Any, Any],
+        make_layout: Callable[[str, str], Any],
+        parsed: dict[str, Any],
+        parent_of: Callable[[Any], Any],
+        recorder: Any,
+        span_type: type[SpanFields],
+        handle_type: type[HandleFields],
+        tracing: Any,
+        var: Any,
+        key: str,
+        context_type: Any,
+        pipeline: Any,
+        slow_end: Callable[..., None],
+    ) -> None: ...
+    def start(self, function: str, event: Any, attempt: int, current: bool, /) -> Any: ...
+    def end(
+        self, handle: Any, error: BaseException | None = None, outcome: str = ..., /
+    ) -> None: ...

@@ -82,7 +82,7 @@ class FunctionObserver:
         nothing here, the runner times the handler)."""
         tracing = self.tracing
         if tracing is not None:
-            ctx.trace = tracing.start_process(self.name, ctx.event, ctx.attempt, True)
+            ctx.trace = tracing.process(self.name, ctx.event, ctx.attempt, True)
 
     def end(
         self, ctx: Context, seconds: float, outcome: str, error: BaseException | None = None
@@ -102,7 +102,7 @@ class FunctionObserver:
                 metrics.handled(ctx.event.type, seconds, outcome)
         handle = ctx.trace
         if handle is not None and self.tracing is not None:
-            self.tracing.end_process(handle, error, outcome)
+            self.tracing.processed(handle, error, outcome)
 
     def dead(self, delivery: Delivery, reason: str, before_handler: bool) -> None:
         """A delivery is dead-lettered (``before_handler``: its handler never ran)."""

@@ -100,7 +100,7 @@ def _load_speedups() -> Any:
         from nerve.observe import _speedups
     except ImportError:
         return None
-    return _speedups if getattr(_speedups, "ABI", None) == 1 else None
+    return _speedups if getattr(_speedups, "ABI", None) == 3 else None
 
 
 speedups = _load_speedups()
@@ -108,7 +108,6 @@ _encode_span: Callable[..., bytes] | None = None if speedups is None else speedu
 """Writes a span that is not detailed, in C (None: the compiled Python encoders)."""
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
-_new = object.__new__
 
 
 class Layout:
@@ -147,7 +146,41 @@ class Layout:
         return merged
 
 
-class Span(trace.Span):
+class _Fields:
+    """The fields of one span, with their defaults: the pure-Python stand-in of
+    ``_speedups.SpanFields`` (the same fields in a C struct), the base of :class:`Span`.
+    Set for every span by :meth:`SpanRecorder.start`, but for the defaults of a span
+    that has no parent, links or tracestate."""
+
+    trace_id = 0
+    span_id = 0
+    flags = 0
+    start_time = 0
+    end_time = 0
+    parent_id = 0
+    remote = False
+    """The parent's context came from another process."""
+    recorder: SpanRecorder | None = None
+    """Where the span goes when it ends; None: not sampled, nothing is recorded."""
+    layout: Layout | None = None
+    """None once an attribute of the layout was changed: all are then in extra."""
+    values: Sequence[Any] = ()
+    state = ""
+    """The W3C tracestate header it carries ("" for none)."""
+    detailed = False
+    """It has more than its layout's values and ids: a tracestate, links, events, a
+    status or attributes of its own (set by whatever adds them; the encoder writes a
+    span that is not detailed from its layout's template)."""
+    links: list[LinkData] | None = None
+
+
+if TYPE_CHECKING:
+    _SpanBase = _Fields
+else:
+    _SpanBase = _Fields if speedups is None else speedups.SpanFields
+
+
+class Span(_SpanBase, trace.Span):
     """One of nerve's spans: plain fields, filled in on the event-loop thread.
 
     It is an OpenTelemetry ``Span`` (set it as the current span and the spans that
@@ -163,33 +196,10 @@ class Span(trace.Span):
     _context: SpanContext | None = None
     _name = ""
     _kind = INTERNAL
-    state = ""
-    """The W3C tracestate header it carries ("" for none)."""
-    parent_id = 0
-    remote = False
-    """The parent's context came from another process."""
-    links: list[LinkData] | None = None
     extra: dict[str, Any] | None = None
     """Attributes set on the span beyond its layout's."""
     events: list[tuple[str, int, Mapping[str, Any]]] | None = None
     status: Status | None = None
-    end_time = 0
-    detailed = False
-    """It has more than its layout's values and ids: a tracestate, links, events, a
-    status or attributes of its own (set by whatever adds them; the encoder writes a
-    span that is not detailed from its layout's template)."""
-
-    # Set for every span by SpanRecorder.start (which makes them without __init__: one
-    # Python call less per span).
-    recorder: SpanRecorder | None
-    """Where the span goes when it ends; None: not sampled, nothing is recorded."""
-    layout: Layout | None
-    """None once an attribute of the layout was changed: all are then in extra."""
-    values: Sequence[Any]
-    trace_id: int
-    span_id: int
-    flags: int
-    start_time: int
 
     @property
     def name(self) -> str:
@@ -348,6 +358,11 @@ def traceparent(trace_id: int, span_id: int, flags: int) -> str:
 _FLAGS_HEX = tuple(f"-{n:02x}" for n in range(256))
 
 
+_new_span = Span.__new__
+_start_span: Callable[..., Span] | None = None if speedups is None else speedups.start_span
+"""Starts a span in :meth:`SpanRecorder.start`'s shortest way, in C (None: in Python)."""
+
+
 # ---------------------------------------------------------------------------------------
 # Sampling
 
@@ -486,7 +501,16 @@ def span_context(parent: Parent | LinkData) -> SpanContext:
 class SpanRecorder:
     """Starts nerve's spans: ids, sampling, the clock; ended spans go to ``pipeline``."""
 
-    __slots__ = ("_plain", "_random", "_span_id", "_trace_id", "add", "pipeline", "sampling")
+    __slots__ = (
+        "_native",
+        "_plain",
+        "_random",
+        "_span_id",
+        "_trace_id",
+        "add",
+        "pipeline",
+        "sampling",
+    )
 
     def __init__(self, pipeline: Pipeline, sampling: Sampling, id_generator: Any = None) -> None:
         self.pipeline = pipeline
@@ -501,6 +525,8 @@ class SpanRecorder:
         self._plain = self._random and sampling.follows_parent()
         """The SDK's defaults (random ids, ``parentbased_always_on``): a span is sampled
         when its parent is, and a root always; :meth:`start` takes a shorter way."""
+        self._native = self._plain and _start_span is not None
+        """That shorter way is ``_speedups.start_span``, in C."""
 
     def start(
         self,
@@ -511,6 +537,8 @@ class SpanRecorder:
     ) -> Span:
         """A started span: a child of ``parent``, or the root of a new trace. (Written
         out in one function: it runs for every span.)"""
+        if self._native:
+            return _start_span(Span, self, layout, parent, values, links)  # type: ignore[misc]
         random_ids = self._random
         if self._plain:  # the defaults: sampled as the parent is, no rule to look up
             if parent is None:
@@ -541,7 +569,7 @@ class SpanRecorder:
                 )
             else:
                 sampled = trace_id & _TRACE_ID_LIMIT < rule
-        span: Span = _new(Span)
+        span: Span = _new_span(Span)
         if sampled:
             span.recorder = self
             span.flags = 1

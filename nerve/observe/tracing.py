@@ -40,7 +40,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -69,7 +69,6 @@ _MAX_LINKS = 16
 _INTERNAL, _PRODUCER, _CONSUMER = otlp.INTERNAL, otlp.PRODUCER, otlp.CONSUMER
 _LeanSpan = otlp.Span
 _attach, _detach = otel_context.attach, otel_context.detach
-_new = object.__new__
 _time_ns = time.time_ns
 _OUTCOME = "nerve.outcome"
 
@@ -209,11 +208,28 @@ def _current() -> Parent | None:
     return _parent_of_span(trace.get_current_span())
 
 
-class HandlerTrace:
+class _HandleFields:
+    """The fields of a :class:`HandlerTrace`: the pure-Python stand-in of
+    ``_speedups.HandleFields`` (the same in a C struct)."""
+
+    __slots__ = ("_token", "_tracing", "span")
+
+    span: Span
+    _tracing: Tracing
+    _token: Any
+
+
+if TYPE_CHECKING:
+    _HandleBase = _HandleFields
+else:
+    _HandleBase = _HandleFields if otlp.speedups is None else otlp.speedups.HandleFields
+
+
+class HandlerTrace(_HandleBase):
     """The ``process`` span of one handler attempt, as ``ctx`` sees it: emitted events
     become its children, ``ctx.log`` records carry its trace id."""
 
-    __slots__ = ("_token", "_tracing", "span")
+    __slots__ = ()
 
     def __init__(self, tracing: Tracing, span: Span, current: bool = False) -> None:
         self._tracing = tracing
@@ -263,6 +279,11 @@ class Tracing:
         ``_MAX_LINKS`` events of each batch)."""
         self._pipeline: otlp.Pipeline | None = None
         self._recorder: otlp.SpanRecorder | None = None
+        self.process: Callable[[str, Event, int, bool], HandlerTrace] = self.start_process
+        """:meth:`start_process`, or the same in C (``_speedups.ProcessSpans``) for the
+        SDK's default ids and sampler: what the runtime calls for every attempt."""
+        self.processed: Callable[[HandlerTrace, BaseException | None, str], None] = self.end_process
+        """:meth:`end_process`, or its plainest case in C (then the rest in Python)."""
         sdk = _sdk_provider(self.provider)
         if sdk is None:
             return
@@ -272,7 +293,25 @@ class Tracing:
         else:
             pipeline = otlp.Pipeline(otlp.processor_sink(sdk, __version__))
         self._pipeline = pipeline
-        self._recorder = otlp.SpanRecorder(pipeline, otlp.Sampling(sdk.sampler), sdk.id_generator)
+        recorder = otlp.SpanRecorder(pipeline, otlp.Sampling(sdk.sampler), sdk.id_generator)
+        self._recorder = recorder
+        if recorder._native and _CONTEXT is not None and otlp.speedups is not None:
+            native = otlp.speedups.ProcessSpans(
+                self._layouts,
+                self._process_layout,
+                self._parsed,
+                _parent_of,
+                recorder,
+                _LeanSpan,
+                HandlerTrace,
+                self,
+                _CONTEXT[0],
+                _CONTEXT[1],
+                otel_context.Context,
+                pipeline,
+                self.end_process,
+            )
+            self.process, self.processed = native.start, native.end
 
     def flush(self) -> None:
         """Hand every span ended so far to its exporter (or span processors)."""
@@ -453,7 +492,41 @@ class Tracing:
         spans the handler makes (HTTP clients, databases...) join the event's trace:
         call both in the task that runs the handler."""
         type_name = event.type
-        layout = self._layouts.get((function, type_name)) or self._layout(
+        layout = self._layouts.get((function, type_name)) or self._process_layout(
+            function, type_name
+        )
+        # `in` first: a mapping proxy's get() is a method call, four times the cost
+        extensions = event.extensions
+        correlation = extensions["correlationid"] if "correlationid" in extensions else None  # noqa: SIM401
+        if correlation is not None and type(correlation) is not str:
+            correlation = str(correlation)
+        values = [event.id, attempt, correlation, None]
+        parent = None
+        if "traceparent" in extensions:
+            parsed = self._parsed  # parsed already for the batch's receive span's links?
+            if not parsed or (parent := parsed.pop(event.id, None)) is None:
+                parent = _parent_of(event)
+        recorder = self._recorder
+        if recorder is None:
+            return HandlerTrace(self, self._start(layout, parent, values), current)
+        # the lean path, written out: this runs for every handler attempt
+        handle: HandlerTrace = _new_handle(HandlerTrace)
+        handle._tracing = self
+        handle.span = span = recorder.start(layout, parent, values)
+        if not current:
+            handle._token = None
+        elif _CONTEXT is None:
+            handle._token = _make_current(span)
+        else:  # _make_current, written out
+            var, key = _CONTEXT
+            context = var.get().copy()
+            context[key] = span
+            handle._token = var.set(otel_context.Context(context))
+        return handle
+
+    def _process_layout(self, function: str, type_name: str) -> Layout:
+        """The layout of ``function``'s ``process`` spans of ``type_name`` events."""
+        return self._layout(
             (function, type_name),
             lambda: Layout(
                 f"process {type_name}",
@@ -472,34 +545,6 @@ class Tracing:
                 ),
             ),
         )
-        # `in` first: a mapping proxy's get() is a method call, four times the cost
-        extensions = event.extensions
-        correlation = extensions["correlationid"] if "correlationid" in extensions else None  # noqa: SIM401
-        if correlation is not None and type(correlation) is not str:
-            correlation = str(correlation)
-        values = [event.id, attempt, correlation, None]
-        parent = None
-        if "traceparent" in extensions:
-            parsed = self._parsed  # parsed already for the batch's receive span's links?
-            if not parsed or (parent := parsed.pop(event.id, None)) is None:
-                parent = _parent_of(event)
-        recorder = self._recorder
-        if recorder is None:
-            return HandlerTrace(self, self._start(layout, parent, values), current)
-        # the lean path, written out: this runs for every handler attempt
-        handle: HandlerTrace = _new(HandlerTrace)
-        handle._tracing = self
-        handle.span = span = recorder.start(layout, parent, values)
-        if not current:
-            handle._token = None
-        elif _CONTEXT is None:
-            handle._token = _make_current(span)
-        else:  # _make_current, written out
-            var, key = _CONTEXT
-            context = var.get().copy()
-            context[key] = span
-            handle._token = var.set(otel_context.Context(context))
-        return handle
 
     def end_process(
         self, handle: HandlerTrace, error: BaseException | None = None, outcome: str = "processed"
@@ -590,6 +635,9 @@ class Tracing:
                 detach(token)
 
         return traced
+
+
+_new_handle = HandlerTrace.__new__
 
 
 def _to_each(functions: Sequence[Callable[..., None]]) -> Callable[..., None]:
