@@ -445,7 +445,13 @@ def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 )
     finally:
         stop_sink()
-    shutil.rmtree(base, ignore_errors=True)
+    if args.keep:
+        console.print(
+            f"callgrind's files are kept in {base} (one per thread: callgrind_annotate "
+            "FILE-01 shows the event loop's functions)"
+        )
+    else:
+        shutil.rmtree(base, ignore_errors=True)
     base_value = statistics.median(per_event["off"])
     table = Table(
         title="Instructions per event (callgrind)",
@@ -489,6 +495,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--callgrind", action="store_true", help="count instructions under valgrind instead"
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="with --callgrind: keep callgrind's output files, to see where the instructions go",
     )
 
 

@@ -25,7 +25,7 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 3
+#define SPEEDUPS_ABI 4
 
 static signed char HEX[256];
 static PyObject *EMPTY, *EMPTY_TUPLE, *ZERO, *ONE, *BITS_128, *BITS_64, *GETRANDBITS,
@@ -392,6 +392,87 @@ typedef struct {
 
 #define MAX_VALUES 16
 
+/* v as an integer of 0 .. 2**64-1 (OverflowError outside, TypeError for a non-int).
+ * PyLong_AsUnsignedLongLong goes through the generic byte-array conversion for any
+ * value above 2**30: several times what this costs, for every id and time of a span. */
+static int
+as_u64(PyObject *v, uint64_t *out)
+{
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "a span's ids and times are ints, not %.100s",
+                     Py_TYPE(v)->tp_name);
+        return -1;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t n = PyLong_AsNativeBytes(v, out, 8,
+                                        Py_ASNATIVEBYTES_NATIVE_ENDIAN
+                                            | Py_ASNATIVEBYTES_UNSIGNED_BUFFER
+                                            | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    if (n < 0) {
+        return -1;
+    }
+    if (n > 8) {
+        PyErr_SetString(PyExc_OverflowError, "int too big to convert");
+        return -1;
+    }
+#else
+    if (_PyLong_Sign(v) < 0 || _PyLong_NumBits(v) > 64) {
+        PyErr_SetString(PyExc_OverflowError, "int too big to convert");
+        return -1;
+    }
+    *out = (uint64_t)PyLong_AsUnsignedLongLongMask(v);
+#endif
+    return 0;
+}
+
+/* v as an integer of 0 .. 2**128-1, in two halves. */
+static int
+as_u128(PyObject *v, uint64_t *hi, uint64_t *lo)
+{
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "a trace id is an int, not %.100s", Py_TYPE(v)->tp_name);
+        return -1;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    uint64_t halves[2];
+    Py_ssize_t n = PyLong_AsNativeBytes(v, halves, 16,
+                                        Py_ASNATIVEBYTES_LITTLE_ENDIAN
+                                            | Py_ASNATIVEBYTES_UNSIGNED_BUFFER
+                                            | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    if (n < 0) {
+        return -1;
+    }
+    if (n > 16) {
+        PyErr_SetString(PyExc_OverflowError, "int too big to convert");
+        return -1;
+    }
+    unsigned char *b = (unsigned char *)halves;
+    uint64_t parts[2] = {0, 0};
+    for (int i = 0; i < 16; i++) {
+        parts[i / 8] |= (uint64_t)b[i] << (8 * (i % 8));
+    }
+    *lo = parts[0];
+    *hi = parts[1];
+#else
+    size_t bits = _PyLong_NumBits(v);
+    if (_PyLong_Sign(v) < 0 || bits > 128) {
+        PyErr_SetString(PyExc_OverflowError, "int too big to convert");
+        return -1;
+    }
+    *lo = (uint64_t)PyLong_AsUnsignedLongLongMask(v);
+    *hi = 0;
+    if (bits > 64) {
+        PyObject *high = PyNumber_Rshift(v, SIXTY_FOUR);
+        if (high == NULL) {
+            return -1;
+        }
+        *hi = (uint64_t)PyLong_AsUnsignedLongLongMask(high);
+        Py_DECREF(high);
+    }
+#endif
+    return 0;
+}
+
 /* A span's attribute: from the struct of a SpanFields, else through getattr. */
 static PyObject *
 attr(PyObject *span, PyObject *name, size_t offset)
@@ -416,25 +497,14 @@ get_u64(PyObject *span, PyObject *name, size_t offset, uint64_t *out)
     if (value == NULL) {
         return -1;
     }
-    unsigned long long n = PyLong_AsUnsignedLongLong(value);
+    int failed = as_u64(value, out);
     Py_DECREF(value);
-    if (n == (unsigned long long)-1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *out = (uint64_t)n;
-    return 0;
+    return failed;
 }
 
 static PyObject *
-encode_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+encode_one(PyObject *span, PyObject *head, PyObject *prefixes, PyObject *other_value)
 {
-    (void)module;
-    if (nargs != 4 || !PyBytes_Check(args[1]) || !PyTuple_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "encode_span(span, head: bytes, prefixes: tuple, other_value)");
-        return NULL;
-    }
-    PyObject *span = args[0], *head = args[1], *prefixes = args[2], *other_value = args[3];
     Py_ssize_t count = PyTuple_GET_SIZE(prefixes);
     if (count > MAX_VALUES) {
         PyErr_SetString(PyExc_ValueError, "encode_span: more than 16 keys");
@@ -450,19 +520,9 @@ encode_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (trace_id == NULL) {
         return NULL;
     }
-    lo = (uint64_t)PyLong_AsUnsignedLongLongMask(trace_id);
-    if (lo == (uint64_t)-1 && PyErr_Occurred()) {
-        Py_DECREF(trace_id);
-        return NULL;
-    }
-    PyObject *high = PyNumber_Rshift(trace_id, SIXTY_FOUR);
+    int failed = as_u128(trace_id, &hi, &lo);
     Py_DECREF(trace_id);
-    if (high == NULL) {
-        return NULL;
-    }
-    hi = (uint64_t)PyLong_AsUnsignedLongLong(high); /* OverflowError: > 128 bits, < 0 */
-    Py_DECREF(high);
-    if (hi == (uint64_t)-1 && PyErr_Occurred()) {
+    if (failed) {
         return NULL;
     }
 #define GET_U64(field, out) get_u64(span, S_##field, offsetof(SpanFields, field), out)
@@ -639,6 +699,84 @@ done:
     return result;
 }
 
+static PyObject *
+encode_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4 || !PyBytes_Check(args[1]) || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "encode_span(span, head: bytes, prefixes: tuple, other_value)");
+        return NULL;
+    }
+    return encode_one(args[0], args[1], args[2], args[3]);
+}
+
+static PyObject *S_head, *S_prefixes;
+
+/* encode_spans(batch, detailed, other_value): OtlpEncoder.spans, the loop in C: a span
+ * of SpanFields that is not detailed from its layout's head and prefixes, any other
+ * through detailed(span). */
+static PyObject *
+encode_spans(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode_spans(batch, detailed, other_value)");
+        return NULL;
+    }
+    PyObject *batch = PySequence_Fast(args[0], "encode_spans: batch must be a sequence");
+    if (batch == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(batch);
+    PyObject **items = PySequence_Fast_ITEMS(batch);
+    PyObject *out = PyList_New(n);
+    PyObject *layout = NULL, *head = NULL, *prefixes = NULL; /* of the last layout seen */
+    if (out == NULL) {
+        goto failed;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *span = items[i], *encoded;
+        SpanFields *s = (SpanFields *)span;
+        if (PyObject_TypeCheck(span, &SpanFieldsType) && s->layout != Py_None
+            && s->detailed == Py_False) {
+            if (s->layout != layout) {
+                Py_XSETREF(head, PyObject_GetAttr(s->layout, S_head));
+                Py_XSETREF(prefixes, PyObject_GetAttr(s->layout, S_prefixes));
+                if (head == NULL || prefixes == NULL) {
+                    goto failed;
+                }
+                if (!PyBytes_Check(head) || !PyTuple_Check(prefixes)) {
+                    PyErr_SetString(PyExc_TypeError, "a layout's head is bytes, its "
+                                                     "prefixes a tuple");
+                    goto failed;
+                }
+                Py_XSETREF(layout, Py_NewRef(s->layout));
+            }
+            encoded = encode_one(span, head, prefixes, args[2]);
+        }
+        else {
+            encoded = PyObject_CallOneArg(args[1], span);
+        }
+        if (encoded == NULL) {
+            goto failed;
+        }
+        PyList_SET_ITEM(out, i, encoded);
+    }
+    Py_XDECREF(layout);
+    Py_XDECREF(head);
+    Py_XDECREF(prefixes);
+    Py_DECREF(batch);
+    return out;
+failed:
+    Py_XDECREF(layout);
+    Py_XDECREF(head);
+    Py_XDECREF(prefixes);
+    Py_XDECREF(out);
+    Py_DECREF(batch);
+    return NULL;
+}
+
 
 /* -- HandleFields: the base of nerve.observe.tracing.HandlerTrace -------------------- */
 
@@ -714,7 +852,7 @@ static PyTypeObject HandleFieldsType = {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *layouts;     /* dict: (function, type) -> Layout */
+    PyObject *layouts;     /* dict: function -> {type -> Layout} */
     PyObject *make_layout; /* (function, type) -> Layout, kept in layouts */
     PyObject *parsed;      /* dict: event id -> parent parsed for a receive span */
     PyObject *parent_of;   /* (event) -> parent | None, for an event with a tracestate */
@@ -782,6 +920,13 @@ process_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         || !PyType_IsSubtype((PyTypeObject *)o[6], &HandleFieldsType)) {
         PyErr_SetString(PyExc_TypeError, "span_type and handle_type must derive from "
                                          "SpanFields and HandleFields");
+        return NULL;
+    }
+    if (!PyType_Check(o[10]) || !PyType_IsSubtype((PyTypeObject *)o[10], &PyDict_Type)
+        || ((PyTypeObject *)o[10])->tp_new != PyDict_Type.tp_new
+        || ((PyTypeObject *)o[10])->tp_init != PyDict_Type.tp_init) {
+        PyErr_SetString(PyExc_TypeError, "context_type must be a dict subclass with dict's "
+                                         "__new__ and __init__");
         return NULL;
     }
     PyObject *queue = PyObject_GetAttrString(o[11], "_queue");
@@ -866,12 +1011,10 @@ process_start(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
     if ((type_name = PyObject_GetAttr(event, S_type)) == NULL) {
         goto done;
     }
-    PyObject *key = PyTuple_Pack(2, function, type_name);
-    if (key == NULL) {
-        goto done;
+    PyObject *of_function = PyDict_GetItemWithError(self->layouts, function);
+    if (of_function != NULL && PyDict_Check(of_function)) {
+        layout = PyDict_GetItemWithError(of_function, type_name);
     }
-    layout = PyDict_GetItemWithError(self->layouts, key);
-    Py_DECREF(key);
     if (layout != NULL) {
         Py_INCREF(layout);
     }
@@ -929,19 +1072,18 @@ process_start(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(handle);
             goto done;
         }
-        PyObject *copy = context == NULL ? PyDict_New() : PyDict_Copy(context);
+        /* Context(values): a dict subclass (with dict's __new__ and __init__, checked
+           when made), filled directly; its __setitem__ refuses only Python callers */
+        PyTypeObject *context_type = (PyTypeObject *)self->context_type;
+        PyObject *made = context_type->tp_new(context_type, EMPTY_TUPLE, NULL);
+        if (made == NULL || (context != NULL && PyDict_Merge(made, context, 1) < 0)
+            || PyDict_SetItem(made, self->key, span) < 0) {
+            Py_XDECREF(context);
+            Py_XDECREF(made);
+            Py_DECREF(handle);
+            goto done;
+        }
         Py_XDECREF(context);
-        if (copy == NULL || PyDict_SetItem(copy, self->key, span) < 0) {
-            Py_XDECREF(copy);
-            Py_DECREF(handle);
-            goto done;
-        }
-        PyObject *made = PyObject_CallOneArg(self->context_type, copy);
-        Py_DECREF(copy);
-        if (made == NULL) {
-            Py_DECREF(handle);
-            goto done;
-        }
         PyObject *token = PyContextVar_Set(self->var, made);
         Py_DECREF(made);
         if (token == NULL) {
@@ -1066,6 +1208,8 @@ static PyMethodDef methods[] = {
      "A W3C traceparent as (trace_id, span_id, sampled, '', True); None when invalid."},
     {"encode_span", (PyCFunction)(void (*)(void))encode_span, METH_FASTCALL,
      "One span as an OTLP ScopeSpans.spans field."},
+    {"encode_spans", (PyCFunction)(void (*)(void))encode_spans, METH_FASTCALL,
+     "Spans as OTLP ScopeSpans.spans fields (detailed(span) for a detailed one)."},
     {"start_span", (PyCFunction)(void (*)(void))start_span, METH_FASTCALL,
      "A started span of span_type: random ids, sampled as its parent is, the clock."},
     {NULL, NULL, 0, NULL},
@@ -1099,6 +1243,8 @@ PyInit__speedups(void)
     INTERN(S_end_time, "end_time")
     INTERN(S_values, "values")
     INTERN(S_type, "type")
+    INTERN(S_head, "head")
+    INTERN(S_prefixes, "prefixes")
     INTERN(S_id, "id")
     INTERN(S_extensions, "extensions")
     INTERN(S_correlationid, "correlationid")

@@ -100,12 +100,15 @@ def _load_speedups() -> Any:
         from nerve.observe import _speedups
     except ImportError:
         return None
-    return _speedups if getattr(_speedups, "ABI", None) == 3 else None
+    return _speedups if getattr(_speedups, "ABI", None) == 4 else None
 
 
 speedups = _load_speedups()
-_encode_span: Callable[..., bytes] | None = None if speedups is None else speedups.encode_span
-"""Writes a span that is not detailed, in C (None: the compiled Python encoders)."""
+_encode_spans: Callable[..., list[bytes]] | None = (
+    None if speedups is None else speedups.encode_spans
+)
+"""Writes a batch of spans, those not detailed in C (None: the compiled Python
+encoders)."""
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
 
@@ -1109,17 +1112,15 @@ class OtlpEncoder:
         more than one). A span that is not ``detailed`` is written by its layout's
         encoder (see :func:`_compile`): ids, times and values joined with the constant
         parts of its layout, and its field's tag and length as a part of its own."""
+        if _encode_spans is not None:  # the same loop, in C
+            return _encode_spans(batch, self._detailed, _other_value)
         out: list[bytes] = []
         append = out.append
         detailed = self._detailed
-        native = _encode_span
         for s in batch:
             layout = s.layout
             if layout is None or s.detailed:
                 append(detailed(s))
-                continue
-            if native is not None:
-                append(native(s, layout.head, layout.prefixes, _other_value))
                 continue
             encode = layout.encode
             if encode is None:  # a sort seen a few times only is not worth compiling

@@ -273,6 +273,8 @@ class Tracing:
         self.tracer = self.provider.get_tracer("nerve", __version__)
         self._owned = owned
         self._layouts: dict[tuple[str, ...], Layout] = {}
+        self._process_layouts: dict[str, dict[str, Layout]] = {}
+        """Function -> event type -> the layout of its ``process`` spans."""
         self._parsed: dict[str, Parent] = {}
         """Event id -> the parent context it carries, parsed for a receive span's links,
         taken by the event's first ``process`` span (a parse less for the first
@@ -297,7 +299,7 @@ class Tracing:
         self._recorder = recorder
         if recorder._native and _CONTEXT is not None and otlp.speedups is not None:
             native = otlp.speedups.ProcessSpans(
-                self._layouts,
+                self._process_layouts,
                 self._process_layout,
                 self._parsed,
                 _parent_of,
@@ -492,9 +494,10 @@ class Tracing:
         spans the handler makes (HTTP clients, databases...) join the event's trace:
         call both in the task that runs the handler."""
         type_name = event.type
-        layout = self._layouts.get((function, type_name)) or self._process_layout(
-            function, type_name
-        )
+        of_function = self._process_layouts.get(function)
+        layout = of_function.get(type_name) if of_function is not None else None
+        if layout is None:
+            layout = self._process_layout(function, type_name)
         # `in` first: a mapping proxy's get() is a method call, four times the cost
         extensions = event.extensions
         correlation = extensions["correlationid"] if "correlationid" in extensions else None  # noqa: SIM401
@@ -526,9 +529,12 @@ class Tracing:
 
     def _process_layout(self, function: str, type_name: str) -> Layout:
         """The layout of ``function``'s ``process`` spans of ``type_name`` events."""
-        return self._layout(
-            (function, type_name),
-            lambda: Layout(
+        layouts = self._process_layouts.setdefault(function, {})
+        found = layouts.get(type_name)
+        if found is None:
+            if len(layouts) >= 4096:  # event types made up at run time: stay bounded
+                layouts.clear()
+            found = layouts[type_name] = Layout(
                 f"process {type_name}",
                 _CONSUMER,
                 {
@@ -543,8 +549,8 @@ class Tracing:
                     "messaging.message.conversation_id",
                     "nerve.outcome",  # set by end_process
                 ),
-            ),
-        )
+            )
+        return found
 
     def end_process(
         self, handle: HandlerTrace, error: BaseException | None = None, outcome: str = "processed"

@@ -37,7 +37,7 @@ def speedups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     from nerve.observe import tracing
 
     if request.param == "python":
-        monkeypatch.setattr(otlp, "_encode_span", None)
+        monkeypatch.setattr(otlp, "_encode_spans", None)
         monkeypatch.setattr(tracing, "_parse_traceparent", tracing._parse_python)
     else:
         require_speedups()
@@ -804,3 +804,25 @@ def test_the_pure_python_code_passes_the_same_tests() -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
+
+
+def test_a_function_named_like_a_span_sort_gets_process_spans() -> None:
+    """Process layouts are kept by function and type apart from the others: a function
+    named ``create`` or ``publish`` once got the ``create``/``publish`` layout of its
+    event type for its process spans."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from nerve.observe.tracing import Tracing
+
+    tracing = Tracing(TracerProvider())
+    jobs = App("jobs")
+    jobs.event("job.queued")(Job)
+    event = jobs.make_event(Job(n=1))
+    tracing.create("job.queued")
+    tracing.start_publish([event])
+    for function in ("create", "publish"):
+        for start in (tracing.process, tracing.start_process):
+            span = start(function, event, 1, False).span
+            assert isinstance(span, otlp.Span)
+            assert span.name == "process job.queued"
+            assert span.attributes["messaging.consumer.group.name"] == function
