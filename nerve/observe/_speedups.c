@@ -25,7 +25,7 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 4
+#define SPEEDUPS_ABI 5
 
 static signed char HEX[256];
 static PyObject *EMPTY, *EMPTY_TUPLE, *ZERO, *ONE, *BITS_128, *BITS_64, *GETRANDBITS,
@@ -957,6 +957,7 @@ process_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 static PyObject *start_span_of(PyTypeObject *type, PyObject *recorder, PyObject *layout,
                                PyObject *parent, PyObject *values, PyObject *links);
+static PyObject *traceparent_text(SpanFields *span);
 
 /* The parent context an event carries (new reference; None for none). */
 static PyObject *
@@ -1105,6 +1106,39 @@ done:
     return result;
 }
 
+/* Pipeline.add: the span into the export queue; the pipeline looks further (wakes its
+ * thread, or drops a span from a full queue) once the queue reaches its _check. */
+static int
+queue_span(ProcessSpans *self, PyObject *span)
+{
+    PyObject *appended = PyObject_CallMethodOneArg(self->queue, S_append, span);
+    if (appended == NULL) {
+        return -1;
+    }
+    Py_DECREF(appended);
+    PyObject *check = PyObject_GetAttr(self->pipeline, S_check);
+    if (check == NULL) {
+        return -1;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(check);
+    Py_DECREF(check);
+    if (limit == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    Py_ssize_t length = PyObject_Length(self->queue);
+    if (length < 0) {
+        return -1;
+    }
+    if (length >= limit) {
+        PyObject *done = PyObject_CallMethodNoArgs(self->pipeline, S_more);
+        if (done == NULL) {
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    return 0;
+}
+
 static PyObject *
 process_end(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1158,28 +1192,44 @@ process_end(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     take(&s->end_time, end);
-    PyObject *appended = PyObject_CallMethodOneArg(self->queue, S_append, span);
-    if (appended == NULL) {
+    if (queue_span(self, span) < 0) {
         return NULL;
-    }
-    Py_DECREF(appended);
-    PyObject *check = PyObject_GetAttr(self->pipeline, S_check);
-    if (check == NULL) {
-        return NULL;
-    }
-    Py_ssize_t limit = PyLong_AsSsize_t(check);
-    Py_DECREF(check);
-    if (limit == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    Py_ssize_t length = PyObject_Length(self->queue);
-    if (length < 0) {
-        return NULL;
-    }
-    if (length >= limit) {
-        return PyObject_CallMethodNoArgs(self->pipeline, S_more);
     }
     Py_RETURN_NONE;
+}
+
+/* create(layout, parent): a create span (child of parent), started and ended, and its
+ * traceparent: (span, traceparent). */
+static PyObject *
+process_create(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "create(layout, parent)");
+        return NULL;
+    }
+    PyObject *span = start_span_of((PyTypeObject *)self->span_type, self->recorder, args[0],
+                                   args[1], EMPTY_TUPLE, Py_None);
+    if (span == NULL) {
+        return NULL;
+    }
+    SpanFields *s = (SpanFields *)span;
+    if (s->recorder != Py_None) { /* Span.end: the end time, then into the queue */
+        Py_INCREF(s->start_time);
+        take(&s->end_time, s->start_time); /* started and ended at once */
+        if (queue_span(self, span) < 0) {
+            Py_DECREF(span);
+            return NULL;
+        }
+    }
+    PyObject *traceparent = traceparent_text(s);
+    if (traceparent == NULL) {
+        Py_DECREF(span);
+        return NULL;
+    }
+    PyObject *pair = PyTuple_Pack(2, span, traceparent);
+    Py_DECREF(span);
+    Py_DECREF(traceparent);
+    return pair;
 }
 
 static PyMethodDef process_methods[] = {
@@ -1187,6 +1237,8 @@ static PyMethodDef process_methods[] = {
      "start(function, event, attempt, current): Tracing.start_process, in C."},
     {"end", (PyCFunction)(void (*)(void))process_end, METH_FASTCALL,
      "end(handle, error=None, outcome='processed'): Tracing.end_process, in C."},
+    {"create", (PyCFunction)(void (*)(void))process_create, METH_FASTCALL,
+     "create(layout, parent): a create span, started and ended; (span, traceparent)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1203,6 +1255,169 @@ static PyTypeObject ProcessSpansType = {
     .tp_methods = process_methods,
 };
 
+
+/* -- W3C traceparent text and traced copies of events ------------------------------ */
+
+static const char HEXDIGITS[] = "0123456789abcdef";
+
+static void
+put_hex(Py_UCS1 *p, uint64_t n, int digits)
+{
+    for (int i = digits - 1; i >= 0; i--) {
+        p[i] = (Py_UCS1)HEXDIGITS[n & 0xf];
+        n >>= 4;
+    }
+}
+
+/* "00-<trace id>-<span id>-<flags>" of a started SpanFields */
+static PyObject *
+traceparent_text(SpanFields *span)
+{
+    uint64_t hi, lo, id, flags;
+    if (as_u128(span->trace_id, &hi, &lo) || as_u64(span->span_id, &id)
+        || as_u64(span->flags, &flags)) {
+        return NULL;
+    }
+    PyObject *text = PyUnicode_New(55, 127);
+    if (text == NULL) {
+        return NULL;
+    }
+    Py_UCS1 *p = PyUnicode_1BYTE_DATA(text);
+    p[0] = '0';
+    p[1] = '0';
+    p[2] = '-';
+    put_hex(p + 3, hi, 16);
+    put_hex(p + 19, lo, 16);
+    p[35] = '-';
+    put_hex(p + 36, id, 16);
+    p[52] = '-';
+    put_hex(p + 53, flags & 0xff, 2);
+    return text;
+}
+
+static PyObject *
+span_traceparent(PyObject *module, PyObject *span)
+{
+    (void)module;
+    if (!PyObject_TypeCheck(span, &SpanFieldsType)) {
+        PyErr_SetString(PyExc_TypeError, "span_traceparent(span: SpanFields)");
+        return NULL;
+    }
+    return traceparent_text((SpanFields *)span);
+}
+
+/* The event class whose exact instances traced_copy copies, and its slots' offsets
+ * (read from its member descriptors by register_event). */
+#define EVENT_SLOTS 10
+static PyTypeObject *EVENT_TYPE;
+static Py_ssize_t EVENT_OFFSETS[EVENT_SLOTS];
+static Py_ssize_t EXTENSIONS_OFFSET = -1;
+static PyObject *S_copy;
+
+static PyObject *
+register_event(PyObject *module, PyObject *type)
+{
+    (void)module;
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "register_event(Event)");
+        return NULL;
+    }
+    PyObject *slots = PyObject_GetAttrString(type, "__slots__");
+    if (slots == NULL) {
+        return NULL;
+    }
+    PyObject *names = PySequence_Tuple(slots);
+    Py_DECREF(slots);
+    if (names == NULL) {
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(names) != EVENT_SLOTS) {
+        Py_DECREF(names);
+        PyErr_Format(PyExc_TypeError, "an event class with %d slots expected", EVENT_SLOTS);
+        return NULL;
+    }
+    Py_ssize_t offsets[EVENT_SLOTS], extensions = -1;
+    for (Py_ssize_t i = 0; i < EVENT_SLOTS; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        PyObject *descr = PyDict_GetItemWithError(((PyTypeObject *)type)->tp_dict, name);
+        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            || ((PyMemberDescrObject *)descr)->d_member->type != Py_T_OBJECT_EX) {
+            Py_DECREF(names);
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "the event's slots must be plain slots");
+            }
+            return NULL;
+        }
+        offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        if (PyUnicode_CompareWithASCIIString(name, "extensions") == 0) {
+            extensions = offsets[i];
+        }
+    }
+    Py_DECREF(names);
+    if (extensions < 0) {
+        PyErr_SetString(PyExc_TypeError, "the event class has no extensions slot");
+        return NULL;
+    }
+    memcpy(EVENT_OFFSETS, offsets, sizeof offsets);
+    EXTENSIONS_OFFSET = extensions;
+    Py_XSETREF(EVENT_TYPE, (PyTypeObject *)Py_NewRef(type));
+    Py_RETURN_NONE;
+}
+
+/* traced_copy(event, traceparent, tracestate): a copy of an event of the registered
+ * class (exactly) with its traceparent (and tracestate, when not "") extensions set:
+ * what event.with_extensions(traceparent=..., tracestate=...) makes, without the
+ * ten attribute stores and checks (the event was checked when it was made; these two
+ * extensions' names and string values are valid). */
+static PyObject *
+traced_copy(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3 || EVENT_TYPE == NULL || Py_TYPE(args[0]) != EVENT_TYPE
+        || !PyUnicode_CheckExact(args[1]) || !PyUnicode_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "traced_copy(event: Event, traceparent: str, "
+                                         "tracestate: str) of a registered event class");
+        return NULL;
+    }
+    PyObject *event = args[0];
+    PyObject *proxy = *(PyObject **)((char *)event + EXTENSIONS_OFFSET);
+    if (proxy == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "extensions");
+        return NULL;
+    }
+    PyObject *merged = PyObject_CallMethodNoArgs(proxy, S_copy);
+    if (merged == NULL) {
+        return NULL;
+    }
+    if (!PyDict_Check(merged) || PyDict_SetItem(merged, S_traceparent, args[1]) < 0
+        || (PyUnicode_GET_LENGTH(args[2]) && PyDict_SetItem(merged, S_tracestate, args[2]) < 0)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "extensions.copy() must give a dict");
+        }
+        Py_DECREF(merged);
+        return NULL;
+    }
+    PyObject *extensions = PyDictProxy_New(merged);
+    Py_DECREF(merged);
+    if (extensions == NULL) {
+        return NULL;
+    }
+    PyObject *copy = EVENT_TYPE->tp_alloc(EVENT_TYPE, 0);
+    if (copy == NULL) {
+        Py_DECREF(extensions);
+        return NULL;
+    }
+    for (int i = 0; i < EVENT_SLOTS; i++) {
+        Py_ssize_t offset = EVENT_OFFSETS[i];
+        if (offset != EXTENSIONS_OFFSET) {
+            PyObject *value = *(PyObject **)((char *)event + offset);
+            *(PyObject **)((char *)copy + offset) = Py_XNewRef(value);
+        }
+    }
+    *(PyObject **)((char *)copy + EXTENSIONS_OFFSET) = extensions;
+    return copy;
+}
+
 static PyMethodDef methods[] = {
     {"parse_traceparent", (PyCFunction)parse_traceparent, METH_O,
      "A W3C traceparent as (trace_id, span_id, sampled, '', True); None when invalid."},
@@ -1210,6 +1425,12 @@ static PyMethodDef methods[] = {
      "One span as an OTLP ScopeSpans.spans field."},
     {"encode_spans", (PyCFunction)(void (*)(void))encode_spans, METH_FASTCALL,
      "Spans as OTLP ScopeSpans.spans fields (detailed(span) for a detailed one)."},
+    {"span_traceparent", (PyCFunction)span_traceparent, METH_O,
+     "The W3C traceparent of a started span."},
+    {"register_event", (PyCFunction)register_event, METH_O,
+     "The event class traced_copy copies (its slots' offsets are read once)."},
+    {"traced_copy", (PyCFunction)(void (*)(void))traced_copy, METH_FASTCALL,
+     "A copy of an event with its traceparent and tracestate extensions set."},
     {"start_span", (PyCFunction)(void (*)(void))start_span, METH_FASTCALL,
      "A started span of span_type: random ids, sampled as its parent is, the clock."},
     {NULL, NULL, 0, NULL},
@@ -1243,6 +1464,7 @@ PyInit__speedups(void)
     INTERN(S_end_time, "end_time")
     INTERN(S_values, "values")
     INTERN(S_type, "type")
+    INTERN(S_copy, "copy")
     INTERN(S_head, "head")
     INTERN(S_prefixes, "prefixes")
     INTERN(S_id, "id")

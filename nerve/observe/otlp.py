@@ -100,7 +100,7 @@ def _load_speedups() -> Any:
         from nerve.observe import _speedups
     except ImportError:
         return None
-    return _speedups if getattr(_speedups, "ABI", None) == 4 else None
+    return _speedups if getattr(_speedups, "ABI", None) == 5 else None
 
 
 speedups = _load_speedups()
@@ -228,6 +228,8 @@ class Span(_SpanBase, trace.Span):
     @property
     def traceparent(self) -> str:
         """This span's W3C ``traceparent``."""
+        if speedups is not None:
+            return speedups.span_traceparent(self)  # type: ignore[no-any-return]
         return traceparent(self.trace_id, self.span_id, self.flags)
 
     def as_parent(self) -> Parent:

@@ -273,6 +273,10 @@ class Tracing:
         self.tracer = self.provider.get_tracer("nerve", __version__)
         self._owned = owned
         self._layouts: dict[tuple[str, ...], Layout] = {}
+        self._create_layouts: dict[str, Layout] = {}
+        """Event type -> the layout of its ``create`` spans."""
+        self._native: Any = None
+        """``_speedups.ProcessSpans`` for the SDK's default ids and sampler."""
         self._process_layouts: dict[str, dict[str, Layout]] = {}
         """Function -> event type -> the layout of its ``process`` spans."""
         self._parsed: dict[str, Parent] = {}
@@ -314,6 +318,7 @@ class Tracing:
                 self.end_process,
             )
             self.process, self.processed = native.start, native.end
+            self._native = native
 
     def flush(self) -> None:
         """Hand every span ended so far to its exporter (or span processors)."""
@@ -365,28 +370,39 @@ class Tracing:
     def create(self, type_name: str, parent: Span | None = None) -> dict[str, str]:
         """Start and end a ``create`` span for one new event (a child of ``parent``,
         default: the caller's current span); its trace extensions."""
-        return _extensions_of(
-            self._created(type_name, _current() if parent is None else _parent_of_span(parent))
-        )
+        return self._created(type_name, _current() if parent is None else _parent_of_span(parent))[
+            1
+        ]
 
-    def _created(self, type_name: str, parent: Parent | None) -> Span:
-        """A ``create`` span, started and ended, child of ``parent``."""
-        layout = self._layouts.get(("create", type_name)) or self._layout(
-            ("create", type_name),
-            lambda: Layout(
-                f"create {type_name}",
-                _PRODUCER,
-                {
-                    "messaging.system": SYSTEM,
-                    "messaging.operation.type": "create",
-                    "messaging.operation.name": "create",
-                    "messaging.destination.name": type_name,
-                },
-            ),
-        )
+    def _created(self, type_name: str, parent: Parent | None) -> tuple[Span, dict[str, str]]:
+        """A ``create`` span, started and ended, child of ``parent``; its trace
+        extensions."""
+        layout = self._create_layouts.get(type_name) or self._create_layout(type_name)
+        native = self._native
+        if native is not None:  # in C: start, end, traceparent
+            span, traceparent = native.create(layout, parent)
+            if span.state:
+                return span, {"traceparent": traceparent, "tracestate": span.state}
+            return span, {"traceparent": traceparent}
         span = self._start(layout, parent)
         span.end()
-        return span
+        return span, _extensions_of(span)
+
+    def _create_layout(self, type_name: str) -> Layout:
+        layouts = self._create_layouts
+        if len(layouts) >= 4096:  # event types made up at run time: stay bounded
+            layouts.clear()
+        found = layouts[type_name] = Layout(
+            f"create {type_name}",
+            _PRODUCER,
+            {
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "create",
+                "messaging.operation.name": "create",
+                "messaging.destination.name": type_name,
+            },
+        )
+        return found
 
     def start_publish(self, events: Sequence[Event]) -> tuple[list[Event], Span]:
         """For ``Client``: a ``publish`` span, and ``events`` carrying a trace context
@@ -420,7 +436,12 @@ class Tracing:
                 (event.id, None if correlation is None else str(correlation), event.subject),
             )
             if event.extensions.get("traceparent") is None:
-                event = event.with_extensions(**_extensions_of(span))
+                extensions = _extensions_of(span)
+                if _traced_copy is not None and type(event) is Event:
+                    state = extensions.get("tracestate", "")
+                    event = _traced_copy(event, extensions["traceparent"], state)
+                else:
+                    event = event.with_extensions(**extensions)
             return [event], span
         # a create span per event without one (as create(); the parent, the caller's
         # current span, is looked up once for the batch)
@@ -433,8 +454,12 @@ class Tracing:
             if event.extensions.get("traceparent") is None:
                 if not looked_up:
                     current, looked_up = _current(), True
-                span = self._created(event.type, current)
-                event = event.with_extensions(**_extensions_of(span))
+                span, extensions = self._created(event.type, current)
+                if _traced_copy is not None and type(event) is Event:
+                    state = extensions.get("tracestate", "")
+                    event = _traced_copy(event, extensions["traceparent"], state)
+                else:
+                    event = event.with_extensions(**extensions)
                 linked = _parent_of_span(span) if len(links) < _MAX_LINKS else None
             else:
                 linked = _parent_of(event) if len(links) < _MAX_LINKS else None
@@ -644,6 +669,23 @@ class Tracing:
 
 
 _new_handle = HandlerTrace.__new__
+
+
+def _traced_copier() -> Callable[[Event, str, str], Event] | None:
+    """``_speedups.traced_copy`` for :class:`Event` (what ``with_extensions(
+    traceparent=..., tracestate=...)`` makes, copied in C), when the speedups are
+    there and take Event's layout."""
+    if otlp.speedups is None:
+        return None
+    try:
+        otlp.speedups.register_event(Event)
+    except TypeError:  # another layout than it knows: with_extensions
+        return None
+    copy: Callable[[Event, str, str], Event] = otlp.speedups.traced_copy
+    return copy
+
+
+_traced_copy = _traced_copier()
 
 
 def _to_each(functions: Sequence[Callable[..., None]]) -> Callable[..., None]:

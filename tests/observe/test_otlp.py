@@ -826,3 +826,117 @@ def test_a_function_named_like_a_span_sort_gets_process_spans() -> None:
             assert isinstance(span, otlp.Span)
             assert span.name == "process job.queued"
             assert span.attributes["messaging.consumer.group.name"] == function
+
+
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z][a-z0-9]{0,19}", fullmatch=True).filter(
+            lambda name: name not in {"id", "source", "type", "time", "subject", "data"}
+        ),
+        st.one_of(st.text(max_size=10), st.integers(-5, 5), st.booleans()),
+        max_size=4,
+    ),
+    st.sampled_from(["", "vendor=x", "a=1,b=2"]),
+    st.integers(1, (1 << 128) - 1),
+    st.integers(1, (1 << 64) - 1),
+)
+def test_the_c_traced_copy_is_what_with_extensions_makes(
+    extensions: dict[str, Any], tracestate: str, trace_id: int, span_id: int
+) -> None:
+    from nerve.event import Event
+    from nerve.observe import tracing
+
+    require_speedups()
+    assert otlp.speedups is not None and tracing._traced_copy is not None
+    event = Event(
+        type="job.queued", source="/jobs", subject="s", data={"n": 1}, extensions=extensions
+    )
+    traceparent = otlp.traceparent(trace_id, span_id, 1)
+    copy = tracing._traced_copy(event, traceparent, tracestate)
+    expected = event.with_extensions(traceparent=traceparent, tracestate=tracestate or None)
+    if not tracestate and "tracestate" in extensions:
+        expected = event.with_extensions(traceparent=traceparent)
+    assert type(copy) is Event
+    assert copy == expected
+    assert list(copy.extensions.items()) == list(expected.extensions.items())
+    assert event.extensions == extensions  # the original is untouched
+    with pytest.raises(AttributeError):
+        copy.id = "x"  # type: ignore[misc]
+    span = otlp.Span()
+    span.trace_id, span.span_id, span.flags = trace_id, span_id, 1
+    assert otlp.speedups.span_traceparent(span) == traceparent
+
+
+def test_the_c_traced_copy_takes_only_the_event_class() -> None:
+    from dataclasses import dataclass
+
+    from nerve.event import Event
+    from nerve.observe import tracing
+
+    require_speedups()
+    assert otlp.speedups is not None and tracing._traced_copy is not None
+
+    @dataclass(frozen=True, slots=True, kw_only=True, init=False)
+    class Tagged(Event):
+        pass
+
+    tagged = Tagged(type="job.queued", source="/jobs")
+    with pytest.raises(TypeError):
+        tracing._traced_copy(tagged, "x", "")  # a subclass: with_extensions copies it
+
+    class Unslotted:
+        __slots__ = ("a",)
+
+    with pytest.raises(TypeError, match="slots"):
+        otlp.speedups.register_event(Unslotted)
+
+
+def test_c_create_spans_are_what_python_makes_and_join_the_trace() -> None:
+    """``Tracing.create`` and a traced batch publish (C: start, end and traceparent of
+    the create span, the event copied with it) against the Python way."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from nerve.observe.tracing import Tracing, _parent_of
+
+    require_speedups()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    assert tracing._native is not None
+    jobs = App("jobs")
+    jobs.event("job.queued")(Job)
+    handle = tracing.start_process(
+        "jobs",
+        jobs.make_event(
+            Job(n=0), extensions={"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "k=v"}
+        ),
+        1,
+    )
+    native = handle.emitting("job.queued")
+    assert set(native) == {"traceparent", "tracestate"} and native["tracestate"] == "k=v"
+    native_parent = _parent_of(jobs.make_event(Job(n=1), extensions=native))
+    assert native_parent is not None
+    assert native_parent[0] == int(TRACE, 16)  # the handler's trace
+    events = [jobs.make_event(Job(n=i), extensions={"correlationid": f"c{i}"}) for i in range(3)]
+    traced, publish = tracing.start_publish(events)
+    publish.end()
+    for before, after in zip(events, traced, strict=True):
+        assert after.id == before.id and after.data == before.data
+        assert after.extensions["correlationid"] == before.extensions["correlationid"]
+        assert _parent_of(after) is not None
+    tracing.flush()
+    spans = exporter.get_finished_spans()
+    creates = [s for s in spans if s.name == "create job.queued"]
+    assert len(creates) == 4
+    assert creates[0].parent is not None and creates[0].parent.span_id == handle.span.span_id
+    by_span = {s.context.span_id: s for s in creates}
+    for event in traced:
+        parent = _parent_of(event)
+        assert parent is not None and parent[1] in by_span  # its create span was exported
+        span = by_span[parent[1]]
+        assert span.end_time is not None and span.end_time >= span.start_time
+    (batch,) = [s for s in spans if s.name == "publish"]
+    assert [link.context.span_id for link in batch.links] == [_parent_of(e)[1] for e in traced]  # type: ignore[index]
