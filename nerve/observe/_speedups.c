@@ -25,7 +25,7 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 5
+#define SPEEDUPS_ABI 6
 
 static signed char HEX[256];
 static PyObject *EMPTY, *EMPTY_TUPLE, *ZERO, *ONE, *BITS_128, *BITS_64, *GETRANDBITS,
@@ -1232,11 +1232,116 @@ process_create(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
     return pair;
 }
 
+
+/* -- Starter: a function's handler attempts start their process span ---------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *spans; /* ProcessSpans */
+    PyObject *function;
+    vectorcallfunc vectorcall;
+} Starter;
+
+static PyObject *S_event, *S_attempt, *S_trace;
+
+static PyObject *process_start(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs);
+
+/* starter(ctx): ctx.trace = the handle of a process span started for ctx.event and
+ * ctx.attempt, made the current span (what FunctionObserver.start does). */
+static PyObject *
+starter_call(Starter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "a starter takes one argument: ctx");
+        return NULL;
+    }
+    PyObject *ctx = args[0];
+    PyObject *event = PyObject_GetAttr(ctx, S_event);
+    if (event == NULL) {
+        return NULL;
+    }
+    PyObject *attempt = PyObject_GetAttr(ctx, S_attempt);
+    if (attempt == NULL) {
+        Py_DECREF(event);
+        return NULL;
+    }
+    PyObject *start_args[4] = {self->function, event, attempt, Py_True};
+    PyObject *handle = process_start((ProcessSpans *)self->spans, start_args, 4);
+    Py_DECREF(event);
+    Py_DECREF(attempt);
+    if (handle == NULL) {
+        return NULL;
+    }
+    int failed = PyObject_SetAttr(ctx, S_trace, handle);
+    Py_DECREF(handle);
+    if (failed < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+starter_traverse(Starter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->spans);
+    Py_VISIT(self->function);
+    return 0;
+}
+
+static int
+starter_clear(Starter *self)
+{
+    Py_CLEAR(self->spans);
+    Py_CLEAR(self->function);
+    return 0;
+}
+
+static void
+starter_dealloc(Starter *self)
+{
+    PyObject_GC_UnTrack(self);
+    starter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject StarterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nerve.observe._speedups.Starter",
+    .tp_doc = "starter(ctx): a handler attempt's process span, started (in C).",
+    .tp_basicsize = sizeof(Starter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Starter, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)starter_dealloc,
+    .tp_traverse = (traverseproc)starter_traverse,
+    .tp_clear = (inquiry)starter_clear,
+};
+
+static PyObject *
+process_starter(ProcessSpans *self, PyObject *function)
+{
+    if (!PyUnicode_Check(function)) {
+        PyErr_SetString(PyExc_TypeError, "starter(function: str)");
+        return NULL;
+    }
+    Starter *starter = PyObject_GC_New(Starter, &StarterType);
+    if (starter == NULL) {
+        return NULL;
+    }
+    starter->spans = Py_NewRef((PyObject *)self);
+    starter->function = Py_NewRef(function);
+    starter->vectorcall = (vectorcallfunc)starter_call;
+    PyObject_GC_Track(starter);
+    return (PyObject *)starter;
+}
+
 static PyMethodDef process_methods[] = {
     {"start", (PyCFunction)(void (*)(void))process_start, METH_FASTCALL,
      "start(function, event, attempt, current): Tracing.start_process, in C."},
     {"end", (PyCFunction)(void (*)(void))process_end, METH_FASTCALL,
      "end(handle, error=None, outcome='processed'): Tracing.end_process, in C."},
+    {"starter", (PyCFunction)process_starter, METH_O,
+     "starter(function): a callable that starts the process span of its ctx."},
     {"create", (PyCFunction)(void (*)(void))process_create, METH_FASTCALL,
      "create(layout, parent): a create span, started and ended; (span, traceparent)."},
     {NULL, NULL, 0, NULL},
@@ -1465,6 +1570,9 @@ PyInit__speedups(void)
     INTERN(S_values, "values")
     INTERN(S_type, "type")
     INTERN(S_copy, "copy")
+    INTERN(S_event, "event")
+    INTERN(S_attempt, "attempt")
+    INTERN(S_trace, "trace")
     INTERN(S_head, "head")
     INTERN(S_prefixes, "prefixes")
     INTERN(S_id, "id")
@@ -1488,7 +1596,8 @@ PyInit__speedups(void)
     GETRANDBITS = PyObject_GetAttrString(random, "getrandbits");
     Py_DECREF(random);
     if (GETRANDBITS == NULL || PyType_Ready(&SpanFieldsType) < 0
-        || PyType_Ready(&HandleFieldsType) < 0 || PyType_Ready(&ProcessSpansType) < 0) {
+        || PyType_Ready(&HandleFieldsType) < 0 || PyType_Ready(&ProcessSpansType) < 0
+        || PyType_Ready(&StarterType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);

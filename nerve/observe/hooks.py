@@ -13,7 +13,7 @@ the runner has computed already) bucketed at once.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nerve.event import Event
@@ -76,6 +76,12 @@ class FunctionObserver:
             self._latencies(self.metrics, events, now)
         if self.tracing is not None and events:
             self.tracing.received(self.name, events)
+
+    def starter(self) -> Callable[[Context], None]:
+        """What the runner calls as a handler attempt starts, when tracing is on: sets
+        ``ctx.trace`` (as :meth:`start`, without its call)."""
+        assert self.tracing is not None
+        return self.tracing.starter(self.name)
 
     def start(self, ctx: Context) -> None:
         """A handler attempt starts (called only when tracing is on: metrics need

@@ -577,6 +577,19 @@ class Tracing:
             )
         return found
 
+    def starter(self, function: str) -> Callable[[Any], None]:
+        """What the runtime calls as each of ``function``'s handler attempts starts,
+        with its ``ctx``: ``ctx.trace`` becomes the handle of the attempt's ``process``
+        span, the current span until :meth:`end_process` (in C where it can be)."""
+        if self._native is not None:
+            starter: Callable[[Any], None] = self._native.starter(function)
+            return starter
+
+        def start(ctx: Any) -> None:
+            ctx.trace = self.process(function, ctx.event, ctx.attempt, True)
+
+        return start
+
     def end_process(
         self, handle: HandlerTrace, error: BaseException | None = None, outcome: str = "processed"
     ) -> None:

@@ -193,7 +193,7 @@ class FunctionRunner:
         if self._observer is not None:
             self._handler = self._observer.wrap(function.handler)
             if self._observer.tracing is not None:
-                self._traced = self._observer.start
+                self._traced = self._observer.starter()
 
     # -- the loop --------------------------------------------------------------------
 

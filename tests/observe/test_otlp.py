@@ -766,6 +766,19 @@ def test_the_c_process_spans_are_what_start_and_end_process_make() -> None:
     assert pairs[3][0].span.values[2] == "7"  # a correlation id that is not a string
     assert pairs[4][0].span.recorder is None  # the parent is not sampled
     assert pairs[5][0].span.parent_id == 0  # an invalid context: a root
+    # what the runner calls with each attempt's ctx
+    from types import SimpleNamespace
+
+    starter = tracing.starter("jobs")
+    assert type(starter).__name__ == "Starter"
+    ctx = SimpleNamespace(event=events[1], attempt=3, trace=None)
+    starter(ctx)
+    assert otel_trace.get_current_span() is ctx.trace.span
+    assert ctx.trace.span.values == [events[1].id, 3, "c-2", None]
+    tracing.processed(ctx.trace, None, "processed")
+    assert otel_trace.get_current_span() is before
+    with pytest.raises(TypeError):
+        starter()
     # an error, and a span whose layout attribute changed, end the Python way
     failed = tracing.process("jobs", events[1], 3, True)
     tracing.processed(failed, ValueError("boom"), "retried")
@@ -775,7 +788,7 @@ def test_the_c_process_spans_are_what_start_and_end_process_make() -> None:
     tracing.processed(changed, None, "processed")  # a second end changes nothing
     tracing.flush()
     spans = [s for s in exporter.get_finished_spans() if s.name.startswith("process")]
-    assert len(spans) == 2 * 5 + 2  # the unsampled pair is not recorded
+    assert len(spans) == 2 * 5 + 3  # the unsampled pair is not recorded
     retried = spans[-2]
     assert retried.status.status_code is StatusCode.ERROR
     assert retried.attributes["nerve.outcome"] == "retried"
