@@ -25,9 +25,78 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 6
+#define SPEEDUPS_ABI 7
 
 static signed char HEX[256];
+
+/* The event class registered by register_event, and its slots' offsets. */
+#define EVENT_SLOTS 10
+static PyTypeObject *EVENT_TYPE;
+static Py_ssize_t EVENT_OFFSETS[EVENT_SLOTS];
+static Py_ssize_t EXTENSIONS_OFFSET = -1, TYPE_OFFSET = -1, ID_OFFSET = -1;
+
+#define SLOT(object, offset) (*(PyObject **)((char *)(object) + (offset)))
+
+/* An attribute of an object: read from its slot when it is an instance of exactly
+ * `type` (offset >= 0), else through getattr. A new reference. */
+static PyObject *
+slot_or_attr(PyObject *object, PyTypeObject *type, Py_ssize_t offset, PyObject *name)
+{
+    if (offset >= 0 && Py_TYPE(object) == type) {
+        PyObject *value = SLOT(object, offset);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+    }
+    return PyObject_GetAttr(object, name);
+}
+
+/* The offset of a plain slot (a member descriptor of an object) of `type`, -1 if none. */
+static Py_ssize_t
+slot_offset(PyTypeObject *type, const char *name)
+{
+    PyObject *descr = PyDict_GetItemString(type->tp_dict, name);
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
+        || ((PyMemberDescrObject *)descr)->d_member->type != Py_T_OBJECT_EX) {
+        return -1;
+    }
+    return ((PyMemberDescrObject *)descr)->d_member->offset;
+}
+
+/* The dict a mappingproxy wraps (borrowed), NULL for anything else: an event's
+ * extensions are a MappingProxyType of a dict, read without the proxy's generic
+ * mapping calls (its layout, one object after the header, is CPython's since 3.3). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *mapping;
+} ProxyLayout;
+
+static PyObject *
+proxied_dict(PyObject *proxy)
+{
+    if (Py_IS_TYPE(proxy, &PyDictProxy_Type)) {
+        PyObject *mapping = ((ProxyLayout *)proxy)->mapping;
+        if (PyDict_CheckExact(mapping)) {
+            return mapping;
+        }
+    }
+    return NULL;
+}
+
+/* extensions[key] (new reference); NULL with no error set when it is absent. */
+static PyObject *
+extension(PyObject *extensions, PyObject *key)
+{
+    PyObject *dict = proxied_dict(extensions);
+    if (dict != NULL) {
+        return Py_XNewRef(PyDict_GetItemWithError(dict, key));
+    }
+    int has = PySequence_Contains(extensions, key);
+    if (has <= 0) {
+        return NULL;
+    }
+    return PyObject_GetItem(extensions, key);
+}
 static PyObject *EMPTY, *EMPTY_TUPLE, *ZERO, *ONE, *BITS_128, *BITS_64, *GETRANDBITS,
     *S_trace_id, *S_span_id, *S_parent_id, *S_remote, *S_start_time,
     *S_end_time, *S_values, *SIXTY_FOUR;
@@ -865,12 +934,14 @@ typedef struct {
     PyObject *context_type; /* opentelemetry.context.Context */
     PyObject *pipeline;
     PyObject *queue;    /* the pipeline's deque */
+    PyObject *append;   /* its append method */
     PyObject *slow_end; /* Tracing.end_process: every case but the plainest */
 } ProcessSpans;
 
 #define PROCESS_FIELDS(X)                                                                  \
     X(layouts) X(make_layout) X(parsed) X(parent_of) X(recorder) X(span_type)              \
-    X(handle_type) X(tracing) X(var) X(key) X(context_type) X(pipeline) X(queue) X(slow_end)
+    X(handle_type) X(tracing) X(var) X(key) X(context_type) X(pipeline) X(queue) X(append)   \
+    X(slow_end)
 
 static PyObject *S_type, *S_id, *S_extensions, *S_correlationid, *S_traceparent, *S_tracestate,
     *S_append, *S_check, *S_more;
@@ -951,6 +1022,11 @@ process_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->context_type = Py_NewRef(o[10]);
     self->pipeline = Py_NewRef(o[11]);
     self->queue = queue;
+    self->append = PyObject_GetAttr(queue, S_append);
+    if (self->append == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->slow_end = Py_NewRef(o[12]);
     return (PyObject *)self;
 }
@@ -963,14 +1039,15 @@ static PyObject *traceparent_text(SpanFields *span);
 static PyObject *
 parent_of_event(ProcessSpans *self, PyObject *event, PyObject *extensions, PyObject *id)
 {
-    int has = PySequence_Contains(extensions, S_traceparent);
-    if (has <= 0) {
-        return has < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *value = extension(extensions, S_traceparent);
+    if (value == NULL) {
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
     }
     if (PyDict_GET_SIZE(self->parsed)) { /* parsed already for the receive span's links? */
         PyObject *parent = PyDict_GetItemWithError(self->parsed, id);
         if (parent != NULL) {
             Py_INCREF(parent);
+            Py_DECREF(value);
             if (PyDict_DelItem(self->parsed, id) < 0) {
                 Py_DECREF(parent);
                 return NULL;
@@ -978,16 +1055,15 @@ parent_of_event(ProcessSpans *self, PyObject *event, PyObject *extensions, PyObj
             return parent;
         }
         if (PyErr_Occurred()) {
+            Py_DECREF(value);
             return NULL;
         }
     }
-    has = PySequence_Contains(extensions, S_tracestate);
-    if (has) {
-        return has < 0 ? NULL : PyObject_CallOneArg(self->parent_of, event);
-    }
-    PyObject *value = PyObject_GetItem(extensions, S_traceparent);
-    if (value == NULL) {
-        return NULL;
+    PyObject *state = extension(extensions, S_tracestate);
+    if (state != NULL || PyErr_Occurred()) { /* with a tracestate: the Python way */
+        Py_DECREF(value);
+        Py_XDECREF(state);
+        return PyErr_Occurred() ? NULL : PyObject_CallOneArg(self->parent_of, event);
     }
     PyObject *parent = parse_traceparent(NULL, value);
     Py_DECREF(value);
@@ -1009,7 +1085,7 @@ process_start(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *type_name = NULL, *extensions = NULL, *id = NULL, *layout = NULL,
              *correlation = NULL, *values = NULL, *parent = NULL, *span = NULL,
              *result = NULL;
-    if ((type_name = PyObject_GetAttr(event, S_type)) == NULL) {
+    if ((type_name = slot_or_attr(event, EVENT_TYPE, TYPE_OFFSET, S_type)) == NULL) {
         goto done;
     }
     PyObject *of_function = PyDict_GetItemWithError(self->layouts, function);
@@ -1025,18 +1101,15 @@ process_start(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
                     == NULL) {
         goto done;
     }
-    if ((extensions = PyObject_GetAttr(event, S_extensions)) == NULL
-        || (id = PyObject_GetAttr(event, S_id)) == NULL) {
+    if ((extensions = slot_or_attr(event, EVENT_TYPE, EXTENSIONS_OFFSET, S_extensions)) == NULL
+        || (id = slot_or_attr(event, EVENT_TYPE, ID_OFFSET, S_id)) == NULL) {
         goto done;
     }
-    int has = PySequence_Contains(extensions, S_correlationid);
-    if (has < 0) {
+    correlation = extension(extensions, S_correlationid);
+    if (correlation == NULL && PyErr_Occurred()) {
         goto done;
     }
-    if (has) {
-        if ((correlation = PyObject_GetItem(extensions, S_correlationid)) == NULL) {
-            goto done;
-        }
+    if (correlation != NULL) {
         if (correlation != Py_None && !PyUnicode_CheckExact(correlation)) {
             PyObject *text = PyObject_Str(correlation);
             Py_SETREF(correlation, text);
@@ -1111,7 +1184,7 @@ done:
 static int
 queue_span(ProcessSpans *self, PyObject *span)
 {
-    PyObject *appended = PyObject_CallMethodOneArg(self->queue, S_append, span);
+    PyObject *appended = PyObject_CallOneArg(self->append, span);
     if (appended == NULL) {
         return -1;
     }
@@ -1240,6 +1313,8 @@ typedef struct {
     PyObject *spans; /* ProcessSpans */
     PyObject *function;
     vectorcallfunc vectorcall;
+    PyTypeObject *ctx_type; /* the runtime's Context: its slots read and written directly */
+    Py_ssize_t event_offset, attempt_offset, trace_offset;
 } Starter;
 
 static PyObject *S_event, *S_attempt, *S_trace;
@@ -1256,11 +1331,11 @@ starter_call(Starter *self, PyObject *const *args, size_t nargsf, PyObject *kwna
         return NULL;
     }
     PyObject *ctx = args[0];
-    PyObject *event = PyObject_GetAttr(ctx, S_event);
+    PyObject *event = slot_or_attr(ctx, self->ctx_type, self->event_offset, S_event);
     if (event == NULL) {
         return NULL;
     }
-    PyObject *attempt = PyObject_GetAttr(ctx, S_attempt);
+    PyObject *attempt = slot_or_attr(ctx, self->ctx_type, self->attempt_offset, S_attempt);
     if (attempt == NULL) {
         Py_DECREF(event);
         return NULL;
@@ -1271,6 +1346,12 @@ starter_call(Starter *self, PyObject *const *args, size_t nargsf, PyObject *kwna
     Py_DECREF(attempt);
     if (handle == NULL) {
         return NULL;
+    }
+    if (Py_TYPE(ctx) == self->ctx_type && self->trace_offset >= 0) {
+        PyObject *old = SLOT(ctx, self->trace_offset);
+        SLOT(ctx, self->trace_offset) = handle;
+        Py_XDECREF(old);
+        Py_RETURN_NONE;
     }
     int failed = PyObject_SetAttr(ctx, S_trace, handle);
     Py_DECREF(handle);
@@ -1285,6 +1366,7 @@ starter_traverse(Starter *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->spans);
     Py_VISIT(self->function);
+    Py_VISIT(self->ctx_type);
     return 0;
 }
 
@@ -1293,6 +1375,7 @@ starter_clear(Starter *self)
 {
     Py_CLEAR(self->spans);
     Py_CLEAR(self->function);
+    Py_CLEAR(self->ctx_type);
     return 0;
 }
 
@@ -1318,19 +1401,24 @@ static PyTypeObject StarterType = {
 };
 
 static PyObject *
-process_starter(ProcessSpans *self, PyObject *function)
+process_starter(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!PyUnicode_Check(function)) {
-        PyErr_SetString(PyExc_TypeError, "starter(function: str)");
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyType_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "starter(function: str, ctx_type: type)");
         return NULL;
     }
+    PyTypeObject *ctx_type = (PyTypeObject *)args[1];
     Starter *starter = PyObject_GC_New(Starter, &StarterType);
     if (starter == NULL) {
         return NULL;
     }
     starter->spans = Py_NewRef((PyObject *)self);
-    starter->function = Py_NewRef(function);
+    starter->function = Py_NewRef(args[0]);
     starter->vectorcall = (vectorcallfunc)starter_call;
+    starter->ctx_type = (PyTypeObject *)Py_NewRef(ctx_type);
+    starter->event_offset = slot_offset(ctx_type, "event");
+    starter->attempt_offset = slot_offset(ctx_type, "attempt");
+    starter->trace_offset = slot_offset(ctx_type, "trace");
     PyObject_GC_Track(starter);
     return (PyObject *)starter;
 }
@@ -1340,8 +1428,8 @@ static PyMethodDef process_methods[] = {
      "start(function, event, attempt, current): Tracing.start_process, in C."},
     {"end", (PyCFunction)(void (*)(void))process_end, METH_FASTCALL,
      "end(handle, error=None, outcome='processed'): Tracing.end_process, in C."},
-    {"starter", (PyCFunction)process_starter, METH_O,
-     "starter(function): a callable that starts the process span of its ctx."},
+    {"starter", (PyCFunction)(void (*)(void))process_starter, METH_FASTCALL,
+     "starter(function, ctx_type): a callable that starts the process span of its ctx."},
     {"create", (PyCFunction)(void (*)(void))process_create, METH_FASTCALL,
      "create(layout, parent): a create span, started and ended; (span, traceparent)."},
     {NULL, NULL, 0, NULL},
@@ -1413,10 +1501,6 @@ span_traceparent(PyObject *module, PyObject *span)
 
 /* The event class whose exact instances traced_copy copies, and its slots' offsets
  * (read from its member descriptors by register_event). */
-#define EVENT_SLOTS 10
-static PyTypeObject *EVENT_TYPE;
-static Py_ssize_t EVENT_OFFSETS[EVENT_SLOTS];
-static Py_ssize_t EXTENSIONS_OFFSET = -1;
 static PyObject *S_copy;
 
 static PyObject *
@@ -1441,7 +1525,7 @@ register_event(PyObject *module, PyObject *type)
         PyErr_Format(PyExc_TypeError, "an event class with %d slots expected", EVENT_SLOTS);
         return NULL;
     }
-    Py_ssize_t offsets[EVENT_SLOTS], extensions = -1;
+    Py_ssize_t offsets[EVENT_SLOTS], extensions = -1, type_offset = -1, id_offset = -1;
     for (Py_ssize_t i = 0; i < EVENT_SLOTS; i++) {
         PyObject *name = PyTuple_GET_ITEM(names, i);
         PyObject *descr = PyDict_GetItemWithError(((PyTypeObject *)type)->tp_dict, name);
@@ -1457,14 +1541,22 @@ register_event(PyObject *module, PyObject *type)
         if (PyUnicode_CompareWithASCIIString(name, "extensions") == 0) {
             extensions = offsets[i];
         }
+        else if (PyUnicode_CompareWithASCIIString(name, "type") == 0) {
+            type_offset = offsets[i];
+        }
+        else if (PyUnicode_CompareWithASCIIString(name, "id") == 0) {
+            id_offset = offsets[i];
+        }
     }
     Py_DECREF(names);
-    if (extensions < 0) {
-        PyErr_SetString(PyExc_TypeError, "the event class has no extensions slot");
+    if (extensions < 0 || type_offset < 0 || id_offset < 0) {
+        PyErr_SetString(PyExc_TypeError, "the event class has no type, id or extensions slot");
         return NULL;
     }
     memcpy(EVENT_OFFSETS, offsets, sizeof offsets);
     EXTENSIONS_OFFSET = extensions;
+    TYPE_OFFSET = type_offset;
+    ID_OFFSET = id_offset;
     Py_XSETREF(EVENT_TYPE, (PyTypeObject *)Py_NewRef(type));
     Py_RETURN_NONE;
 }

@@ -100,7 +100,7 @@ def _load_speedups() -> Any:
         from nerve.observe import _speedups
     except ImportError:
         return None
-    return _speedups if getattr(_speedups, "ABI", None) == 6 else None
+    return _speedups if getattr(_speedups, "ABI", None) == 7 else None
 
 
 speedups = _load_speedups()

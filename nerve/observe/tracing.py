@@ -582,7 +582,9 @@ class Tracing:
         with its ``ctx``: ``ctx.trace`` becomes the handle of the attempt's ``process``
         span, the current span until :meth:`end_process` (in C where it can be)."""
         if self._native is not None:
-            starter: Callable[[Any], None] = self._native.starter(function)
+            from nerve.runtime.context import Context  # its slots are read directly
+
+            starter: Callable[[Any], None] = self._native.starter(function, Context)
             return starter
 
         def start(ctx: Any) -> None:

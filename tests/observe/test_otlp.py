@@ -769,14 +769,19 @@ def test_the_c_process_spans_are_what_start_and_end_process_make() -> None:
     # what the runner calls with each attempt's ctx
     from types import SimpleNamespace
 
+    from nerve.runtime.context import Context as RunContext
+
     starter = tracing.starter("jobs")
     assert type(starter).__name__ == "Starter"
-    ctx = SimpleNamespace(event=events[1], attempt=3, trace=None)
-    starter(ctx)
-    assert otel_trace.get_current_span() is ctx.trace.span
-    assert ctx.trace.span.values == [events[1].id, 3, "c-2", None]
-    tracing.processed(ctx.trace, None, "processed")
-    assert otel_trace.get_current_span() is before
+    run_ctx = RunContext.__new__(RunContext)  # its slots are read and set directly
+    run_ctx.event, run_ctx.attempt, run_ctx.trace = events[1], 3, None
+    for ctx in (SimpleNamespace(event=events[1], attempt=3, trace=None), run_ctx):
+        starter(ctx)
+        assert ctx.trace is not None
+        assert otel_trace.get_current_span() is ctx.trace.span
+        assert ctx.trace.span.values == [events[1].id, 3, "c-2", None]
+        tracing.processed(ctx.trace, None, "processed")
+        assert otel_trace.get_current_span() is before
     with pytest.raises(TypeError):
         starter()
     # an error, and a span whose layout attribute changed, end the Python way
@@ -788,7 +793,7 @@ def test_the_c_process_spans_are_what_start_and_end_process_make() -> None:
     tracing.processed(changed, None, "processed")  # a second end changes nothing
     tracing.flush()
     spans = [s for s in exporter.get_finished_spans() if s.name.startswith("process")]
-    assert len(spans) == 2 * 5 + 3  # the unsampled pair is not recorded
+    assert len(spans) == 2 * 5 + 4  # the unsampled pair is not recorded
     retried = spans[-2]
     assert retried.status.status_code is StatusCode.ERROR
     assert retried.attributes["nerve.outcome"] == "retried"
