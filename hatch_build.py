@@ -1,4 +1,4 @@
-"""Builds nerve's optional C speedups (``nerve/observe/_speedups.c``) with the wheel.
+"""Builds nerve's optional C speedups (``nerve/_speedups.c``) with the wheel.
 
 Where no C compiler works (or ``NERVE_NO_SPEEDUPS=1`` is set), the wheel is built
 without it and nerve runs its pure-Python code, which gives the same results: the
@@ -17,7 +17,7 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-SOURCE = Path("nerve") / "observe" / "_speedups.c"
+SOURCE = Path("nerve") / "_speedups.c"
 
 
 def compile_speedups(root: Path, target_dir: Path) -> Path:

@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time as _time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from nerve._native import speedups as _speedups
 from nerve.errors import DecodeError, InvalidEvent
 
 __all__ = [
@@ -286,6 +287,9 @@ class Event:
 
 _new = object.__new__
 _set = object.__setattr__  # how a frozen dataclass sets its own fields
+_extension_names: Callable[[set[str], dict[str, Any]], list[str]] | None = (
+    None if _speedups is None else _speedups.extension_names
+)
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
@@ -433,7 +437,13 @@ def from_attributes(attributes: Mapping[str, Any], data: Any = None) -> Event:
         # only the extensions are looked at, in the document's order (one needs no
         # ordering; more are picked out of the document by a filter, a loop in C);
         # CloudEvents JSON format 2.2: a null attribute is treated as unset
-        for name in extra if len(extra) == 1 else filter(extra.__contains__, attributes):
+        if len(extra) == 1:
+            names: Iterable[str] = extra
+        elif _extension_names is not None and type(attributes) is dict:
+            names = _extension_names(extra, attributes)  # the same, in C (a third of it)
+        else:
+            names = filter(extra.__contains__, attributes)
+        for name in names:
             value = attributes[name]
             if value is not None:
                 if type(value) is not str or name not in _checked_names:

@@ -622,3 +622,21 @@ def test_extensions_given_as_a_mapping_proxy_are_copied() -> None:
     underlying["tenant"] = "changed"
     underlying["Bad Name"] = 1.5
     assert dict(event.extensions) == {"tenant": "acme"}
+
+
+@given(
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=12),
+    st.sets(st.text(max_size=5), max_size=5),
+)
+def test_the_c_extension_picker_keeps_the_documents_order(
+    attributes: dict[str, int], extra: set[str]
+) -> None:
+    from nerve._native import speedups
+
+    if speedups is None:
+        if os.environ.get("CI") and os.environ.get("NERVE_SPEEDUPS") != "0":
+            pytest.fail("nerve._speedups was not built (see hatch_build.py)")
+        pytest.skip("nerve._speedups was not built or is switched off")
+    assert speedups.extension_names(extra, attributes) == list(
+        filter(extra.__contains__, attributes)
+    )

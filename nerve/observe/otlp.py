@@ -57,6 +57,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation import set_span_in_context
 
+from nerve._native import speedups
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
@@ -90,20 +92,6 @@ INTERNAL, SERVER, CLIENT, PRODUCER, CONSUMER = 1, 2, 3, 4, 5
 _EMPTY = otel_context.Context()
 
 
-def _load_speedups() -> Any:
-    """:mod:`nerve.observe._speedups` (C, built with the package where a compiler was at
-    hand) when it imports with the ABI this code expects and ``NERVE_SPEEDUPS`` is not
-    ``0``; else None, and the pure-Python code below does the same work."""
-    if os.environ.get("NERVE_SPEEDUPS", "").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    try:
-        from nerve.observe import _speedups
-    except ImportError:
-        return None
-    return _speedups if getattr(_speedups, "ABI", None) == 7 else None
-
-
-speedups = _load_speedups()
 _encode_spans: Callable[..., list[bytes]] | None = (
     None if speedups is None else speedups.encode_spans
 )

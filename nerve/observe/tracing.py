@@ -57,6 +57,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation import set_span_in_context
 
 from nerve import __version__
+from nerve._native import speedups
 from nerve.event import Event
 from nerve.observe import otlp
 from nerve.observe.otlp import Layout, Parent
@@ -188,7 +189,7 @@ _TRACEPARENT = re.compile(
 _SAMPLED = {c: int(c, 16) & 0x01 for c in "0123456789abcdef"}
 """The sampled flag by the last hex digit of the trace flags."""
 _parse_traceparent: Callable[[str], Parent | None] = (
-    _parse_python if otlp.speedups is None else otlp.speedups.parse_traceparent
+    _parse_python if speedups is None else speedups.parse_traceparent
 )
 
 
@@ -222,7 +223,7 @@ class _HandleFields:
 if TYPE_CHECKING:
     _HandleBase = _HandleFields
 else:
-    _HandleBase = _HandleFields if otlp.speedups is None else otlp.speedups.HandleFields
+    _HandleBase = _HandleFields if speedups is None else speedups.HandleFields
 
 
 class HandlerTrace(_HandleBase):
@@ -301,8 +302,8 @@ class Tracing:
         self._pipeline = pipeline
         recorder = otlp.SpanRecorder(pipeline, otlp.Sampling(sdk.sampler), sdk.id_generator)
         self._recorder = recorder
-        if recorder._native and _CONTEXT is not None and otlp.speedups is not None:
-            native = otlp.speedups.ProcessSpans(
+        if recorder._native and _CONTEXT is not None and speedups is not None:
+            native = speedups.ProcessSpans(
                 self._process_layouts,
                 self._process_layout,
                 self._parsed,
@@ -690,13 +691,13 @@ def _traced_copier() -> Callable[[Event, str, str], Event] | None:
     """``_speedups.traced_copy`` for :class:`Event` (what ``with_extensions(
     traceparent=..., tracestate=...)`` makes, copied in C), when the speedups are
     there and take Event's layout."""
-    if otlp.speedups is None:
+    if speedups is None:
         return None
     try:
-        otlp.speedups.register_event(Event)
+        speedups.register_event(Event)
     except TypeError:  # another layout than it knows: with_extensions
         return None
-    copy: Callable[[Event, str, str], Event] = otlp.speedups.traced_copy
+    copy: Callable[[Event, str, str], Event] = speedups.traced_copy
     return copy
 
 

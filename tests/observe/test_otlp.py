@@ -31,7 +31,7 @@ RESOURCE = Resource.create({"service.name": "shop", "deployment.environment": "t
 
 @pytest.fixture(params=["c", "python"])
 def speedups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with the C speedups (nerve/observe/_speedups.c) and without them:
+    """Runs a test with the C speedups (nerve/_speedups.c) and without them:
     both must give the same results. Without a built module the C run skips, and
     fails under CI, which builds it."""
     from nerve.observe import tracing
@@ -49,8 +49,8 @@ def require_speedups() -> None:
     them, that fails (unless ``NERVE_SPEEDUPS=0`` switched them off on purpose)."""
     if otlp.speedups is None:
         if os.environ.get("CI") and os.environ.get("NERVE_SPEEDUPS") != "0":
-            pytest.fail("nerve.observe._speedups was not built (see hatch_build.py)")
-        pytest.skip("nerve.observe._speedups was not built or is switched off")
+            pytest.fail("nerve._speedups was not built (see hatch_build.py)")
+        pytest.skip("nerve._speedups was not built or is switched off")
 
 
 class Kept:
@@ -805,13 +805,18 @@ def test_the_c_process_spans_are_what_start_and_end_process_make() -> None:
 @pytest.mark.slow
 def test_the_pure_python_code_passes_the_same_tests() -> None:
     """Without the C speedups (``NERVE_SPEEDUPS=0``: a machine without a compiler),
-    the span pipeline's and tracing's tests pass with the pure-Python code."""
+    the span pipeline's, tracing's and events' tests pass with the pure-Python code."""
     import subprocess
     import sys
 
     if otlp.speedups is None:
         pytest.skip("this run is the pure-Python one already")
-    tests = [__file__, str(Path(__file__).with_name("test_tracing.py"))]
+    here = Path(__file__)
+    tests = [
+        str(here),
+        str(here.with_name("test_tracing.py")),
+        str(here.parents[1] / "test_event.py"),
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
         env={**os.environ, "NERVE_SPEEDUPS": "0"},

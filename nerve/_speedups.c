@@ -1,19 +1,25 @@
-/* nerve.observe._speedups: the per-span work of tracing, in C.
+/* nerve._speedups: the per-event work of tracing and decoding, in C.
  *
  * Optional: built when the package is installed (hatch_build.py) where a C compiler
- * is at hand; nerve.observe.otlp and nerve.observe.tracing use it when it imports
- * and has the ABI they expect, else their pure-Python code, which gives the same
- * results (tests/observe/test_speedups.py checks both against each other).
+ * is at hand; nerve._native loads it when it imports and has the ABI this code
+ * expects, else the pure-Python twins of these functions do the same work with the
+ * same results (tests/observe/test_otlp.py and tests/test_event.py compare them).
  *
- * - parse_traceparent(value): a W3C traceparent (version 00 format, 55 characters)
- *   as the parent tuple (trace_id, span_id, sampled, "", True), None when invalid.
- * - encode_span(span, head, prefixes, other_value): one span that is not "detailed"
- *   as an OTLP ScopeSpans.spans field, the bytes OtlpEncoder writes for it.
- * - SpanFields: the base type of nerve.observe.otlp.Span, its per-span fields in a C
- *   struct (read and written from Python as attributes, directly from C here).
- * - start_span(span_type, recorder, layout, parent, values, links): a started span
- *   with random ids (the random module's getrandbits), sampled as its parent is, as
- *   SpanRecorder.start makes it with the SDK's default id generator and sampler.
+ * Decoding:
+ * - extension_names(extra, attributes): the keys of a document that are in the set
+ *   `extra`, in the document's order.
+ * Tracing (nerve.observe):
+ * - parse_traceparent(value): a W3C traceparent (version 00) as the parent tuple
+ *   (trace_id, span_id, sampled, "", True), None when invalid.
+ * - SpanFields, HandleFields: the C bases of otlp.Span and tracing.HandlerTrace.
+ * - start_span(...): a started span with random ids (random.getrandbits), sampled as
+ *   its parent is: SpanRecorder.start with the SDK's default ids and sampler.
+ * - ProcessSpans: a handler attempt's process span started (made the current span)
+ *   and ended, a create span started, ended and written as a traceparent; its
+ *   starter(function, ctx_type) is what the runner calls with each attempt's ctx.
+ * - register_event(Event), traced_copy(event, traceparent, tracestate): an event
+ *   copied with its trace extensions.
+ * - encode_span(s), encode_spans(batch, ...): spans as OTLP protobuf.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,7 +31,7 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 7
+#define SPEEDUPS_ABI 8
 
 static signed char HEX[256];
 
@@ -107,16 +113,25 @@ u128(uint64_t hi, uint64_t lo)
     if (hi == 0) {
         return PyLong_FromUnsignedLongLong(lo);
     }
-    unsigned char buf[16];
-    for (int i = 0; i < 8; i++) {
-        buf[i] = (unsigned char)(hi >> (56 - 8 * i));
-        buf[8 + i] = (unsigned char)(lo >> (56 - 8 * i));
+    /* hi << 64 | lo: about half the cost of the generic byte-array conversion */
+    PyObject *high = PyLong_FromUnsignedLongLong(hi);
+    if (high == NULL) {
+        return NULL;
     }
-#if PY_VERSION_HEX >= 0x030D0000
-    return PyLong_FromUnsignedNativeBytes(buf, 16, Py_ASNATIVEBYTES_BIG_ENDIAN);
-#else
-    return _PyLong_FromByteArray(buf, 16, 0, 0);
-#endif
+    PyObject *shifted = PyNumber_Lshift(high, SIXTY_FOUR);
+    Py_DECREF(high);
+    if (shifted == NULL) {
+        return NULL;
+    }
+    PyObject *low = PyLong_FromUnsignedLongLong(lo);
+    if (low == NULL) {
+        Py_DECREF(shifted);
+        return NULL;
+    }
+    PyObject *both = PyNumber_Or(shifted, low);
+    Py_DECREF(shifted);
+    Py_DECREF(low);
+    return both;
 }
 
 /* Up to 16 lowercase hex digits; -1 on any other character. */
@@ -266,7 +281,7 @@ static PyMemberDef fields_members[] = {
 
 static PyTypeObject SpanFieldsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nerve.observe._speedups.SpanFields",
+    .tp_name = "nerve._speedups.SpanFields",
     .tp_doc = "The fields of one span, in C: the base of nerve.observe.otlp.Span.",
     .tp_basicsize = sizeof(SpanFields),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -906,7 +921,7 @@ static PyMemberDef handle_members[] = {
 
 static PyTypeObject HandleFieldsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nerve.observe._speedups.HandleFields",
+    .tp_name = "nerve._speedups.HandleFields",
     .tp_doc = "The fields of a handler attempt's trace: the base of HandlerTrace.",
     .tp_basicsize = sizeof(HandleFields),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -1389,7 +1404,7 @@ starter_dealloc(Starter *self)
 
 static PyTypeObject StarterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nerve.observe._speedups.Starter",
+    .tp_name = "nerve._speedups.Starter",
     .tp_doc = "starter(ctx): a handler attempt's process span, started (in C).",
     .tp_basicsize = sizeof(Starter),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
@@ -1437,7 +1452,7 @@ static PyMethodDef process_methods[] = {
 
 static PyTypeObject ProcessSpansType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nerve.observe._speedups.ProcessSpans",
+    .tp_name = "nerve._speedups.ProcessSpans",
     .tp_doc = "A handler attempt's process span, started and ended in C.",
     .tp_basicsize = sizeof(ProcessSpans),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
@@ -1448,6 +1463,36 @@ static PyTypeObject ProcessSpansType = {
     .tp_methods = process_methods,
 };
 
+
+
+/* -- decoding -------------------------------------------------------------------- */
+
+/* extension_names(extra, attributes): the keys of the dict `attributes` that are in
+ * the set `extra`, in the dict's order (a CloudEvents document's extensions, in the
+ * order the document has them); stops once it found len(extra). */
+static PyObject *
+extension_names(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2 || !PyAnySet_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "extension_names(extra: set, attributes: dict)");
+        return NULL;
+    }
+    PyObject *extra = args[0], *attributes = args[1];
+    Py_ssize_t wanted = PySet_GET_SIZE(extra), position = 0;
+    PyObject *names = PyList_New(0), *key, *value;
+    if (names == NULL) {
+        return NULL;
+    }
+    while (PyList_GET_SIZE(names) < wanted && PyDict_Next(attributes, &position, &key, &value)) {
+        int found = PySet_Contains(extra, key);
+        if (found < 0 || (found && PyList_Append(names, key) < 0)) {
+            Py_DECREF(names);
+            return NULL;
+        }
+    }
+    return names;
+}
 
 /* -- W3C traceparent text and traced copies of events ------------------------------ */
 
@@ -1622,6 +1667,8 @@ static PyMethodDef methods[] = {
      "One span as an OTLP ScopeSpans.spans field."},
     {"encode_spans", (PyCFunction)(void (*)(void))encode_spans, METH_FASTCALL,
      "Spans as OTLP ScopeSpans.spans fields (detailed(span) for a detailed one)."},
+    {"extension_names", (PyCFunction)(void (*)(void))extension_names, METH_FASTCALL,
+     "The keys of a dict that are in a set, in the dict's order."},
     {"span_traceparent", (PyCFunction)span_traceparent, METH_O,
      "The W3C traceparent of a started span."},
     {"register_event", (PyCFunction)register_event, METH_O,
