@@ -358,13 +358,7 @@ class Tracing:
         )
 
     def _layout(self, key: tuple[str, ...], make: Callable[[], Layout]) -> Layout:
-        layouts = self._layouts
-        found = layouts.get(key)
-        if found is None:
-            if len(layouts) >= 4096:  # event types made up at run time: stay bounded
-                layouts.clear()
-            found = layouts[key] = make()
-        return found
+        return _kept(self._layouts, key, make)
 
     # -- producing -----------------------------------------------------------------
 
@@ -390,20 +384,20 @@ class Tracing:
         return span, _extensions_of(span)
 
     def _create_layout(self, type_name: str) -> Layout:
-        layouts = self._create_layouts
-        if len(layouts) >= 4096:  # event types made up at run time: stay bounded
-            layouts.clear()
-        found = layouts[type_name] = Layout(
-            f"create {type_name}",
-            _PRODUCER,
-            {
-                "messaging.system": SYSTEM,
-                "messaging.operation.type": "create",
-                "messaging.operation.name": "create",
-                "messaging.destination.name": type_name,
-            },
+        return _kept(
+            self._create_layouts,
+            type_name,
+            lambda: Layout(
+                f"create {type_name}",
+                _PRODUCER,
+                {
+                    "messaging.system": SYSTEM,
+                    "messaging.operation.type": "create",
+                    "messaging.operation.name": "create",
+                    "messaging.destination.name": type_name,
+                },
+            ),
         )
-        return found
 
     def start_publish(self, events: Sequence[Event]) -> tuple[list[Event], Span]:
         """For ``Client``: a ``publish`` span, and ``events`` carrying a trace context
@@ -555,12 +549,10 @@ class Tracing:
 
     def _process_layout(self, function: str, type_name: str) -> Layout:
         """The layout of ``function``'s ``process`` spans of ``type_name`` events."""
-        layouts = self._process_layouts.setdefault(function, {})
-        found = layouts.get(type_name)
-        if found is None:
-            if len(layouts) >= 4096:  # event types made up at run time: stay bounded
-                layouts.clear()
-            found = layouts[type_name] = Layout(
+        return _kept(
+            self._process_layouts.setdefault(function, {}),
+            type_name,
+            lambda: Layout(
                 f"process {type_name}",
                 _CONSUMER,
                 {
@@ -575,8 +567,8 @@ class Tracing:
                     "messaging.message.conversation_id",
                     "nerve.outcome",  # set by end_process
                 ),
-            )
-        return found
+            ),
+        )
 
     def starter(self, function: str) -> Callable[[Any], None]:
         """What the runtime calls as each of ``function``'s handler attempts starts,
@@ -702,6 +694,17 @@ def _traced_copier() -> Callable[[Event, str, str], Event] | None:
 
 
 _traced_copy = _traced_copier()
+
+
+def _kept(layouts: dict[Any, Layout], key: Any, make: Callable[[], Layout]) -> Layout:
+    """``layouts[key]``, made by ``make`` when missing (the dict is emptied at 4,096:
+    event types made up at run time stay bounded)."""
+    found = layouts.get(key)
+    if found is None:
+        if len(layouts) >= 4096:
+            layouts.clear()
+        found = layouts[key] = make()
+    return found
 
 
 def _to_each(functions: Sequence[Callable[..., None]]) -> Callable[..., None]:
