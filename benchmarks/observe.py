@@ -195,6 +195,31 @@ def throughput_run(
     }
 
 
+def drain_run(
+    logdir: Path, events: int, env: dict[str, str], show: Callable[[int], None]
+) -> dict[str, float]:
+    """One ``--drain`` run: ``events`` published first (by a producer with the
+    configuration's ``OTEL_*`` variables), then drained by a consumer process; events/s
+    and CPU (all its threads) from its first event handled to its last. The producer's
+    and the OTLP receiver's CPU are not in it: the consumer's throughput alone."""
+    url = _prepare(logdir, events, env)
+    show(0)
+    times = logdir / "times.json"
+    cmd = [PYTHON, "-m", "benchmarks.observe", "drain", url, str(events)]
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=_env(**env, NERVE_BENCH_TIMES=str(times)), capture_output=True,
+        timeout=600, check=False,
+    )  # fmt: skip
+    if done.returncode != 0 or not times.exists():
+        raise _fail(done.stderr.decode(errors="replace")[-2000:], logdir)
+    show(events)
+    measured = orjson.loads(times.read_bytes())
+    return {
+        "events_per_s": measured["events"] / measured["seconds"],
+        "consumer_cpu_us": measured["cpu"] / measured["events"] * 1e6,
+    }
+
+
 def wall_clock(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if not nerve_cli_available():
         raise SystemExit("python -m nerve run is not available")
@@ -211,7 +236,7 @@ def wall_clock(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     logdir = base / f"{name.replace(' ', '_').replace('%', 'pct')}-{r + 1}"
                     logdir.mkdir(parents=True, exist_ok=True)
                     task = progress.add_task(f"round {r + 1} {name}", total=args.events)
-                    result = throughput_run(
+                    result = (drain_run if args.drain else throughput_run)(
                         logdir,
                         args.events,
                         configs[name],
@@ -231,7 +256,8 @@ def wall_clock(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         names,
         {n: [r["events_per_s"] for r in runs[n]] for n in names},
         {n: [r["consumer_cpu_us"] for r in runs[n]] for n in names},
-        f"{args.events:,} events a run, {args.rounds} rounds, medians; load average "
+        f"{args.events:,} events a run{' drained (--drain)' if args.drain else ''}, "
+        f"{args.rounds} rounds, medians; load average "
         + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
     )
 
@@ -352,11 +378,21 @@ def drain_main(argv: list[str]) -> None:
     url, count = argv[0], int(argv[1])
     helper = ctypes.CDLL(argv[2]) if len(argv) > 2 else None
 
+    times = os.environ.get("NERVE_BENCH_TIMES", "")
+
     async def drain() -> None:
         async with Runtime(app, broker=url, metrics=os.environ.get("NERVE_METRICS") == "1") as rt:
             runner = rt.runners["sink"]
             if helper is not None:
                 helper.nerve_bench_start()
+            if times:  # --drain: from the first event handled to the last, finely polled
+                while runner.stats.processed < 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+                first, cpu = time.perf_counter(), time.process_time()
+                while runner.stats.processed < count:  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+                last, cpu = time.perf_counter(), time.process_time() - cpu
+                _write(times, {"seconds": last - first, "cpu": cpu, "events": count - 1})
             while runner.stats.processed < count:  # noqa: ASYNC110 (a counter, not an event)
                 await asyncio.sleep(0.02)
             if rt.tracing is not None:  # export what is queued (older nerve: the provider)
@@ -368,6 +404,10 @@ def drain_main(argv: list[str]) -> None:
     from nerve.cli import _run_async
 
     _run_async(drain(), fast=True)  # as `nerve run` runs: uvloop, its GC settings
+
+
+def _write(path: str, data: dict[str, float]) -> None:
+    Path(path).write_bytes(orjson.dumps(data))
 
 
 def _prepare(logdir: Path, events: int, config: dict[str, str]) -> str:
@@ -495,6 +535,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--callgrind", action="store_true", help="count instructions under valgrind instead"
+    )
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="wall clock of a consumer draining events published beforehand (no producer "
+        "or receiver sharing the cores while it is timed)",
     )
     parser.add_argument(
         "--keep",

@@ -303,3 +303,22 @@ def test_cpu_by_name_counts_every_process_of_a_server_started_or_not() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.slow
+def test_observe_drain_times_a_consumer_draining_published_events(tmp_path: Path) -> None:
+    """``observe --drain``: events published first (traced, as the configuration
+    says), then a consumer drains them; its rate and CPU from first to last event."""
+    from benchmarks.observe import configurations, drain_run, start_sink
+
+    endpoint, stop = start_sink()
+    try:
+        seen: list[int] = []
+        result = drain_run(
+            tmp_path, 300, configurations(endpoint, False)["metrics+otlp"], seen.append
+        )
+    finally:
+        stop()
+    assert seen == [0, 300]
+    assert result["events_per_s"] > 0 and result["consumer_cpu_us"] > 0
+    assert orjson.loads((tmp_path / "times.json").read_bytes())["events"] == 299
