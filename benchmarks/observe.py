@@ -217,6 +217,7 @@ def drain_run(
     return {
         "events_per_s": measured["events"] / measured["seconds"],
         "consumer_cpu_us": measured["cpu"] / measured["events"] * 1e6,
+        "dropped_spans": measured["dropped_spans"],
     }
 
 
@@ -244,9 +245,15 @@ def wall_clock(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     )
                     progress.remove_task(task)
                     runs[name].append(result)
+                    dropped = result.get("dropped_spans", 0)
                     console.print(
                         f"round {r + 1} {name:<18} {result['events_per_s']:>8,.0f} events/s  "
                         f"{result['consumer_cpu_us']:>6.1f} us consumer CPU/event"
+                        + (
+                            f"  ({dropped:,.0f} spans dropped: the queue was full)"
+                            if dropped
+                            else ""
+                        )
                     )
     finally:
         stop_sink()
@@ -392,7 +399,10 @@ def drain_main(argv: list[str]) -> None:
                 while runner.stats.processed < count:  # noqa: ASYNC110
                     await asyncio.sleep(0.001)
                 last, cpu = time.perf_counter(), time.process_time() - cpu
-                _write(times, {"seconds": last - first, "cpu": cpu, "events": count - 1})
+                pipeline = getattr(rt.tracing, "_pipeline", None)
+                dropped = getattr(pipeline, "dropped", 0)  # spans a full queue dropped
+                measured = {"seconds": last - first, "cpu": cpu, "events": count - 1}
+                _write(times, {**measured, "dropped_spans": dropped})
             while runner.stats.processed < count:  # noqa: ASYNC110 (a counter, not an event)
                 await asyncio.sleep(0.02)
             if rt.tracing is not None:  # export what is queued (older nerve: the provider)
