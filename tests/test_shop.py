@@ -467,6 +467,30 @@ def test_demo_refuses_bad_options_and_foreign_files(tmp_path: Path) -> None:
         other.unlink()
 
 
+def test_a_second_demo_run_deletes_the_tables_nerves_http_edge_added(tmp_path: Path) -> None:
+    """The demo's `nerve run` serves HTTP, whose API keys and webhook ids live in the
+    store: the next run's fresh start must still see the store as the demo's (it
+    refused it, so `make demo` ran once per checkout)."""
+    from nerve.http import auth, webhooks
+
+    (tmp_path / ".nerve").mkdir()
+    store = tmp_path / ".nerve" / "store.db"
+    with contextlib.closing(sqlite3.connect(store)) as conn:
+        conn.executescript("".join(app.store_schema) + auth.SCHEMA)
+        conn.execute(
+            "CREATE TABLE nerve_processed (function TEXT, event_id TEXT, PRIMARY KEY "
+            "(function, event_id))"
+        )
+        conn.execute("INSERT INTO nerve_processed VALUES ('inventory', 'e-1')")
+        conn.commit()
+    webhooks.SeenMessages(str(store))._conn.close()
+    with contextlib.closing(sqlite3.connect(store)) as conn:
+        tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert set(demo.NERVE_TABLES) <= tables
+    removed = demo.fresh_start([f"sqlite:///{store}"])
+    assert store in removed and not store.exists()
+
+
 @pytest.mark.slow
 def test_demo_with_worker_processes_starts_fresh(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

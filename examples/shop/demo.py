@@ -40,6 +40,7 @@ from examples.shop import invariants, load
 from examples.shop.app import TERMINAL_STATES, OrderCreated, app
 from examples.shop.chaos import with_failures
 from nerve import Client, Runtime
+from nerve.http import auth, webhooks
 from nerve.store.sqlite import SqliteStore, default_store_url
 from nerve.transport import DEFAULT_BROKER, Transport, from_url
 from nerve.transport.base import DeadLetterQueue, GroupStats, Inspectable
@@ -407,6 +408,11 @@ def log_directory(broker: str) -> Path:
 
 
 SHOP_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", "".join(app.store_schema)))
+NERVE_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", auth.SCHEMA)) | {
+    webhooks.SEEN_TABLE
+}
+"""Tables nerve's HTTP edge keeps in the store (API keys, webhook ids seen): the
+demo's `nerve run` serves HTTP, so its store has them after a first run."""
 SHOP_WRITERS = frozenset({*app.functions, "seed_stock"})
 
 
@@ -425,7 +431,11 @@ def _holds_only_the_shop(database: Path) -> bool:
                 writers = names(conn, "SELECT DISTINCT function FROM nerve_processed")
                 if not writers <= SHOP_WRITERS:
                     return False
-            own = {t for t in tables if not t.startswith(("nerve_", "sqlite_"))}
+            own = {
+                t
+                for t in tables
+                if not t.startswith(("nerve_", "sqlite_")) and t not in NERVE_TABLES
+            }
             return own <= SHOP_TABLES
     except sqlite3.Error:
         return False

@@ -34,6 +34,8 @@ from nerve.http.problems import Problem
 
 __all__ = ["TOLERANCE", "SeenMessages", "WebhookSource", "sign", "verify"]
 
+SEEN_TABLE = "http_webhooks_seen"
+"""The table of the store's SQLite file that :class:`SeenMessages` keeps."""
 TOLERANCE = 300.0
 """Seconds a signed timestamp may be away from now (either way)."""
 _SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
@@ -183,7 +185,7 @@ class SeenMessages:
         self._lock = threading.Lock()
         self._conn = connect(path)
         self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS http_webhooks_seen (source TEXT NOT NULL, "
+            f"CREATE TABLE IF NOT EXISTS {SEEN_TABLE} (source TEXT NOT NULL, "
             "msg_id TEXT NOT NULL, seen_at REAL NOT NULL, PRIMARY KEY (source, msg_id))"
         )
         self._recorded = 0
@@ -192,7 +194,7 @@ class SeenMessages:
         def check() -> bool:
             with self._lock:
                 row = self._conn.execute(
-                    "SELECT 1 FROM http_webhooks_seen WHERE source = ? AND msg_id = ?",
+                    f"SELECT 1 FROM {SEEN_TABLE} WHERE source = ? AND msg_id = ?",
                     (source, msg_id),
                 ).fetchone()
             return row is not None
@@ -204,14 +206,14 @@ class SeenMessages:
             now = time.time()
             with self._lock:
                 self._conn.execute(
-                    "INSERT OR IGNORE INTO http_webhooks_seen (source, msg_id, seen_at) "
+                    f"INSERT OR IGNORE INTO {SEEN_TABLE} (source, msg_id, seen_at) "
                     "VALUES (?, ?, ?)",
                     (source, msg_id, now),
                 )
                 self._recorded += 1
                 if self._recorded % 1000 == 1:
                     self._conn.execute(
-                        "DELETE FROM http_webhooks_seen WHERE seen_at < ?", (now - self.retention,)
+                        f"DELETE FROM {SEEN_TABLE} WHERE seen_at < ?", (now - self.retention,)
                     )
 
         await asyncio.to_thread(write)
