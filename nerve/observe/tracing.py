@@ -431,12 +431,7 @@ class Tracing:
                 (event.id, None if correlation is None else str(correlation), event.subject),
             )
             if event.extensions.get("traceparent") is None:
-                extensions = _extensions_of(span)
-                if _traced_copy is not None and type(event) is Event:
-                    state = extensions.get("tracestate", "")
-                    event = _traced_copy(event, extensions["traceparent"], state)
-                else:
-                    event = event.with_extensions(**extensions)
+                event = _with_trace(event, _extensions_of(span))
             return [event], span
         # a create span per event without one (as create(); the parent, the caller's
         # current span, is looked up once for the batch)
@@ -450,11 +445,7 @@ class Tracing:
                 if not looked_up:
                     current, looked_up = _current(), True
                 span, extensions = self._created(event.type, current)
-                if _traced_copy is not None and type(event) is Event:
-                    state = extensions.get("tracestate", "")
-                    event = _traced_copy(event, extensions["traceparent"], state)
-                else:
-                    event = event.with_extensions(**extensions)
+                event = _with_trace(event, extensions)
                 linked = _parent_of_span(span) if len(links) < _MAX_LINKS else None
             else:
                 linked = _parent_of(event) if len(links) < _MAX_LINKS else None
@@ -694,6 +685,14 @@ def _traced_copier() -> Callable[[Event, str, str], Event] | None:
 
 
 _traced_copy = _traced_copier()
+
+
+def _with_trace(event: Event, extensions: dict[str, str]) -> Event:
+    """``event`` carrying the trace ``extensions`` (``traceparent``, and ``tracestate``
+    when there is one): copied in C for a plain Event, else by ``with_extensions``."""
+    if _traced_copy is not None and type(event) is Event:
+        return _traced_copy(event, extensions["traceparent"], extensions.get("tracestate", ""))
+    return event.with_extensions(**extensions)
 
 
 def _kept(layouts: dict[Any, Layout], key: Any, make: Callable[[], Layout]) -> Layout:
