@@ -181,57 +181,109 @@ local function vget(cmd, key, items)
   end
   return out
 end
--- the end of a keyed event: free its key's turn and make the key's next event due
-local function pass_key(base, dz, id, k, now)
-  local kq = base .. ':kq:' .. string.sub(k, 2)
-  local head = redis.call('LPOP', kq)
-  if head ~= id then
-    if head then redis.call('LPUSH', kq, head) end
+-- numbers go to redis.call as strings: Redis 7.0 formats a Lua number argument with
+-- snprintf("%.17g"), and Lua a concatenated one with "%.14g", both slow float paths
+local function int(n) return string.format('%d', n) end
+-- ordered functions: '<base>:kh' maps a partition key to the entry whose turn it is,
+-- with '+' appended while later entries of the key wait in the key's ':kq:<key>' list.
+-- The end of a keyed event, when the turn was not simply freed (settle frees the
+-- common case, an event whose key has no later entry, in one HDEL for its batch): pass
+-- the turn to the key's next entry and make it due
+local function pass_key(base, dz, id, k, nows)
+  local kk = string.sub(k, 2)
+  local kh, kq = base .. ':kh', base .. ':kq:' .. kk
+  local head = redis.call('HGET', kh, kk)
+  if head == id then
+    redis.call('HDEL', kh, kk)
+    return false
+  end
+  if head ~= id .. '+' then
+    -- not this key's turn; or a queue of the earlier layout (no turn recorded, the
+    -- list's head is the turn): its next entry takes the turn
     redis.call('LREM', kq, 1, id)
+    if head then return false end
   end
-  local nxt = redis.call('LINDEX', kq, 0)
-  if nxt then
-    redis.call('ZADD', dz, now, nxt)
-    return true
+  local nxt = redis.call('LPOP', kq)
+  if not nxt then
+    redis.call('HDEL', kh, kk)
+    return false
   end
-  return false
+  if redis.call('LLEN', kq) > 0 then
+    redis.call('HSET', kh, kk, nxt .. '+')
+  else
+    redis.call('HSET', kh, kk, nxt)
+  end
+  redis.call('ZADD', dz, nows, nxt)
+  return true
 end
 -- wake a consumer of the group at base: a token in its wake list, where waiting consumers
 -- block (BLPOP, followed by a claim in the same round trip); a few tokens at most
 local function wake(base)
-  redis.call('LPUSH', base .. ':wake', 1)
-  redis.call('LTRIM', base .. ':wake', 0, 15)
+  redis.call('LPUSH', base .. ':wake', '1')
+  redis.call('LTRIM', base .. ':wake', '0', '15')
 end
 -- event positions: read once per script, advanced here, written back by flush()
 local seq = nil
+local logkey = P .. ':log'
 local function append(body, logmax)
   if seq == nil then seq = tonumber(redis.call('GET', P .. ':seq') or '0') end
   seq = seq + 1
-  if logmax > 0 then
-    redis.call('XADD', P .. ':log', 'MAXLEN', '~', logmax, seq .. '-1', 'b', body)
+  if logmax ~= '0' then
+    redis.call('XADD', logkey, 'MAXLEN', '~', logmax, string.format('%d-1', seq), 'b', body)
   end
   return string.format('%016d', seq)
 end
 -- an event entering function g's queue, gathered per function (per) for flush(); for
--- an ordered function only the head of a key's list is due
-local function stage(per, g, id, body, k, now)
+-- an ordered function (k: '=' and the key) flush() decides which entries are due
+local function stage(per, g, id, body, k, nows)
   local q = per[g]
   if not q then
-    q = {base = gbase(g), b = {}, m = {}, d = {}}
+    q = {base = gbase(g), b = {}, m = {}, d = {}, k = {}}
     per[g] = q
   end
   local nb = #q.b
   q.b[nb + 1], q.b[nb + 2] = id, body
   q.m[nb + 1], q.m[nb + 2] = id, '0|||' .. k
-  if k == '' or redis.call('RPUSH', q.base .. ':kq:' .. string.sub(k, 2), id) == 1 then
+  if k == '' then
     local nd = #q.d
-    q.d[nd + 1], q.d[nd + 2] = now, id
+    q.d[nd + 1], q.d[nd + 2] = nows, id
+  else
+    local nk = #q.k
+    q.k[nk + 1], q.k[nk + 2] = string.sub(k, 2), id
   end
 end
+-- the keyed entries of q: an entry whose key has no turn holder takes the turn and is
+-- due; the others wait in their key's list (one HMGET and one HSET for the batch)
+local function queue_keyed(q, nows)
+  local kh, keys = q.base .. ':kh', {}
+  for j = 1, #q.k, 2 do keys[#keys + 1] = q.k[j] end
+  local held = vget('HMGET', kh, keys)
+  local turns, changed = {}, {}
+  for j = 1, #q.k, 2 do
+    local kk, id = q.k[j], q.k[j + 1]
+    local h = turns[kk] or held[(j + 1) / 2]
+    if not h then
+      turns[kk] = id
+      local nd = #q.d
+      q.d[nd + 1], q.d[nd + 2] = nows, id
+    else
+      redis.call('RPUSH', q.base .. ':kq:' .. kk, id)
+      if string.sub(h, -1) ~= '+' then turns[kk] = h .. '+' else turns[kk] = h end
+    end
+    changed[kk] = true
+  end
+  local set = {}
+  for kk, _ in pairs(changed) do
+    set[#set + 1] = kk
+    set[#set + 1] = turns[kk]
+  end
+  vcall('HSET', kh, set)
+end
 -- write what stage() gathered (one variadic call per key) and wake the functions
-local function flush(per)
-  if seq ~= nil then redis.call('SET', P .. ':seq', seq) end
+local function flush(per, nows)
+  if seq ~= nil then redis.call('SET', P .. ':seq', int(seq)) end
   for g, q in pairs(per) do
+    if #q.k > 0 then queue_keyed(q, nows) end
     vcall('HSET', q.base .. ':body', q.b)
     vcall('HSET', q.base .. ':meta', q.m)
     if #q.d > 0 then vcall('ZADD', q.base .. ':due', q.d) end
@@ -250,8 +302,8 @@ _PUBLISH = (
     _PRELUDE
     + """
 if (redis.call('GET', P .. ':groups:version') or '0') ~= ARGV[2] then return -1 end
-local now = now_ms()
-local logmax = tonumber(ARGV[3])
+local nows = int(now_ms())
+local logmax = ARGV[3]
 local i = 6
 local per = {}
 local routes, pos = ARGV[5], 1
@@ -273,11 +325,11 @@ while pos <= string.len(routes) do
       if not kt or kt > nl then kt = nl end
       local g, k = sub(routes, at + 1, gt - 1), sub(routes, gt + 1, kt - 1)
       at = kt
-      stage(per, g, id, body, k, now)
+      stage(per, g, id, body, k, nows)
     end
   end
 end
-flush(per)
+flush(per, nows)
 return 1
 """
 )
@@ -295,10 +347,11 @@ local base = gbase(ARGV[2])
 local limit, lease, token = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local dz, lz, meta, bodies = base .. ':due', base .. ':lease', base .. ':meta', base .. ':body'
 local now = now_ms()
-local ids = redis.call('ZRANGEBYSCORE', lz, '-inf', now, 'LIMIT', 0, limit)
+local nows = int(now)
+local ids = redis.call('ZRANGEBYSCORE', lz, '-inf', nows, 'LIMIT', '0', ARGV[3])
 local expired = #ids
 if #ids < limit then
-  local more = redis.call('ZRANGEBYSCORE', dz, '-inf', now, 'LIMIT', 0, limit - #ids)
+  local more = redis.call('ZRANGEBYSCORE', dz, '-inf', nows, 'LIMIT', '0', int(limit - #ids))
   for _, id in ipairs(more) do ids[#ids + 1] = id end
 end
 local out = {}
@@ -309,15 +362,16 @@ if #ids > 0 then
   local bs = vget('HMGET', bodies, ids)
   if #ids > expired then vcall('ZREM', dz, {unpack(ids, expired + 1)}) end
   local mset, zset, gone = {}, {}, {}
+  local deadline = int(now + lease)
   for j, id in ipairs(ids) do
     local m, body = ms[j], bs[j]
     if m and body then
       local a, _, first, k = parse(m)
       a = tonumber(a) + 1
-      if first == '' then first = tostring(now) end
+      if first == '' then first = nows end
       mset[#mset + 1] = id
-      mset[#mset + 1] = a .. '|' .. token .. '|' .. first .. '|' .. k
-      zset[#zset + 1] = now + lease
+      mset[#mset + 1] = string.format('%d|%s|%s|%s', a, token, first, k)
+      zset[#zset + 1] = deadline
       zset[#zset + 1] = id
       out[#out + 1] = {id, body, a, first}
     else
@@ -356,6 +410,7 @@ _SETTLE = (
     _PRELUDE
     + """
 local now = now_ms()
+local nows = int(now)
 local items, res, groups, woken = {}, {}, {}, {}
 local packed, pos = ARGV[3], 1
 local find, sub = string.find, string.sub
@@ -385,7 +440,7 @@ for g, gl in pairs(groups) do
   for j, n in ipairs(gl) do ids[j] = items[n][2] end
   local ms = vget('HMGET', meta, ids)
   local leased = vget('ZMSCORE', lz, ids)
-  local ended, acked, processed = {}, {}, 0
+  local ended, acked, processed, keyed = {}, {}, 0, {}
   for j, n in ipairs(gl) do
     local action, id, token, arg = items[n][1], items[n][2], items[n][3], items[n][4]
     local m = ms[j]
@@ -394,11 +449,11 @@ for g, gl in pairs(groups) do
       if tok == token and token ~= '' then
         res[n] = 1
         if action == 'extend' then
-          redis.call('ZADD', lz, now + tonumber(arg), id)
+          redis.call('ZADD', lz, int(now + tonumber(arg)), id)
         elseif action == 'nack' then
           ended[id] = true
           redis.call('ZREM', lz, id)
-          redis.call('ZADD', dz, now + tonumber(arg), id)
+          redis.call('ZADD', dz, int(now + tonumber(arg)), id)
           redis.call('HSET', meta, id, a .. '||' .. first .. '|' .. k)
           redis.call('HINCRBY', base .. ':cnt', 'retried', 1)
           if tonumber(arg) > 0 then
@@ -410,7 +465,10 @@ for g, gl in pairs(groups) do
           end
         else
           ended[id] = true
-          if k ~= '' and pass_key(base, dz, id, k, now) then woken[g] = true end
+          if k ~= '' then
+            keyed[#keyed + 1] = id
+            keyed[#keyed + 1] = k
+          end
           if action == 'ack' then
             acked[#acked + 1] = id
             processed = processed + 1
@@ -420,7 +478,7 @@ for g, gl in pairs(groups) do
             redis.call('HDEL', meta, id)
             redis.call('HDEL', bodies, id)
             local dl = redis.call('INCR', P .. ':dl:seq')
-            redis.call('HSET', P .. ':dl:' .. dl, 'g', g, 'b', body, 'f', arg, 't', now)
+            redis.call('HSET', P .. ':dl:' .. dl, 'g', g, 'b', body, 'f', arg, 't', nows)
             redis.call('ZADD', P .. ':dl', dl, dl)
             redis.call('ZADD', base .. ':dl', dl, dl)
             redis.call('HINCRBY', base .. ':cnt', 'dead_lettered', 1)
@@ -433,7 +491,25 @@ for g, gl in pairs(groups) do
     vcall('ZREM', lz, acked)
     vcall('HDEL', meta, acked)
     vcall('HDEL', bodies, acked)
-    redis.call('HINCRBY', base .. ':cnt', 'processed', processed)
+    redis.call('HINCRBY', base .. ':cnt', 'processed', int(processed))
+  end
+  -- the keys of the ended entries: a turn no later entry waits for is freed (one HMGET
+  -- and one HDEL for the batch), the others pass to the key's next entry
+  if #keyed > 0 then
+    local kh, keys = base .. ':kh', {}
+    for j = 2, #keyed, 2 do keys[#keys + 1] = string.sub(keyed[j], 2) end
+    local held = vget('HMGET', kh, keys)
+    local free, seen = {}, {}
+    for j = 1, #keys do
+      local id, kk = keyed[2 * j - 1], keys[j]
+      if held[j] == id and not seen[kk] then
+        free[#free + 1] = kk
+      elseif pass_key(base, dz, id, keyed[2 * j], nows) then
+        woken[g] = true
+      end
+      seen[kk] = true
+    end
+    vcall('HDEL', kh, free)
   end
 end
 for g, _ in pairs(woken) do wake(gbase(g)) end
@@ -463,7 +539,7 @@ return changed
 _REPLAY = (
     _PRELUDE
     + """
-local now = now_ms()
+local nows = int(now_ms())
 local count = 0
 local per = {}
 local i = 4
@@ -474,14 +550,14 @@ for s = 1, tonumber(ARGV[3]) do
   local g = redis.call('HGET', h, 'g')
   if g and redis.call('HEXISTS', P .. ':groups', g) == 1 then
     local body = redis.call('HGET', h, 'b')
-    stage(per, g, append(body, tonumber(ARGV[2])), body, k, now)
+    stage(per, g, append(body, ARGV[2]), body, k, nows)
     redis.call('DEL', h)
     redis.call('ZREM', P .. ':dl', dl)
     redis.call('ZREM', gbase(g) .. ':dl', dl)
     count = count + 1
   end
 end
-flush(per)
+flush(per, nows)
 return count
 """
 )

@@ -258,6 +258,32 @@ async def test_ordering_keys_with_tabs_newlines_and_percent_keep_their_own_order
     assert seen == {k: [i for i in range(12) if i % 4 == j] for j, k in enumerate(keys)}
 
 
+async def test_a_key_queued_in_the_earlier_layout_still_hands_its_events_out_in_order(
+    url: str, transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    """Before ``:kh`` recorded whose turn a key is, the key's list held that entry too,
+    at its head. Such a queue (left by an older nerve) goes on in order and leaves no
+    keys behind."""
+    sub = Subscription("g", ("order.created",), ordered=True)
+    await transport.declare([sub])
+    await transport.publish([make(i, partitionkey="k") for i in range(3)])
+    base = f"{prefix_of(url)}:g:1:g"
+    turn = (await raw.hget(f"{base}:kh", "k")).decode()
+    assert turn.endswith("+")  # later entries wait
+    await raw.hdel(f"{base}:kh", "k")  # the earlier layout: the turn is the list's head
+    await raw.lpush(f"{base}:kq:k", turn[:-1])
+    consumer = transport.consumer(sub)
+    order = []
+    for _ in range(3):
+        batch = await consumer.fetch(10, SOON)
+        assert len(batch) == 1, batch
+        order.append(batch[0].event.data["n"])
+        assert await consumer.ack_many(batch) == []
+    assert order == [0, 1, 2]
+    keys = [k.decode() async for k in raw.scan_iter(match=f"{base}:*")]
+    assert keys == [f"{base}:cnt"]
+
+
 # -- wake-ups ---------------------------------------------------------------------------
 # A consumer with nothing to claim waits in Redis (BLPOP on wake lists, the claim behind
 # it). These use poll_interval=30: a wake-up that did not arrive would show as a fetch
