@@ -224,14 +224,28 @@ local function wake(base)
 end
 -- event positions: read once per script, advanced here, written back by flush()
 local seq = nil
-local logkey = P .. ':log'
-local function append(body, logmax)
+local logged = {}
+local function append(body)
   if seq == nil then seq = tonumber(redis.call('GET', P .. ':seq') or '0') end
   seq = seq + 1
-  if logmax ~= '0' then
-    redis.call('XADD', logkey, 'MAXLEN', '~', logmax, string.format('%d-1', seq), 'b', body)
-  end
+  local n = #logged
+  logged[n + 1], logged[n + 2] = string.format('%d', seq), body
   return string.format('%016d', seq)
+end
+-- the log: one stream entry per script (per 500 events), its fields position -> body,
+-- its id the last position (so the entries holding positions after p are those after
+-- id p-1), trimmed to about logmax events
+local function write_log(logmax)
+  if logmax == '0' or #logged == 0 then return end
+  local first = seq - #logged / 2 + 1
+  local minid = string.format('%d-0', math.max(0, seq - tonumber(logmax)))
+  local i = 1
+  while i <= #logged do
+    local j = math.min(#logged, i + 999)
+    local id = string.format('%d-1', first + j / 2 - 1)
+    redis.call('XADD', P .. ':log', 'MINID', '~', minid, id, unpack(logged, i, j))
+    i = j + 1
+  end
 end
 -- an event entering function g's queue, gathered per function (per) for flush(); for
 -- an ordered function (k: '=' and the key) flush() decides which entries are due
@@ -280,8 +294,9 @@ local function queue_keyed(q, nows)
   vcall('HSET', kh, set)
 end
 -- write what stage() gathered (one variadic call per key) and wake the functions
-local function flush(per, nows)
+local function flush(per, nows, logmax)
   if seq ~= nil then redis.call('SET', P .. ':seq', int(seq)) end
+  write_log(logmax)
   for g, q in pairs(per) do
     if #q.k > 0 then queue_keyed(q, nows) end
     vcall('HSET', q.base .. ':body', q.b)
@@ -318,7 +333,7 @@ while pos <= string.len(routes) do
   pos = nl + 1
   if iid == '' or redis.call('XACK', P .. ':ingest', 'nerve', iid) == 1 then
     if iid ~= '' then redis.call('XDEL', P .. ':ingest', iid) end
-    local id = append(body, logmax)
+    local id = append(body)
     while at < nl do
       local gt = find(routes, '\\t', at + 1, true)
       local kt = find(routes, '\\t', gt + 1, true)
@@ -329,7 +344,7 @@ while pos <= string.len(routes) do
     end
   end
 end
-flush(per, nows)
+flush(per, nows, logmax)
 return 1
 """
 )
@@ -550,14 +565,14 @@ for s = 1, tonumber(ARGV[3]) do
   local g = redis.call('HGET', h, 'g')
   if g and redis.call('HEXISTS', P .. ':groups', g) == 1 then
     local body = redis.call('HGET', h, 'b')
-    stage(per, g, append(body, ARGV[2]), body, k, nows)
+    stage(per, g, append(body), body, k, nows)
     redis.call('DEL', h)
     redis.call('ZREM', P .. ':dl', dl)
     redis.call('ZREM', gbase(g) .. ':dl', dl)
     count = count + 1
   end
 end
-flush(per, nows)
+flush(per, nows, ARGV[2])
 return count
 """
 )
@@ -1315,7 +1330,14 @@ class RedisTransport:
                 seq = await client.get(f"{self._prefix}:seq")
                 return [(int(seq or 0), b"")]
             rows: Any = await client.xrange(f"{self._prefix}:log", f"({after}-1", "+", count=limit)
-        return [(int(bytes(rid).split(b"-")[0]), bytes(fields[b"b"])) for rid, fields in rows]
+        # an entry per publish: position -> body (an older nerve's: 'b' -> the body of
+        # the position in the entry's id)
+        events = [
+            (int(bytes(rid).split(b"-")[0]) if name == b"b" else int(name), bytes(body))
+            for rid, fields in rows
+            for name, body in fields.items()
+        ]
+        return [e for e in events if e[0] > after][:limit]
 
 
 def _text(value: bytes | str) -> str:

@@ -426,3 +426,25 @@ async def test_a_backlog_larger_than_a_fetch_is_claimed_without_waiting(
         got += await consumer.fetch(10, SOON)
     assert len(got) == 100
     assert waits == 0
+
+
+async def test_the_log_reads_an_entry_per_publish_and_an_older_nerves_entry_per_event(
+    url: str, transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    """One stream entry per publish holds its events as position -> body; entries an
+    older nerve wrote (one per event, field ``b``) read the same way, in order."""
+    sub = Subscription("g", ("order.created",))
+    await transport.declare([sub])
+    start = (await transport.read_log(None, 0))[0][0]
+    await transport.publish([make(i) for i in range(3)])
+    log = f"{prefix_of(url)}:log"
+    assert await raw.xlen(log) == 1
+    body = codec.encode(make(99))
+    await raw.xadd(log, {"b": body}, id=f"{start + 4}-1")  # an older nerve's entry
+    await raw.set(f"{prefix_of(url)}:seq", start + 4)
+    await transport.publish([make(i) for i in range(4, 6)])
+    rows = await transport.read_log(start, 100)
+    assert [p for p, _ in rows] == list(range(start + 1, start + 7))
+    assert [codec.decode(b).data["n"] for _, b in rows] == [0, 1, 2, 99, 4, 5]
+    assert await transport.read_log(start + 2, 2) == rows[2:4]  # inside an entry, limited
+    assert await transport.read_log(start + 6, 100) == []
