@@ -181,6 +181,15 @@ local function vget(cmd, key, items)
   end
   return out
 end
+-- Every queue's sorted sets and hashes hold PIN: a member no entry id or ordering key
+-- can equal (they never hold a TAB), longer than what Redis keeps in a listpack (64
+-- bytes by default), so Redis stores them as skiplists and hash tables at every size.
+-- As listpacks (below 128 members) each lookup, insert and delete scans the key, and
+-- a queue its consumers keep up with stays that small: 1.5x the server's CPU an event.
+-- The sets' PIN scores +inf: no range of due or expired entries reaches it.
+local PIN = '\tnerve keeps this member so that Redis stores this key as a hash table at any size'
+local function pin_set(key) redis.call('ZADD', key, '+inf', PIN) end
+local function pin_hash(key) redis.call('HSET', key, PIN, '') end
 -- numbers go to redis.call as strings: Redis 7.0 formats a Lua number argument with
 -- snprintf("%.17g"), and Lua a concatenated one with "%.14g", both slow float paths
 local function int(n) return string.format('%d', n) end
@@ -298,7 +307,12 @@ local function flush(per, nows, logmax)
   if seq ~= nil then redis.call('SET', P .. ':seq', int(seq)) end
   write_log(logmax)
   for g, q in pairs(per) do
-    if #q.k > 0 then queue_keyed(q, nows) end
+    pin_set(q.base .. ':due')
+    pin_hash(q.base .. ':meta')
+    if #q.k > 0 then
+      pin_hash(q.base .. ':kh')
+      queue_keyed(q, nows)
+    end
     vcall('HSET', q.base .. ':body', q.b)
     vcall('HSET', q.base .. ':meta', q.m)
     if #q.d > 0 then vcall('ZADD', q.base .. ':due', q.d) end
@@ -395,6 +409,7 @@ if #ids > 0 then
   end
   if #mset > 0 then
     vcall('HSET', meta, mset)
+    pin_set(lz)
     vcall('ZADD', lz, zset)
   end
   if #gone > 0 then vcall('ZREM', lz, gone) end
@@ -403,8 +418,8 @@ end
 local wait = 0
 if #ids < limit then
   wait = -1
-  local d = redis.call('ZRANGE', dz, 0, 0, 'WITHSCORES')
-  local l = redis.call('ZRANGE', lz, 0, 0, 'WITHSCORES')
+  local d = redis.call('ZRANGEBYSCORE', dz, '-inf', '(+inf', 'LIMIT', '0', '1', 'WITHSCORES')
+  local l = redis.call('ZRANGEBYSCORE', lz, '-inf', '(+inf', 'LIMIT', '0', '1', 'WITHSCORES')
   local nxt = nil
   if d[2] then nxt = tonumber(d[2]) end
   if l[2] and (nxt == nil or tonumber(l[2]) < nxt) then nxt = tonumber(l[2]) end
@@ -616,8 +631,8 @@ for i = 2, #ARGV do
   local c = redis.call('HMGET', base .. ':cnt', 'processed', 'retried', 'dead_lettered')
   out[#out + 1] = {
     redis.call('HLEN', base .. ':body'),
-    redis.call('ZCOUNT', base .. ':lease', '(' .. now, '+inf'),
-    redis.call('ZCOUNT', base .. ':due', '(' .. now, '+inf'),
+    redis.call('ZCOUNT', base .. ':lease', '(' .. int(now), '(+inf'),
+    redis.call('ZCOUNT', base .. ':due', '(' .. int(now), '(+inf'),
     redis.call('ZCARD', base .. ':dl'),
     tonumber(c[1] or 0), tonumber(c[2] or 0), tonumber(c[3] or 0)}
 end
