@@ -237,11 +237,12 @@ local logged = {}
 local function append(body)
   if seq == nil then seq = tonumber(redis.call('GET', P .. ':seq') or '0') end
   seq = seq + 1
-  local n = #logged
-  logged[n + 1], logged[n + 2] = string.format('%d', seq), body
-  return string.format('%016d', seq)
+  local id, n = string.format('%016d', seq), #logged
+  logged[n + 1], logged[n + 2] = id, body
+  return id
 end
--- the log: one stream entry per script (per 500 events), its fields position -> body,
+-- the log: one stream entry per script (per 500 events), its fields position (the
+-- entry id, zero-padded) -> body,
 -- its id the last position (so the entries holding positions after p are those after
 -- id p-1), trimmed to about logmax events
 local function write_log(logmax)
@@ -364,7 +365,7 @@ return 1
 )
 
 # ARGV: P, group, limit, lease_ms, token, stop key ('' for none)
-# -> {{id, body, attempt, first_ms}...}, wait_ms: ms until an entry may be claimable (0:
+# -> {id, body, attempt, first_ms, id, body, ...} (flat: no table per entry), wait_ms: ms until an entry may be claimable (0:
 # more are due now, -1: nothing is pending, -2: the group is not declared, -3: the
 # consumer was closed while it waited, nothing was claimed)
 _CLAIM = (
@@ -395,14 +396,15 @@ if #ids > 0 then
   for j, id in ipairs(ids) do
     local m, body = ms[j], bs[j]
     if m and body then
-      local a, _, first, k = parse(m)
+      local a, first, k = string.match(m, '^(%d+)|[^|]*|([^|]*)|(.*)$')
       a = tonumber(a) + 1
       if first == '' then first = nows end
       mset[#mset + 1] = id
       mset[#mset + 1] = string.format('%d|%s|%s|%s', a, token, first, k)
       zset[#zset + 1] = deadline
       zset[#zset + 1] = id
-      out[#out + 1] = {id, body, a, first}
+      local n = #out
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = id, body, a, first
     else
       gone[#gone + 1] = id
     end
@@ -441,46 +443,38 @@ _SETTLE = (
     + """
 local now = now_ms()
 local nows = int(now)
-local items, res, groups, woken = {}, {}, {}, {}
-local packed, pos = ARGV[3], 1
-local find, sub = string.find, string.sub
-while pos <= string.len(packed) do
-  local nl = find(packed, '\\n', pos, true) or (string.len(packed) + 1)
-  local t1 = find(packed, '\\t', pos, true)
-  local t2 = find(packed, '\\t', t1 + 1, true)
-  local t3 = find(packed, '\\t', t2 + 1, true)
-  local t4 = find(packed, '\\t', t3 + 1, true)
-  local g, action = sub(packed, pos, t1 - 1), sub(packed, t1 + 1, t2 - 1)
-  local id, token = sub(packed, t2 + 1, t3 - 1), sub(packed, t3 + 1, t4 - 1)
-  local arg = sub(packed, t4 + 1, nl - 1)
-  pos = nl + 1
-  items[#items + 1] = {action, id, token, arg}
-  res[#res + 1] = 0
+local acts, eids, toks, args, res, groups, woken = {}, {}, {}, {}, {}, {}, {}
+local n = 0
+local line = '([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\n]*)'
+for g, action, id, token, arg in string.gmatch(ARGV[3], line) do
+  n = n + 1
+  acts[n], eids[n], toks[n], args[n], res[n] = action, id, token, arg, 0
   local gl = groups[g]
   if not gl then
     gl = {}
     groups[g] = gl
   end
-  gl[#gl + 1] = #items
+  gl[#gl + 1] = n
 end
 for g, gl in pairs(groups) do
   local base = gbase(g)
   local meta, lz, dz, bodies = base .. ':meta', base .. ':lease', base .. ':due', base .. ':body'
   local ids = {}
-  for j, n in ipairs(gl) do ids[j] = items[n][2] end
+  for j, x in ipairs(gl) do ids[j] = eids[x] end
   local ms = vget('HMGET', meta, ids)
   local leased = vget('ZMSCORE', lz, ids)
   local ended, acked, processed, keyed = {}, {}, 0, {}
-  for j, n in ipairs(gl) do
-    local action, id, token, arg = items[n][1], items[n][2], items[n][3], items[n][4]
+  for j, x in ipairs(gl) do
+    local action, id, token, arg = acts[x], eids[x], toks[x], args[x]
     local m = ms[j]
     if m and leased[j] and not ended[id] then
-      local a, tok, first, k = parse(m)
+      local tok, k = string.match(m, '^%d+|([^|]*)|[^|]*|(.*)$')
       if tok == token and token ~= '' then
-        res[n] = 1
+        res[x] = 1
         if action == 'extend' then
           redis.call('ZADD', lz, int(now + tonumber(arg)), id)
         elseif action == 'nack' then
+          local a, _, first = parse(m)
           ended[id] = true
           redis.call('ZREM', lz, id)
           redis.call('ZADD', dz, int(now + tonumber(arg)), id)
@@ -801,11 +795,12 @@ class RedisConsumer:
                 self._due = now if wait_ms == 0 else now + _NEVER
             if rows:
                 wall = time.time()
+                flat = iter(rows)  # id, body, attempt, first_ms, id, ...
                 return [
                     RedisDelivery(
                         self, bytes(eid).decode(), token, bytes(body), int(a), int(f) / 1000, wall
                     )
-                    for eid, body, a, f in rows
+                    for eid, body, a, f in zip(flat, flat, flat, flat, strict=True)
                 ]
             if wait_ms == -3 or now >= deadline:
                 return []
