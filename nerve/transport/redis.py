@@ -365,9 +365,10 @@ return 1
 )
 
 # ARGV: P, group, limit, lease_ms, token, stop key ('' for none)
-# -> {id, body, attempt, first_ms, id, body, ...} (flat: no table per entry), wait_ms: ms until an entry may be claimable (0:
-# more are due now, -1: nothing is pending, -2: the group is not declared, -3: the
-# consumer was closed while it waited, nothing was claimed)
+# -> {id, body, attempt, first_ms, id, body, ...} (flat: no table per entry), wait_ms:
+# ms until an entry may be claimable (0: more are due now, -1: nothing is pending, -2:
+# the group is not declared, -3: the consumer was closed while it waited, nothing was
+# claimed)
 _CLAIM = (
     _PRELUDE
     + """
