@@ -462,13 +462,15 @@ for g, gl in pairs(groups) do
   local meta, lz, dz, bodies = base .. ':meta', base .. ':lease', base .. ':due', base .. ':body'
   local ids = {}
   for j, x in ipairs(gl) do ids[j] = eids[x] end
+  -- a matching token is a lease: a claim sets both at once, a nack clears the token
+  -- as it ends the lease, an ack or dead-letter deletes both (no ZMSCORE: Redis would
+  -- format every score with snprintf)
   local ms = vget('HMGET', meta, ids)
-  local leased = vget('ZMSCORE', lz, ids)
   local ended, acked, processed, keyed = {}, {}, 0, {}
   for j, x in ipairs(gl) do
     local action, id, token, arg = acts[x], eids[x], toks[x], args[x]
     local m = ms[j]
-    if m and leased[j] and not ended[id] then
+    if m and not ended[id] then
       local tok, k = string.match(m, '^%d+|([^|]*)|[^|]*|(.*)$')
       if tok == token and token ~= '' then
         res[x] = 1
