@@ -253,7 +253,10 @@ class _Sql:
         )
         # $1 count, $2 event ids, $3 types, $4 bodies, $5 target index (1-based),
         # $6 target groups, $7 target keys, $8 channel, $9 notify payload, $10 the routing
-        # version the targets were computed with (NULL: no check). Nothing is written
+        # version the targets were computed with (NULL: no check). The log's sequence is
+        # looked up once a statement (an InitPlan), not once a row: per row, the lookup
+        # and the text -> regclass cast took 0.6 of the 2 ms a 100-event publish ran
+        # (EXPLAIN ANALYZE). Nothing is written
         # when the groups changed since (the caller reloads its routes and tries again),
         # so a publish is one round trip while the groups stay as they are.
         self.publish = f"""
@@ -261,7 +264,7 @@ WITH now AS (SELECT {_NOW} AS t),
 fresh AS (SELECT v, $10::bigint IS NULL OR v = $10::bigint AS ok
           FROM {s}.meta WHERE k = 'groups_version'),
 numbered AS MATERIALIZED (
-    SELECT n, nextval(pg_get_serial_sequence('{s}.log', 'seq')) AS seq
+    SELECT n, nextval((SELECT pg_get_serial_sequence('{s}.log', 'seq')::regclass)) AS seq
     FROM generate_series(1, $1::int) AS n WHERE (SELECT ok FROM fresh)),
 input AS (SELECT * FROM unnest($2::text[], $3::text[], $4::bytea[])
           WITH ORDINALITY AS i(event_id, type, body, n)),
