@@ -1,7 +1,9 @@
 """``python -m benchmarks compare [--quick]`` (everything side by side, RESULTS.md),
 ``python -m benchmarks brokers [--brokers nats,...] [--events N] [--runs 3] [--profile]``,
 ``python -m benchmarks observe [--rounds 5] [--events N] [--sampled] [--callgrind]``
-(what metrics and tracing cost, as ratios to neither), or
+(what metrics and tracing cost, as ratios to neither),
+``python -m benchmarks redis-server [--events N] [--workloads steady,bulk] [--keep]``
+(the Redis server's instructions per event, under callgrind), or
 ``python -m benchmarks embedded [--runs 3] [--events N] [--rate R] [--seconds S]
 [--quick] [--profile]``.
 
@@ -76,7 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.observe import add_arguments as add_observe_arguments
 
     add_observe_arguments(obs)
+    rds = sub.add_parser(
+        "redis-server",
+        help="the Redis server's instructions per event for redis:// (callgrind), not timed",
+    )
+    from benchmarks.redis_server import add_arguments as add_redis_server_arguments
+
+    add_redis_server_arguments(rds)
     args = parser.parse_args(argv)
+    if args.suite == "redis-server":
+        from benchmarks.redis_server import run as run_redis_server
+
+        return run_redis_server(args)
     if args.suite == "observe":
         from benchmarks.observe import run as run_observe
 
