@@ -242,9 +242,8 @@ local function append(body)
   return id
 end
 -- the log: one stream entry per script (per 500 events), its fields position (the
--- entry id, zero-padded) -> body,
--- its id the last position (so the entries holding positions after p are those after
--- id p-1), trimmed to about logmax events
+-- entry id, zero-padded) -> body, its id the last position (so the entries holding
+-- positions after p are those after id p-1); trimmed to about logmax events
 local function write_log(logmax)
   if logmax == '0' or #logged == 0 then return end
   local first = seq - #logged / 2 + 1
@@ -282,7 +281,7 @@ local function queue_keyed(q, nows)
   local kh, keys = q.base .. ':kh', {}
   for j = 1, #q.k, 2 do keys[#keys + 1] = q.k[j] end
   local held = vget('HMGET', kh, keys)
-  local turns, changed = {}, {}
+  local turns = {}  -- every key of the batch -> its turn's new value
   for j = 1, #q.k, 2 do
     local kk, id = q.k[j], q.k[j + 1]
     local h = turns[kk] or held[(j + 1) / 2]
@@ -294,12 +293,11 @@ local function queue_keyed(q, nows)
       redis.call('RPUSH', q.base .. ':kq:' .. kk, id)
       if string.sub(h, -1) ~= '+' then turns[kk] = h .. '+' else turns[kk] = h end
     end
-    changed[kk] = true
   end
   local set = {}
-  for kk, _ in pairs(changed) do
+  for kk, turn in pairs(turns) do
     set[#set + 1] = kk
-    set[#set + 1] = turns[kk]
+    set[#set + 1] = turn
   end
   vcall('HSET', kh, set)
 end
