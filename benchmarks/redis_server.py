@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
@@ -178,5 +177,4 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # pragma: no cover
     parser = argparse.ArgumentParser(prog="python -m benchmarks.redis_server")
     add_arguments(parser)
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     raise SystemExit(run(parser.parse_args()))

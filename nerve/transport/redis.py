@@ -159,8 +159,17 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function gbase(g) return P .. ':g:' .. string.len(g) .. ':' .. g end
+-- an entry's meta, 'attempt|token|first_ms|key': all four fields, or only those a
+-- claim (attempt, first_ms, key) or a settlement (token, key) reads (each capture is
+-- a new Lua string, hashed byte by byte)
 local function parse(m)
   return string.match(m, '^(%d+)|([^|]*)|([^|]*)|(.*)$')
+end
+local function parse_for_claim(m)
+  return string.match(m, '^(%d+)|[^|]*|([^|]*)|(.*)$')
+end
+local function parse_for_settle(m)
+  return string.match(m, '^%d+|([^|]*)|[^|]*|(.*)$')
 end
 -- variadic calls over a list, at most 1,000 arguments a call (Lua's unpack has limits)
 local function vcall(cmd, key, items)
@@ -395,7 +404,7 @@ if #ids > 0 then
   for j, id in ipairs(ids) do
     local m, body = ms[j], bs[j]
     if m and body then
-      local a, first, k = string.match(m, '^(%d+)|[^|]*|([^|]*)|(.*)$')
+      local a, first, k = parse_for_claim(m)
       a = tonumber(a) + 1
       if first == '' then first = nows end
       mset[#mset + 1] = id
@@ -469,7 +478,7 @@ for g, gl in pairs(groups) do
     local action, id, token, arg = acts[x], eids[x], toks[x], args[x]
     local m = ms[j]
     if m and not ended[id] then
-      local tok, k = string.match(m, '^%d+|([^|]*)|[^|]*|(.*)$')
+      local tok, k = parse_for_settle(m)
       if tok == token and token ~= '' then
         res[x] = 1
         if action == 'extend' then
