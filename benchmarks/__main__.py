@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite == "redis-server":
         from benchmarks.redis_server import run as run_redis_server
 
-        return run_redis_server(args)
+        return run_redis_server(rds, args)
     if args.suite == "observe":
         from benchmarks.observe import run as run_observe
 

@@ -134,22 +134,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep callgrind's output files")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Bad options end in ``parser.error`` (a message on stderr, exit 2), as the other
+    suites' do."""
     console = Console()
     kinds = [k.strip() for k in args.workloads.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in WORKLOADS]
     if unknown or not kinds:
-        console.print(f"--workloads: {', '.join(unknown) or '(none)'}? use steady and/or bulk")
-        return 2
+        parser.error(f"--workloads: {', '.join(unknown) or '(none)'}? use steady and/or bulk")
     if args.events < 100:
-        console.print("--events must be at least 100 (one publish batch)")
-        return 2
+        parser.error("--events must be at least 100 (one publish batch)")
     missing = [tool for tool in ("valgrind", "redis-server", "redis-cli") if not shutil.which(tool)]
     if missing:
-        console.print(
-            f"needs {', '.join(missing)} (Debian: apt-get install valgrind redis-server)"
-        )
-        return 2
+        parser.error(f"needs {', '.join(missing)} (Debian: apt-get install valgrind redis-server)")
     keep = Path(tempfile.mkdtemp(prefix="nerve-redis-server-"))
     results: dict[str, float] = {}
     small, large = args.events, 4 * args.events
@@ -177,4 +174,4 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # pragma: no cover
     parser = argparse.ArgumentParser(prog="python -m benchmarks.redis_server")
     add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))
+    raise SystemExit(run(parser, parser.parse_args()))
