@@ -16,6 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from nerve import App, ConfigError, Context, DeadLetter, InvalidEvent, Retry, RetryPolicy, Runtime
+from nerve.errors import StoreError
 from nerve.event import Event
 from nerve.transport.base import DeadLetterEntry, DeadLetterQueue
 
@@ -628,6 +629,52 @@ async def test_concurrent_duplicates_take_effect_once(broker: str) -> None:
         assert stats.duplicates == 2
         assert stats.processed == 1
     assert calls.count(("downstream:o1", 1)) == 1
+
+
+async def test_a_failed_commit_releases_its_light_units_and_still_acks_the_rest(
+    broker: str,
+) -> None:
+    """A batch's commit of its light units (handlers that wrote nothing) fails: they go
+    back to the broker for another attempt, and the batch's units that committed their
+    own writes are acked all the same. Once, the failure left the batch half done: the
+    committed unit was never acked and stayed in flight."""
+    app = make_app()
+    app.store_tables("CREATE TABLE IF NOT EXISTS seen (event_id TEXT NOT NULL)")
+    calls: list[tuple[str, int]] = []
+
+    @app.function("order.placed")
+    async def mixed(order: OrderPlaced, ctx: Context) -> None:
+        calls.append((order.order_id, ctx.attempt))
+        if order.amount:  # a heavy unit: commits its write itself
+            await ctx.store.execute("INSERT INTO seen VALUES (?)", (order.order_id,))
+
+    async with Runtime(app, broker) as rt:
+        commits = 0
+        real = rt.store.commit_records
+
+        async def flaky(items: Any) -> Any:
+            nonlocal commits
+            commits += 1
+            if commits == 1:  # slow: the next two units finish meanwhile, one batch
+                await asyncio.sleep(0.3)
+            elif commits == 2:
+                raise StoreError("the store went away for a moment")
+            return await real(items)
+
+        rt.store.commit_records = flaky  # type: ignore[method-assign]
+        await rt.client.publish(OrderPlaced(order_id="light-1"))
+        await until(lambda: commits == 1, what="the first commit")
+        await rt.client.publish_events(
+            [
+                app.make_event(OrderPlaced(order_id="light-2")),
+                app.make_event(OrderPlaced(order_id="heavy", amount=1)),
+            ]
+        )
+        await rt.wait_idle(timeout=10)
+        stats = rt.runners["mixed"].stats
+        assert (stats.processed, stats.duplicates, stats.lease_lost) == (3, 0, 0)
+        assert [r[0] for r in await rt.store.query("SELECT event_id FROM seen")] == ["heavy"]
+    assert sorted(calls) == [("heavy", 1), ("light-1", 1), ("light-2", 1), ("light-2", 2)]
 
 
 async def test_failed_handler_writes_are_rolled_back(broker: str) -> None:

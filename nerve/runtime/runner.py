@@ -617,14 +617,14 @@ class FunctionRunner:
                 self.settling -= len(light)
                 for d in light:
                     await self._release(d.delivery, 1.0)
-                batch = [d for d in batch if d.committed]
-                results = []
-            for d, ids in zip(light, results, strict=True):
-                d.outbox_ids = ids
-                if ids is None:
-                    self.stats.duplicates += 1
-                    d.emitted = []
-                    d.duplicate = True
+                batch = [d for d in batch if d.committed]  # still to publish and ack
+            else:
+                for d, ids in zip(light, results, strict=True):
+                    d.outbox_ids = ids
+                    if ids is None:
+                        self.stats.duplicates += 1
+                        d.emitted = []
+                        d.duplicate = True
         emitted = [e for d in batch for e in d.emitted]
         if emitted and self._observer is not None:
             self._observer.emitted(emitted)
