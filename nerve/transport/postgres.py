@@ -288,11 +288,13 @@ FROM fresh
         # The time is read as a scalar (an InitPlan), not joined: then the cheap lease
         # checks and the per-key subquery are one filter, ordered by cost, and the rows
         # leased at the head of the group skip the subquery (a 200-row claim behind 400
-        # leased rows: 3.5 -> 2.1 ms, EXPLAIN ANALYZE).
+        # leased rows: 3.5 -> 2.1 ms, EXPLAIN ANALYZE). The UPDATE finds the rows just
+        # locked by their ctid (a Tid Scan; they cannot move while locked) instead of
+        # searching the primary key again (0.45 ms of a 200-row claim).
         self.claim = f"""
 WITH now AS (SELECT {_NOW} AS t, set_config('synchronous_commit', 'off', true)),
 picked AS (
-    SELECT d.seq FROM {s}.deliveries d
+    SELECT d.ctid FROM {s}.deliveries d
     WHERE d.grp = $1
       AND d.available_at <= (SELECT t FROM now) AND d.lease_until <= (SELECT t FROM now)
       AND (d.key IS NULL OR NOT EXISTS (
@@ -305,7 +307,7 @@ claimed AS (
     SET lease_until = now.t + $3, token = $4, attempt = d.attempt + 1,
         first_at = coalesce(d.first_at, now.t)
     FROM now
-    WHERE d.grp = $1 AND d.seq = ANY(ARRAY(SELECT seq FROM picked))
+    WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM picked))
     RETURNING d.seq, d.key, d.attempt, d.first_at)
 SELECT c.seq, c.key, c.attempt, c.first_at, l.event_id, l.body, {{processed}}
 FROM claimed c JOIN {s}.log l ON l.seq = c.seq{{processed_join}}
