@@ -395,10 +395,24 @@ FROM {s}.deliveries, now GROUP BY grp
         )
         self.log_head = f"SELECT coalesce(max(seq), 0) FROM {s}.log"
         self.log_read = f"SELECT seq, body FROM {s}.log WHERE seq > $1 ORDER BY seq LIMIT $2"
+        # What the log may lose: rows older than the retention ($1 seconds) below the
+        # oldest pending delivery. Both bounds are found through primary keys (the
+        # first row young enough, in seq order; each group's oldest delivery), so a
+        # prune reads about what it deletes. Written as filters, it read every pending
+        # delivery and every logged row below the oldest of them (with consumers that
+        # keep up: the whole retained log) every 30 s. A row published after a younger
+        # one (a server clock set back) waits for that one: kept longer, never early.
         self.prune = f"""
+WITH bound AS (SELECT {_NOW} - $1 AS t),
+pending AS (SELECT coalesce(min(o.seq), {_MAX_BIGINT}) AS seq FROM {s}.groups g,
+            LATERAL (SELECT d.seq FROM {s}.deliveries d WHERE d.grp = g.name
+                     ORDER BY d.seq LIMIT 1) o),
+young AS (SELECT l.seq FROM {s}.log l
+          WHERE l.seq < (SELECT seq FROM pending) AND l.published_at >= (SELECT t FROM bound)
+          ORDER BY l.seq LIMIT 1)
 DELETE FROM {s}.log
-WHERE published_at < {_NOW} - $1
-  AND seq < coalesce((SELECT min(seq) FROM {s}.deliveries), {_MAX_BIGINT})
+WHERE seq < coalesce((SELECT seq FROM young), (SELECT seq FROM pending))
+  AND published_at < (SELECT t FROM bound)
 """
 
     def claim_noting(self, processed_in: str | None) -> str:

@@ -174,6 +174,40 @@ async def test_prune_log_keeps_what_a_delivery_still_needs(tmp_path: Path) -> No
         await transport.close()
 
 
+async def test_pruning_reads_the_log_by_its_order_not_whole(tmp_path: Path) -> None:
+    """Every 30 s each process prunes the log; it finds what it may delete through the
+    primary keys (the first row within the retention, each group's oldest delivery),
+    so its cost follows what it deletes, not how long the log is. It once read every
+    pending delivery, and every logged row below the oldest of them (with consumers that
+    keep up: the whole retained log), on every prune."""
+    transport = from_url(make_url(tmp_path))
+    assert isinstance(transport, PostgresTransport)
+    await transport.start()
+    try:
+        await transport.declare([Subscription("g", ("order.created",))])
+        assert transport._pool is not None
+        s = transport.config.schema
+        async with transport._pool.acquire() as conn:
+            await conn.execute(
+                f"INSERT INTO {s}.log (event_id, type, published_at, body) "
+                "SELECT 'e' || n, 't', extract(epoch FROM now()) - 99999.5 + n, '\\x00' "
+                "FROM generate_series(1, 50000) AS n"
+            )
+            await conn.execute(f"ANALYZE {s}.log")
+            plan = await _generic_plan(conn, transport._sql.prune, "float8", "86400")
+        await transport.publish([make(0)])  # pending, after the old rows
+        assert f"Seq Scan on {s}.log" not in plan, plan
+        assert f"Seq Scan on {s}.deliveries" not in plan, plan
+        assert f"Index Scan using log_pkey on {s}.log l" in plan, plan
+        # what it deletes: the rows older than a day, n <= 13,599 (the event just
+        # published is pending, and young)
+        assert await transport.prune_log() == 13599
+        assert await transport.prune_log() == 0
+        assert len(await transport.read_log(0, 100000)) == 50000 - 13599 + 1
+    finally:
+        await transport.close()
+
+
 @pytest.mark.slow
 async def test_hundred_shop_orders_with_failures_on_postgres(tmp_path: Path) -> None:
     orders = list(load.generate(seed=11, count=100))
