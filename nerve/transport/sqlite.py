@@ -435,6 +435,16 @@ class SqliteTransport:
         def prune(conn: sqlite3.Connection) -> int:
             oldest = conn.execute("SELECT min(seq) FROM deliveries").fetchone()[0]
             limit = oldest if oldest is not None else 1 << 62
+            # the first row within the retention, in seq order, bounds what may go: the
+            # delete then reads about what it deletes, not the whole retained log (as
+            # it did, in the writer's thread, every 30 s). A row published after a
+            # younger one (the clock set back) is kept longer, never pruned early.
+            young = conn.execute(
+                "SELECT seq FROM log WHERE seq < ? AND published_at >= ? ORDER BY seq LIMIT 1",
+                (limit, cutoff),
+            ).fetchone()
+            if young is not None:
+                limit = young[0]
             return conn.execute(
                 "DELETE FROM log WHERE seq < ? AND published_at < ?", (limit, cutoff)
             ).rowcount
