@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: one nerve run per broker with py-spy on its consumer, one raw run "
         "beside it; writes results/profile-BROKER.md",
     )
+    brk.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="instead: the instructions per event of nerve's consumer draining --events "
+        "events, per broker (callgrind; --runs rounds)",
+    )
     _add_compare(sub)
     obs = sub.add_parser(
         "observe", help="what metrics and tracing cost: throughput with and without, side by side"
@@ -166,6 +172,11 @@ def _brokers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from benchmarks.brokers import run_profiles
 
         run_profiles(settings, console)
+        return 0
+    if args.callgrind:
+        from benchmarks.brokers import run_callgrind
+
+        print(orjson.dumps(run_callgrind(settings, console)).decode(), flush=True)
         return 0
     summary = run_brokers(settings, console)
     sys.stdout.flush()

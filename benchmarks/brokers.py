@@ -25,8 +25,10 @@ import asyncio
 import contextlib
 import importlib.metadata
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +46,7 @@ from benchmarks.embedded import (
     RESULTS_DIR,
     ROOT,
     RUNS_DIR,
+    _env,
     _fail,
     cpu_by_name,
     cpu_seconds,
@@ -642,3 +645,95 @@ def _has_dist(name: str) -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------
+# Instructions per event of nerve's consumer (callgrind)
+
+
+def run_callgrind(settings: Settings, console: Console) -> dict[str, Any]:
+    """``benchmarks brokers --callgrind``: per broker, the instructions nerve's consumer
+    spends per event, counted instead of timed (repeatable to about 0.5% where the
+    end-to-end figures of this machine swing by 20-30% between runs).
+
+    Each round: a fresh stream/queue/prefix/schema; the group declared and ``--events``
+    events published first (``python -m benchmarks._producer throughput``, batches of
+    ``--batch``); then a consumer (``python -m benchmarks.observe drain``: a runtime of
+    ``benchmarks.apps:app``, one no-op function, metrics on, no tracing, run as
+    ``nerve run`` runs it: uvloop and its GC settings; a fresh SQLite store, or on
+    PostgreSQL the default store in the same database) drains them under ``valgrind
+    --tool=callgrind``, counted from its start to the last event handled, its main
+    thread (the event loop) apart from the others (the store's SQLite threads, the
+    client libraries' own). The broker server is not counted (``benchmarks
+    redis-server`` counts Redis's). Median [min-max] of ``--runs`` rounds.
+    """
+    from benchmarks.observe import _instrument_helper, count_drain
+
+    if not shutil.which("valgrind"):
+        raise SystemExit("--callgrind needs valgrind (Debian package 'valgrind')")
+    helper = _instrument_helper()
+    if helper is None:
+        raise SystemExit("--callgrind needs a C compiler and valgrind's headers (valgrind-dev)")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    base = RUNS_DIR / f"brokers-callgrind-{stamp}"
+    counts: dict[str, list[tuple[float, float]]] = {b: [] for b in settings.brokers}
+    with _progress(console) as progress:
+        task = progress.add_task("drains counted", total=len(settings.brokers) * settings.runs)
+        for broker in settings.brokers:
+            for r in range(1, settings.runs + 1):
+                logdir = base / f"{broker}-{r}"
+                logdir.mkdir(parents=True, exist_ok=True)
+                name = f"cg_{stamp[-6:]}_{r}"
+                if broker == "rabbitmq":
+                    name = name.replace("_", ".")
+                url = NERVE_URLS[broker].format(name=name)
+                env = {"NERVE_METRICS": "1"}
+                if broker != "postgres":
+                    env["NERVE_STORE"] = f"sqlite:///{logdir / 'store.db'}"
+                try:
+                    _published(url, settings, logdir, env)
+                    total, main = count_drain(logdir, url, settings.events, env, helper)
+                finally:
+                    asyncio.run(nerve_teardown(broker, name))
+                counts[broker].append((total / settings.events, main / settings.events))
+                progress.advance(task)
+    shutil.rmtree(base, ignore_errors=True)
+    table = Table(
+        title="nerve's consumer: instructions per event (callgrind)",
+        caption=f"{settings.events:,} events drained; median \\[min-max] of {settings.runs}",
+    )
+    for column in ("broker", "all threads", "event loop (main thread)", "other threads"):
+        table.add_column(column, justify="left" if column == "broker" else "right")
+    summary: dict[str, Any] = {}
+    for broker, rounds in counts.items():
+        totals, mains = [t for t, _ in rounds], [m for _, m in rounds]
+        others = [t - m for t, m in rounds]
+        table.add_row(broker, *(_spread(values) for values in (totals, mains, others)))
+        summary[broker] = {
+            "instructions_per_event": round(statistics.median(totals)),
+            "event_loop_thread": round(statistics.median(mains)),
+            "other_threads": round(statistics.median(others)),
+        }
+    console.print(table)
+    return summary
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} [{min(values):,.0f}-{max(values):,.0f}]"
+
+
+def _published(url: str, settings: Settings, logdir: Path, env: dict[str, str]) -> None:
+    """The drain's group declared (a drain of no events) and ``settings.events``
+    events published to it, before the counted consumer starts."""
+    steps = (
+        [PYTHON, "-m", "benchmarks.observe", "drain", url, "0"],
+        [PYTHON, "-m", "benchmarks._producer", "throughput", url, str(settings.events),
+         str(settings.batch)],
+    )  # fmt: skip
+    for cmd in steps:
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=_env(**env), capture_output=True, timeout=RUN_TIMEOUT, check=False
+        )
+        if done.returncode != 0:
+            (logdir / "prepare.log").write_bytes(done.stdout + done.stderr)
+            raise _fail(f"{' '.join(cmd[1:4])} exited with code {done.returncode}", logdir)

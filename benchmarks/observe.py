@@ -374,8 +374,9 @@ def _instrument_helper() -> Path | None:
 def drain_main(argv: list[str]) -> None:
     """``python -m benchmarks.observe drain URL N [HELPER]``: start a runtime of
     ``benchmarks.apps:app`` (metrics as ``NERVE_METRICS`` says, tracing as the OTEL_*
-    variables say), handle N events, export the queued spans, stop. With HELPER
-    (the callgrind library), count only from start to the last export."""
+    variables say, the store ``NERVE_STORE`` or the broker's default), handle N events,
+    export the queued spans, stop. With HELPER (the callgrind library), count only from
+    start to the last export."""
     import asyncio
     import ctypes
 
@@ -388,7 +389,9 @@ def drain_main(argv: list[str]) -> None:
     times = os.environ.get("NERVE_BENCH_TIMES", "")
 
     async def drain() -> None:
-        async with Runtime(app, broker=url, metrics=os.environ.get("NERVE_METRICS") == "1") as rt:
+        metrics = os.environ.get("NERVE_METRICS") == "1"
+        store = os.environ.get("NERVE_STORE") or None  # None: the default beside the broker
+        async with Runtime(app, broker=url, store=store, metrics=metrics) as rt:
             runner = rt.runners["sink"]
             if helper is not None:
                 helper.nerve_bench_start()
@@ -442,7 +445,16 @@ def _instructions(
 ) -> tuple[int, int]:
     """Instructions counted in the draining process: (all threads, its main thread,
     where the event loop runs; the rest are SQLite workers and the span exporter)."""
-    url = _prepare(logdir, events, env)
+    return count_drain(logdir, _prepare(logdir, events, env), events, env, helper)
+
+
+def count_drain(
+    logdir: Path, url: str, events: int, env: dict[str, str], helper: Path | None
+) -> tuple[int, int]:
+    """Run :func:`drain_main` on ``url`` (``events`` events waiting there) under
+    callgrind, with ``env`` added to the environment: (instructions of all threads,
+    of the main thread). With ``helper``, counted from the runtime's start to the last
+    event handled; without, the whole process."""
     cmd = [
         "valgrind",
         "--tool=callgrind",

@@ -353,3 +353,35 @@ def test_redis_server_instructions_per_event_are_counted() -> None:
     summary = orjson.loads(done.stdout.decode().strip().splitlines()[-1])
     assert set(summary) == {"steady"}
     assert 20_000 < summary["steady"] < 1_000_000, summary
+
+
+@pytest.mark.slow
+def test_consumer_instructions_per_event_are_counted_per_broker() -> None:
+    """``brokers --callgrind``: a real nerve consumer drains events published to a real
+    Redis under callgrind; its instructions per event are in the range a Python
+    consumer costs (not zero, not millions), the event loop's thread counted apart,
+    and what the round created on the server is deleted afterwards."""
+    import redis
+
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "brokers", "--callgrind", "--brokers", "redis",
+         "--runs", "1", "--events", "200"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    summary = orjson.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert set(summary) == {"redis"}
+    counted = summary["redis"]
+    assert 20_000 < counted["event_loop_thread"] <= counted["instructions_per_event"], counted
+    assert counted["instructions_per_event"] < 2_000_000, counted
+    split = counted["instructions_per_event"] - counted["event_loop_thread"]
+    assert abs(counted["other_threads"] - split) <= 1, counted  # (each a rounded median)
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        assert not list(client.scan_iter(match="cg_*", count=1000))
+    finally:
+        client.close()
