@@ -677,6 +677,45 @@ async def test_a_failed_commit_releases_its_light_units_and_still_acks_the_rest(
     assert sorted(calls) == [("heavy", 1), ("light-1", 1), ("light-2", 1), ("light-2", 2)]
 
 
+async def test_records_handled_while_the_commit_interval_runs_join_that_commit(
+    tmp_path: Path,
+) -> None:
+    """A store that commits idempotency records at most every 0.3 s: the first event's
+    record commits at once, and the events handled during the interval that follows
+    commit together when it ends, in one commit. Once, the runner took its batch before
+    waiting the interval out: what was handled meanwhile waited a whole interval more
+    for its commit and ack, and a busy consumer ran into its in-flight limit."""
+    from nerve.store import SqliteStore
+
+    app = make_app()
+    handled: list[str] = []
+
+    @app.function("order.placed")
+    async def note(order: OrderPlaced, ctx: Context) -> None:
+        handled.append(order.order_id)
+
+    store = SqliteStore(f"sqlite:///{tmp_path / 'store.db'}", commit_interval=0.3)
+    async with Runtime(app, sqlite_url(tmp_path), store) as rt:
+        sizes: list[int] = []
+        real = rt.store.commit_records
+
+        async def counted(items: Any) -> Any:
+            sizes.append(len(items))
+            return await real(items)
+
+        rt.store.commit_records = counted  # type: ignore[method-assign]
+        await rt.client.publish(OrderPlaced(order_id="first"))
+        await until(lambda: sizes == [1], what="the first commit")
+        started = time.monotonic()
+        for i in range(3):
+            await rt.client.publish(OrderPlaced(order_id=f"later-{i}"))
+            await until(lambda n=2 + i: len(handled) == n, what=f"later-{i} handled")
+        assert time.monotonic() - started < 0.3, "too slow to land within the interval"
+        await rt.wait_idle(timeout=10)
+        assert sizes == [1, 3]
+        assert rt.runners["note"].stats.processed == 4
+
+
 async def test_failed_handler_writes_are_rolled_back(broker: str) -> None:
     calls: list[tuple[str, int]] = []
     app = recording_app(calls, fail_first=True)

@@ -584,7 +584,9 @@ class FunctionRunner:
 
     async def _finish_batches(self) -> None:
         """Commit, publish and ack successful deliveries, a batch at a time, in two
-        overlapping stages: batch N is acked while batch N+1 is committed."""
+        overlapping stages: batch N is acked while batch N+1 is committed. A batch of
+        records alone (no emitted events) is taken once the store's commit interval
+        allows its commit, with all that was handled until then."""
         acking: asyncio.Task[None] | None = None
         try:
             while True:
@@ -594,6 +596,11 @@ class FunctionRunner:
                     await acking  # more may arrive meanwhile: look again
                     acking = None
                     continue
+                light = [d for d in self._done if not d.committed]
+                if light and not any(d.emitted for d in light):
+                    # the store's commit interval first, the batch then: what is handled
+                    # meanwhile joins this commit (its ack would wait an interval more)
+                    await self.runtime.store.records_due()
                 batch, self._done = self._done, []
                 batch = await self._commit_batch(batch)
                 if acking is not None:

@@ -249,6 +249,10 @@ class PostgresStore:
                 seen.add(event_id)
         return seen, ask
 
+    async def records_due(self) -> None:
+        """Records commit as they come here (no commit interval): nothing to wait for
+        (:meth:`SqliteStore.records_due <nerve.store.sqlite.SqliteStore.records_due>`)."""
+
     async def commit_records(
         self, items: Sequence[tuple[str, str, list[bytes]]]
     ) -> list[list[int] | None]:

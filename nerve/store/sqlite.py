@@ -195,13 +195,20 @@ class SqliteStore:
         For units that never touched ctx.store. Returns, per item, its outbox row ids,
         or None if it had been processed already.
         """
-        now = time.monotonic()
-        if self._next_commit > now and not any(outbox for _, _, outbox in items):
-            await asyncio.sleep(self._next_commit - now)  # one commit an interval, at most
-            now = time.monotonic()
-        self._next_commit = now + self._commit_interval
+        if not any(outbox for _, _, outbox in items):
+            await self.records_due()  # one commit an interval, at most
+        self._next_commit = time.monotonic() + self._commit_interval
         rows = list(items)
         return await self._in_turn(lambda conn: _record_many(conn, rows))
+
+    async def records_due(self) -> None:
+        """Wait until the next commit of records without outbox rows may start (at most
+        one an interval, see :data:`COMMIT_INTERVAL`). Whoever gathers records for
+        :meth:`commit_records` waits here *before* taking them, so that the records that
+        come meanwhile join that commit instead of waiting for the next one."""
+        wait = self._next_commit - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     # -- write turns and group commit --------------------------------------------------
     #
