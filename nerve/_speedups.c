@@ -8,6 +8,9 @@
  * Decoding:
  * - extension_names(extra, attributes): the keys of a document that are in the set
  *   `extra`, in the document's order.
+ * - register_decoding(reserved, checked, fromisoformat), plain_event(attributes, data):
+ *   the event nerve.event.from_attributes builds from a dict of plain attributes (the
+ *   common case), None for anything else, which the Python code then builds or refuses.
  * Tracing (nerve.observe):
  * - parse_traceparent(value): a W3C traceparent (version 00) as the parent tuple
  *   (trace_id, span_id, sampled, "", True), None when invalid.
@@ -31,7 +34,7 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 8
+#define SPEEDUPS_ABI 9
 
 static signed char HEX[256];
 
@@ -39,6 +42,14 @@ static signed char HEX[256];
 #define EVENT_SLOTS 10
 static PyTypeObject *EVENT_TYPE;
 static Py_ssize_t EVENT_OFFSETS[EVENT_SLOTS];
+/* The same offsets by field name, in this order (-1 until register_event found all). */
+static const char *const EVENT_FIELDS[EVENT_SLOTS] = {
+    "type", "source", "id", "specversion", "time",
+    "subject", "datacontenttype", "dataschema", "data", "extensions",
+};
+enum { F_TYPE, F_SOURCE, F_ID, F_SPECVERSION, F_TIME, F_SUBJECT, F_CONTENTTYPE, F_SCHEMA,
+       F_DATA, F_EXTENSIONS };
+static Py_ssize_t FIELD_OFFSETS[EVENT_SLOTS] = {-1};
 static Py_ssize_t EXTENSIONS_OFFSET = -1, TYPE_OFFSET = -1, ID_OFFSET = -1;
 
 #define SLOT(object, offset) (*(PyObject **)((char *)(object) + (offset)))
@@ -1563,6 +1574,10 @@ register_event(PyObject *module, PyObject *type)
         return NULL;
     }
     Py_ssize_t offsets[EVENT_SLOTS], extensions = -1, type_offset = -1, id_offset = -1;
+    Py_ssize_t named[EVENT_SLOTS];
+    for (int f = 0; f < EVENT_SLOTS; f++) {
+        named[f] = -1;
+    }
     for (Py_ssize_t i = 0; i < EVENT_SLOTS; i++) {
         PyObject *name = PyTuple_GET_ITEM(names, i);
         PyObject *descr = PyDict_GetItemWithError(((PyTypeObject *)type)->tp_dict, name);
@@ -1575,6 +1590,11 @@ register_event(PyObject *module, PyObject *type)
             return NULL;
         }
         offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        for (int f = 0; f < EVENT_SLOTS; f++) {
+            if (PyUnicode_CompareWithASCIIString(name, EVENT_FIELDS[f]) == 0) {
+                named[f] = offsets[i];
+            }
+        }
         if (PyUnicode_CompareWithASCIIString(name, "extensions") == 0) {
             extensions = offsets[i];
         }
@@ -1591,6 +1611,16 @@ register_event(PyObject *module, PyObject *type)
         return NULL;
     }
     memcpy(EVENT_OFFSETS, offsets, sizeof offsets);
+    int all_named = 1;
+    for (int f = 0; f < EVENT_SLOTS; f++) {
+        all_named &= named[f] >= 0;
+    }
+    if (all_named) {
+        memcpy(FIELD_OFFSETS, named, sizeof named);
+    }
+    else {
+        FIELD_OFFSETS[0] = -1; /* plain_event then builds nothing */
+    }
     EXTENSIONS_OFFSET = extensions;
     TYPE_OFFSET = type_offset;
     ID_OFFSET = id_offset;
@@ -1652,6 +1682,182 @@ traced_copy(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return copy;
 }
 
+/* Decoding: what register_decoding was given (nerve.event's _RESERVED, its set of
+ * extension names checked already, and datetime.fromisoformat). */
+static PyObject *D_reserved, *D_checked, *D_fromisoformat;
+static PyObject *S_specversion, *S_time, *S_subject, *S_datacontenttype, *S_dataschema,
+    *S_source, *S_tzinfo, *S_one_zero;
+
+static PyObject *
+register_decoding(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3 || !PyAnySet_Check(args[0]) || !PySet_Check(args[1])
+        || !PyCallable_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "register_decoding(reserved: frozenset, checked: set, fromisoformat)");
+        return NULL;
+    }
+    Py_XSETREF(D_reserved, Py_NewRef(args[0]));
+    Py_XSETREF(D_checked, Py_NewRef(args[1]));
+    Py_XSETREF(D_fromisoformat, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
+/* attributes[key] when it is absent, None or an exact str: 1 (value borrowed, NULL for
+ * absent or None); 0 when it is anything else; -1 on error. */
+static int
+optional_text(PyObject *attributes, PyObject *key, PyObject **value)
+{
+    PyObject *found = PyDict_GetItemWithError(attributes, key);
+    if (found == NULL) {
+        *value = NULL;
+        return PyErr_Occurred() ? -1 : 1;
+    }
+    if (found == Py_None) {
+        *value = NULL;
+        return 1;
+    }
+    *value = found;
+    return PyUnicode_CheckExact(found) ? 1 : 0;
+}
+
+/* attributes[key] when it is a non-empty exact str (borrowed), else NULL (an error set
+ * only if the look-up failed). */
+static PyObject *
+required_text(PyObject *attributes, PyObject *key)
+{
+    PyObject *found = PyDict_GetItemWithError(attributes, key);
+    if (found != NULL && PyUnicode_CheckExact(found) && PyUnicode_GET_LENGTH(found) > 0) {
+        return found;
+    }
+    return NULL;
+}
+
+/* plain_event(attributes, data): the event from_attributes(attributes, data) builds,
+ * when attributes is a dict with non-empty str id, source and type, specversion "1.0",
+ * subject, datacontenttype and dataschema absent, None or str, time absent, None or
+ * an RFC 3339 str with an offset, and every other key (not reserved) None or a str
+ * under a name checked already; else None, and from_attributes does the work (and
+ * raises its errors) in Python. */
+static PyObject *
+plain_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "plain_event(attributes, data)");
+        return NULL;
+    }
+    PyObject *attributes = args[0], *data = args[1];
+    if (EVENT_TYPE == NULL || FIELD_OFFSETS[0] < 0 || D_reserved == NULL
+        || !PyDict_CheckExact(attributes)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *id = required_text(attributes, S_id);
+    PyObject *source = id ? required_text(attributes, S_source) : NULL;
+    PyObject *type = source ? required_text(attributes, S_type) : NULL;
+    if (type == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *version = PyDict_GetItemWithError(attributes, S_specversion);
+    if (version == NULL || !PyUnicode_CheckExact(version)
+        || PyUnicode_Compare(version, S_one_zero) != 0) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *subject, *content_type, *schema, *time_text;
+    int plain;
+    if ((plain = optional_text(attributes, S_subject, &subject)) != 1
+        || (plain = optional_text(attributes, S_datacontenttype, &content_type)) != 1
+        || (plain = optional_text(attributes, S_dataschema, &schema)) != 1
+        || (plain = optional_text(attributes, S_time, &time_text)) != 1) {
+        if (plain < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *when = NULL;
+    if (time_text != NULL) {
+        when = PyObject_CallOneArg(D_fromisoformat, time_text);
+        if (when == NULL) { /* not RFC 3339: Python says what is wrong */
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        PyObject *zone = PyObject_GetAttr(when, S_tzinfo);
+        if (zone == NULL) {
+            Py_DECREF(when);
+            return NULL;
+        }
+        Py_DECREF(zone);
+        if (zone == Py_None) { /* no offset: refused, in Python */
+            Py_DECREF(when);
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *extensions = PyDict_New();
+    if (extensions == NULL) {
+        Py_XDECREF(when);
+        return NULL;
+    }
+    Py_ssize_t at = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(attributes, &at, &key, &value)) {
+        int reserved = PySet_Contains(D_reserved, key);
+        if (reserved < 0) {
+            goto fail;
+        }
+        if (reserved || value == Py_None) {
+            continue;
+        }
+        int checked = PyUnicode_CheckExact(value) ? PySet_Contains(D_checked, key) : 0;
+        if (checked < 0) {
+            goto fail;
+        }
+        if (!checked) { /* a name or value Python must check first */
+            Py_DECREF(extensions);
+            Py_XDECREF(when);
+            Py_RETURN_NONE;
+        }
+        if (PyDict_SetItem(extensions, key, value) < 0) {
+            goto fail;
+        }
+    }
+    PyObject *proxy = PyDictProxy_New(extensions);
+    Py_DECREF(extensions);
+    if (proxy == NULL) {
+        Py_XDECREF(when);
+        return NULL;
+    }
+    PyObject *event = EVENT_TYPE->tp_alloc(EVENT_TYPE, 0);
+    if (event == NULL) {
+        Py_DECREF(proxy);
+        Py_XDECREF(when);
+        return NULL;
+    }
+#define FIELD(f) (*(PyObject **)((char *)event + FIELD_OFFSETS[f]))
+    FIELD(F_TYPE) = Py_NewRef(type);
+    FIELD(F_SOURCE) = Py_NewRef(source);
+    FIELD(F_ID) = Py_NewRef(id);
+    FIELD(F_SPECVERSION) = Py_NewRef(S_one_zero);
+    FIELD(F_TIME) = when != NULL ? when : Py_NewRef(Py_None);
+    FIELD(F_SUBJECT) = Py_NewRef(subject != NULL ? subject : Py_None);
+    FIELD(F_CONTENTTYPE) = Py_NewRef(content_type != NULL ? content_type : Py_None);
+    FIELD(F_SCHEMA) = Py_NewRef(schema != NULL ? schema : Py_None);
+    FIELD(F_DATA) = Py_NewRef(data);
+    FIELD(F_EXTENSIONS) = proxy;
+#undef FIELD
+    return event;
+fail:
+    Py_DECREF(extensions);
+    Py_XDECREF(when);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"parse_traceparent", (PyCFunction)parse_traceparent, METH_O,
      "A W3C traceparent as (trace_id, span_id, sampled, '', True); None when invalid."},
@@ -1665,6 +1871,11 @@ static PyMethodDef methods[] = {
      "The W3C traceparent of a started span."},
     {"register_event", (PyCFunction)register_event, METH_O,
      "The event class traced_copy copies (its slots' offsets are read once)."},
+    {"register_decoding", (PyCFunction)(void (*)(void))register_decoding, METH_FASTCALL,
+     "What plain_event checks against: reserved names, checked extension names, the "
+     "time parser."},
+    {"plain_event", (PyCFunction)(void (*)(void))plain_event, METH_FASTCALL,
+     "The event from_attributes builds from plain attributes; None for anything else."},
     {"traced_copy", (PyCFunction)(void (*)(void))traced_copy, METH_FASTCALL,
      "A copy of an event with its traceparent and tracestate extensions set."},
     {"start_span", (PyCFunction)(void (*)(void))start_span, METH_FASTCALL,
@@ -1701,6 +1912,14 @@ PyInit__speedups(void)
     INTERN(S_values, "values")
     INTERN(S_type, "type")
     INTERN(S_copy, "copy")
+    INTERN(S_specversion, "specversion")
+    INTERN(S_time, "time")
+    INTERN(S_subject, "subject")
+    INTERN(S_datacontenttype, "datacontenttype")
+    INTERN(S_dataschema, "dataschema")
+    INTERN(S_source, "source")
+    INTERN(S_tzinfo, "tzinfo")
+    INTERN(S_one_zero, "1.0")
     INTERN(S_event, "event")
     INTERN(S_attempt, "attempt")
     INTERN(S_trace, "trace")

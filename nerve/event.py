@@ -290,6 +290,9 @@ _set = object.__setattr__  # how a frozen dataclass sets its own fields
 _extension_names: Callable[[set[str], dict[str, Any]], list[str]] | None = (
     None if _speedups is None else _speedups.extension_names
 )
+_plain_event: Callable[[Mapping[str, Any], Any], Event | None] | None = None
+"""``_speedups.plain_event`` once it knows :class:`Event`, what is reserved and the
+extension names checked (registered below, after ``_checked_names``)."""
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
@@ -349,6 +352,11 @@ def to_attributes(event: Event) -> dict[str, Any]:
 
 _fromisoformat = datetime.fromisoformat
 
+if _speedups is not None:
+    _speedups.register_event(Event)
+    _speedups.register_decoding(_RESERVED, _checked_names, _fromisoformat)
+    _plain_event = _speedups.plain_event
+
 
 def _parse_time(value: object) -> datetime:
     if isinstance(value, datetime):
@@ -403,8 +411,14 @@ def from_attributes(attributes: Mapping[str, Any], data: Any = None) -> Event:
     """Build an event from context attributes (as a binding receives them) and data.
 
     Checks exactly what :class:`Event` checks, with the same errors, but builds the
-    event directly: this is the receive path of every transport, run once per event.
+    event directly: this is the receive path of every transport, run once per event
+    (in C, ``_speedups.plain_event``, when the attributes are plain: a dict of strings
+    whose extension names were checked before; anything else is built here).
     """
+    if _plain_event is not None:
+        built = _plain_event(attributes, data)
+        if built is not None:
+            return built
     get = attributes.get
     event_id, source, type_ = get("id"), get("source"), get("type")
     if not (

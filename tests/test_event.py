@@ -640,3 +640,108 @@ def test_the_c_extension_picker_keeps_the_documents_order(
     assert speedups.extension_names(extra, attributes) == list(
         filter(extra.__contains__, attributes)
     )
+
+
+def _c_speedups() -> Any:
+    from nerve._native import speedups
+
+    if speedups is None:
+        if os.environ.get("CI") and os.environ.get("NERVE_SPEEDUPS") != "0":
+            pytest.fail("nerve._speedups was not built (see hatch_build.py)")
+        pytest.skip("nerve._speedups was not built or is switched off")
+    return speedups
+
+
+def _python_built(attributes: dict[str, Any], data: Any) -> Event | BaseException:
+    """What from_attributes gives without its C fast path: the event, or the error."""
+    from nerve import event as codec
+
+    fast, codec._plain_event = codec._plain_event, None
+    try:
+        return codec.from_attributes(attributes, data)
+    except InvalidEvent as exc:
+        return exc
+    finally:
+        codec._plain_event = fast
+
+
+def _fields(event: Event) -> tuple[Any, ...]:
+    names = [f.name for f in dataclasses.fields(event) if f.name != "extensions"]
+    return (type(event), *(getattr(event, n) for n in names), list(event.extensions.items()))
+
+
+def test_the_c_decoder_builds_plain_events_and_leaves_the_rest_to_python() -> None:
+    """The common event (string attributes, an extension name seen before) is built in
+    C, the same as Python builds it; an unseen extension name, a time without offset, a
+    non-string value are left to Python (None), which checks and refuses them."""
+    speedups = _c_speedups()
+    from nerve import event as codec
+
+    doc = _doc(subject="s", dataschema="nerve:schema/t/1", partitionkey="k", data={"a": 1})
+    expected = _python_built(doc, doc["data"])  # (checks the name 'partitionkey' once)
+    built = speedups.plain_event(doc, doc["data"])
+    assert built is not None and codec._plain_event is speedups.plain_event
+    assert _fields(built) == _fields(expected)  # type: ignore[arg-type]
+    assert built.time == datetime(2024, 5, 1, 12, tzinfo=UTC)
+    for odd in (
+        _doc(neverseenbefore="x"),  # Python checks the name first
+        _doc(time="2024-05-01T12:00:00"),  # no offset: refused
+        _doc(partitionkey=7),  # an int extension: Python checks it
+        _doc(subject=3),  # refused
+        _doc(id=""),  # refused
+        _doc(specversion="0.3"),  # refused
+    ):
+        assert speedups.plain_event(odd, None) is None, odd
+
+
+_TEXTS = st.sampled_from(["", "x", "/s", "nerve:schema/t/1", "2024-05-01T12:00:00Z"])
+_VALUES = st.one_of(
+    st.none(), _TEXTS, st.integers(-2, 2), st.booleans(), st.floats(allow_nan=False)
+)
+_TIMES = st.one_of(
+    _VALUES,
+    st.sampled_from(
+        ["2024-05-01T12:00:00Z", "2024-05-01T12:00:00+02:00", "2024-05-01T12:00:00", "soon"]
+    ),
+)
+
+
+_PLAIN = {
+    "specversion": "1.0",
+    "id": "e1",
+    "source": "/s",
+    "type": "t",
+    "time": "2024-05-01T12:00:00Z",
+    "subject": "s",
+    "datacontenttype": "application/json",
+    "dataschema": "nerve:schema/t/1",
+    "partitionkey": "k",
+}
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sets(st.sampled_from(sorted(_PLAIN)), max_size=3),
+    st.dictionaries(
+        st.sampled_from([*_PLAIN, "data", "tenant", "seq", "Bad", "x" * 21]), _TIMES, max_size=3
+    ),
+    _VALUES,
+    st.sampled_from(
+        ["2024-05-01T12:00:00Z", "2024-05-01T12:00:00+02:00", "2024-05-01T12:00:00", "soon", 5]
+    ),
+)
+def test_the_c_decoder_builds_what_python_builds(
+    removed: set[str], changed: dict[str, Any], data: Any, when: Any
+) -> None:
+    """Whatever the attributes (a plain event's, some removed, some changed to other
+    values, extensions added), the C fast path either leaves them to Python (None) or
+    builds exactly the event Python builds (same class, fields and extensions in the
+    same order); it never builds one that Python refuses."""
+    speedups = _c_speedups()
+    attributes = {k: v for k, v in _PLAIN.items() if k not in removed} | {"time": when}
+    attributes |= changed
+    expected = _python_built(attributes, data)  # first: it checks new extension names
+    built = speedups.plain_event(attributes, data)
+    if built is not None:
+        assert isinstance(expected, Event), (attributes, expected)
+        assert _fields(built) == _fields(expected)
