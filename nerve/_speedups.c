@@ -1807,6 +1807,13 @@ plain_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t at = 0;
     PyObject *key, *value;
     while (PyDict_Next(attributes, &at, &key, &value)) {
+        if (!PyUnicode_CheckExact(key)) {
+            /* another kind of key: its hash or comparison could run Python code that
+             * changes the dict under this loop; Python handles it */
+            Py_DECREF(extensions);
+            Py_XDECREF(when);
+            Py_RETURN_NONE;
+        }
         int reserved = PySet_Contains(D_reserved, key);
         if (reserved < 0) {
             goto fail;

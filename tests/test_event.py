@@ -690,6 +690,7 @@ def test_the_c_decoder_builds_plain_events_and_leaves_the_rest_to_python() -> No
         _doc(subject=3),  # refused
         _doc(id=""),  # refused
         _doc(specversion="0.3"),  # refused
+        {**_doc(), 7: "x"},  # a key that is not a string: refused, in Python
     ):
         assert speedups.plain_event(odd, None) is None, odd
 
