@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -168,6 +169,34 @@ class Client:
         return validate
 
 
+YOUNG_THRESHOLD = 10_000
+"""Allocations between two collections of young objects after :func:`tune_gc` (700 by
+default)."""
+
+
+def tune_gc() -> None:
+    """Set Python's garbage collector up for a long-running consumer, as ``nerve run``
+    does: what exists now (modules, the App, what starting a :class:`Runtime` created)
+    is collected once and moved out of the cyclic collector's sight (:func:`gc.freeze`),
+    and young objects are collected every :data:`YOUNG_THRESHOLD` allocations instead
+    of 700.
+
+    Per event the runtime allocates dozens of short-lived containers, which reference
+    counting frees; with the default thresholds the collector ran every few events and
+    its older generations walked every module's objects again and again: 9% more
+    instructions per event on ``redis://`` and 16% on the embedded broker (callgrind,
+    3,000-event drains), and more in time, as those walks miss the caches.
+
+    Call it once your process has started its runtime (a web app that also consumes,
+    say), and again after starting more if you like: it is cheap. It is process-wide,
+    and frozen objects are never collected: not for a test suite that makes and drops
+    many runtimes.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_THRESHOLD, 10, 10)
+
+
 class Runtime:
     """Runs ``app``'s functions (all, or ``only`` some) until stopped.
 
@@ -176,7 +205,8 @@ class Runtime:
     At start the App's schemas are registered in ``registry`` (a URL or registry;
     default: ``schema.db`` beside the store); an incompatible change refuses to start
     (:class:`~nerve.schema.IncompatibleSchema`) unless ``allow_incompatible``.
-    Use as ``async with Runtime(app) as rt: ...`` or ``await Runtime(app).serve()``.
+    Use as ``async with Runtime(app) as rt: ...`` or ``await Runtime(app).serve()``; in
+    a long-running process of your own, call :func:`tune_gc` once it has started.
     """
 
     def __init__(
