@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 from shutil import which as shutil_which
+from typing import Any
 
 import orjson
 import pytest
@@ -21,19 +22,23 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.compare import Case, Series, Settings, deadline_seconds, goals, plan  # noqa: E402
 
 
-def _quick_compare(out: Path, workload: str, *args: str, timeout: float) -> bytes:
-    """``python -m benchmarks compare --quick`` of one workload on the embedded broker
-    alone, writing to ``out``; its standard output."""
-    command = [sys.executable, "-m", "benchmarks", "compare", "--quick"]
-    command += ["--workloads", workload, "--brokers", "sqlite", "--peers", "none"]
-    done = subprocess.run(
-        [*command, *args, "--out", str(out)],
+def _benchmarks(*args: str, timeout: float) -> subprocess.CompletedProcess[bytes]:
+    """``python -m benchmarks ARGS`` from the repository, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         capture_output=True,
         timeout=timeout,
         check=False,
     )
+
+
+def _quick_compare(out: Path, workload: str, *args: str, timeout: float) -> bytes:
+    """``python -m benchmarks compare --quick`` of one workload on the embedded broker
+    alone, writing to ``out``; its standard output."""
+    command = ["compare", "--quick", "--workloads", workload, "--brokers", "sqlite"]
+    done = _benchmarks(*command, "--peers", "none", *args, "--out", str(out), timeout=timeout)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     return done.stdout
 
@@ -140,14 +145,7 @@ def test_plan_alternates_systems_and_bounds_every_run() -> None:
     ],
 )
 def test_bad_options_say_what_is_wrong(args: list[str], message: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", *args],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    done = _benchmarks(*args, timeout=60)
     assert done.returncode == 2
     assert message in done.stderr.decode()
 
@@ -331,6 +329,14 @@ def test_observe_drain_times_a_consumer_draining_published_events(tmp_path: Path
     assert times["events"] == 299 and times["dropped_spans"] == result["dropped_spans"] == 0
 
 
+def _benchmark_summary(*args: str) -> Any:
+    """Run ``python -m benchmarks ARGS`` (a callgrind count); its last line, the JSON
+    summary, parsed."""
+    done = _benchmarks(*args, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return orjson.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not all(map(shutil_which, ("valgrind", "redis-server", "redis-cli"))),
@@ -340,22 +346,16 @@ def test_redis_server_instructions_per_event_are_counted() -> None:
     """A real count: a redis-server under callgrind, the adapter's publish, claim and
     ack of 100 and 400 events; the difference per event is in the range a Lua-scripted
     queue costs (tens of thousands of instructions, not zero, not millions)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "redis-server", "--events", "100",
-         "--workloads", "steady"],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        capture_output=True,
-        timeout=600,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    summary = orjson.loads(done.stdout.decode().strip().splitlines()[-1])
+    summary = _benchmark_summary("redis-server", "--events", "100", "--workloads", "steady")
     assert set(summary) == {"steady"}
     assert 20_000 < summary["steady"] < 1_000_000, summary
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not all(map(shutil_which, ("valgrind", "cc"))),
+    reason="needs valgrind and a C compiler (tools, not servers nerve talks to)",
+)
 def test_consumer_instructions_per_event_are_counted_per_broker() -> None:
     """``brokers --callgrind``: a real nerve consumer drains events published to a real
     Redis under callgrind; its instructions per event are in the range a Python
@@ -363,17 +363,9 @@ def test_consumer_instructions_per_event_are_counted_per_broker() -> None:
     and what the round created on the server is deleted afterwards."""
     import redis
 
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "brokers", "--callgrind", "--brokers", "redis",
-         "--runs", "1", "--events", "200"],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        capture_output=True,
-        timeout=600,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    summary = orjson.loads(done.stdout.decode().strip().splitlines()[-1])
+    summary = _benchmark_summary(
+        "brokers", "--callgrind", "--brokers", "redis", "--runs", "1", "--events", "200"
+    )
     assert set(summary) == {"redis"}
     counted = summary["redis"]
     assert 20_000 < counted["event_loop_thread"] <= counted["instructions_per_event"], counted
