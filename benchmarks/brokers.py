@@ -333,8 +333,7 @@ def stat(runs: list[dict[str, float]], key: str = "events_per_s") -> tuple[float
 
 
 def fmt(runs: list[dict[str, float]]) -> str:
-    med, lo, hi = stat(runs)
-    return f"{med:,.0f} [{lo:,.0f}-{hi:,.0f}]"
+    return _spread([r["events_per_s"] for r in runs])
 
 
 def results_table(results: dict[str, dict[str, list[dict[str, float]]]], s: Settings) -> Table:
@@ -723,17 +722,13 @@ def _spread(values: list[float]) -> str:
 
 
 def _published(url: str, settings: Settings, logdir: Path, env: dict[str, str]) -> None:
-    """The drain's group declared (a drain of no events) and ``settings.events``
-    events published to it, before the counted consumer starts."""
-    steps = (
-        [PYTHON, "-m", "benchmarks.observe", "drain", url, "0"],
-        [PYTHON, "-m", "benchmarks._producer", "throughput", url, str(settings.events),
-         str(settings.batch)],
-    )  # fmt: skip
-    for cmd in steps:
-        done = subprocess.run(
-            cmd, cwd=ROOT, env=_env(**env), capture_output=True, timeout=RUN_TIMEOUT, check=False
-        )
-        if done.returncode != 0:
-            (logdir / "prepare.log").write_bytes(done.stdout + done.stderr)
-            raise _fail(f"{' '.join(cmd[1:4])} exited with code {done.returncode}", logdir)
+    """The drain's group declared and ``settings.events`` events published to it, before
+    the counted consumer starts (a failure's output goes to ``prepare.log``)."""
+    from benchmarks.observe import publish_backlog
+
+    full = _env(**env)
+    try:
+        publish_backlog(url, settings.events, settings.batch, full, full, timeout=RUN_TIMEOUT)
+    except subprocess.CalledProcessError as exc:
+        (logdir / "prepare.log").write_bytes((exc.stdout or b"") + (exc.stderr or b""))
+        raise _fail(f"{' '.join(exc.cmd[1:4])} exited with code {exc.returncode}", logdir) from None

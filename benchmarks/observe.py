@@ -432,12 +432,30 @@ def _prepare(logdir: Path, events: int, config: dict[str, str]) -> str:
     env = _env(NERVE_METRICS="0")
     for name in _OTEL_NAMES:
         env.pop(name, None)
-    run = [PYTHON, "-m", "benchmarks.observe", "drain", url, "0"]
-    subprocess.run(run, cwd=ROOT, env=env, check=True, capture_output=True)  # the group
-    env.update((k, v) for k, v in config.items() if k.startswith("OTEL_"))
-    produce = [PYTHON, "-m", "benchmarks._producer", "throughput", url, str(events), "100"]
-    subprocess.run(produce, cwd=ROOT, env=env, check=True, capture_output=True)
+    traced = env | {k: v for k, v in config.items() if k.startswith("OTEL_")}
+    publish_backlog(url, events, 100, env, traced)
     return url
+
+
+def publish_backlog(
+    url: str,
+    events: int,
+    batch: int,
+    declare_env: dict[str, str],
+    produce_env: dict[str, str],
+    timeout: float | None = None,
+) -> None:
+    """``benchmarks.apps``' group declared on ``url`` (a drain of no events, with
+    ``declare_env``) and ``events`` events published to it (the throughput producer,
+    batches of ``batch``, with ``produce_env``): the backlog a counted drain takes.
+    Raises :class:`subprocess.CalledProcessError` (its output captured) if either fails."""
+    steps = (
+        ([PYTHON, "-m", "benchmarks.observe", "drain", url, "0"], declare_env),
+        ([PYTHON, "-m", "benchmarks._producer", "throughput", url, str(events), str(batch)],
+         produce_env),
+    )  # fmt: skip
+    for cmd, env in steps:
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=timeout)
 
 
 def _instructions(

@@ -1573,8 +1573,7 @@ register_event(PyObject *module, PyObject *type)
         PyErr_Format(PyExc_TypeError, "an event class with %d slots expected", EVENT_SLOTS);
         return NULL;
     }
-    Py_ssize_t offsets[EVENT_SLOTS], extensions = -1, type_offset = -1, id_offset = -1;
-    Py_ssize_t named[EVENT_SLOTS];
+    Py_ssize_t offsets[EVENT_SLOTS], named[EVENT_SLOTS];
     for (int f = 0; f < EVENT_SLOTS; f++) {
         named[f] = -1;
     }
@@ -1595,18 +1594,9 @@ register_event(PyObject *module, PyObject *type)
                 named[f] = offsets[i];
             }
         }
-        if (PyUnicode_CompareWithASCIIString(name, "extensions") == 0) {
-            extensions = offsets[i];
-        }
-        else if (PyUnicode_CompareWithASCIIString(name, "type") == 0) {
-            type_offset = offsets[i];
-        }
-        else if (PyUnicode_CompareWithASCIIString(name, "id") == 0) {
-            id_offset = offsets[i];
-        }
     }
     Py_DECREF(names);
-    if (extensions < 0 || type_offset < 0 || id_offset < 0) {
+    if (named[F_EXTENSIONS] < 0 || named[F_TYPE] < 0 || named[F_ID] < 0) {
         PyErr_SetString(PyExc_TypeError, "the event class has no type, id or extensions slot");
         return NULL;
     }
@@ -1621,9 +1611,9 @@ register_event(PyObject *module, PyObject *type)
     else {
         FIELD_OFFSETS[0] = -1; /* plain_event then builds nothing */
     }
-    EXTENSIONS_OFFSET = extensions;
-    TYPE_OFFSET = type_offset;
-    ID_OFFSET = id_offset;
+    EXTENSIONS_OFFSET = named[F_EXTENSIONS];
+    TYPE_OFFSET = named[F_TYPE];
+    ID_OFFSET = named[F_ID];
     Py_XSETREF(EVENT_TYPE, (PyTypeObject *)Py_NewRef(type));
     Py_RETURN_NONE;
 }
@@ -1810,9 +1800,7 @@ plain_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (!PyUnicode_CheckExact(key)) {
             /* another kind of key: its hash or comparison could run Python code that
              * changes the dict under this loop; Python handles it */
-            Py_DECREF(extensions);
-            Py_XDECREF(when);
-            Py_RETURN_NONE;
+            goto not_plain;
         }
         int reserved = PySet_Contains(D_reserved, key);
         if (reserved < 0) {
@@ -1826,9 +1814,7 @@ plain_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
         if (!checked) { /* a name or value Python must check first */
-            Py_DECREF(extensions);
-            Py_XDECREF(when);
-            Py_RETURN_NONE;
+            goto not_plain;
         }
         if (PyDict_SetItem(extensions, key, value) < 0) {
             goto fail;
@@ -1859,6 +1845,10 @@ plain_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     FIELD(F_EXTENSIONS) = proxy;
 #undef FIELD
     return event;
+not_plain:
+    Py_DECREF(extensions);
+    Py_XDECREF(when);
+    Py_RETURN_NONE;
 fail:
     Py_DECREF(extensions);
     Py_XDECREF(when);
