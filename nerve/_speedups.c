@@ -22,7 +22,8 @@
  *   starter(function, ctx_type) is what the runner calls with each attempt's ctx.
  * - register_event(Event), traced_copy(event, traceparent, tracestate): an event
  *   copied with its trace extensions.
- * - encode_span(s), encode_spans(batch, ...): spans as OTLP protobuf.
+ * - encode_span(s), encode_spans(batch, ...): spans as OTLP protobuf; SpanWriter: one
+ *   span as it ends (the pipeline of an OTLP/HTTP exporter queues bytes, not spans).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,7 +35,7 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 9
+#define SPEEDUPS_ABI 10
 
 static signed char HEX[256];
 
@@ -800,9 +801,50 @@ encode_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyObject *S_head, *S_prefixes;
 
-/* encode_spans(batch, detailed, other_value): OtlpEncoder.spans, the loop in C: a span
- * of SpanFields that is not detailed from its layout's head and prefixes, any other
- * through detailed(span). */
+/* The layout last written (a new reference each, or NULL): its head and prefixes are
+ * read once for a run of spans of one layout. */
+typedef struct {
+    PyObject *layout, *head, *prefixes;
+} LayoutParts;
+
+static void
+parts_clear(LayoutParts *parts)
+{
+    Py_CLEAR(parts->layout);
+    Py_CLEAR(parts->head);
+    Py_CLEAR(parts->prefixes);
+}
+
+/* One span as a ScopeSpans.spans field: a span of SpanFields that is not detailed from
+ * its layout's head and prefixes (kept in `parts`), any other through detailed(span). */
+static PyObject *
+encode_item(PyObject *span, PyObject *detailed, PyObject *other_value, LayoutParts *parts)
+{
+    SpanFields *s = (SpanFields *)span;
+    if (!PyObject_TypeCheck(span, &SpanFieldsType) || s->layout == Py_None
+        || s->detailed != Py_False) {
+        return PyObject_CallOneArg(detailed, span);
+    }
+    if (s->layout != parts->layout) {
+        PyObject *layout = Py_NewRef(s->layout); /* the span may change while we read */
+        parts_clear(parts);
+        parts->layout = layout;
+        parts->head = PyObject_GetAttr(layout, S_head);
+        parts->prefixes = PyObject_GetAttr(layout, S_prefixes);
+        if (parts->head == NULL || parts->prefixes == NULL) {
+            parts_clear(parts);
+            return NULL;
+        }
+        if (!PyBytes_Check(parts->head) || !PyTuple_Check(parts->prefixes)) {
+            parts_clear(parts);
+            PyErr_SetString(PyExc_TypeError, "a layout's head is bytes, its prefixes a tuple");
+            return NULL;
+        }
+    }
+    return encode_one(span, parts->head, parts->prefixes, other_value);
+}
+
+/* encode_spans(batch, detailed, other_value): OtlpEncoder.spans, the loop in C. */
 static PyObject *
 encode_spans(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -816,53 +858,133 @@ encode_spans(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(batch);
-    PyObject **items = PySequence_Fast_ITEMS(batch);
     PyObject *out = PyList_New(n);
-    PyObject *layout = NULL, *head = NULL, *prefixes = NULL; /* of the last layout seen */
+    LayoutParts parts = {NULL, NULL, NULL};
     if (out == NULL) {
         goto failed;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *span = items[i], *encoded;
-        SpanFields *s = (SpanFields *)span;
-        if (PyObject_TypeCheck(span, &SpanFieldsType) && s->layout != Py_None
-            && s->detailed == Py_False) {
-            if (s->layout != layout) {
-                Py_XSETREF(head, PyObject_GetAttr(s->layout, S_head));
-                Py_XSETREF(prefixes, PyObject_GetAttr(s->layout, S_prefixes));
-                if (head == NULL || prefixes == NULL) {
-                    goto failed;
-                }
-                if (!PyBytes_Check(head) || !PyTuple_Check(prefixes)) {
-                    PyErr_SetString(PyExc_TypeError, "a layout's head is bytes, its "
-                                                     "prefixes a tuple");
-                    goto failed;
-                }
-                Py_XSETREF(layout, Py_NewRef(s->layout));
-            }
-            encoded = encode_one(span, head, prefixes, args[2]);
+        /* the batch's items are read by index each time: detailed() may run any code */
+        if (i >= PySequence_Fast_GET_SIZE(batch)) {
+            PyErr_SetString(PyExc_RuntimeError, "encode_spans: the batch changed");
+            goto failed;
         }
-        else {
-            encoded = PyObject_CallOneArg(args[1], span);
-        }
+        PyObject *span = Py_NewRef(PySequence_Fast_GET_ITEM(batch, i));
+        PyObject *encoded = encode_item(span, args[1], args[2], &parts);
+        Py_DECREF(span);
         if (encoded == NULL) {
             goto failed;
         }
         PyList_SET_ITEM(out, i, encoded);
     }
-    Py_XDECREF(layout);
-    Py_XDECREF(head);
-    Py_XDECREF(prefixes);
+    parts_clear(&parts);
     Py_DECREF(batch);
     return out;
 failed:
-    Py_XDECREF(layout);
-    Py_XDECREF(head);
-    Py_XDECREF(prefixes);
+    parts_clear(&parts);
     Py_XDECREF(out);
     Py_DECREF(batch);
     return NULL;
 }
+
+/* -- SpanWriter: a span written as OTLP as it ends ----------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *detailed;
+    PyObject *other_value;
+    vectorcallfunc vectorcall;
+    LayoutParts parts; /* the layout of the last span written */
+} SpanWriter;
+
+/* writer(span): the span's ScopeSpans.spans field, what encode_spans([span], ...) gives. */
+static PyObject *
+writer_call(SpanWriter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "a span writer takes one argument: span");
+        return NULL;
+    }
+    /* the parts are copied for this call: detailed() and other_value() may run Python
+       code, and another thread may write with this writer meanwhile */
+    LayoutParts parts = {Py_XNewRef(self->parts.layout), Py_XNewRef(self->parts.head),
+                         Py_XNewRef(self->parts.prefixes)};
+    PyObject *encoded = encode_item(args[0], self->detailed, self->other_value, &parts);
+    if (parts.layout != NULL && parts.layout != self->parts.layout) {
+        LayoutParts old = self->parts;
+        self->parts = parts;
+        parts_clear(&old);
+    }
+    else {
+        parts_clear(&parts);
+    }
+    return encoded;
+}
+
+static PyObject *
+writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"detailed", "other_value", NULL};
+    PyObject *detailed, *other_value;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:SpanWriter", names, &detailed,
+                                     &other_value)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(detailed) || !PyCallable_Check(other_value)) {
+        PyErr_SetString(PyExc_TypeError, "SpanWriter(detailed, other_value): two callables");
+        return NULL;
+    }
+    SpanWriter *self = (SpanWriter *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->detailed = Py_NewRef(detailed);
+    self->other_value = Py_NewRef(other_value);
+    self->vectorcall = (vectorcallfunc)writer_call;
+    return (PyObject *)self;
+}
+
+static int
+writer_traverse(SpanWriter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->detailed);
+    Py_VISIT(self->other_value);
+    Py_VISIT(self->parts.layout);
+    Py_VISIT(self->parts.head);
+    Py_VISIT(self->parts.prefixes);
+    return 0;
+}
+
+static int
+writer_clear(SpanWriter *self)
+{
+    Py_CLEAR(self->detailed);
+    Py_CLEAR(self->other_value);
+    parts_clear(&self->parts);
+    return 0;
+}
+
+static void
+writer_dealloc(SpanWriter *self)
+{
+    PyObject_GC_UnTrack(self);
+    writer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject SpanWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nerve._speedups.SpanWriter",
+    .tp_doc = "SpanWriter(detailed, other_value)(span): one span as OTLP protobuf (in C).",
+    .tp_basicsize = sizeof(SpanWriter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(SpanWriter, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = writer_new,
+    .tp_dealloc = (destructor)writer_dealloc,
+    .tp_traverse = (traverseproc)writer_traverse,
+    .tp_clear = (inquiry)writer_clear,
+};
 
 
 /* -- HandleFields: the base of nerve.observe.tracing.HandlerTrace -------------------- */
@@ -953,16 +1075,18 @@ typedef struct {
     PyObject *pipeline;
     PyObject *queue;    /* the pipeline's deque */
     PyObject *append;   /* its append method */
+    PyObject *write;    /* the pipeline's _write: a span -> what its queue holds, or None */
+    PyObject *add;      /* Pipeline.add: a span that write() refused (it logs why) */
     PyObject *slow_end; /* Tracing.end_process: every case but the plainest */
 } ProcessSpans;
 
 #define PROCESS_FIELDS(X)                                                                  \
     X(layouts) X(make_layout) X(parsed) X(parent_of) X(recorder) X(span_type)              \
     X(handle_type) X(tracing) X(var) X(key) X(context_type) X(pipeline) X(queue) X(append)   \
-    X(slow_end)
+    X(write) X(add) X(slow_end)
 
 static PyObject *S_type, *S_id, *S_extensions, *S_correlationid, *S_traceparent, *S_tracestate,
-    *S_append, *S_check, *S_more;
+    *S_append, *S_check, *S_more, *S_write, *S_add;
 
 static int
 process_traverse(ProcessSpans *self, visitproc visit, void *arg)
@@ -1041,7 +1165,9 @@ process_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->pipeline = Py_NewRef(o[11]);
     self->queue = queue;
     self->append = PyObject_GetAttr(queue, S_append);
-    if (self->append == NULL) {
+    self->write = PyObject_GetAttr(o[11], S_write);
+    self->add = PyObject_GetAttr(o[11], S_add);
+    if (self->append == NULL || self->write == NULL || self->add == NULL) {
         Py_DECREF(self);
         return NULL;
     }
@@ -1202,7 +1328,20 @@ done:
 static int
 queue_span(ProcessSpans *self, PyObject *span)
 {
-    PyObject *appended = PyObject_CallOneArg(self->append, span);
+    PyObject *item = span; /* the span, or what the pipeline's _write made of it */
+    if (self->write != Py_None) {
+        item = PyObject_CallOneArg(self->write, span);
+        if (item == NULL) { /* Pipeline.add writes it again, logs why it cannot, drops it */
+            PyErr_Clear();
+            PyObject *added = PyObject_CallOneArg(self->add, span);
+            Py_XDECREF(added);
+            return added == NULL ? -1 : 0;
+        }
+    }
+    PyObject *appended = PyObject_CallOneArg(self->append, item);
+    if (item != span) {
+        Py_DECREF(item);
+    }
     if (appended == NULL) {
         return -1;
     }
@@ -1930,6 +2069,8 @@ PyInit__speedups(void)
     INTERN(S_append, "append")
     INTERN(S_check, "_check")
     INTERN(S_more, "_more")
+    INTERN(S_write, "_write")
+    INTERN(S_add, "add")
 #undef INTERN
     if ((SIXTY_FOUR = PyLong_FromLong(64)) == NULL || (BITS_64 = PyLong_FromLong(64)) == NULL
         || (BITS_128 = PyLong_FromLong(128)) == NULL || (ZERO = PyLong_FromLong(0)) == NULL
@@ -1944,7 +2085,7 @@ PyInit__speedups(void)
     Py_DECREF(random);
     if (GETRANDBITS == NULL || PyType_Ready(&SpanFieldsType) < 0
         || PyType_Ready(&HandleFieldsType) < 0 || PyType_Ready(&ProcessSpansType) < 0
-        || PyType_Ready(&StarterType) < 0) {
+        || PyType_Ready(&StarterType) < 0 || PyType_Ready(&SpanWriterType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
@@ -1953,7 +2094,8 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(module, "SpanFields", (PyObject *)&SpanFieldsType) < 0
         || PyModule_AddObjectRef(module, "HandleFields", (PyObject *)&HandleFieldsType) < 0
-        || PyModule_AddObjectRef(module, "ProcessSpans", (PyObject *)&ProcessSpansType) < 0) {
+        || PyModule_AddObjectRef(module, "ProcessSpans", (PyObject *)&ProcessSpansType) < 0
+        || PyModule_AddObjectRef(module, "SpanWriter", (PyObject *)&SpanWriterType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

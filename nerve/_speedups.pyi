@@ -12,6 +12,15 @@ def encode_span(
     other_value: Callable[[bytes, Any], bytes],
     /,
 ) -> bytes: ...
+def encode_spans(
+    batch: Any, detailed: Callable[[Any], bytes], other_value: Callable[[bytes, Any], bytes], /
+) -> list[bytes]: ...
+
+class SpanWriter:
+    def __init__(
+        self, detailed: Callable[[Any], bytes], other_value: Callable[[bytes, Any], bytes]
+    ) -> None: ...
+    def __call__(self, span: Any, /) -> bytes: ...
 
 class SpanFields:
     trace_id: int

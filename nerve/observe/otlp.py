@@ -10,10 +10,11 @@ event-loop thread (ids from :func:`random.getrandbits`, times from
 :func:`time.time_ns`) and appended to a queue; the export thread turns a batch of them
 into what its destination takes:
 
-- the OTLP/HTTP protobuf exporter nerve built from the ``OTEL_*`` variables: the request
-  body is written by :class:`OtlpEncoder` (protobuf wire format by hand, the fields that
-  repeat cached as bytes) and posted by the exporter's own HTTP client, so endpoint,
-  headers, compression, TLS and timeouts are the exporter's;
+- the OTLP/HTTP protobuf exporter nerve built from the ``OTEL_*`` variables: a span is
+  written by :class:`OtlpEncoder` (protobuf wire format by hand, the fields that repeat
+  cached as bytes) as it ends, and the queue holds its bytes; the export thread joins a
+  batch of them into the request body and posts it with the exporter's own HTTP
+  client, so endpoint, headers, compression, TLS and timeouts are the exporter's;
 - any other exporter (``console``, ``otlp`` over gRPC): SDK ``ReadableSpan`` objects,
   through the exporter's ``export``;
 - a tracer provider installed by someone else (``opentelemetry-instrument``, a test's
@@ -601,17 +602,26 @@ def _env_int(name: str, default: int) -> int:
 class Pipeline:
     """Ended spans wait in a queue; one daemon thread exports them in batches, every
     ``OTEL_BSP_SCHEDULE_DELAY`` ms or as soon as ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``
-    wait. A full queue (``OTEL_BSP_MAX_QUEUE_SIZE``) drops new spans, and counts them."""
+    wait. A full queue (``OTEL_BSP_MAX_QUEUE_SIZE``) drops new spans, and counts them.
+
+    With ``write`` (the OTLP/HTTP exporter's: :meth:`OtlpEncoder.writer`), a span is
+    written as it ends, by the thread that ends it, and the queue holds its bytes: the
+    span object is gone at once instead of waiting for its batch, and the export thread
+    touches no span (it joins bytes and posts them). ``export`` then takes bytes."""
 
     def __init__(
         self,
-        export: Callable[[list[Span]], None],
+        export: Callable[[list[Any]], None],
         *,
         shutdown: Callable[[], None] | None = None,
+        write: Callable[[Span], bytes] | None = None,
     ) -> None:
         self._export = export
         self._shutdown_export = shutdown
-        self._queue: collections.deque[Span] = collections.deque()
+        self._write = write
+        self.unwritten = 0
+        """Spans ``write`` refused: dropped (the first one logged)."""
+        self._queue: collections.deque[Any] = collections.deque()
         self.max_queue = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         self.batch = min(_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), self.max_queue)
         self.delay = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
@@ -637,7 +647,21 @@ class Pipeline:
 
     def add(self, span: Span) -> None:
         queue = self._queue
-        queue.append(span)
+        write = self._write
+        if write is None:
+            queue.append(span)
+        else:
+            try:
+                queue.append(write(span))
+            except Exception:  # one span lost, not the batch it would have joined
+                if not self.unwritten:  # logged once, as a full queue is; all are counted
+                    log.exception(
+                        "tracing: span %r cannot be written as OTLP; dropped (so are later "
+                        "ones that cannot: Pipeline.unwritten counts them)",
+                        span.name,
+                    )
+                self.unwritten += 1
+                return
         if len(queue) >= self._check:
             self._more()
 
@@ -748,27 +772,46 @@ class SdkSpans:
         )
 
 
+def otlp_http_sink(
+    exporter: SpanExporter, resource: Resource, version: str
+) -> tuple[Callable[[list[bytes]], None], OtlpEncoder] | None:
+    """For the OTLP/HTTP protobuf exporter: what posts spans already written (their
+    ``ScopeSpans.spans`` fields, as :meth:`OtlpEncoder.spans` or its ``writer`` make
+    them) through the exporter's own HTTP client, and the encoder that writes them.
+    None for any other exporter."""
+    client = getattr(exporter, "_client", None)
+    if not _is_otlp_http(exporter) or not callable(getattr(client, "export", None)):
+        return None
+    encoder = OtlpEncoder(resource, version)
+    assert client is not None
+    _keep_alive(client)
+
+    def post(parts: list[bytes]) -> None:
+        result = client.export(encoder.request_of(parts))
+        if not getattr(result, "success", True):
+            log.warning(
+                "tracing: the OTLP endpoint refused %d spans: %s",
+                len(parts),
+                getattr(result, "error", None) or getattr(result, "status_code", "?"),
+            )
+
+    return post, encoder
+
+
 def exporter_sink(
     exporter: SpanExporter, resource: Resource, version: str
 ) -> Callable[[list[Span]], None]:
-    """Where a batch goes for ``exporter``: OTLP bytes posted by its own HTTP client
-    when it is the OTLP/HTTP protobuf exporter, SDK spans through ``export`` else."""
-    client = getattr(exporter, "_client", None)
-    if _is_otlp_http(exporter) and callable(getattr(client, "export", None)):
-        encoder = OtlpEncoder(resource, version)
-        assert client is not None
-        _keep_alive(client)
+    """Where a batch of spans goes for ``exporter``: OTLP bytes posted by its own HTTP
+    client when it is the OTLP/HTTP protobuf exporter, SDK spans through ``export``
+    else."""
+    http = otlp_http_sink(exporter, resource, version)
+    if http is not None:
+        post, encoder = http
 
-        def post(batch: list[Span]) -> None:
-            result = client.export(encoder.request(batch))
-            if not getattr(result, "success", True):
-                log.warning(
-                    "tracing: the OTLP endpoint refused %d spans: %s",
-                    len(batch),
-                    getattr(result, "error", None) or getattr(result, "status_code", "?"),
-                )
+        def post_spans(batch: list[Span]) -> None:
+            post(encoder.spans(batch))
 
-        return post
+        return post_spans
     sdk = SdkSpans(resource, version)
 
     def export(batch: list[Span]) -> None:
@@ -1045,16 +1088,20 @@ class OtlpEncoder:
     def request(self, spans: Iterable[Span]) -> bytes:
         """The request body, joined once (a batch is 100 KB or more: no copies of it
         on the way, only the lengths of its enclosing messages worked out)."""
-        parts = self.spans(spans)
+        return self.request_of(self.spans(spans))
+
+    def request_of(self, parts: list[bytes]) -> bytes:
+        """The request body around spans already written (``ScopeSpans.spans``
+        fields, as :meth:`spans` or :meth:`writer` write them)."""
         scope_spans = len(self._scope) + sum(map(len, parts))
         scope_head = b"\x12" + _varint(scope_spans)
         resource_spans = (
             len(self._resource) + len(scope_head) + scope_spans + len(self._resource_schema)
         )
-        head = [b"\x0a" + _varint(resource_spans), self._resource, scope_head, self._scope]
-        parts[:0] = head
-        parts.append(self._resource_schema)
-        return b"".join(parts)
+        head = b"\x0a" + _varint(resource_spans)
+        return b"".join(
+            (head, self._resource, scope_head, self._scope, *parts, self._resource_schema)
+        )
 
     def _attribute(self, key: str, value: Any) -> bytes:
         """The ``Span.attributes`` field of one attribute (after a miss in the cache of
@@ -1096,6 +1143,14 @@ class OtlpEncoder:
     def span(self, s: Span) -> bytes:
         """One span, as a ``ScopeSpans.spans`` field."""
         return b"".join(self.spans([s]))
+
+    def writer(self) -> Callable[[Span], bytes]:
+        """What writes one span as it ends, as :meth:`span` does: in C
+        (``_speedups.SpanWriter``) where the speedups are built."""
+        if _encode_spans is None or speedups is None:
+            return self.span
+        write: Callable[[Span], bytes] = speedups.SpanWriter(self._detailed, _other_value)
+        return write
 
     def spans(self, batch: Iterable[Span]) -> list[bytes]:
         """Spans as ``ScopeSpans.spans`` fields, in parts to be joined (a span may be

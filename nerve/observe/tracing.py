@@ -294,7 +294,13 @@ class Tracing:
         sdk = _sdk_provider(self.provider)
         if sdk is None:
             return
-        if exporters:
+        http = None
+        if len(exporters) == 1:  # the OTLP/HTTP exporter alone: spans written as they end
+            http = otlp.otlp_http_sink(exporters[0], sdk.resource, __version__)
+        if http is not None:
+            post, encoder = http
+            pipeline = otlp.Pipeline(post, shutdown=exporters[0].shutdown, write=encoder.writer())
+        elif exporters:
             sink = _to_each([otlp.exporter_sink(e, sdk.resource, __version__) for e in exporters])
             pipeline = otlp.Pipeline(sink, shutdown=_to_each([e.shutdown for e in exporters]))
         else:
@@ -605,7 +611,7 @@ class Tracing:
             if error is None:  # Span.end and Pipeline.add, written out: for every attempt
                 span.end_time = _time_ns()
                 pipeline = self._pipeline
-                if pipeline is None:
+                if pipeline is None or pipeline._write is not None:
                     recorder.add(span)
                     return
                 queue = pipeline._queue

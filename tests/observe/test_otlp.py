@@ -355,6 +355,83 @@ def test_the_export_thread_sends_full_batches_and_the_rest_after_the_delay(
     assert batches == [4, 4, 2]  # full batches when woken; the rest once the delay passed
 
 
+def test_spans_written_as_they_end_make_the_request_of_the_batch(
+    monkeypatch: pytest.MonkeyPatch, speedups: str
+) -> None:
+    """The OTLP/HTTP pipeline writes each span as it ends (``OtlpEncoder.writer``):
+    the request around those bytes is the request of the spans written as a batch,
+    which the tests above compare with OpenTelemetry's own encoder."""
+    monkeypatch.setattr(otlp, "_COMPILE_AFTER", 1)
+    spans = varied_spans() + plain_spans()
+    encoder = otlp.OtlpEncoder(RESOURCE, "1.2.3")
+    write = encoder.writer()
+    if speedups == "c":
+        assert otlp.speedups is not None and type(write) is otlp.speedups.SpanWriter
+    parts = [write(s) for s in spans]
+    assert all(type(p) is bytes for p in parts)
+    assert encoder.request_of(parts) == encoder.request(spans)
+    request = ExportTraceServiceRequest.FromString(encoder.request_of([write(s) for s in spans]))
+    assert [s.name for s in request.resource_spans[0].scope_spans[0].spans] == [
+        s.name for s in spans
+    ]
+
+
+def test_a_writing_pipeline_queues_bytes_and_drops_only_a_span_it_cannot_write(
+    caplog: pytest.LogCaptureFixture, speedups: str
+) -> None:
+    encoder = otlp.OtlpEncoder(RESOURCE, "1.2.3")
+    posted: list[list[bytes]] = []
+    pipeline = otlp.Pipeline(posted.append, write=encoder.writer())
+    pipeline._thread = threading.current_thread()  # no export thread: flush() sends
+    rec = otlp.SpanRecorder(pipeline, otlp.Sampling(sampling.ALWAYS_ON))
+    sort = layout("process x", otlp.CONSUMER, {}, "messaging.message.id")
+    ended = []
+    for value in ("a", "\ud800", "c"):  # a lone surrogate has no UTF-8
+        span = rec.start(sort, None, [value])
+        span.end()
+        ended.append(span)
+    assert [type(item) for item in pipeline._queue] == [bytes, bytes]  # no span kept
+    assert pipeline.unwritten == 1
+    assert "span 'process x' cannot be written as OTLP; dropped" in caplog.text
+    pipeline.flush()
+    (parts,) = posted
+    request = ExportTraceServiceRequest.FromString(encoder.request_of(parts))
+    got = request.resource_spans[0].scope_spans[0].spans
+    assert [int.from_bytes(s.span_id) for s in got] == [ended[0].span_id, ended[2].span_id]
+
+
+def test_process_spans_ended_in_c_are_written_as_they_end(
+    collector: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Tracing`` with the OTLP/HTTP exporter alone: the C end of a process span hands
+    the pipeline its bytes; one the writer refuses goes through ``Pipeline.add``, which
+    logs and drops it."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from nerve.event import Event
+    from nerve.observe.tracing import Tracing
+
+    require_speedups()
+    exporter = exporter_for(f"{collector}/v1/traces", monkeypatch)
+    tracing = Tracing(TracerProvider(resource=RESOURCE), owned=True, exporters=[exporter])
+    assert tracing._native is not None and tracing._pipeline is not None
+    pipeline = tracing._pipeline
+    pipeline._thread = threading.current_thread()  # no export thread: flush() sends
+    for event_id in ("e-1", "\ud800", "e-3"):
+        event = Event(type="job.queued", source="/t", id=event_id, data={})
+        tracing.processed(tracing.process("work", event, 1, False), None, "processed")
+    assert [type(item) for item in pipeline._queue] == [bytes, bytes]
+    assert pipeline.unwritten == 1 and "cannot be written as OTLP" in caplog.text
+    tracing.shutdown()
+    ids = []
+    for _, _, body in Collector.requests:
+        for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
+            for span in resource_spans.scope_spans[0].spans:
+                assert span.name == "process job.queued"
+                ids += [kv.value.string_value for kv in span.attributes if kv.key.endswith(".id")]
+    assert ids == ["e-1", "e-3"]
+
+
 class Collector(http.server.BaseHTTPRequestHandler):
     """An OTLP/HTTP receiver that keeps the requests it is sent."""
 
