@@ -24,6 +24,9 @@
  *   copied with its trace extensions.
  * - encode_span(s), encode_spans(batch, ...): spans as OTLP protobuf; SpanWriter: one
  *   span as it ends (the pipeline of an OTLP/HTTP exporter queues bytes, not spans).
+ * Metrics (nerve.observe.hooks):
+ * - MetricsEnd: MetricsObserver.end for an attempt that succeeded (a duration bucketed,
+ *   a count), the other outcomes handed to the Python end.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -35,7 +38,7 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 10
+#define SPEEDUPS_ABI 11
 
 static signed char HEX[256];
 
@@ -1994,6 +1997,182 @@ fail:
     return NULL;
 }
 
+/* -- MetricsEnd: MetricsObserver.end, in C for a handler attempt that succeeded ------- */
+
+#define MAX_BOUNDS 64
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *duration;  /* the duration histogram (Buckets): its sum */
+    PyObject *counts;    /* its counts: a list of len(bounds) + 1 ints */
+    PyObject *processed; /* dict: event type -> attempts processed */
+    PyObject *slow;      /* the Python end: every other case */
+    Py_ssize_t nbounds;
+    double bounds[MAX_BOUNDS];
+} MetricsEnd;
+
+static PyObject *S_sum, *S_processed;
+
+/* end(ctx, seconds, outcome, error=None): for outcome 'processed' and float seconds,
+ * what MetricsObserver.end does (the duration bucketed as bisect_left does, its sum,
+ * the type's processed count); anything else goes to the Python end. */
+static PyObject *
+metrics_end_call(MetricsEnd *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 3 || kwnames != NULL || !PyFloat_CheckExact(args[1])
+        || !PyUnicode_Check(args[2])
+        || (args[2] != S_processed && PyUnicode_Compare(args[2], S_processed) != 0)
+        || PyList_GET_SIZE(self->counts) != self->nbounds + 1) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+    }
+    double seconds = PyFloat_AS_DOUBLE(args[1]);
+    Py_ssize_t lo = 0, hi = self->nbounds; /* bisect_left */
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (self->bounds[mid] < seconds) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    PyObject *count = PyNumber_Add(PyList_GET_ITEM(self->counts, lo), ONE);
+    if (count == NULL) {
+        return NULL;
+    }
+    PyList_SetItem(self->counts, lo, count); /* steals count */
+    PyObject *sum = PyObject_GetAttr(self->duration, S_sum);
+    if (sum == NULL) {
+        return NULL;
+    }
+    Py_SETREF(sum, PyNumber_InPlaceAdd(sum, args[1]));
+    if (sum == NULL || PyObject_SetAttr(self->duration, S_sum, sum) < 0) {
+        Py_XDECREF(sum);
+        return NULL;
+    }
+    Py_DECREF(sum);
+    PyObject *event = PyObject_GetAttr(args[0], S_event);
+    if (event == NULL) {
+        return NULL;
+    }
+    PyObject *type_name = slot_or_attr(event, EVENT_TYPE, TYPE_OFFSET, S_type);
+    Py_DECREF(event);
+    if (type_name == NULL) {
+        return NULL;
+    }
+    PyObject *seen = PyDict_GetItemWithError(self->processed, type_name);
+    if (seen == NULL && PyErr_Occurred()) {
+        Py_DECREF(type_name);
+        return NULL;
+    }
+    PyObject *total = seen == NULL ? Py_NewRef(ONE) : PyNumber_Add(seen, ONE);
+    int failed = total == NULL || PyDict_SetItem(self->processed, type_name, total) < 0;
+    Py_XDECREF(total);
+    Py_DECREF(type_name);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+metrics_end_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"duration", "processed", "slow", NULL};
+    PyObject *duration, *processed, *slow;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O:MetricsEnd", names, &duration,
+                                     &PyDict_Type, &processed, &slow)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(slow)) {
+        PyErr_SetString(PyExc_TypeError, "MetricsEnd: slow must be callable");
+        return NULL;
+    }
+    PyObject *bounds = PyObject_GetAttrString(duration, "bounds");
+    PyObject *counts = PyObject_GetAttrString(duration, "counts");
+    MetricsEnd *self = NULL;
+    if (bounds == NULL || counts == NULL) {
+        goto done;
+    }
+    if (!PyTuple_Check(bounds) || PyTuple_GET_SIZE(bounds) > MAX_BOUNDS || !PyList_Check(counts)
+        || PyList_GET_SIZE(counts) != PyTuple_GET_SIZE(bounds) + 1) {
+        PyErr_SetString(PyExc_TypeError, "MetricsEnd: a histogram of at most 64 float bounds "
+                                         "(a tuple) and their counts (a list, one more)");
+        goto done;
+    }
+    self = (MetricsEnd *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        goto done;
+    }
+    self->nbounds = PyTuple_GET_SIZE(bounds);
+    for (Py_ssize_t i = 0; i < self->nbounds; i++) {
+        PyObject *bound = PyTuple_GET_ITEM(bounds, i);
+        if (!PyFloat_CheckExact(bound)) { /* an int bound compares as Python compares it */
+            PyErr_SetString(PyExc_TypeError, "MetricsEnd: the bounds must be floats");
+            Py_CLEAR(self);
+            goto done;
+        }
+        self->bounds[i] = PyFloat_AS_DOUBLE(bound);
+    }
+    self->vectorcall = (vectorcallfunc)metrics_end_call;
+    self->duration = Py_NewRef(duration);
+    self->counts = Py_NewRef(counts);
+    self->processed = Py_NewRef(processed);
+    self->slow = Py_NewRef(slow);
+done:
+    Py_XDECREF(bounds);
+    Py_XDECREF(counts);
+    return (PyObject *)self;
+}
+
+static int
+metrics_end_traverse(MetricsEnd *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->duration);
+    Py_VISIT(self->counts);
+    Py_VISIT(self->processed);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static int
+metrics_end_clear(MetricsEnd *self)
+{
+    Py_CLEAR(self->duration);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->processed);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
+static void
+metrics_end_dealloc(MetricsEnd *self)
+{
+    PyObject_GC_UnTrack(self);
+    metrics_end_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject MetricsEndType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nerve._speedups.MetricsEnd",
+    .tp_doc = "MetricsEnd(duration, processed, slow)(ctx, seconds, outcome, error=None): "
+              "MetricsObserver.end, in C for a processed attempt.",
+    .tp_basicsize = sizeof(MetricsEnd),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(MetricsEnd, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = metrics_end_new,
+    .tp_dealloc = (destructor)metrics_end_dealloc,
+    .tp_traverse = (traverseproc)metrics_end_traverse,
+    .tp_clear = (inquiry)metrics_end_clear,
+};
+
 static PyMethodDef methods[] = {
     {"parse_traceparent", (PyCFunction)parse_traceparent, METH_O,
      "A W3C traceparent as (trace_id, span_id, sampled, '', True); None when invalid."},
@@ -2070,6 +2249,8 @@ PyInit__speedups(void)
     INTERN(S_check, "_check")
     INTERN(S_more, "_more")
     INTERN(S_write, "_write")
+    INTERN(S_sum, "sum")
+    INTERN(S_processed, "processed")
     INTERN(S_add, "add")
 #undef INTERN
     if ((SIXTY_FOUR = PyLong_FromLong(64)) == NULL || (BITS_64 = PyLong_FromLong(64)) == NULL
@@ -2085,7 +2266,8 @@ PyInit__speedups(void)
     Py_DECREF(random);
     if (GETRANDBITS == NULL || PyType_Ready(&SpanFieldsType) < 0
         || PyType_Ready(&HandleFieldsType) < 0 || PyType_Ready(&ProcessSpansType) < 0
-        || PyType_Ready(&StarterType) < 0 || PyType_Ready(&SpanWriterType) < 0) {
+        || PyType_Ready(&StarterType) < 0 || PyType_Ready(&SpanWriterType) < 0
+        || PyType_Ready(&MetricsEndType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
@@ -2095,7 +2277,8 @@ PyInit__speedups(void)
     if (PyModule_AddObjectRef(module, "SpanFields", (PyObject *)&SpanFieldsType) < 0
         || PyModule_AddObjectRef(module, "HandleFields", (PyObject *)&HandleFieldsType) < 0
         || PyModule_AddObjectRef(module, "ProcessSpans", (PyObject *)&ProcessSpansType) < 0
-        || PyModule_AddObjectRef(module, "SpanWriter", (PyObject *)&SpanWriterType) < 0) {
+        || PyModule_AddObjectRef(module, "SpanWriter", (PyObject *)&SpanWriterType) < 0
+        || PyModule_AddObjectRef(module, "MetricsEnd", (PyObject *)&MetricsEndType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -22,6 +22,14 @@ class SpanWriter:
     ) -> None: ...
     def __call__(self, span: Any, /) -> bytes: ...
 
+class MetricsEnd:
+    def __init__(
+        self, duration: Any, processed: dict[str, int], slow: Callable[..., None]
+    ) -> None: ...
+    def __call__(
+        self, ctx: Any, seconds: float, outcome: str, error: BaseException | None = None, /
+    ) -> None: ...
+
 class SpanFields:
     trace_id: int
     span_id: int

@@ -25,6 +25,17 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
+def require_speedups() -> None:
+    """Skips a test of the C speedups where they were not built; under CI, which builds
+    them, that fails (unless ``NERVE_SPEEDUPS=0`` switched them off on purpose)."""
+    from nerve._native import speedups
+
+    if speedups is None:
+        if IN_CI and os.environ.get("NERVE_SPEEDUPS") != "0":
+            pytest.fail("nerve._speedups was not built (see hatch_build.py)")
+        pytest.skip("nerve._speedups was not built or is switched off")
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition"
 ) -> None:

@@ -22,7 +22,7 @@ from nerve.http.server import build_app
 from nerve.observe import http_routes
 from nerve.observe.metrics import Buckets
 
-from .conftest import eventually, require_tool
+from .conftest import eventually, require_speedups, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -320,3 +320,52 @@ def test_buckets_take_many_values_as_they_take_one() -> None:
     assert many.counts == one.counts
     assert many.count == one.count == 500
     assert math.isclose(many.sum, one.sum, rel_tol=1e-12)
+
+
+def test_the_c_end_of_an_attempt_counts_what_the_python_end_counts() -> None:
+    """``MetricsObserver.end`` in C (``_speedups.MetricsEnd``: a processed attempt with
+    a float duration) against its Python twin ``_end``, call by call: durations on,
+    between and beyond the bucket bounds, every outcome, an int duration."""
+    from types import SimpleNamespace
+
+    from nerve._native import speedups
+    from nerve.observe.hooks import MetricsObserver
+    from nerve.observe.metrics import DURATION_BUCKETS, FunctionMetrics
+
+    require_speedups()
+    assert speedups is not None
+    c_metrics, py_metrics = FunctionMetrics("f"), FunctionMetrics("f")
+    c_side, py_side = MetricsObserver("f", c_metrics), MetricsObserver("f", py_metrics)
+    assert type(c_side.end) is speedups.MetricsEnd
+    py_side.end = py_side._end
+    error = ValueError("boom")
+    calls: list[tuple[str, float, str]] = [
+        ("a", bound, "processed") for bound in DURATION_BUCKETS
+    ]  # on each bound: bisect_left puts it in that bound's bucket
+    calls += [("b", bound * 1.01, "processed") for bound in DURATION_BUCKETS]
+    calls += [
+        ("a", 0.0, "processed"),
+        ("a", -1.0, "processed"),
+        ("c", 1e9, "processed"),
+        ("b", 0.2, "retried"),
+        ("b", 0.3, "dead_lettered"),
+        ("a", 0.4, "released"),
+        ("a", 2, "processed"),  # an int: the Python end
+    ]
+    for type_name, seconds, outcome in calls:
+        ctx = SimpleNamespace(event=SimpleNamespace(type=type_name))
+        for side in (c_side, py_side):
+            if outcome == "processed":
+                side.end(ctx, seconds, outcome)
+            else:
+                side.end(ctx, seconds, outcome, error)
+    got, want = c_metrics, py_metrics
+    assert got.duration.counts == want.duration.counts
+    assert got.duration.sum == want.duration.sum  # the same additions in the same order
+    nan = SimpleNamespace(event=SimpleNamespace(type="a"))
+    c_side.end(nan, float("nan"), "processed")
+    py_side.end(nan, float("nan"), "processed")
+    assert got.duration.counts == want.duration.counts
+    assert got.processed == want.processed == {"a": 19, "b": 15, "c": 1}
+    assert got.failed == want.failed == {"b": 2} and got.retried == want.retried == {"b": 1}
+    assert sum(got.duration.counts) == len(calls)  # all but the released one, and nan

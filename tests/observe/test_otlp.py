@@ -26,6 +26,8 @@ from nerve import App, Context, Runtime
 from nerve.observe import otlp
 from nerve.observe.tracing import tracing_from_env
 
+from .conftest import require_speedups
+
 RESOURCE = Resource.create({"service.name": "shop", "deployment.environment": "test"})
 
 
@@ -42,15 +44,6 @@ def speedups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     else:
         require_speedups()
     return str(request.param)
-
-
-def require_speedups() -> None:
-    """Skips a test of the C speedups where they were not built; under CI, which builds
-    them, that fails (unless ``NERVE_SPEEDUPS=0`` switched them off on purpose)."""
-    if otlp.speedups is None:
-        if os.environ.get("CI") and os.environ.get("NERVE_SPEEDUPS") != "0":
-            pytest.fail("nerve._speedups was not built (see hatch_build.py)")
-        pytest.skip("nerve._speedups was not built or is switched off")
 
 
 class Kept:
