@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -21,21 +19,13 @@ from nerve import Runtime
 from nerve.errors import ConfigError, InvalidEvent
 from nerve.event import Event, encode
 from nerve.sources.mqtt import MqttRoute, MqttSource, find_topics, to_event, topic_matches
+from tests.transport.conftest import require_server
 
 HOST, PORT = "127.0.0.1", 1883
 
 
 def require_mosquitto() -> None:
-    try:
-        with socket.create_connection((HOST, PORT), timeout=1.0):
-            return
-    except OSError as exc:
-        message = (
-            f"Mosquitto is not reachable on {HOST}:{PORT} ({exc}); run 'bash scripts/services'"
-        )
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    require_server("Mosquitto", HOST, PORT)
 
 
 ROUTE = MqttRoute("sensors/+/reading", "sensor.reading", ("sensor.reading",))

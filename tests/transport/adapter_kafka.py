@@ -9,12 +9,10 @@ prefix derived from its directory and a per-session salt.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import pytest
 from benchmarks.peers.kafka_server import binary as tansu_binary
 
 from .conftest import AdapterSpec
+from .ports import free_port, wait_listening
 
 HOST = "127.0.0.1"
 SESSION = os.urandom(3).hex()
@@ -41,9 +40,7 @@ def _free(port: int) -> bool:
 def _pick_port() -> int:
     if _free(9092):
         return 9092
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    return free_port(HOST)
 
 
 def _unavailable(message: str) -> None:
@@ -77,14 +74,11 @@ def _tansu() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if _proc.poll() is not None:
-            _unavailable(f"tansu exited with {_proc.returncode} on port {port}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-            _port = port
-            return port
-        time.sleep(0.1)
+    if wait_listening(port, 20, process=_proc, host=HOST):
+        _port = port
+        return port
+    if _proc.poll() is not None:
+        _unavailable(f"tansu exited with {_proc.returncode} on port {port}")
     _proc.kill()
     _unavailable(f"tansu did not listen on {HOST}:{port} within 20 s")
     raise AssertionError("unreachable")

@@ -26,15 +26,14 @@ import atexit
 import hashlib
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from .conftest import AdapterSpec
+from .ports import free_port, wait_listening
 
 SESSION = os.urandom(2).hex()
 _server: subprocess.Popen[bytes] | None = None
@@ -65,10 +64,20 @@ def _installed() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("moto", "flask"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def start_moto() -> tuple[subprocess.Popen[bytes], int] | None:
+    """A moto_server of this interpreter (through ``_LAUNCHER``) on a free port on
+    127.0.0.1, once it listens; None (the process gone) if it did not within 20 s."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(_LAUNCHER), "--watch-parent", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if wait_listening(port, 20, process=server):
+        return server, port
+    server.kill()
+    server.wait()
+    return None
 
 
 def _ensure_server() -> int:
@@ -77,26 +86,12 @@ def _ensure_server() -> int:
         return _port
     if not _installed():
         _unavailable("moto_server is not installed (pip install 'moto[server]')")
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, str(_LAUNCHER), "--watch-parent", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            break
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                _server, _port = server, port
-                return port
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    server.wait()
-    _unavailable(f"moto_server did not listen on 127.0.0.1:{port} within 20 s")
-    raise AssertionError("unreachable")
+    started = start_moto()
+    if started is None:
+        _unavailable("moto_server did not listen on 127.0.0.1 within 20 s")
+        raise AssertionError("unreachable")
+    _server, _port = started
+    return _port
 
 
 @atexit.register

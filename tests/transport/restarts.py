@@ -13,31 +13,14 @@ import contextlib
 import fcntl
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from .ports import listening, wait_listening
+
 LOCK = "/tmp/nerve-test-server-restart.lock"
-
-
-def _up(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _wait(port: int, up: bool, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if _up(port) == up:
-            return True
-        time.sleep(0.1)
-    return _up(port) == up
 
 
 def _run(*command: str, timeout: float = 60) -> None:
@@ -62,11 +45,11 @@ def _restart(
     with _exclusive():
         try:
             stop()
-            assert _wait(port, False, 30), f"{name} did not stop"
+            assert wait_listening(port, 30, up=False), f"{name} did not stop"
         finally:
-            if not _up(port):
+            if not listening(port):
                 start()
-            assert _wait(port, True, 60), f"{name} did not come back on port {port}"
+            assert wait_listening(port, 60), f"{name} did not come back on port {port}"
 
 
 def restart_redis() -> None:
@@ -111,7 +94,7 @@ def restart_postgres() -> None:
 def restart_rabbitmq() -> None:
     def start() -> None:
         _run("rabbitmqctl", "start_app", timeout=120)
-        if not _up(5672):  # the whole node was down: start it as scripts/services does
+        if not listening(5672):  # the whole node was down: start it as scripts/services does
             subprocess.run(
                 "ulimit -n 65536 2>/dev/null; rabbitmq-server -detached", shell=True, check=False
             )

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +26,7 @@ from nerve.transport.sqs import (
     _seconds,
 )
 
-from .adapter_sqs import _LAUNCHER, _installed
+from .adapter_sqs import _installed, start_moto
 
 for _name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
     os.environ.setdefault(_name, "testing")
@@ -104,24 +102,11 @@ def moto_port() -> Iterator[int]:
         if os.environ.get("CI"):
             pytest.fail("moto_server is not installed")
         pytest.skip("moto_server is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    server = subprocess.Popen(
-        [sys.executable, str(_LAUNCHER), "--watch-parent", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    started = start_moto()
+    if started is None:
+        pytest.fail("moto_server did not start")
+    server, port = started
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.1)
         yield port
     finally:
         server.terminate()
