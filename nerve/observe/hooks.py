@@ -34,37 +34,12 @@ _bisect = bisect.bisect_left
 class FunctionObserver:
     """Spans and (optionally) metrics of one function."""
 
-    __slots__ = ("_runtime", "_stats", "metrics", "name", "tracing")
+    __slots__ = ("metrics", "name", "tracing")
 
-    def __init__(
-        self,
-        name: str,
-        metrics: FunctionMetrics | None,
-        tracing: Tracing | None,
-        runtime: Any = None,
-    ):
+    def __init__(self, name: str, metrics: FunctionMetrics | None, tracing: Tracing | None):
         self.name = name
         self.metrics = metrics
         self.tracing = tracing
-        self._runtime = runtime
-        self._stats: Any = None
-
-    def _latencies(self, metrics: FunctionMetrics, events: Sequence[Event], now: float) -> None:
-        """The end-to-end latency of a batch's events: the one the runner has just noted
-        in its stats (``FunctionStats.latencies``, once per event with a time, just
-        before it calls :meth:`dispatched`), read from there rather than computed again."""
-        stats = self._stats
-        if stats is None:
-            runner = getattr(self._runtime, "runners", {}).get(self.name)
-            stats = self._stats = getattr(runner, "stats", False)
-        if stats:
-            noted = stats.latencies
-            timed = len(events) - [e.time for e in events].count(None)
-            if timed <= len(noted):
-                if timed:
-                    metrics.latencies(noted[-timed:])
-                return
-        metrics.dispatched(events, now)
 
     def wrap(self, handler: Handler) -> Handler:
         """The handler as the runner calls it: unchanged (the ``process`` span is made
@@ -72,12 +47,14 @@ class FunctionObserver:
         runs the handler, which costs less than a wrapping coroutine per event)."""
         return handler
 
-    def dispatched(self, events: Sequence[Event], now: float) -> None:
-        """A fetched batch is about to be handled."""
-        if self.metrics is not None:
-            self._latencies(self.metrics, events, now)
-        if self.tracing is not None and events:
-            self.tracing.received(self.name, events)
+    def dispatched(self, ready: Sequence[tuple[Any, Event, Any]], latencies: list[float]) -> None:
+        """A fetched batch is about to be handled: its ``(delivery, event, payload)``
+        triples, and the end-to-end latencies (seconds) of its events that have a time,
+        which the runner computed for its own stats."""
+        if self.metrics is not None and latencies:
+            self.metrics.latencies(latencies)
+        if self.tracing is not None and ready:
+            self.tracing.received(self.name, [event for _, event, _ in ready])
 
     def starter(self) -> Callable[[Context], None]:
         """What the runner calls as a handler attempt starts, when tracing is on: sets
@@ -135,8 +112,8 @@ class MetricsObserver(FunctionObserver):
 
     __slots__ = ("_bounds", "_counts", "_duration", "_processed", "end")
 
-    def __init__(self, name: str, metrics: FunctionMetrics, runtime: Any = None) -> None:
-        super().__init__(name, metrics, None, runtime)
+    def __init__(self, name: str, metrics: FunctionMetrics) -> None:
+        super().__init__(name, metrics, None)
         self._duration = metrics.duration
         self._bounds = metrics.duration.bounds
         self._counts = metrics.duration.counts
@@ -149,8 +126,9 @@ class MetricsObserver(FunctionObserver):
     def wrap(self, handler: Handler) -> Handler:
         return handler
 
-    def dispatched(self, events: Sequence[Event], now: float) -> None:
-        self._latencies(self.metrics, events, now)  # type: ignore[arg-type]
+    def dispatched(self, ready: Sequence[tuple[Any, Event, Any]], latencies: list[float]) -> None:
+        if latencies:
+            self.metrics.latencies(latencies)  # type: ignore[union-attr]
 
     def _end(
         self, ctx: Context, seconds: float, outcome: str, error: BaseException | None = None
@@ -170,5 +148,5 @@ def observer_for(runtime: Any, name: str) -> FunctionObserver | None:
     """The observer of function ``name`` in ``runtime``, or None when nothing observes."""
     metrics = runtime.metrics.function(name) if runtime.metrics is not None else None
     if runtime.tracing is None:
-        return None if metrics is None else MetricsObserver(name, metrics, runtime)
-    return FunctionObserver(name, metrics, runtime.tracing, runtime)
+        return None if metrics is None else MetricsObserver(name, metrics)
+    return FunctionObserver(name, metrics, runtime.tracing)

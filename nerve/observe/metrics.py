@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nerve.event import Event
@@ -175,12 +175,6 @@ class FunctionMetrics:
         self.published: dict[str, int] = {}
         self.duration = Buckets(DURATION_BUCKETS)
         self.latency = Buckets(LATENCY_BUCKETS)
-
-    def dispatched(self, events: Iterable[Event], now: float) -> None:
-        """A fetched batch reaches its handlers: end-to-end latency per event."""
-        self.latencies(
-            [now - when.timestamp() for when in [e.time for e in events] if when is not None]
-        )
 
     def latencies(self, values: Sequence[float]) -> None:
         """End-to-end latencies (seconds; a negative one, from a clock ahead of this

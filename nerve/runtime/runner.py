@@ -314,6 +314,7 @@ class FunctionRunner:
         stats = self.stats
         stats.received += len(deliveries)
         latencies = stats.latencies
+        noted = len(latencies)  # this batch's latencies are appended after these
         now = time.time()
         ready: list[tuple[Delivery, Event, Any]] = []
         for delivery in deliveries:
@@ -338,12 +339,13 @@ class FunctionRunner:
             if event.time is not None:
                 latencies.append(now - event.time.timestamp())
             ready.append((delivery, event, payload))
+        timed = len(latencies) - noted
         if len(latencies) > 4096:
             del latencies[:2048]  # (keeps this batch's: observers read them)
         if not ready:
             return
         if self._observer is not None:
-            self._observer.dispatched([e for _, e, _ in ready], now)
+            self._observer.dispatched(ready, latencies[-timed:] if timed else [])
         try:
             seen = await self.runtime.store.processed_many(fn.name, [e.id for _, e, _ in ready])
         except NerveError as exc:
