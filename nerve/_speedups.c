@@ -25,8 +25,8 @@
  * - encode_span(s), encode_spans(batch, ...): spans as OTLP protobuf; SpanWriter: one
  *   span as it ends (the pipeline of an OTLP/HTTP exporter queues bytes, not spans).
  * Metrics (nerve.observe.hooks):
- * - MetricsEnd: MetricsObserver.end for an attempt that succeeded (a duration bucketed,
- *   a count), the other outcomes handed to the Python end.
+ * - MetricsEnd: the metrics of an attempt that succeeded (a duration bucketed, a
+ *   count), the other outcomes handed to FunctionObserver._counted.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1997,7 +1997,7 @@ fail:
     return NULL;
 }
 
-/* -- MetricsEnd: MetricsObserver.end, in C for a handler attempt that succeeded ------- */
+/* -- MetricsEnd: an attempt's metrics, in C for a handler attempt that succeeded ------ */
 
 #define MAX_BOUNDS 64
 
@@ -2014,9 +2014,9 @@ typedef struct {
 
 static PyObject *S_sum, *S_processed;
 
-/* end(ctx, seconds, outcome, error=None): for outcome 'processed' and float seconds,
- * what MetricsObserver.end does (the duration bucketed as bisect_left does, its sum,
- * the type's processed count); anything else goes to the Python end. */
+/* count(ctx, seconds, outcome[, error]): for outcome 'processed', float seconds and no
+ * error argument, what FunctionObserver._counted does (the duration bucketed as
+ * bisect_left does, its sum, the type's processed count); anything else goes to it. */
 static PyObject *
 metrics_end_call(MetricsEnd *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -2161,8 +2161,8 @@ metrics_end_dealloc(MetricsEnd *self)
 static PyTypeObject MetricsEndType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "nerve._speedups.MetricsEnd",
-    .tp_doc = "MetricsEnd(duration, processed, slow)(ctx, seconds, outcome, error=None): "
-              "MetricsObserver.end, in C for a processed attempt.",
+    .tp_doc = "MetricsEnd(duration, processed, slow)(ctx, seconds, outcome, error=None): an "
+              "attempt's metrics (FunctionObserver._counted), in C for a processed attempt.",
     .tp_basicsize = sizeof(MetricsEnd),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_vectorcall_offset = offsetof(MetricsEnd, vectorcall),

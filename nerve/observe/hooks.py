@@ -34,12 +34,23 @@ _bisect = bisect.bisect_left
 class FunctionObserver:
     """Spans and (optionally) metrics of one function."""
 
-    __slots__ = ("metrics", "name", "tracing")
+    __slots__ = ("_count", "metrics", "name", "tracing")
 
     def __init__(self, name: str, metrics: FunctionMetrics | None, tracing: Tracing | None):
         self.name = name
         self.metrics = metrics
         self.tracing = tracing
+        self._count: Callable[..., None] | None = None
+        """The metrics of an attempt that ended (None without metrics): :meth:`_counted`,
+        or where the C speedups are built ``_speedups.MetricsEnd``, which counts an
+        attempt that succeeded in C and hands any other outcome to :meth:`_counted`."""
+        if metrics is not None:
+            self._count = self._counted
+            if speedups is not None:
+                with contextlib.suppress(TypeError):  # a histogram it does not take
+                    self._count = speedups.MetricsEnd(
+                        metrics.duration, metrics.processed, self._counted
+                    )
 
     def wrap(self, handler: Handler) -> Handler:
         """The handler as the runner calls it: unchanged (the ``process`` span is made
@@ -74,20 +85,30 @@ class FunctionObserver:
     ) -> None:
         """A handler attempt ended after ``seconds``: 'processed', 'retried',
         'dead_lettered' or 'released' (cancelled by a shutdown: not counted)."""
-        metrics = self.metrics
-        if metrics is not None:
-            if outcome == "processed":  # FunctionMetrics.handled, written out
-                duration = metrics.duration
-                duration.counts[_bisect(duration.bounds, seconds)] += 1
-                duration.sum += seconds
-                processed = metrics.processed
-                type_name = ctx.event.type
-                processed[type_name] = processed.get(type_name, 0) + 1
-            elif outcome != "released":
-                metrics.handled(ctx.event.type, seconds, outcome)
+        count = self._count
+        if count is not None:
+            count(ctx, seconds, outcome)
         handle = ctx.trace
         if handle is not None and self.tracing is not None:
             self.tracing.processed(handle, error, outcome)
+
+    def _counted(
+        self, ctx: Context, seconds: float, outcome: str, error: BaseException | None = None
+    ) -> None:
+        """The metrics of one attempt (the Python twin of ``_speedups.MetricsEnd``;
+        ``error`` is not counted: it is there for :class:`MetricsObserver`, whose
+        ``end`` this is)."""
+        metrics = self.metrics
+        assert metrics is not None
+        if outcome == "processed":  # FunctionMetrics.handled, written out
+            duration = metrics.duration
+            duration.counts[_bisect(duration.bounds, seconds)] += 1
+            duration.sum += seconds
+            processed = metrics.processed
+            type_name = ctx.event.type
+            processed[type_name] = processed.get(type_name, 0) + 1
+        elif outcome != "released":
+            metrics.handled(ctx.event.type, seconds, outcome)
 
     def dead(self, delivery: Delivery, reason: str, before_handler: bool) -> None:
         """A delivery is dead-lettered (``before_handler``: its handler never ran)."""
@@ -106,42 +127,19 @@ class FunctionObserver:
 
 
 class MetricsObserver(FunctionObserver):
-    """Metrics only, tracing off: the same calls, with the least work in each. Its
-    ``end`` is, where the C speedups are built, ``_speedups.MetricsEnd``: an attempt
-    that succeeded is counted in C, any other outcome by :meth:`_end`."""
+    """Metrics only, tracing off: the same calls, with the least work in each (its
+    ``end`` is the count itself: no span to end)."""
 
-    __slots__ = ("_bounds", "_counts", "_duration", "_processed", "end")
+    __slots__ = ("end",)
 
     def __init__(self, name: str, metrics: FunctionMetrics) -> None:
         super().__init__(name, metrics, None)
-        self._duration = metrics.duration
-        self._bounds = metrics.duration.bounds
-        self._counts = metrics.duration.counts
-        self._processed = metrics.processed
-        self.end: Callable[..., None] = self._end
-        if speedups is not None:
-            with contextlib.suppress(TypeError):  # a histogram it does not take: _end
-                self.end = speedups.MetricsEnd(metrics.duration, metrics.processed, self._end)
-
-    def wrap(self, handler: Handler) -> Handler:
-        return handler
+        assert self._count is not None
+        self.end: Callable[..., None] = self._count
 
     def dispatched(self, ready: Sequence[tuple[Any, Event, Any]], latencies: list[float]) -> None:
         if latencies:
             self.metrics.latencies(latencies)  # type: ignore[union-attr]
-
-    def _end(
-        self, ctx: Context, seconds: float, outcome: str, error: BaseException | None = None
-    ) -> None:
-        if outcome == "processed":
-            duration = self._duration
-            self._counts[_bisect(self._bounds, seconds)] += 1
-            duration.sum += seconds
-            processed = self._processed
-            type_name = ctx.event.type
-            processed[type_name] = processed.get(type_name, 0) + 1
-        elif outcome != "released":
-            self.metrics.handled(ctx.event.type, seconds, outcome)  # type: ignore[union-attr]
 
 
 def observer_for(runtime: Any, name: str) -> FunctionObserver | None:

@@ -323,9 +323,10 @@ def test_buckets_take_many_values_as_they_take_one() -> None:
 
 
 def test_the_c_end_of_an_attempt_counts_what_the_python_end_counts() -> None:
-    """``MetricsObserver.end`` in C (``_speedups.MetricsEnd``: a processed attempt with
-    a float duration) against its Python twin ``_end``, call by call: durations on,
-    between and beyond the bucket bounds, every outcome, an int duration."""
+    """An attempt's metrics in C (``_speedups.MetricsEnd``, the ``end`` of a
+    ``MetricsObserver``: a processed attempt with a float duration) against its Python
+    twin ``_counted``, call by call: durations on, between and beyond the bucket bounds,
+    every outcome, an int duration, NaN."""
     from types import SimpleNamespace
 
     from nerve._native import speedups
@@ -337,7 +338,7 @@ def test_the_c_end_of_an_attempt_counts_what_the_python_end_counts() -> None:
     c_metrics, py_metrics = FunctionMetrics("f"), FunctionMetrics("f")
     c_side, py_side = MetricsObserver("f", c_metrics), MetricsObserver("f", py_metrics)
     assert type(c_side.end) is speedups.MetricsEnd
-    py_side.end = py_side._end
+    py_side.end = py_side._counted
     error = ValueError("boom")
     calls: list[tuple[str, float, str]] = [
         ("a", bound, "processed") for bound in DURATION_BUCKETS
