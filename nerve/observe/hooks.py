@@ -12,7 +12,6 @@ the runner has computed already) bucketed at once.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,6 @@ if TYPE_CHECKING:
     from nerve.transport.base import Delivery
 
 __all__ = ["FunctionObserver", "MetricsObserver", "observer_for"]
-
-_bisect = bisect.bisect_left
 
 
 class FunctionObserver:
@@ -100,14 +97,7 @@ class FunctionObserver:
         ``end`` this is)."""
         metrics = self.metrics
         assert metrics is not None
-        if outcome == "processed":  # FunctionMetrics.handled, written out
-            duration = metrics.duration
-            duration.counts[_bisect(duration.bounds, seconds)] += 1
-            duration.sum += seconds
-            processed = metrics.processed
-            type_name = ctx.event.type
-            processed[type_name] = processed.get(type_name, 0) + 1
-        elif outcome != "released":
+        if outcome != "released":
             metrics.handled(ctx.event.type, seconds, outcome)
 
     def dead(self, delivery: Delivery, reason: str, before_handler: bool) -> None:
