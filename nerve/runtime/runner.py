@@ -604,50 +604,68 @@ class FunctionRunner:
                     # meanwhile joins this commit (its ack would wait an interval more)
                     await self.runtime.store.records_due()
                 batch, self._done = self._done, []
-                batch = await self._commit_batch(batch)
+                batch, duplicates = await self._commit_batch(batch)
                 if acking is not None:
                     await acking  # acks stay in order, one batch at a time
-                acking = asyncio.create_task(self._ack_batch(batch))
+                acking = asyncio.create_task(self._ack_batch(batch, duplicates))
         finally:
             self._finisher = None
 
-    async def _commit_batch(self, batch: list[_Done]) -> list[_Done]:
-        """Record the light units as processed, publish what the batch emitted."""
+    async def _commit_batch(self, batch: list[_Done]) -> tuple[list[_Done], int]:
+        """Record the light units as processed, publish what the batch emitted. Returns
+        the deliveries to ack and how many of them are duplicates. (One pass over the
+        batch: this runs for every event.)"""
         runtime = self.runtime
-        fn = self.function
-        light = [d for d in batch if not d.committed]
+        name = self.function.name
+        encode = codec.encode
+        light: list[_Done] = []
+        records: list[tuple[str, str, list[bytes]]] = []
+        duplicates = 0
+        emitting = False
+        for d in batch:
+            if not d.committed:
+                light.append(d)
+                emitted = d.emitted
+                records.append((name, d.event_id, [encode(e) for e in emitted] if emitted else []))
+            elif d.duplicate:
+                duplicates += 1
+            elif d.emitted:
+                emitting = True
         if light:
             try:
-                results = await runtime.store.commit_records(
-                    [(fn.name, d.event_id, [codec.encode(e) for e in d.emitted]) for d in light]
-                )
+                results = await runtime.store.commit_records(records)
             except NerveError as exc:
-                log.error("function %s: commit failed, will retry: %s", fn.name, exc)
+                log.error("function %s: commit failed, will retry: %s", name, exc)
                 self.settling -= len(light)
                 for d in light:
                     await self._release(d.delivery, 1.0)
                 batch = [d for d in batch if d.committed]  # still to publish and ack
             else:
                 for d, ids in zip(light, results, strict=True):
-                    d.outbox_ids = ids
                     if ids is None:
                         self.stats.duplicates += 1
+                        duplicates += 1
                         d.emitted = []
                         d.duplicate = True
-        emitted = [e for d in batch for e in d.emitted]
-        if emitted and self._observer is not None:
-            self._observer.emitted(emitted)
-        if emitted:
+                    elif d.emitted:
+                        d.outbox_ids = ids
+                        emitting = True
+        if not emitting:
+            return batch, duplicates
+        emitted_events = [e for d in batch for e in d.emitted]
+        if emitted_events and self._observer is not None:
+            self._observer.emitted(emitted_events)
+        if emitted_events:
             try:
-                await runtime.transport.publish(emitted)
+                await runtime.transport.publish(emitted_events)
             except NerveError as exc:
                 log.warning("publishing emitted events failed (the outbox will retry): %s", exc)
             else:
                 ids = [i for d in batch for i in (d.outbox_ids or [])]
                 runtime.background(runtime.store.outbox_cleared(ids))
-        return batch
+        return batch, duplicates
 
-    async def _ack_batch(self, batch: list[_Done]) -> None:
+    async def _ack_batch(self, batch: list[_Done], duplicates: int) -> None:
         fn = self.function
         deliveries = [d.delivery for d in batch]
         try:
@@ -658,7 +676,7 @@ class FunctionRunner:
         if lost:
             self.stats.lease_lost += len(lost)
             log.warning("function %s: %d ack(s) refused: lease lost", fn.name, len(lost))
-        self.stats.processed += sum(1 for d in batch if not d.duplicate)
+        self.stats.processed += len(batch) - duplicates
         self.settling -= len(batch)
         self._settled(len(batch))
 

@@ -404,6 +404,27 @@ async def test_settling_after_the_lease_was_taken_over_is_fenced(
     await nothing(consumer)
 
 
+async def test_ack_many_returns_the_deliveries_whose_lease_was_lost_and_acks_the_rest(
+    adapter: AdapterSpec, brokers: Brokers
+) -> None:
+    """The runner acks a batch at a time and counts what comes back as lost leases."""
+    transport = await brokers.new(visibility_timeout=0.5).connect()
+    need(adapter, transport, "lease_expiry", "a live consumer keeps what it does not settle")
+    need(adapter, transport, "fenced_settlement", "a stale ack may settle the new owner's copy")
+    (consumer,) = await setup(transport, Subscription("g", ("order.created",)))
+    await transport.publish([make(1), make(2)])
+    got = await drain(consumer, 2, ack=False)
+    stale = next(d for d in got if d.event.data["n"] == 1)
+    kept = next(d for d in got if d.event.data["n"] == 2)
+    await kept.extend(1.5)
+    (fresh,) = await drain(consumer, 1, ack=False, timeout=5)  # 1's lease expired
+    assert fresh.event.id == stale.event.id and fresh.attempt == 2
+    await fresh.ack()
+    lost = await consumer.ack_many([stale, kept])
+    assert [d.event.id for d in lost] == [stale.event.id]
+    await nothing(consumer, 1.5)  # past kept's extended lease: it was acked
+
+
 async def test_extend_keeps_the_lease(adapter: AdapterSpec, brokers: Brokers) -> None:
     transport = await brokers.new(visibility_timeout=0.5).connect()
     need(adapter, transport, "lease_expiry", "leases do not expire, so there is none to extend")
