@@ -8,9 +8,11 @@
  * Decoding:
  * - extension_names(extra, attributes): the keys of a document that are in the set
  *   `extra`, in the document's order.
- * - register_decoding(reserved, checked, fromisoformat), plain_event(attributes, data):
- *   the event nerve.event.from_attributes builds from a dict of plain attributes (the
- *   common case), None for anything else, which the Python code then builds or refuses.
+ * - register_decoding(reserved, checked, fromisoformat, loads), plain_event(attributes,
+ *   data): the event nerve.event.from_attributes builds from a dict of plain attributes
+ *   (the common case), None for anything else, which the Python code then builds or
+ *   refuses; decode_document(raw): the event nerve.event.decode returns for raw bytes
+ *   holding such a document, else the parsed document (or None) for Python to finish.
  * Tracing (nerve.observe):
  * - parse_traceparent(value): a W3C traceparent (version 00) as the parent tuple
  *   (trace_id, span_id, sampled, "", True), None when invalid.
@@ -38,7 +40,7 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 11
+#define SPEEDUPS_ABI 12
 
 static signed char HEX[256];
 
@@ -1815,24 +1817,25 @@ traced_copy(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* Decoding: what register_decoding was given (nerve.event's _RESERVED, its set of
- * extension names checked already, and datetime.fromisoformat). */
-static PyObject *D_reserved, *D_checked, *D_fromisoformat;
+ * extension names checked already, datetime.fromisoformat and orjson.loads). */
+static PyObject *D_reserved, *D_checked, *D_fromisoformat, *D_loads;
 static PyObject *S_specversion, *S_time, *S_subject, *S_datacontenttype, *S_dataschema,
-    *S_source, *S_tzinfo, *S_one_zero;
+    *S_source, *S_tzinfo, *S_one_zero, *S_data, *S_data_base64;
 
 static PyObject *
 register_decoding(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3 || !PyAnySet_Check(args[0]) || !PySet_Check(args[1])
-        || !PyCallable_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "register_decoding(reserved: frozenset, checked: set, fromisoformat)");
+    if (nargs != 4 || !PyAnySet_Check(args[0]) || !PySet_Check(args[1])
+        || !PyCallable_Check(args[2]) || !PyCallable_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "register_decoding(reserved: frozenset, checked: set, "
+                                         "fromisoformat, loads)");
         return NULL;
     }
     Py_XSETREF(D_reserved, Py_NewRef(args[0]));
     Py_XSETREF(D_checked, Py_NewRef(args[1]));
     Py_XSETREF(D_fromisoformat, Py_NewRef(args[2]));
+    Py_XSETREF(D_loads, Py_NewRef(args[3]));
     Py_RETURN_NONE;
 }
 
@@ -1995,6 +1998,56 @@ fail:
     Py_DECREF(extensions);
     Py_XDECREF(when);
     return NULL;
+}
+
+/* decode_document(raw): for exact bytes holding a JSON object with no "data_base64"
+ * whose attributes plain_event builds, that event (its data: the document's "data",
+ * None when absent), what nerve.event.decode returns for them. Otherwise the parsed
+ * document, for the Python code to build or refuse (it is not parsed twice), or None
+ * when raw is not bytes, loads refused it or an error happened: the Python code then
+ * parses it again and raises the error it gives every caller. */
+static PyObject *
+decode_document(PyObject *module, PyObject *raw)
+{
+    if (D_loads == NULL || !PyBytes_CheckExact(raw)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *doc = PyObject_CallOneArg(D_loads, raw);
+    if (doc == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    if (!PyDict_CheckExact(doc)) {
+        return doc;
+    }
+    int binary = PyDict_Contains(doc, S_data_base64);
+    if (binary != 0) {
+        if (binary < 0) {
+            PyErr_Clear();
+            Py_DECREF(doc);
+            Py_RETURN_NONE;
+        }
+        return doc;
+    }
+    PyObject *data = PyDict_GetItemWithError(doc, S_data);
+    if (data == NULL && PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_DECREF(doc);
+        Py_RETURN_NONE;
+    }
+    PyObject *args[2] = {doc, data != NULL ? data : Py_None};
+    PyObject *event = plain_event(module, args, 2);
+    if (event == NULL) {
+        PyErr_Clear();
+        Py_DECREF(doc);
+        Py_RETURN_NONE;
+    }
+    if (event == Py_None) {
+        Py_DECREF(event);
+        return doc;
+    }
+    Py_DECREF(doc);
+    return event;
 }
 
 /* -- MetricsEnd: an attempt's metrics, in C for a handler attempt that succeeded ------ */
@@ -2188,9 +2241,12 @@ static PyMethodDef methods[] = {
      "The event class traced_copy copies (its slots' offsets are read once)."},
     {"register_decoding", (PyCFunction)(void (*)(void))register_decoding, METH_FASTCALL,
      "What plain_event checks against: reserved names, checked extension names, the "
-     "time parser."},
+     "time parser; and the JSON parser decode_document calls."},
     {"plain_event", (PyCFunction)(void (*)(void))plain_event, METH_FASTCALL,
      "The event from_attributes builds from plain attributes; None for anything else."},
+    {"decode_document", (PyCFunction)decode_document, METH_O,
+     "The event decode returns for raw bytes of a plain document; else the parsed "
+     "document, or None."},
     {"traced_copy", (PyCFunction)(void (*)(void))traced_copy, METH_FASTCALL,
      "A copy of an event with its traceparent and tracestate extensions set."},
     {"start_span", (PyCFunction)(void (*)(void))start_span, METH_FASTCALL,
@@ -2235,6 +2291,8 @@ PyInit__speedups(void)
     INTERN(S_source, "source")
     INTERN(S_tzinfo, "tzinfo")
     INTERN(S_one_zero, "1.0")
+    INTERN(S_data, "data")
+    INTERN(S_data_base64, "data_base64")
     INTERN(S_event, "event")
     INTERN(S_attempt, "attempt")
     INTERN(S_trace, "trace")

@@ -293,6 +293,9 @@ _extension_names: Callable[[set[str], dict[str, Any]], list[str]] | None = (
 _plain_event: Callable[[Mapping[str, Any], Any], Event | None] | None = None
 """``_speedups.plain_event`` once it knows :class:`Event`, what is reserved and the
 extension names checked (registered below, after ``_checked_names``)."""
+_decode_document: Callable[[bytes], object] | None = None
+"""``_speedups.decode_document``: :func:`decode` of plain bytes in C (the event, else the
+parsed document or None for the Python code to finish)."""
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
@@ -354,8 +357,9 @@ _fromisoformat = datetime.fromisoformat
 
 if _speedups is not None:
     _speedups.register_event(Event)
-    _speedups.register_decoding(_RESERVED, _checked_names, _fromisoformat)
+    _speedups.register_decoding(_RESERVED, _checked_names, _fromisoformat, orjson.loads)
     _plain_event = _speedups.plain_event
+    _decode_document = _speedups.decode_document
 
 
 def _parse_time(value: object) -> datetime:
@@ -554,6 +558,12 @@ def decode(raw: bytes | bytearray | memoryview | str) -> Event:
     Raises :class:`DecodeError` (carrying the raw bytes) for anything that is not a
     valid event, naming the attribute at fault.
     """
+    if _decode_document is not None and type(raw) is bytes:  # every transport's case
+        parsed = _decode_document(raw)
+        if isinstance(parsed, Event):
+            return parsed
+        if parsed is not None:  # parsed, but not plain: checked (or refused) here
+            return _from_document(parsed, raw)
     raw_bytes = raw.encode() if isinstance(raw, str) else bytes(raw)
     try:
         doc = orjson.loads(raw_bytes)

@@ -746,3 +746,70 @@ def test_the_c_decoder_builds_what_python_builds(
     if built is not None:
         assert isinstance(expected, Event), (attributes, expected)
         assert _fields(built) == _fields(expected)
+
+
+def _python_decoded(raw: bytes) -> Event | tuple[str, str]:
+    """What decode gives without its C fast paths: the event, or the error's fields."""
+    from nerve import event as codec
+
+    fast = codec._decode_document, codec._plain_event
+    codec._decode_document = codec._plain_event = None
+    try:
+        return decode(raw)
+    except DecodeError as exc:
+        return (exc.attribute, exc.reason)
+    finally:
+        codec._decode_document, codec._plain_event = fast
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sets(st.sampled_from(sorted(_PLAIN)), max_size=2),
+    st.dictionaries(st.sampled_from([*_PLAIN, "tenant", "Bad"]), _TIMES, max_size=2),
+    st.sampled_from(["data", "data_base64", "both", "none"]),
+    st.sampled_from(["object", "array", "text", "not json"]),
+)
+def test_decode_in_c_gives_what_decode_in_python_gives(
+    removed: set[str], changed: dict[str, Any], body: str, shape: str
+) -> None:
+    """Whatever the bytes (a plain event's document, attributes removed or changed, data
+    as JSON, base64, both or none, a document that is not an object, not JSON at all),
+    decode with its C path returns the same event, or refuses with the same error, as
+    decode in pure Python."""
+    _c_speedups()
+    doc: Any = {k: v for k, v in _PLAIN.items() if k not in removed} | changed
+    if body in ("data", "both"):
+        doc["data"] = {"n": 1}
+    if body in ("data_base64", "both"):
+        doc["data_base64"] = base64.b64encode(b"\x00\x01").decode()
+    raw = {
+        "object": lambda: orjson.dumps(doc),
+        "array": lambda: orjson.dumps([doc]),
+        "text": lambda: b'"an event"',
+        "not json": lambda: b"{not json",
+    }[shape]()
+    expected = _python_decoded(raw)  # first: it checks new extension names
+    try:
+        got: Event | tuple[str, str] = decode(raw)
+    except DecodeError as exc:
+        got = (exc.attribute, exc.reason)
+    if isinstance(expected, Event):
+        assert isinstance(got, Event), (raw, got)
+        assert _fields(got) == _fields(expected)
+    else:
+        assert got == expected
+
+
+def test_decode_of_a_plain_document_is_built_in_c() -> None:
+    """The common case never reaches the Python decoder (what the parity test above
+    cannot see: both paths give the same event)."""
+    speedups = _c_speedups()
+    from nerve import event as codec
+
+    raw = orjson.dumps(_doc(subject="s", data={"a": 1}))
+    built = speedups.decode_document(raw)
+    assert isinstance(built, Event) and built.data == {"a": 1} and built.subject == "s"
+    assert codec._decode_document is speedups.decode_document
+    assert speedups.decode_document(b"{not json") is None
+    assert speedups.decode_document(bytearray(raw)) is None  # exact bytes only
+    assert speedups.decode_document(b"[1]") == [1]  # parsed: Python refuses it
