@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from nerve.app import App, Function
 from nerve.errors import EmitError
 from nerve.event import Event
-from nerve.store.sqlite import SqliteUnit
+from nerve.store.sqlite import SqliteStore, SqliteUnit
 
 if TYPE_CHECKING:
     from nerve.observe.tracing import HandlerTrace
@@ -33,19 +33,38 @@ class Context:
     - ``trace``: this attempt's ``process`` span when tracing is on, else None.
     """
 
-    __slots__ = ("_app", "_function", "_log", "attempt", "emitted", "event", "store", "trace")
+    __slots__ = (
+        "_app",
+        "_function",
+        "_log",
+        "_store",
+        "_unit",
+        "attempt",
+        "emitted",
+        "event",
+        "trace",
+    )
 
     def __init__(
-        self, app: App, function: Function, event: Event, attempt: int, store: SqliteUnit
+        self, app: App, function: Function, event: Event, attempt: int, store: SqliteStore
     ) -> None:
         self._app = app
         self._function = function
         self.event = event
         self.attempt = attempt
-        self.store = store
+        self._store = store
+        self._unit: SqliteUnit | None = None
+        """The unit ``store`` made: most handlers never ask for one."""
         self.emitted: list[Event] = []
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self.trace: HandlerTrace | None = None
+
+    @property
+    def store(self) -> SqliteUnit:
+        unit = self._unit
+        if unit is None:
+            unit = self._unit = self._store.unit(self._function.name, self.event.id)
+        return unit
 
     @property
     def function(self) -> str:

@@ -464,8 +464,7 @@ class FunctionRunner:
         gate = self._gate
         timeout = fn.timeout
         while True:
-            unit = runtime.store.unit(fn.name, event.id)
-            ctx = Context(runtime.app, fn, event, attempt, unit)
+            ctx = Context(runtime.app, fn, event, attempt, runtime.store)
             started = time.monotonic()
             self._started[delivery] = started
             # the handler's run time, from when it has its place: the runner's stats and
@@ -507,18 +506,21 @@ class FunctionRunner:
             except asyncio.CancelledError:
                 if obs is not None:
                     obs.end(ctx, seconds, "released")
-                await unit.rollback()
+                if ctx._unit is not None:
+                    await ctx._unit.rollback()
                 await self._release(delivery, 0.0)
                 raise
             except (DeadLetter, EmitError) as exc:
-                await unit.rollback()
+                if ctx._unit is not None:
+                    await ctx._unit.rollback()
                 reason = "dead-letter" if isinstance(exc, DeadLetter) else "emit-not-declared"
                 if obs is not None:
                     obs.end(ctx, seconds, "dead_lettered", exc)
                 await self._dead(delivery, reason, exc, attempt)
                 return
             except Exception as exc:
-                await unit.rollback()
+                if ctx._unit is not None:
+                    await ctx._unit.rollback()
                 self.stats.failed += 1
                 if obs is not None:
                     retry = attempt < fn.retry.max_attempts
@@ -551,7 +553,8 @@ class FunctionRunner:
                 self._started.pop(delivery, None)
             if obs is not None:
                 obs.end(ctx, seconds, "processed")
-            if unit.active:
+            unit = ctx._unit
+            if unit is not None and unit.active:
                 await self._succeeded(delivery, event, unit, ctx.emitted)
             else:  # the store untouched: the finisher records it with its batch
                 self._finish(_Done(delivery, event.id, ctx.emitted, committed=False))
