@@ -92,11 +92,6 @@ class _Gate:
                 self._wake()
             raise
 
-    def release(self) -> None:
-        self.active -= 1
-        if self._waiters:
-            self._wake()
-
     def resize(self, limit: int) -> None:
         self.limit = limit
         self._wake()
@@ -328,8 +323,12 @@ class FunctionRunner:
                 error = NerveError(f"event type {event.type!r} is not declared by this app")
                 self._spawn(self._dead(delivery, "not-declared", error, delivery.attempt))
                 continue
+            schema = event.dataschema
             try:
-                payload = reader.read(event.data, event.dataschema)
+                if schema is None or schema == reader.dataschema:  # read's common case
+                    payload = reader.validate(event.data)
+                else:
+                    payload = reader.read(event.data, schema)
             except ValidationError as exc:
                 self._spawn(self._dead(delivery, "invalid-data", exc, delivery.attempt))
                 continue
@@ -385,7 +384,7 @@ class FunctionRunner:
         try:
             while ready and self._workers <= self.limit:
                 delivery, event, payload = ready.popleft()
-                if ready:
+                if ready and not self._starting and self._workers < self.limit:
                     self._more_workers()  # the rest must not wait for this handler
                 if keyed:
                     await self._keyed(delivery, event, payload, task)
@@ -502,7 +501,9 @@ class FunctionRunner:
                             task.uncancel()
                 finally:
                     seconds = time.monotonic() - started
-                    gate.release()
+                    gate.active -= 1  # the place given back, in place (no call)
+                    if gate._waiters:
+                        gate._wake()
             except asyncio.CancelledError:
                 if obs is not None:
                     obs.end(ctx, seconds, "released")
