@@ -21,7 +21,8 @@
  *   its parent is: SpanRecorder.start with the SDK's default ids and sampler.
  * - ProcessSpans: a handler attempt's process span started (made the current span)
  *   and ended, a create span started, ended and written as a traceparent; its
- *   starter(function, ctx_type) is what the runner calls with each attempt's ctx.
+ *   starter(function, ctx_type) is what the runner calls with each attempt's ctx, its
+ *   ender(count, ctx_type) what it calls as the attempt ends (metrics, then the span).
  * - register_event(Event), traced_copy(event, traceparent, tracestate): an event
  *   copied with its trace extensions.
  * - encode_span(s), encode_spans(batch, ...): spans as OTLP protobuf; SpanWriter: one
@@ -40,7 +41,7 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
-#define SPEEDUPS_ABI 12
+#define SPEEDUPS_ABI 13
 
 static signed char HEX[256];
 
@@ -1585,6 +1586,112 @@ process_starter(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)starter;
 }
 
+/* -- Ender: a function's handler attempts end (their metrics, then their span) -------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *spans; /* ProcessSpans */
+    PyObject *count; /* the metrics of an attempt (MetricsEnd or its Python twin), or None */
+    vectorcallfunc vectorcall;
+    PyTypeObject *ctx_type; /* the runtime's Context: its trace slot read directly */
+    Py_ssize_t trace_offset;
+} Ender;
+
+/* ender(ctx, seconds, outcome, error=None): count(ctx, seconds, outcome) when metrics
+ * are on, then the process span of ctx.trace (if any) ended with error and outcome
+ * (what FunctionObserver._end does). */
+static PyObject *
+ender_call(Ender *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 3 || nargs > 4 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "an ender takes ctx, seconds, outcome[, error]");
+        return NULL;
+    }
+    PyObject *ctx = args[0];
+    if (self->count != Py_None) {
+        PyObject *counted = PyObject_Vectorcall(self->count, args, 3, NULL);
+        if (counted == NULL) {
+            return NULL;
+        }
+        Py_DECREF(counted);
+    }
+    PyObject *handle = slot_or_attr(ctx, self->ctx_type, self->trace_offset, S_trace);
+    if (handle == NULL) {
+        return NULL;
+    }
+    if (handle == Py_None) {
+        Py_DECREF(handle);
+        Py_RETURN_NONE;
+    }
+    PyObject *end_args[3] = {handle, nargs > 3 ? args[3] : Py_None, args[2]};
+    PyObject *ended = process_end((ProcessSpans *)self->spans, end_args, 3);
+    Py_DECREF(handle);
+    return ended;
+}
+
+static int
+ender_traverse(Ender *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->spans);
+    Py_VISIT(self->count);
+    Py_VISIT(self->ctx_type);
+    return 0;
+}
+
+static int
+ender_clear(Ender *self)
+{
+    Py_CLEAR(self->spans);
+    Py_CLEAR(self->count);
+    Py_CLEAR(self->ctx_type);
+    return 0;
+}
+
+static void
+ender_dealloc(Ender *self)
+{
+    PyObject_GC_UnTrack(self);
+    ender_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject EnderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nerve._speedups.Ender",
+    .tp_doc = "ender(ctx, seconds, outcome, error=None): an attempt's metrics and process "
+              "span, ended (in C).",
+    .tp_basicsize = sizeof(Ender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Ender, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)ender_dealloc,
+    .tp_traverse = (traverseproc)ender_traverse,
+    .tp_clear = (inquiry)ender_clear,
+};
+
+static PyObject *
+process_ender(ProcessSpans *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyType_Check(args[1])
+        || (args[0] != Py_None && !PyCallable_Check(args[0]))) {
+        PyErr_SetString(PyExc_TypeError, "ender(count: callable | None, ctx_type: type)");
+        return NULL;
+    }
+    PyTypeObject *ctx_type = (PyTypeObject *)args[1];
+    Ender *ender = PyObject_GC_New(Ender, &EnderType);
+    if (ender == NULL) {
+        return NULL;
+    }
+    ender->spans = Py_NewRef((PyObject *)self);
+    ender->count = Py_NewRef(args[0]);
+    ender->vectorcall = (vectorcallfunc)ender_call;
+    ender->ctx_type = (PyTypeObject *)Py_NewRef(ctx_type);
+    ender->trace_offset = slot_offset(ctx_type, "trace");
+    PyObject_GC_Track(ender);
+    return (PyObject *)ender;
+}
+
 static PyMethodDef process_methods[] = {
     {"start", (PyCFunction)(void (*)(void))process_start, METH_FASTCALL,
      "start(function, event, attempt, current): Tracing.start_process, in C."},
@@ -1592,6 +1699,8 @@ static PyMethodDef process_methods[] = {
      "end(handle, error=None, outcome='processed'): Tracing.end_process, in C."},
     {"starter", (PyCFunction)(void (*)(void))process_starter, METH_FASTCALL,
      "starter(function, ctx_type): a callable that starts the process span of its ctx."},
+    {"ender", (PyCFunction)(void (*)(void))process_ender, METH_FASTCALL,
+     "ender(count, ctx_type): a callable that counts an attempt and ends its span."},
     {"create", (PyCFunction)(void (*)(void))process_create, METH_FASTCALL,
      "create(layout, parent): a create span, started and ended; (span, traceparent)."},
     {NULL, NULL, 0, NULL},
@@ -2325,7 +2434,7 @@ PyInit__speedups(void)
     if (GETRANDBITS == NULL || PyType_Ready(&SpanFieldsType) < 0
         || PyType_Ready(&HandleFieldsType) < 0 || PyType_Ready(&ProcessSpansType) < 0
         || PyType_Ready(&StarterType) < 0 || PyType_Ready(&SpanWriterType) < 0
-        || PyType_Ready(&MetricsEndType) < 0) {
+        || PyType_Ready(&MetricsEndType) < 0 || PyType_Ready(&EnderType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);

@@ -66,7 +66,7 @@ __all__ = ["HandlerTrace", "Tracing", "tracing_from_env"]
 
 SYSTEM = "nerve"
 _EMPTY = otel_context.Context()
-_MAX_LINKS = 16
+MAX_LINKS = 16
 _INTERNAL, _PRODUCER, _CONSUMER = otlp.INTERNAL, otlp.PRODUCER, otlp.CONSUMER
 _LeanSpan = otlp.Span
 _attach, _detach = otel_context.attach, otel_context.detach
@@ -263,6 +263,9 @@ class Tracing:
     :meth:`shutdown` when the runtime stops; spans of other providers are flushed.
     """
 
+    links = MAX_LINKS
+    """How many of a batch's events its ``receive`` span links to (the first ones)."""
+
     def __init__(
         self,
         provider: trace.TracerProvider | None = None,
@@ -283,7 +286,7 @@ class Tracing:
         self._parsed: dict[str, Parent] = {}
         """Event id -> the parent context it carries, parsed for a receive span's links,
         taken by the event's first ``process`` span (a parse less for the first
-        ``_MAX_LINKS`` events of each batch)."""
+        ``MAX_LINKS`` events of each batch)."""
         self._pipeline: otlp.Pipeline | None = None
         self._recorder: otlp.SpanRecorder | None = None
         self.process: Callable[[str, Event, int, bool], HandlerTrace] = self.start_process
@@ -452,9 +455,9 @@ class Tracing:
                     current, looked_up = _current(), True
                 span, extensions = self._created(event.type, current)
                 event = _with_trace(event, extensions)
-                linked = _parent_of_span(span) if len(links) < _MAX_LINKS else None
+                linked = _parent_of_span(span) if len(links) < MAX_LINKS else None
             else:
-                linked = _parent_of(event) if len(links) < _MAX_LINKS else None
+                linked = _parent_of(event) if len(links) < MAX_LINKS else None
             traced.append(event)
             if linked is not None:
                 links.append((*linked, None))
@@ -475,14 +478,15 @@ class Tracing:
 
     # -- consuming -----------------------------------------------------------------
 
-    def received(self, function: str, events: Sequence[Event]) -> None:
-        """A ``receive`` span for one fetched batch, linked to (the first
-        ``_MAX_LINKS`` of) its events' contexts."""
+    def received(self, function: str, events: Sequence[Event], count: int | None = None) -> None:
+        """A ``receive`` span for one fetched batch of ``count`` events (default: as many
+        as ``events``), linked to the contexts of the first ``MAX_LINKS`` of ``events``
+        (a caller may pass only those)."""
         links: list[otlp.LinkData] = []
         parsed = self._parsed
-        if len(parsed) > 4 * _MAX_LINKS:  # those of events never handled (dead-lettered)
+        if len(parsed) > 4 * MAX_LINKS:  # those of events never handled (dead-lettered)
             parsed.clear()
-        for event in events[:_MAX_LINKS]:
+        for event in events[:MAX_LINKS]:
             if "traceparent" in event.extensions:
                 linked = _parent_of(event)
                 if linked is not None:
@@ -501,7 +505,7 @@ class Tracing:
                 ("messaging.batch.message_count",),
             ),
         )
-        self._start(layout, None, (len(events),), links).end()
+        self._start(layout, None, (len(events) if count is None else count,), links).end()
 
     def start_process(
         self, function: str, event: Event, attempt: int, current: bool = False
@@ -581,6 +585,20 @@ class Tracing:
             ctx.trace = self.process(function, ctx.event, ctx.attempt, True)
 
         return start
+
+    def ender(
+        self, count: Callable[..., None] | None, fallback: Callable[..., None]
+    ) -> Callable[..., None]:
+        """What the runtime calls as each handler attempt ends, with its ``ctx``, the
+        seconds it ran, its outcome and error: ``count`` (an attempt's metrics, None
+        without metrics), then :meth:`end_process` of ``ctx.trace``. In C where it can
+        be; else ``fallback``, which does the same in Python."""
+        if self._native is not None:
+            from nerve.runtime.context import Context  # its trace slot is read directly
+
+            ender: Callable[..., None] = self._native.ender(count, Context)
+            return ender
+        return fallback
 
     def end_process(
         self, handle: HandlerTrace, error: BaseException | None = None, outcome: str = "processed"

@@ -581,6 +581,37 @@ def test_a_receive_span_hands_its_parsed_links_to_the_process_spans() -> None:
     tracing.shutdown()
 
 
+def test_the_receive_span_of_a_batch_counts_all_its_events_and_links_the_first() -> None:
+    """``FunctionObserver.dispatched`` hands tracing only the events it links (the first
+    ``Tracing.links``) and the batch's size, which the span counts."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from nerve.observe.hooks import FunctionObserver
+    from nerve.observe.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    jobs = App("jobs")
+    jobs.event("job.queued")(Job)
+    parent = f"00-{TRACE}-{SPAN}-01"
+    ready = [
+        (None, jobs.make_event(Job(n=i), extensions={"traceparent": parent}), None)
+        for i in range(40)
+    ]
+    FunctionObserver("jobs", None, tracing).dispatched(ready, [])
+    tracing.flush()
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "receive jobs"
+    assert span.attributes is not None
+    assert span.attributes["messaging.batch.message_count"] == 40
+    assert len(span.links) == tracing.links == 16
+    tracing.shutdown()
+
+
 class Flaky(http.server.BaseHTTPRequestHandler):
     """A collector that answers the first request 503 (retry at once), and closes the
     connection after every response (HTTP/1.0): the client must reconnect."""
@@ -919,6 +950,93 @@ def test_a_function_named_like_a_span_sort_gets_process_spans() -> None:
             assert isinstance(span, otlp.Span)
             assert span.name == "process job.queued"
             assert span.attributes["messaging.consumer.group.name"] == function
+
+
+def test_the_c_end_of_an_attempt_is_what_the_python_end_does() -> None:
+    """``FunctionObserver.end`` with tracing's C speedups (``Tracing.ender``: the
+    attempt's metrics, then its process span ended) against its Python twin ``_end``,
+    outcome by outcome, for the runtime's ``Context`` (slots read directly) and another
+    ctx: the same spans (values, status, error), the same metrics, the current span
+    restored, and nothing to end when ``ctx.trace`` is None."""
+    from types import SimpleNamespace
+
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from nerve.observe.hooks import FunctionObserver
+    from nerve.observe.metrics import FunctionMetrics
+    from nerve.observe.tracing import Tracing
+    from nerve.runtime.context import Context as RunContext
+
+    require_speedups()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    c_metrics, py_metrics = FunctionMetrics("jobs"), FunctionMetrics("jobs")
+    c_side = FunctionObserver("jobs", c_metrics, tracing)
+    py_side = FunctionObserver("jobs", py_metrics, tracing)
+    assert type(c_side.end).__name__ == "Ender"
+    py_side.end = py_side._end
+    jobs = App("jobs")
+    jobs.event("job.queued")(Job)
+    event = jobs.make_event(
+        Job(n=1), extensions={"traceparent": f"00-{TRACE}-{SPAN}-01", "correlationid": "c"}
+    )
+    before = otel_trace.get_current_span()
+
+    def ctx_of(kind: str) -> Any:
+        if kind == "namespace":
+            return SimpleNamespace(event=event, attempt=2, trace=None)
+        ctx = RunContext.__new__(RunContext)
+        ctx.event, ctx.attempt, ctx.trace = event, 2, None
+        return ctx
+
+    boom = ValueError("boom")
+    ended: list[tuple[Any, Any]] = []
+    for kind in ("context", "namespace"):
+        for outcome, error in (
+            ("processed", None),
+            ("retried", boom),
+            ("dead_lettered", boom),
+            ("released", None),
+        ):
+            pair = []
+            for side in (c_side, py_side):
+                ctx = ctx_of(kind)
+                ctx.trace = tracing.process("jobs", event, 2, True)
+                if error is None:
+                    side.end(ctx, 0.25, outcome)
+                else:
+                    side.end(ctx, 0.25, outcome, error)
+                assert otel_trace.get_current_span() is before
+                pair.append(ctx.trace.span)
+            ended.append((pair[0], pair[1]))
+        for side in (c_side, py_side):  # no span: only the metrics
+            side.end(ctx_of(kind), 0.5, "processed")
+    for a, b in ended:
+        assert a.values == b.values and a.layout is b.layout
+        assert (a.detailed, a.end_time >= a.start_time) == (b.detailed, True)
+    assert [s.values[3] for s, _ in ended[:4]] == [
+        "processed",
+        "retried",
+        "dead_lettered",
+        "released",
+    ]
+    tracing.flush()
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 16
+    assert [s.status.status_code for s in spans[0::2]] == [
+        s.status.status_code for s in spans[1::2]
+    ]
+    assert [len(s.events) for s in spans[0::2]] == [len(s.events) for s in spans[1::2]]
+    assert c_metrics.processed == py_metrics.processed == {"job.queued": 4}
+    assert c_metrics.failed == py_metrics.failed and c_metrics.retried == py_metrics.retried
+    assert c_metrics.duration.counts == py_metrics.duration.counts
+    with pytest.raises(TypeError):
+        c_side.end(ctx_of("context"))
 
 
 @given(
