@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from nerve._batch import Coalescer
-from nerve._postgres import int_array, lock_ddl
+from nerve._postgres import int_array, lock_ddl, text_array
 from nerve._urls import redact
 from nerve.errors import ConfigError, StoreError
 
@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS nerve_outbox (
 """
 
 _PROCESSED_MANY = """
-SELECT u.event_id FROM unnest($2::text[]) AS u(event_id),
+SELECT u.event_id FROM unnest($2::text::text[]) AS u(event_id),
 LATERAL (SELECT 1 FROM nerve_processed p
          WHERE p.function = $1 AND p.event_id = u.event_id LIMIT 1) AS hit
 """
@@ -219,7 +219,7 @@ class PostgresStore:
         if not ask:
             return seen
         try:
-            rows = await self._require().fetch(_PROCESSED_MANY, function, ask)
+            rows = await self._require().fetch(_PROCESSED_MANY, function, text_array(ask))
         except _ERRORS as exc:
             raise StoreError(f"idempotency check on {self._where}: {exc}") from None
         return seen | {r[0] for r in rows}
@@ -374,7 +374,7 @@ _COMMIT = """
 WITH {acks}{sep}
 ok AS ({acked}),
 input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text::int[], $4::text::bigint[])
+    SELECT * FROM unnest($1::text::text[], $2::text::text[], $3::text::int[], $4::text::bigint[])
     WITH ORDINALITY AS i(function, event_id, b, seq, n)),
 keep AS (SELECT * FROM input WHERE b IS NULL OR n = ANY(ARRAY(SELECT n FROM ok))),
 rec AS (
@@ -396,8 +396,8 @@ SELECT (SELECT coalesce(array_agg(n), '{{}}') FROM done),
 """Record items as processed, stage their outbox rows, and ack their deliveries (the CTEs
 each broker gives, ``acks``), in one statement: items 1..N in ``$1`` (function), ``$2``
 (event id), ``$3`` (index of the broker holding its delivery, or NULL), ``$4`` (the
-delivery's seq); ``$5`` now; ``$6``/``$7`` outbox bodies and their item (the integer
-columns as array literals: :func:`nerve._postgres.int_array`). An item whose
+delivery's seq); ``$5`` now; ``$6``/``$7`` outbox bodies and their item (the integer and
+text columns as array literals: :func:`nerve._postgres.int_array`, ``text_array``). An item whose
 delivery was not acked (lease lost) is not recorded."""
 
 
@@ -459,8 +459,8 @@ async def _commit(
         acked=union or "SELECT NULL::int AS n WHERE false",
     )
     args: list[Any] = [
-        functions,
-        event_ids,
+        text_array(functions),
+        text_array(event_ids),
         int_array(b_col),
         int_array(seq_col),
         time.time(),

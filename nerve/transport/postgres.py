@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import re
@@ -37,7 +38,7 @@ import orjson
 
 from nerve import event as codec
 from nerve._batch import Coalescer
-from nerve._postgres import int_array
+from nerve._postgres import int_array, text_array
 from nerve._urls import redact as _redact
 from nerve.app import Subscription
 from nerve.errors import (
@@ -251,14 +252,17 @@ class _Sql:
             f"coalesce((SELECT array_agg(spec ORDER BY name) FROM {s}.groups), '{{}}') END "
             f"FROM {s}.meta WHERE k = 'groups_version'"
         )
-        # $1 count, $2 event ids, $3 types, $4 bodies, $5 target index (1-based),
-        # $6 target groups, $7 target keys, $8 channel, $9 notify payload, $10 the routing
-        # version the targets were computed with (NULL: no check). The log's sequence is
-        # looked up once a statement (an InitPlan), not once a row: per row, the lookup
-        # and the text -> regclass cast took 0.6 of the 2 ms a 100-event publish ran
-        # (EXPLAIN ANALYZE). Nothing is written
-        # when the groups changed since (the caller reloads its routes and tries again),
-        # so a publish is one round trip while the groups stay as they are.
+        # $1 count, $2 event ids, $3 types, $4 the bodies one after another, $11 where
+        # each starts (1-based) and $12 its length, $5 target index (1-based), $6 target
+        # groups, $7 target keys (the text and integer columns as array literals, the
+        # bodies one value: a list parameter costs asyncpg two ABC instance checks an
+        # element; see nerve._postgres.text_array), $8 channel, $9 notify payload, $10
+        # the routing version the targets were computed with (NULL: no check). The log's
+        # sequence is looked up once a statement (an InitPlan), not once a row: per row,
+        # the lookup and the text -> regclass cast took 0.6 of the 2 ms a 100-event
+        # publish ran (EXPLAIN ANALYZE). Nothing is written when the groups changed since
+        # (the caller reloads its routes and tries again), so a publish is one round trip
+        # while the groups stay as they are.
         self.publish = f"""
 WITH now AS (SELECT {_NOW} AS t),
 fresh AS (SELECT v, $10::bigint IS NULL OR v = $10::bigint AS ok
@@ -266,8 +270,9 @@ fresh AS (SELECT v, $10::bigint IS NULL OR v = $10::bigint AS ok
 numbered AS MATERIALIZED (
     SELECT n, nextval((SELECT pg_get_serial_sequence('{s}.log', 'seq')::regclass)) AS seq
     FROM generate_series(1, $1::int) AS n WHERE (SELECT ok FROM fresh)),
-input AS (SELECT * FROM unnest($2::text[], $3::text[], $4::bytea[])
-          WITH ORDINALITY AS i(event_id, type, body, n)),
+input AS (SELECT u.event_id, u.type, substring($4::bytea FROM u.at FOR u.len) AS body, u.n
+          FROM unnest($2::text::text[], $3::text::text[], $11::text::int[], $12::text::int[])
+          WITH ORDINALITY AS u(event_id, type, at, len, n)),
 logged AS (
     INSERT INTO {s}.log (seq, event_id, type, published_at, body)
     SELECT nb.seq, i.event_id, i.type, now.t, i.body
@@ -275,7 +280,7 @@ logged AS (
 fanned AS (
     INSERT INTO {s}.deliveries (grp, seq, key, available_at)
     SELECT t.grp, nb.seq, t.key, now.t
-    FROM unnest($5::int[], $6::text[], $7::text[]) AS t(n, grp, key)
+    FROM unnest($5::text::int[], $6::text::text[], $7::text::text[]) AS t(n, grp, key)
     JOIN numbered nb USING (n), now)
 SELECT fresh.v, fresh.ok,
        CASE WHEN fresh.ok AND $9::text <> '' THEN pg_notify($8, $9) END
@@ -435,10 +440,10 @@ WHERE seq < coalesce((SELECT seq FROM young), (SELECT seq FROM pending))
         """CTEs that ack deliveries, fenced by their tokens, and count them as processed,
         ending in ``name(grp, seq, tag)``: the deliveries acked. Parameters ``$first``,
         ``$first+1``, ``$first+2``: groups, seqs, tokens; with ``tagged``, ``$first+3``: a
-        number per delivery, returned as its ``tag`` (else NULL). The integer columns
-        are array literals (:func:`nerve._postgres.int_array`). Counters rows are locked
-        in name order, as ``lock_counters`` does. Part of ``ack_counted`` and of a
-        store's commit (:meth:`PostgresTransport.ack_ctes`)."""
+        number per delivery, returned as its ``tag`` (else NULL). The columns are array
+        literals (:func:`nerve._postgres.int_array`, :func:`~nerve._postgres.text_array`).
+        Counters rows are locked in name order, as ``lock_counters`` does. Part of
+        ``ack_counted`` and of a store's commit (:meth:`PostgresTransport.ack_ctes`)."""
         s = self.schema
         g, q, t = f"${first}", f"${first + 1}::text::bigint[]", f"${first + 2}::text::bigint[]"
         # the redundant filter (see `match` in __init__) reads the seqs once, as an
@@ -452,7 +457,7 @@ WHERE seq < coalesce((SELECT seq FROM young), (SELECT seq FROM pending))
         )
         return f"""{name}_gone AS (
     DELETE FROM {s}.deliveries d
-    USING unnest({g}::text[], {q}, {t}, {tags}) AS u(grp, seq, token, tag)
+    USING unnest({g}::text::text[], {q}, {t}, {tags}) AS u(grp, seq, token, tag)
     WHERE d.grp = u.grp AND d.seq = u.seq AND d.token = u.token AND d.seq = ANY({once})
     RETURNING d.grp, d.seq, u.tag),
 {name}_tally AS (SELECT grp, count(*) AS n FROM {name}_gone GROUP BY grp),
@@ -929,18 +934,21 @@ class PostgresTransport:
         payload = "\n".join(sorted(touched))
         if len(payload.encode()) > 7000:
             payload = "*"
+        lengths = [len(e[2]) for e in events]
         _, ok, _ = await conn.fetchrow(
             self._sql.publish,
             len(events),
-            [e[0] for e in events],
-            [e[1] for e in events],
-            [e[2] for e in events],
-            t_index,
-            t_group,
-            t_key,
+            text_array([e[0] for e in events]),
+            text_array([e[1] for e in events]),
+            b"".join([e[2] for e in events]),
+            int_array(t_index),
+            text_array(t_group),
+            text_array(t_key),
             self._channel,
             payload,
             version,
+            int_array(list(itertools.accumulate(lengths, initial=1))[:-1]),  # the starts
+            int_array(lengths),
         )
         return bool(ok)
 
@@ -1068,10 +1076,10 @@ class PostgresTransport:
         return done
 
     @staticmethod
-    def _columns(items: Sequence[_Settlement]) -> tuple[list[str], str, str]:
+    def _columns(items: Sequence[_Settlement]) -> tuple[str, str, str]:
         """The parameters of ``ack_counted`` for ``items``."""
         return (
-            [d.group for d, *_ in items],
+            text_array([d.group for d, *_ in items]),
             int_array([d.seq for d, *_ in items]),
             int_array([d.token for d, *_ in items]),
         )
@@ -1147,7 +1155,7 @@ class PostgresTransport:
     def ack_args(deliveries: Sequence[PostgresDelivery], tags: Sequence[int]) -> list[Any]:
         """The parameters of :meth:`ack_ctes` for ``deliveries``, tagged ``tags``."""
         return [
-            [d.group for d in deliveries],
+            text_array([d.group for d in deliveries]),
             int_array([d.seq for d in deliveries]),
             int_array([d.token for d in deliveries]),
             int_array(tags),

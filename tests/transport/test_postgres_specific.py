@@ -695,3 +695,35 @@ async def test_publishing_before_any_group_is_declared(tmp_path: Path) -> None:
     finally:
         await producer.close()
         await consumer.close()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["order.created", "order.created"],
+        ["", "NULL", None, "null", " spaced ", "a,b", "{braced}", "x=1"],
+        ['say "hi"', "back\\slash", "\\", '"', "end\\"],
+        ["tab\there", "new\nline", "\x01\x1f", "mixed \\n \n"],
+        ["ünïcödé", "日本", "emoji 🎉"],
+    ],
+)
+async def test_text_array_literals_read_back_as_the_strings_they_were_made_of(
+    values: list[str | None],
+) -> None:
+    """``text_array`` (what the statements pass instead of a list: asyncpg checks each
+    element of a list against two ABCs) against the server's own reading of it."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    from nerve._postgres import text_array
+
+    from .adapter_postgres import HOST, PORT, server_url
+    from .conftest import require_server
+
+    require_server("PostgreSQL", HOST, PORT)
+    conn = await asyncpg.connect(server_url(), timeout=10)
+    try:
+        got = await conn.fetchval("SELECT $1::text::text[]", text_array(values))
+    finally:
+        await conn.close()
+    assert got == values
