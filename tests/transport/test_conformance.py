@@ -376,13 +376,21 @@ async def test_unsettled_delivery_is_redelivered_after_its_lease(
     await nothing(consumer)
 
 
-async def test_settling_after_the_lease_was_taken_over_is_fenced(
-    adapter: AdapterSpec, brokers: Brokers
-) -> None:
+async def fenced_group(adapter: AdapterSpec, brokers: Brokers) -> tuple[Transport, Consumer]:
+    """A transport with 0.5 s leases and a consumer of group ``g``, for the tests of
+    settlements after a lease was taken over (skipped where there are none)."""
+    __tracebackhide__ = True
     transport = await brokers.new(visibility_timeout=0.5).connect()
     need(adapter, transport, "lease_expiry", "a live consumer keeps what it does not settle")
     need(adapter, transport, "fenced_settlement", "a stale ack may settle the new owner's copy")
     (consumer,) = await setup(transport, Subscription("g", ("order.created",)))
+    return transport, consumer
+
+
+async def test_settling_after_the_lease_was_taken_over_is_fenced(
+    adapter: AdapterSpec, brokers: Brokers
+) -> None:
+    transport, consumer = await fenced_group(adapter, brokers)
     sent = make(7)
     await transport.publish([sent])
     (stale,) = await drain(consumer, 1, ack=False)
@@ -408,10 +416,7 @@ async def test_ack_many_returns_the_deliveries_whose_lease_was_lost_and_acks_the
     adapter: AdapterSpec, brokers: Brokers
 ) -> None:
     """The runner acks a batch at a time and counts what comes back as lost leases."""
-    transport = await brokers.new(visibility_timeout=0.5).connect()
-    need(adapter, transport, "lease_expiry", "a live consumer keeps what it does not settle")
-    need(adapter, transport, "fenced_settlement", "a stale ack may settle the new owner's copy")
-    (consumer,) = await setup(transport, Subscription("g", ("order.created",)))
+    transport, consumer = await fenced_group(adapter, brokers)
     await transport.publish([make(1), make(2)])
     got = await drain(consumer, 2, ack=False)
     stale = next(d for d in got if d.event.data["n"] == 1)
