@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-ABI = 13
+ABI = 14
 """The version of the C module's interface this code expects."""
 
 

@@ -18,7 +18,7 @@ from nerve import event as codec
 from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError, TransportError
 from nerve.event import Event
-from nerve.transport.nats import NatsConfig, NatsTransport, _ack_meta, _Client
+from nerve.transport.nats import NatsConfig, NatsTransport, _ack_meta, _Client, _header_lines
 
 from .adapter_nats import HOST, PORT, make_url
 
@@ -183,7 +183,10 @@ def test_the_faster_header_parser_gives_what_nats_py_gives(
 ) -> None:
     raw = b"".join(name + sep + value.replace(b"\r\n", b"") + b"\r\n" for name, sep, value in lines)
     raw += b"\r\n"
-    assert _Client._parse_header_lines(raw) == Client._parse_header_lines(raw)
+    expected = Client._parse_header_lines(raw)
+    assert _Client._parse_header_lines(raw) == expected  # C where the speedups are built
+    assert _header_lines(raw) == expected  # its Python twin
+    assert _Client._parse_header_lines(raw[:-2]) == Client._parse_header_lines(raw[:-2])
 
 
 async def test_nats_py_still_parses_headers_through_the_faster_parser() -> None:
@@ -200,3 +203,20 @@ async def test_nats_py_still_parses_headers_through_the_faster_parser() -> None:
 
     headers = await Spy()._process_headers(b"NATS/1.0\r\nNats-Msg-Id: abc\r\n\r\n")
     assert headers == {"Nats-Msg-Id": "abc"} and len(calls) == 1
+
+
+def test_the_c_header_parser_is_the_one_nats_py_calls() -> None:
+    """Where the C speedups are built, nats-py parses headers in C (what the parity test
+    above compares with nats-py's own parser), and refuses what is not bytes."""
+    from nerve._native import speedups
+
+    if speedups is None:
+        pytest.skip("nerve._speedups was not built or is switched off")
+    assert _Client._parse_header_lines is speedups.nats_headers
+    raw = b"Nats-Msg-Id: abc\r\nContent-Type:application/cloudevents+json\r\n\r\n"
+    assert _Client._parse_header_lines(raw) == {
+        "Nats-Msg-Id": "abc",
+        "Content-Type": "application/cloudevents+json",
+    }
+    with pytest.raises(TypeError):
+        _Client._parse_header_lines("Nats-Msg-Id: abc")  # type: ignore[arg-type]
