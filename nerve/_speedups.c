@@ -276,13 +276,17 @@ fields_clear(SpanFields *self)
     return 0;
 }
 
-static void
-fields_dealloc(SpanFields *self)
-{
-    PyObject_GC_UnTrack(self);
-    fields_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+/* The tp_dealloc of a GC-tracked type of this module: untracked, its references
+ * cleared by its tp_clear function `clear`, then freed. */
+#define GC_DEALLOC(name, type, clear)                                                  \
+    static void name(type *self)                                                       \
+    {                                                                                  \
+        PyObject_GC_UnTrack(self);                                                     \
+        clear(self);                                                                   \
+        Py_TYPE(self)->tp_free((PyObject *)self);                                      \
+    }
+
+GC_DEALLOC(fields_dealloc, SpanFields, fields_clear)
 
 static PyMemberDef fields_members[] = {
 #define MEMBER(name) {#name, Py_T_OBJECT_EX, offsetof(SpanFields, name), 0, NULL},
@@ -972,13 +976,7 @@ writer_clear(SpanWriter *self)
     return 0;
 }
 
-static void
-writer_dealloc(SpanWriter *self)
-{
-    PyObject_GC_UnTrack(self);
-    writer_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_DEALLOC(writer_dealloc, SpanWriter, writer_clear)
 
 static PyTypeObject SpanWriterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -1037,13 +1035,7 @@ handle_clear(HandleFields *self)
     return 0;
 }
 
-static void
-handle_dealloc(HandleFields *self)
-{
-    PyObject_GC_UnTrack(self);
-    handle_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_DEALLOC(handle_dealloc, HandleFields, handle_clear)
 
 static PyMemberDef handle_members[] = {
     {"span", Py_T_OBJECT_EX, offsetof(HandleFields, span), 0, NULL},
@@ -1114,13 +1106,7 @@ process_clear(ProcessSpans *self)
     return 0;
 }
 
-static void
-process_dealloc(ProcessSpans *self)
-{
-    PyObject_GC_UnTrack(self);
-    process_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_DEALLOC(process_dealloc, ProcessSpans, process_clear)
 
 static PyTypeObject ProcessSpansType;
 
@@ -1544,13 +1530,7 @@ starter_clear(Starter *self)
     return 0;
 }
 
-static void
-starter_dealloc(Starter *self)
-{
-    PyObject_GC_UnTrack(self);
-    starter_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_DEALLOC(starter_dealloc, Starter, starter_clear)
 
 static PyTypeObject StarterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -1650,13 +1630,7 @@ ender_clear(Ender *self)
     return 0;
 }
 
-static void
-ender_dealloc(Ender *self)
-{
-    PyObject_GC_UnTrack(self);
-    ender_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_DEALLOC(ender_dealloc, Ender, ender_clear)
 
 static PyTypeObject EnderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -2400,13 +2374,7 @@ metrics_end_clear(MetricsEnd *self)
     return 0;
 }
 
-static void
-metrics_end_dealloc(MetricsEnd *self)
-{
-    PyObject_GC_UnTrack(self);
-    metrics_end_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_DEALLOC(metrics_end_dealloc, MetricsEnd, metrics_end_clear)
 
 static PyTypeObject MetricsEndType = {
     PyVarObject_HEAD_INIT(NULL, 0)
