@@ -127,9 +127,64 @@ static PyObject *EMPTY, *EMPTY_TUPLE, *ZERO, *ONE, *BITS_128, *BITS_64, *GETRAND
     *S_trace_id, *S_span_id, *S_parent_id, *S_remote, *S_start_time,
     *S_end_time, *S_values, *SIXTY_FOUR;
 
+#if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
+/* Up to CPython 3.11 an int is its 30-bit digits (ob_digit, least significant first) and
+ * their count (ob_size, negated for a negative int): an id read from them or made of
+ * them is a few operations, where the public conversions of a value above 2**64 go
+ * through a byte array or a shift (~470 instructions for a 128-bit trace id). */
+#define LONG_DIGITS 1
+
+/* v's value in two halves; -1 (no exception set) if negative or 2**128 or more */
+static int
+digits_u128(PyObject *v, uint64_t *hi, uint64_t *lo)
+{
+    Py_ssize_t size = Py_SIZE(v);
+    if (size < 0 || size > 5) {
+        return -1;
+    }
+    const digit *d = ((PyLongObject *)v)->ob_digit;
+    uint64_t x[5] = {0, 0, 0, 0, 0};
+    for (Py_ssize_t i = 0; i < size; i++) {
+        x[i] = d[i];
+    }
+    if (x[4] >> 8) {
+        return -1;
+    }
+    *lo = x[0] | x[1] << 30 | x[2] << 60;
+    *hi = x[2] >> 4 | x[3] << 26 | x[4] << 56;
+    return 0;
+}
+
+static PyObject *
+digits_int(uint64_t hi, uint64_t lo)
+{
+    const uint64_t mask = ((uint64_t)1 << 30) - 1;
+    digit x[5] = {(digit)(lo & mask), (digit)((lo >> 30) & mask),
+                  (digit)((lo >> 60) | ((hi << 4) & mask)), (digit)((hi >> 26) & mask),
+                  (digit)(hi >> 56)};
+    Py_ssize_t size = 5;
+    while (size > 0 && x[size - 1] == 0) {
+        size--;
+    }
+    if (size <= 1) {
+        return PyLong_FromLong((long)x[0]); /* a small int may be cached */
+    }
+    PyLongObject *v = _PyLong_New(size);
+    if (v == NULL) {
+        return NULL;
+    }
+    memcpy(v->ob_digit, x, sizeof(digit) * (size_t)size);
+    return (PyObject *)v;
+}
+#endif
+
+/* hi * 2**64 + lo as an int */
 static PyObject *
 u128(uint64_t hi, uint64_t lo)
 {
+#ifdef LONG_DIGITS
+    return digits_int(hi, lo);
+#else
     if (hi == 0) {
         return PyLong_FromUnsignedLongLong(lo);
     }
@@ -143,6 +198,7 @@ u128(uint64_t hi, uint64_t lo)
     return PyLong_FromUnsignedNativeBytes(buf, 16, Py_ASNATIVEBYTES_BIG_ENDIAN);
 #else
     return _PyLong_FromByteArray(buf, 16, 0, 0);
+#endif
 #endif
 }
 
@@ -181,7 +237,7 @@ parse_traceparent(PyObject *module, PyObject *value)
     if (trace_id == NULL) {
         return NULL;
     }
-    PyObject *span_id = PyLong_FromUnsignedLongLong(span);
+    PyObject *span_id = u128(0, span);
     if (span_id == NULL) {
         Py_DECREF(trace_id);
         return NULL;
@@ -403,8 +459,7 @@ start_span_of(PyTypeObject *type, PyObject *recorder, PyObject *layout, PyObject
             return NULL;
         }
         if (has_links) {
-            replace(&span->links, links);
-            replace(&span->detailed, Py_True);
+            replace(&span->links, links); /* not detailed: the encoder writes links */
         }
     }
     struct timespec now;
@@ -503,7 +558,13 @@ as_u64(PyObject *v, uint64_t *out)
                      Py_TYPE(v)->tp_name);
         return -1;
     }
-#if PY_VERSION_HEX >= 0x030D0000
+#ifdef LONG_DIGITS
+    uint64_t hi;
+    if (digits_u128(v, &hi, out) || hi) {
+        PyErr_SetString(PyExc_OverflowError, "a span's ids and times are ints of 0 .. 2**64-1");
+        return -1;
+    }
+#elif PY_VERSION_HEX >= 0x030D0000
     Py_ssize_t n = PyLong_AsNativeBytes(v, out, 8,
                                         Py_ASNATIVEBYTES_NATIVE_ENDIAN
                                             | Py_ASNATIVEBYTES_UNSIGNED_BUFFER
@@ -533,7 +594,12 @@ as_u128(PyObject *v, uint64_t *hi, uint64_t *lo)
         PyErr_Format(PyExc_TypeError, "a trace id is an int, not %.100s", Py_TYPE(v)->tp_name);
         return -1;
     }
-#if PY_VERSION_HEX >= 0x030D0000
+#ifdef LONG_DIGITS
+    if (digits_u128(v, hi, lo)) {
+        PyErr_SetString(PyExc_OverflowError, "a trace id is an int of 0 .. 2**128-1");
+        return -1;
+    }
+#elif PY_VERSION_HEX >= 0x030D0000
     uint64_t halves[2];
     Py_ssize_t n = PyLong_AsNativeBytes(v, halves, 16,
                                         Py_ASNATIVEBYTES_LITTLE_ENDIAN
@@ -602,8 +668,67 @@ get_u64(PyObject *span, PyObject *name, size_t offset, uint64_t *out)
     return failed;
 }
 
+/* Whether encode_one writes a span's links itself: a list of (trace id, span id, flags,
+ * tracestate, remote, None) tuples (links without attributes, as a batch's receive span
+ * has); else the span is written by detailed(). */
+static int
+plain_links(PyObject *links)
+{
+    if (!PyList_CheckExact(links)) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(links); i++) {
+        PyObject *link = PyList_GET_ITEM(links, i);
+        if (!PyTuple_CheckExact(link) || PyTuple_GET_SIZE(link) != 6
+            || PyTuple_GET_ITEM(link, 5) != Py_None) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Span.links (13): one Link each, of trace id (1), span id (2) and flags (6), 35 bytes. */
+#define LINK_SIZE 35
+
+static char *
+put_links(char *p, PyObject *links)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(links); i++) {
+        PyObject *link = PyTuple_GET_ITEM(links, i);
+        uint64_t hi, lo, span_id;
+        if (as_u128(PyTuple_GET_ITEM(link, 0), &hi, &lo)
+            || as_u64(PyTuple_GET_ITEM(link, 1), &span_id)) {
+            return NULL;
+        }
+        int remote = PyObject_IsTrue(PyTuple_GET_ITEM(link, 4));
+        if (remote < 0) {
+            return NULL;
+        }
+        *p++ = 0x6a;
+        *p++ = LINK_SIZE - 2;
+        *p++ = 0x0a;
+        *p++ = 0x10;
+        p = put_be64(p, hi);
+        p = put_be64(p, lo);
+        *p++ = 0x12;
+        *p++ = 0x08;
+        p = put_be64(p, span_id);
+        /* flags, fixed32: HAS_IS_REMOTE (0x100), and IS_REMOTE (0x200) */
+        static const char flags[5] = {0x35, 0x00, 0x01, 0x00, 0x00};
+        memcpy(p, flags, 5);
+        if (remote) {
+            p[2] = 0x03;
+        }
+        p += 5;
+    }
+    return p;
+}
+
+/* One span as a ScopeSpans.spans field, from its layout's head and prefixes; `links`:
+ * NULL, or a tuple of the links plain_links() accepted. */
 static PyObject *
-encode_one(PyObject *span, PyObject *head, PyObject *prefixes, PyObject *other_value)
+encode_one(PyObject *span, PyObject *head, PyObject *prefixes, PyObject *other_value,
+           PyObject *links)
 {
     Py_ssize_t count = PyTuple_GET_SIZE(prefixes);
     if (count > MAX_VALUES) {
@@ -657,7 +782,7 @@ encode_one(PyObject *span, PyObject *head, PyObject *prefixes, PyObject *other_v
     }
 
     size_t body = 2 + 16 + 2 + 8 + (parent_id ? 2 + 8 : 0) + 18 + (size_t)PyBytes_GET_SIZE(head)
-                  + 8;
+                  + 8 + (links == NULL ? 0 : LINK_SIZE * (size_t)PyTuple_GET_SIZE(links));
     PyObject **items = PySequence_Fast_ITEMS(sequence);
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *item = items[i], *prefix = PyTuple_GET_ITEM(prefixes, i);
@@ -779,6 +904,10 @@ encode_one(PyObject *span, PyObject *head, PyObject *prefixes, PyObject *other_v
             p = put_le64(p, v->number);
         }
     }
+    if (links != NULL && (p = put_links(p, links)) == NULL) {
+        Py_CLEAR(result);
+        goto done;
+    }
     /* an unset status, then Span.flags: HAS_IS_REMOTE, and IS_REMOTE */
     static const char flags[8] = {0x7a, 0x00, (char)0x85, 0x01, 0x00, 0x01, 0x00, 0x00};
     memcpy(p, flags, 8);
@@ -808,7 +937,7 @@ encode_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         "encode_span(span, head: bytes, prefixes: tuple, other_value)");
         return NULL;
     }
-    return encode_one(args[0], args[1], args[2], args[3]);
+    return encode_one(args[0], args[1], args[2], args[3], NULL);
 }
 
 static PyObject *S_head, *S_prefixes;
@@ -853,7 +982,20 @@ encode_item(PyObject *span, PyObject *detailed, PyObject *other_value, LayoutPar
             return NULL;
         }
     }
-    return encode_one(span, parts->head, parts->prefixes, other_value);
+    PyObject *links = NULL;
+    if (s->links != Py_None) {
+        if (!plain_links(s->links)) {
+            return PyObject_CallOneArg(detailed, span);
+        }
+        /* a copy: other_value() may run Python code that changes the span's list */
+        links = PyList_AsTuple(s->links);
+        if (links == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *encoded = encode_one(span, parts->head, parts->prefixes, other_value, links);
+    Py_XDECREF(links);
+    return encoded;
 }
 
 /* encode_spans(batch, detailed, other_value): OtlpEncoder.spans, the loop in C. */

@@ -160,9 +160,10 @@ class _Fields:
     state = ""
     """The W3C tracestate header it carries ("" for none)."""
     detailed = False
-    """It has more than its layout's values and ids: a tracestate, links, events, a
+    """It has more than its layout's values, ids and links: a tracestate, events, a
     status or attributes of its own (set by whatever adds them; the encoder writes a
-    span that is not detailed from its layout's template)."""
+    span that is not detailed from its layout's template, and in C the links it was
+    started with, those without attributes)."""
     links: list[LinkData] | None = None
 
 
@@ -281,7 +282,6 @@ class Span(_SpanBase, trace.Span):
             return
         if self.links is None:
             self.links = []
-            self.detailed = True
         state = context.trace_state.to_header() if context.trace_state else ""
         link = (context.trace_id, context.span_id, int(context.trace_flags), state)
         self.links.append((*link, context.is_remote, dict(attributes) if attributes else None))
@@ -581,8 +581,7 @@ class SpanRecorder:
                 span.detailed = True
             span.remote = parent[4]
         if links:
-            span.links = links
-            span.detailed = True
+            span.links = links  # not detailed: the C encoder writes links without attributes
         span.start_time = _time_ns()
         return span
 
@@ -1164,7 +1163,7 @@ class OtlpEncoder:
         detailed = self._detailed
         for s in batch:
             layout = s.layout
-            if layout is None or s.detailed:
+            if layout is None or s.detailed or s.links:
                 append(detailed(s))
                 continue
             encode = layout.encode
