@@ -276,6 +276,33 @@ def test_sampling_decides_as_the_sdk_sampler(sampler: sampling.Sampler) -> None:
         assert decisions == {True, False}
 
 
+def test_ids_are_what_the_sdks_generator_draws_from_random_in_the_same_state(
+    speedups: str,
+) -> None:
+    """A span's ids (made in C or in Python) are the numbers OpenTelemetry's
+    ``RandomIdGenerator`` draws from :mod:`random` in the same state: a seeded run
+    makes the ids it would make with the SDK."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    rec, _ = recorder()
+    if speedups == "python":
+        rec._native = False  # SpanRecorder.start's own code, not _speedups.start_span
+    sort = layout("x", otlp.INTERNAL, {})
+    generator = RandomIdGenerator()
+    state = random.getstate()
+    try:
+        for seed in range(50):
+            random.seed(seed)
+            root = rec.start(sort, None)
+            child = rec.start(sort, root.as_parent())
+            random.seed(seed)
+            trace_id, span_id = generator.generate_trace_id(), generator.generate_span_id()
+            assert (root.trace_id, root.span_id) == (trace_id, span_id)
+            assert (child.trace_id, child.span_id) == (trace_id, generator.generate_span_id())
+    finally:
+        random.setstate(state)
+
+
 @pytest.mark.parametrize(
     "sampler",
     [
