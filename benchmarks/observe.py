@@ -60,6 +60,7 @@ from rich.table import Table
 
 from benchmarks.embedded import (
     PYTHON,
+    RESULTS_DIR,
     ROOT,
     RUNS_DIR,
     _env,
@@ -258,15 +259,18 @@ def wall_clock(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     finally:
         stop_sink()
     shutil.rmtree(base, ignore_errors=True)
-    return _report(
-        console,
-        names,
-        {n: [r["events_per_s"] for r in runs[n]] for n in names},
-        {n: [r["consumer_cpu_us"] for r in runs[n]] for n in names},
+    rates = {n: [r["events_per_s"] for r in runs[n]] for n in names}
+    cpu = {n: [r["consumer_cpu_us"] for r in runs[n]] for n in names}
+    caption = (
         f"{args.events:,} events a run{' drained (--drain)' if args.drain else ''}, "
         f"{args.rounds} rounds, medians; load average "
-        + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg())
     )
+    summary, verdicts = _report(console, names, rates, cpu, caption)
+    name = "observe-drain" if args.drain else "observe"
+    _save(console, name, summary, verdicts, caption, {"events_per_s": rates, "cpu_us": cpu})
+    _plot(RESULTS_DIR / f"{name}.png", names, rates, cpu, caption)
+    return summary
 
 
 def _paired(values: list[float], base: list[float]) -> list[float]:
@@ -285,7 +289,7 @@ def _report(
     rates: dict[str, list[float]],
     cpu: dict[str, list[float]],
     caption: str,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[str]]:
     """The table and the verdicts. Ratios to ``off`` are medians of the per-round
     ratios (with their range), not ratios of medians: on a noisy machine the latter
     said "met" for a run whose paired ratios said 17% slower."""
@@ -315,6 +319,7 @@ def _report(
             "cpu_ratio_range": [min(cpu_ratios), max(cpu_ratios)],
         }
     console.print(table)
+    verdicts = []
     for name, what in (("metrics", "no exporter configured"), ("metrics+otlp", "OTLP exporter")):
         goal = GOALS[name]
         row = summary[name]
@@ -333,12 +338,111 @@ def _report(
         if across:  # the rounds disagree about the goal: say so
             ranges = ", ".join(across)
             verdict += f" (rounds range {ranges}: across the goal; more --rounds, or --callgrind)"
-        console.print(
+        verdicts.append(
             f"{what}: throughput {row['throughput_ratio']:.3f}x ({-slower:+.1%}), "
             f"consumer CPU per event {row['cpu_ratio']:.3f}x ({more_cpu:+.1%}); "
             f"goal <= {goal:.0%}: {verdict}"
         )
-    return summary
+        console.print(verdicts[-1])
+    return summary, verdicts
+
+
+def _save(
+    console: Console,
+    name: str,
+    summary: dict[str, Any],
+    verdicts: list[str],
+    caption: str,
+    rounds: dict[str, dict[str, list[float]]],
+) -> None:
+    """``benchmarks/results/<name>.json`` (the summary and every round's figures) and
+    ``<name>.md`` (the table, the verdicts, the command), beside the plot."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks observe " + " ".join(sys.argv[2:])
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    document = {"command": command, "date": when, "caption": caption, "summary": summary}
+    (RESULTS_DIR / f"{name}.json").write_bytes(
+        orjson.dumps({**document, "rounds": rounds}, option=orjson.OPT_INDENT_2)
+    )
+    lines = [f"# What metrics and tracing cost (`{name}`)", "", f"`{command}`, {when}.", ""]
+    first = next(iter(summary.values()))
+    if "instructions_per_event" in first:
+        lines += [
+            "| configuration | instructions/event | vs off | event loop | other threads |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for config, row in summary.items():
+            ratio = "" if config == "off" else f"{row['ratio']:.3f}x"
+            lines.append(
+                f"| {config} | {row['instructions_per_event']:,.0f} | {ratio} "
+                f"| {row['event_loop_thread']:,.0f} | {row['other_threads']:,.0f} |"
+            )
+    else:
+        lines += [
+            "| configuration | events/s | throughput vs off [rounds] "
+            "| consumer CPU µs/event | CPU vs off [rounds] |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for config, row in summary.items():
+            low, high = row["throughput_ratio_range"]
+            cpu_low, cpu_high = row["cpu_ratio_range"]
+            vs = (
+                ("", "")
+                if config == "off"
+                else (
+                    f"{row['throughput_ratio']:.3f}x [{low:.2f}-{high:.2f}]",
+                    f"{row['cpu_ratio']:.3f}x [{cpu_low:.2f}-{cpu_high:.2f}]",
+                )
+            )
+            lines.append(
+                f"| {config} | {row['events_per_s']:,.0f} | {vs[0]} "
+                f"| {row['consumer_cpu_us']:.1f} | {vs[1]} |"
+            )
+        lines += ["", f"![every round's ratios to off]({name}.png)"]
+    lines += ["", caption + ".", "", *(f"- {v}" for v in verdicts), ""]
+    (RESULTS_DIR / f"{name}.md").write_text("\n".join(lines))
+    console.print(f"wrote benchmarks/results/{name}.json, {name}.md")
+
+
+def _plot(
+    path: Path,
+    names: list[str],
+    rates: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    caption: str,
+) -> None:
+    """Every round's throughput and CPU ratio to ``off``, per configuration, with their
+    median and the goal: how far apart the rounds of one run are, at a glance."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    shown = [n for n in names if n != "off"]
+    fig, panels = plt.subplots(1, 2, figsize=(10, 4))
+    for panel, values, title, sign in (
+        (panels[0], rates, "throughput / off's, per round", -1),
+        (panels[1], cpu, "consumer CPU per event / off's, per round", 1),
+    ):
+        for i, config in enumerate(shown):
+            ratios = _paired(values[config], values["off"])
+            xs = [i + (j / max(len(ratios) - 1, 1) - 0.5) * 0.3 for j in range(len(ratios))]
+            panel.scatter(xs, ratios, s=14, color="#3b6ea8", alpha=0.7)
+            median = statistics.median(ratios)
+            panel.hlines(median, i - 0.25, i + 0.25, color="#1d3c63", linewidth=2)
+            goal = GOALS.get(config.split(" ")[0])
+            if goal is not None:
+                panel.hlines(1 + sign * goal, i - 0.35, i + 0.35, color="#c0392b", linestyles="--")
+        panel.axhline(1.0, color="#9a9a9a", linewidth=0.8)
+        panel.set_xticks(range(len(shown)), shown)
+        panel.set_title(title)
+    panels[0].set_ylabel("ratio to off")
+    fig.suptitle(f"{caption}\ndots: rounds; bar: their median; dashed: the goal", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -558,12 +662,17 @@ def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "other_threads": value - loop,
         }
     console.print(table)
+    verdicts = []
     for name, what in (("metrics", "no exporter configured"), ("metrics+otlp", "OTLP exporter")):
         ratio = summary[name]["ratio"]
         verdict = "met" if ratio - 1 <= GOALS[name] else "NOT met"
-        console.print(
+        verdicts.append(
             f"{what}: {ratio:.3f}x instructions per event; goal <= {GOALS[name]:.0%}: {verdict}"
         )
+        console.print(verdicts[-1])
+    caption = table.caption if isinstance(table.caption, str) else ""
+    rounds = {"instructions_per_event": per_event, "event_loop_thread": on_loop}
+    _save(console, "observe-callgrind", summary, verdicts, caption, rounds)
     return summary
 
 

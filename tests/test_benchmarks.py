@@ -169,7 +169,8 @@ def test_observe_reports_paired_ratios_not_ratios_of_medians() -> None:
         "metrics+otlp": [77.0, 74.0, 83.5, 78.5, 97.0],
     }
     console = Console(record=True, width=200)
-    summary = _report(console, list(rates), rates, cpu, "test")
+    summary, verdicts = _report(console, list(rates), rates, cpu, "test")
+    assert verdicts[1].startswith("OTLP exporter: throughput 0.833x (-16.7%)")
     otlp = summary["metrics+otlp"]
     assert round(otlp["throughput_ratio"], 3) == 0.833
     assert round(otlp["cpu_ratio"], 3) == 1.193
@@ -177,6 +178,33 @@ def test_observe_reports_paired_ratios_not_ratios_of_medians() -> None:
     text = console.export_text()
     assert "OTLP exporter: throughput 0.833x (-16.7%)" in text
     assert "goal <= 15%: NOT met (rounds range throughput 0.68x-1.11x, CPU 0.88x-1.45x:" in text
+
+
+def test_observe_saves_every_round_a_page_and_a_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wall-clock run leaves ``observe.json`` (the summary and each round's figures),
+    ``observe.md`` (the table and verdicts) and ``observe.png`` (each round's ratios)."""
+    from rich.console import Console
+
+    from benchmarks import observe
+
+    monkeypatch.setattr(observe, "RESULTS_DIR", tmp_path)
+    rates = {"off": [100.0, 200.0], "metrics": [98.0, 190.0], "metrics+otlp": [90.0, 150.0]}
+    cpu = {"off": [10.0, 5.0], "metrics": [10.2, 5.5], "metrics+otlp": [11.0, 7.0]}
+    console = Console(record=True, width=200)
+    summary, verdicts = observe._report(console, list(rates), rates, cpu, "a caption")
+    observe._save(console, "observe", summary, verdicts, "a caption", {"rates": rates})
+    observe._plot(tmp_path / "observe.png", list(rates), rates, cpu, "a caption")
+    saved = orjson.loads((tmp_path / "observe.json").read_bytes())
+    assert saved["rounds"] == {"rates": rates}
+    assert saved["summary"]["metrics+otlp"]["throughput_ratio"] == pytest.approx(0.825)
+    page = (tmp_path / "observe.md").read_text()
+    assert "| metrics+otlp | 120 | 0.825x [0.75-0.90] | 9.0 | 1.250x [1.10-1.40] |" in page
+    assert "- OTLP exporter: throughput 0.825x (-17.5%)" in page
+    assert "](observe.png)" in page
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "observe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
