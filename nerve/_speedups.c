@@ -314,35 +314,31 @@ fields_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
-static int
-fields_traverse(SpanFields *self, visitproc visit, void *arg)
-{
-#define VISIT(name) Py_VISIT(self->name);
-    SPAN_FIELDS(VISIT)
-#undef VISIT
-    return 0;
-}
-
-static int
-fields_clear(SpanFields *self)
-{
-#define CLEAR(name) Py_CLEAR(self->name);
-    SPAN_FIELDS(CLEAR)
-#undef CLEAR
-    return 0;
-}
-
-/* The tp_dealloc of a GC-tracked type of this module: untracked, its references
- * cleared by its tp_clear function `clear`, then freed. */
-#define GC_DEALLOC(name, type, clear)                                                  \
-    static void name(type *self)                                                       \
-    {                                                                                  \
-        PyObject_GC_UnTrack(self);                                                     \
-        clear(self);                                                                   \
-        Py_TYPE(self)->tp_free((PyObject *)self);                                      \
+/* A GC-tracked type of this module, whose object references are the fields FIELDS(X)
+ * names (an X-macro): its tp_traverse visits them, its tp_clear clears them, and its
+ * tp_dealloc untracks the object, clears it and frees it. Defines prefix_traverse,
+ * prefix_clear and prefix_dealloc. */
+#define GC_VISIT_FIELD(name) Py_VISIT(self->name);
+#define GC_CLEAR_FIELD(name) Py_CLEAR(self->name);
+#define GC_FUNCTIONS(prefix, type, FIELDS)                                                 \
+    static int prefix##_traverse(type *self, visitproc visit, void *arg)                 \
+    {                                                                                    \
+        FIELDS(GC_VISIT_FIELD)                                                           \
+        return 0;                                                                        \
+    }                                                                                    \
+    static int prefix##_clear(type *self)                                                \
+    {                                                                                    \
+        FIELDS(GC_CLEAR_FIELD)                                                           \
+        return 0;                                                                        \
+    }                                                                                    \
+    static void prefix##_dealloc(type *self)                                             \
+    {                                                                                    \
+        PyObject_GC_UnTrack(self);                                                       \
+        prefix##_clear(self);                                                            \
+        Py_TYPE(self)->tp_free((PyObject *)self);                                        \
     }
 
-GC_DEALLOC(fields_dealloc, SpanFields, fields_clear)
+GC_FUNCTIONS(fields, SpanFields, SPAN_FIELDS)
 
 static PyMemberDef fields_members[] = {
 #define MEMBER(name) {#name, Py_T_OBJECT_EX, offsetof(SpanFields, name), 0, NULL},
@@ -1098,27 +1094,10 @@ writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
-static int
-writer_traverse(SpanWriter *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->detailed);
-    Py_VISIT(self->other_value);
-    Py_VISIT(self->parts.layout);
-    Py_VISIT(self->parts.head);
-    Py_VISIT(self->parts.prefixes);
-    return 0;
-}
+#define WRITER_FIELDS(X)                                                                   \
+    X(detailed) X(other_value) X(parts.layout) X(parts.head) X(parts.prefixes)
 
-static int
-writer_clear(SpanWriter *self)
-{
-    Py_CLEAR(self->detailed);
-    Py_CLEAR(self->other_value);
-    parts_clear(&self->parts);
-    return 0;
-}
-
-GC_DEALLOC(writer_dealloc, SpanWriter, writer_clear)
+GC_FUNCTIONS(writer, SpanWriter, WRITER_FIELDS)
 
 static PyTypeObject SpanWriterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -1159,25 +1138,9 @@ handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
-static int
-handle_traverse(HandleFields *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->span);
-    Py_VISIT(self->_tracing);
-    Py_VISIT(self->_token);
-    return 0;
-}
+#define HANDLE_FIELDS(X) X(span) X(_tracing) X(_token)
 
-static int
-handle_clear(HandleFields *self)
-{
-    Py_CLEAR(self->span);
-    Py_CLEAR(self->_tracing);
-    Py_CLEAR(self->_token);
-    return 0;
-}
-
-GC_DEALLOC(handle_dealloc, HandleFields, handle_clear)
+GC_FUNCTIONS(handle, HandleFields, HANDLE_FIELDS)
 
 static PyMemberDef handle_members[] = {
     {"span", Py_T_OBJECT_EX, offsetof(HandleFields, span), 0, NULL},
@@ -1230,25 +1193,7 @@ typedef struct {
 static PyObject *S_type, *S_id, *S_extensions, *S_correlationid, *S_traceparent, *S_tracestate,
     *S_append, *S_check, *S_more, *S_write, *S_add;
 
-static int
-process_traverse(ProcessSpans *self, visitproc visit, void *arg)
-{
-#define VISIT(name) Py_VISIT(self->name);
-    PROCESS_FIELDS(VISIT)
-#undef VISIT
-    return 0;
-}
-
-static int
-process_clear(ProcessSpans *self)
-{
-#define CLEAR(name) Py_CLEAR(self->name);
-    PROCESS_FIELDS(CLEAR)
-#undef CLEAR
-    return 0;
-}
-
-GC_DEALLOC(process_dealloc, ProcessSpans, process_clear)
+GC_FUNCTIONS(process, ProcessSpans, PROCESS_FIELDS)
 
 static PyTypeObject ProcessSpansType;
 
@@ -1654,25 +1599,9 @@ starter_call(Starter *self, PyObject *const *args, size_t nargsf, PyObject *kwna
     Py_RETURN_NONE;
 }
 
-static int
-starter_traverse(Starter *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->spans);
-    Py_VISIT(self->function);
-    Py_VISIT(self->ctx_type);
-    return 0;
-}
+#define STARTER_FIELDS(X) X(spans) X(function) X(ctx_type)
 
-static int
-starter_clear(Starter *self)
-{
-    Py_CLEAR(self->spans);
-    Py_CLEAR(self->function);
-    Py_CLEAR(self->ctx_type);
-    return 0;
-}
-
-GC_DEALLOC(starter_dealloc, Starter, starter_clear)
+GC_FUNCTIONS(starter, Starter, STARTER_FIELDS)
 
 static PyTypeObject StarterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -1754,25 +1683,9 @@ ender_call(Ender *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     return ended;
 }
 
-static int
-ender_traverse(Ender *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->spans);
-    Py_VISIT(self->count);
-    Py_VISIT(self->ctx_type);
-    return 0;
-}
+#define ENDER_FIELDS(X) X(spans) X(count) X(ctx_type)
 
-static int
-ender_clear(Ender *self)
-{
-    Py_CLEAR(self->spans);
-    Py_CLEAR(self->count);
-    Py_CLEAR(self->ctx_type);
-    return 0;
-}
-
-GC_DEALLOC(ender_dealloc, Ender, ender_clear)
+GC_FUNCTIONS(ender, Ender, ENDER_FIELDS)
 
 static PyTypeObject EnderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -2496,27 +2409,9 @@ done:
     return (PyObject *)self;
 }
 
-static int
-metrics_end_traverse(MetricsEnd *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->duration);
-    Py_VISIT(self->counts);
-    Py_VISIT(self->processed);
-    Py_VISIT(self->slow);
-    return 0;
-}
+#define METRICS_END_FIELDS(X) X(duration) X(counts) X(processed) X(slow)
 
-static int
-metrics_end_clear(MetricsEnd *self)
-{
-    Py_CLEAR(self->duration);
-    Py_CLEAR(self->counts);
-    Py_CLEAR(self->processed);
-    Py_CLEAR(self->slow);
-    return 0;
-}
-
-GC_DEALLOC(metrics_end_dealloc, MetricsEnd, metrics_end_clear)
+GC_FUNCTIONS(metrics_end, MetricsEnd, METRICS_END_FIELDS)
 
 static PyTypeObject MetricsEndType = {
     PyVarObject_HEAD_INIT(NULL, 0)
