@@ -367,15 +367,22 @@ def _save(
     lines = [f"# What metrics and tracing cost (`{name}`)", "", f"`{command}`, {when}.", ""]
     first = next(iter(summary.values()))
     if "instructions_per_event" in first:
+        cache = "loop_l1i_misses" in first
         lines += [
-            "| configuration | instructions/event | vs off | event loop | other threads |",
-            "|---|---:|---:|---:|---:|",
+            "| configuration | instructions/event | vs off | event loop | other threads |"
+            + (" event loop's L1i misses | L1d misses |" if cache else ""),
+            "|---|---:|---:|---:|---:|" + ("---:|---:|" if cache else ""),
         ]
         for config, row in summary.items():
             ratio = "" if config == "off" else f"{row['ratio']:.3f}x"
             lines.append(
                 f"| {config} | {row['instructions_per_event']:,.0f} | {ratio} "
                 f"| {row['event_loop_thread']:,.0f} | {row['other_threads']:,.0f} |"
+                + (
+                    f" {row['loop_l1i_misses']:,.0f} | {row['loop_l1d_misses']:,.0f} |"
+                    if cache
+                    else ""
+                )
             )
     else:
         lines += [
@@ -563,23 +570,30 @@ def publish_backlog(
 
 
 def _instructions(
-    logdir: Path, events: int, env: dict[str, str], helper: Path | None
+    logdir: Path, events: int, env: dict[str, str], helper: Path | None, cache: bool = False
 ) -> tuple[int, int]:
     """Instructions counted in the draining process: (all threads, its main thread,
     where the event loop runs; the rest are SQLite workers and the span exporter)."""
-    return count_drain(logdir, _prepare(logdir, events, env), events, env, helper)
+    return count_drain(logdir, _prepare(logdir, events, env), events, env, helper, cache)
 
 
 def count_drain(
-    logdir: Path, url: str, events: int, env: dict[str, str], helper: Path | None
+    logdir: Path,
+    url: str,
+    events: int,
+    env: dict[str, str],
+    helper: Path | None,
+    cache: bool = False,
 ) -> tuple[int, int]:
     """Run :func:`drain_main` on ``url`` (``events`` events waiting there) under
     callgrind, with ``env`` added to the environment: (instructions of all threads,
     of the main thread). With ``helper``, counted from the runtime's start to the last
-    event handled; without, the whole process."""
+    event handled; without, the whole process. With ``cache``, callgrind also
+    simulates the caches (:func:`main_thread_misses` reads what it counted)."""
     cmd = [
         "valgrind",
         "--tool=callgrind",
+        *(["--cache-sim=yes"] if cache else []),
         "--separate-threads=yes",
         f"--callgrind-out-file={logdir / 'callgrind.out'}",
         *(["--instr-atstart=no"] if helper else []),
@@ -596,6 +610,19 @@ def count_drain(
     return int(found.group(1)), int(main.group(1))
 
 
+def main_thread_misses(logdir: Path) -> dict[str, int]:
+    """The main thread's (the event loop's) simulated first-level cache misses, of a
+    run of :func:`count_drain` with ``cache``: ``I1mr`` (instruction reads), ``D1mr``
+    and ``D1mw`` (data reads and writes)."""
+    text = (logdir / "callgrind.out-01").read_text()
+    names = re.search(r"^events: (.*)$", text, re.M)
+    totals = re.search(r"^totals: (.*)$", text, re.M)
+    if names is None or totals is None:
+        raise RuntimeError(f"no cache counts in {logdir / 'callgrind.out-01'}")
+    counted = dict(zip(names.group(1).split(), map(int, totals.group(1).split()), strict=True))
+    return {name: counted[name] for name in ("I1mr", "D1mr", "D1mw")}
+
+
 def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if shutil.which("valgrind") is None:
         raise SystemExit("--callgrind needs valgrind (Debian package 'valgrind')")
@@ -605,6 +632,9 @@ def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     names = list(configs)
     per_event: dict[str, list[float]] = {name: [] for name in names}
     on_loop: dict[str, list[float]] = {name: [] for name in names}
+    misses: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    if args.cache and not helper:
+        raise SystemExit("--cache needs callgrind's headers (valgrind's) and a C compiler")
     base = RUNS_DIR / time.strftime("observe-callgrind-%Y%m%dT%H%M%S")
     method = "counted from start to last export" if helper else "slope between N and 2N events"
     try:
@@ -614,8 +644,14 @@ def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 logdir = base / f"{name.replace(' ', '_').replace('%', 'pct')}-{r + 1}"
                 logdir.mkdir(parents=True, exist_ok=True)
                 if helper:
-                    total, main = _instructions(logdir, args.events, configs[name], helper)
+                    total, main = _instructions(
+                        logdir, args.events, configs[name], helper, args.cache
+                    )
                     value, loop = total / args.events, main / args.events
+                    if args.cache:
+                        counted = main_thread_misses(logdir)
+                        data = counted["D1mr"] + counted["D1mw"]
+                        misses[name].append((counted["I1mr"] / args.events, data / args.events))
                 else:
                     small = _instructions(logdir / "n", args.events, configs[name], None)
                     large = _instructions(logdir / "2n", 2 * args.events, configs[name], None)
@@ -641,26 +677,35 @@ def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         title="Instructions per event (callgrind)",
         caption=f"{args.events:,} events drained, {method}; medians of {args.rounds}",
     )
-    for column in ("configuration", "instructions/event", "vs off", "event loop", "other threads"):
+    columns = ["configuration", "instructions/event", "vs off", "event loop", "other threads"]
+    if args.cache:
+        columns += ["loop L1i misses", "loop L1d misses"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "configuration" else "right")
     summary: dict[str, Any] = {}
     for name in names:
         value = statistics.median(per_event[name])
         loop = statistics.median(on_loop[name])
         ratio = value / base_value
-        table.add_row(
+        row = [
             name,
             f"{value:,.0f}",
             "" if name == "off" else f"{ratio:.3f}x ({ratio - 1:+.1%})",
             f"{loop:,.0f}",
             f"{value - loop:,.0f}",
-        )
+        ]
         summary[name] = {
             "instructions_per_event": value,
             "ratio": ratio,
             "event_loop_thread": loop,
             "other_threads": value - loop,
         }
+        if args.cache:
+            i1 = statistics.median(m[0] for m in misses[name])
+            d1 = statistics.median(m[1] for m in misses[name])
+            row += [f"{i1:,.0f}", f"{d1:,.0f}"]
+            summary[name] |= {"loop_l1i_misses": i1, "loop_l1d_misses": d1}
+        table.add_row(*row)
     console.print(table)
     verdicts = []
     for name, what in (("metrics", "no exporter configured"), ("metrics+otlp", "OTLP exporter")):
@@ -690,6 +735,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="wall clock of a consumer draining events published beforehand (no producer "
         "or receiver sharing the cores while it is timed)",
+    )
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="with --callgrind: also simulate the caches and report the event loop's "
+        "first-level instruction and data cache misses per event",
     )
     parser.add_argument(
         "--keep",
