@@ -391,14 +391,12 @@ def _save(
             "|---|---:|---:|---:|---:|",
         ]
         for config, row in summary.items():
-            low, high = row["throughput_ratio_range"]
-            cpu_low, cpu_high = row["cpu_ratio_range"]
             vs = (
                 ("", "")
                 if config == "off"
                 else (
-                    f"{row['throughput_ratio']:.3f}x [{low:.2f}-{high:.2f}]",
-                    f"{row['cpu_ratio']:.3f}x [{cpu_low:.2f}-{cpu_high:.2f}]",
+                    _ratio(row["throughput_ratio"], row["throughput_ratio_range"]),
+                    _ratio(row["cpu_ratio"], row["cpu_ratio_range"]),
                 )
             )
             lines.append(
