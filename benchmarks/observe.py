@@ -353,7 +353,7 @@ def _save(
     summary: dict[str, Any],
     verdicts: list[str],
     caption: str,
-    rounds: dict[str, dict[str, list[float]]],
+    rounds: dict[str, Any],
 ) -> None:
     """``benchmarks/results/<name>.json`` (the summary and every round's figures) and
     ``<name>.md`` (the table, the verdicts, the command), beside the plot."""
@@ -714,7 +714,9 @@ def callgrind(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         )
         console.print(verdicts[-1])
     caption = table.caption if isinstance(table.caption, str) else ""
-    rounds = {"instructions_per_event": per_event, "event_loop_thread": on_loop}
+    rounds: dict[str, Any] = {"instructions_per_event": per_event, "event_loop_thread": on_loop}
+    if args.cache:
+        rounds["loop_l1i_l1d_misses"] = misses
     _save(console, "observe-callgrind", summary, verdicts, caption, rounds)
     return summary
 
@@ -752,6 +754,8 @@ def run(args: argparse.Namespace) -> int:
         args.events = 3_000 if args.callgrind else 20_000
     if args.rounds < 1 or args.events < 1:
         raise SystemExit("--rounds and --events must be positive")
+    if (args.cache or args.keep) and not args.callgrind:
+        raise SystemExit("--cache and --keep go with --callgrind (they read callgrind's files)")
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)

@@ -150,6 +150,13 @@ def test_bad_options_say_what_is_wrong(args: list[str], message: str) -> None:
     assert message in done.stderr.decode()
 
 
+@pytest.mark.parametrize("option", ["--cache", "--keep"])
+def test_observe_refuses_callgrind_options_without_callgrind(option: str) -> None:
+    done = _benchmarks("observe", option, timeout=60)
+    assert done.returncode != 0
+    assert "--cache and --keep go with --callgrind" in done.stderr.decode()
+
+
 def test_observe_reports_paired_ratios_not_ratios_of_medians() -> None:
     """Five wall-clock rounds of a noisy run (this machine, 2026-11-23): the medians of
     each column gave 0.873x throughput and 1.121x CPU, "met"; the per-round ratios,
