@@ -1,6 +1,12 @@
-"""``redis://host:6379/0``: Redis as a broker, every state change one Lua script.
+"""``redis://host:6379/0``: Redis as a broker.
 
-Design (docs/brokers/redis.md): each consumer group has its own keys under
+Design (docs/brokers/redis.md): an unordered function (``ordered=False``) reads its
+own stream, ``<base>:s``, through the consumer group ``n``: ``XREADGROUP`` hands
+entries out, ``XACK`` + ``XDEL`` settle them, no script on that hot path; a lease is
+the pending entry, fenced by its owner and delivery count (``StreamDelivery``), and a
+script run every ``poll_interval`` moves due retries in and takes over expired leases.
+An ordered function needs one delivery per partition key at a time, which a stream
+cannot give; its state changes are Lua scripts. Each consumer group has its own keys under
 ``<prefix>:g:<len>:<group>``: ``:body`` and ``:meta`` hashes (entry id -> raw event,
 ``attempt|token|first_ms|=key``), a ``:due`` sorted set (entries waiting to be handed
 out, scored by the server time in ms they become available), a ``:lease`` sorted set
@@ -273,6 +279,12 @@ local function stage(per, g, id, body, k, nows)
     q = {base = gbase(g), b = {}, m = {}, d = {}, k = {}}
     per[g] = q
   end
+  if k == '*' then
+    -- an unordered function: its stream (its consumer group hands the entry out)
+    if not q.s then q.s = q.base .. ':s' end
+    redis.call('XADD', q.s, '*', 'b', body)
+    return
+  end
   local nb = #q.b
   q.b[nb + 1], q.b[nb + 2] = id, body
   q.m[nb + 1], q.m[nb + 2] = id, '0|||' .. k
@@ -310,21 +322,25 @@ local function queue_keyed(q, nows)
   end
   vcall('HSET', kh, set)
 end
--- write what stage() gathered (one variadic call per key) and wake the functions
+-- write what stage() gathered for an ordered function's queue (one variadic call per
+-- key) and wake its consumers
+local function flush_queue(q, nows)
+  pin_set(q.base .. ':due')
+  pin_hash(q.base .. ':meta')
+  if #q.k > 0 then
+    pin_hash(q.base .. ':kh')
+    queue_keyed(q, nows)
+  end
+  vcall('HSET', q.base .. ':body', q.b)
+  vcall('HSET', q.base .. ':meta', q.m)
+  if #q.d > 0 then vcall('ZADD', q.base .. ':due', q.d) end
+  wake(q.base)
+end
 local function flush(per, nows, logmax)
   if seq ~= nil then redis.call('SET', P .. ':seq', int(seq)) end
   write_log(logmax)
-  for g, q in pairs(per) do
-    pin_set(q.base .. ':due')
-    pin_hash(q.base .. ':meta')
-    if #q.k > 0 then
-      pin_hash(q.base .. ':kh')
-      queue_keyed(q, nows)
-    end
-    vcall('HSET', q.base .. ':body', q.b)
-    vcall('HSET', q.base .. ':meta', q.m)
-    if #q.d > 0 then vcall('ZADD', q.base .. ':due', q.d) end
-    wake(q.base)
+  for _, q in pairs(per) do
+    if #q.b > 0 then flush_queue(q, nows) end
   end
 end
 """
@@ -551,7 +567,8 @@ return res
 """
 )
 
-# ARGV: P, n, then (group, spec) * n -> 1 if the registry changed
+# ARGV: P, n, then (group, spec, '1' for an unordered group's stream else '') * n
+# -> 1 if the registry changed
 _DECLARE = (
     _PRELUDE
     + """
@@ -562,7 +579,11 @@ for s = 1, tonumber(ARGV[2]) do
     redis.call('HSET', P .. ':groups', ARGV[i], ARGV[i + 1])
     changed = 1
   end
-  i = i + 2
+  if ARGV[i + 2] == '1' then
+    -- its stream and consumer group 'n' (BUSYGROUP, when they exist, is no error)
+    redis.pcall('XGROUP', 'CREATE', gbase(ARGV[i]) .. ':s', 'n', '0', 'MKSTREAM')
+  end
+  i = i + 3
 end
 if changed == 1 then redis.call('INCR', P .. ':groups:version') end
 return changed
@@ -633,14 +654,163 @@ local out = {}
 for i = 2, #ARGV do
   local base = gbase(ARGV[i])
   local c = redis.call('HMGET', base .. ':cnt', 'processed', 'retried', 'dead_lettered')
+  -- an unordered function's stream: its entries, those handed out, its retries
+  local s, streamed, pending, later = base .. ':s', 0, 0, redis.call('ZCARD', base .. ':later')
+  if redis.call('EXISTS', s) == 1 then
+    streamed = redis.call('XLEN', s)
+    local p = redis.pcall('XPENDING', s, 'n')
+    if type(p) == 'table' then pending = p[1] end
+  end
   out[#out + 1] = {
-    redis.call('HLEN', base .. ':body'),
-    redis.call('ZCOUNT', base .. ':lease', '(' .. int(now), '(+inf'),
-    redis.call('ZCOUNT', base .. ':due', '(' .. int(now), '(+inf'),
+    redis.call('HLEN', base .. ':body') + streamed + later,
+    redis.call('ZCOUNT', base .. ':lease', '(' .. int(now), '(+inf') + pending,
+    redis.call('ZCOUNT', base .. ':due', '(' .. int(now), '(+inf') + later,
     redis.call('ZCARD', base .. ':dl'),
     tonumber(c[1] or 0), tonumber(c[2] or 0), tonumber(c[3] or 0)}
 end
 return out
+"""
+)
+
+
+# An unordered function's entries live in its stream ``<base>:s`` (field ``b``: the
+# event; an entry a nack put back also ``a``, the attempts before it, and ``f``, the
+# first attempt's ms), handed out by the consumer group ``n`` (``XREADGROUP``) and
+# acked with ``XACK`` + ``XDEL``: no script on the hot path. A delivery's lease is its
+# pending entry: its owner (the consumer's name) and its delivery count fence it.
+# ``<base>:ext`` holds leases extended past the visibility timeout (id -> deadline
+# ms), ``<base>:later`` the retries waiting for their delay (scored by due ms; member:
+# ``old id|attempts|first ms|body``).
+
+# ARGV: P, group, consumer, visibility timeout ms, limit -> {id, body, attempts before
+# the entry, its delivery count, first_ms, ...}, ms until the next retry is due (-1:
+# none).
+# Moves the retries that are due into the stream, then takes over (XCLAIM) up to
+# ``limit`` entries whose lease expired: idle past the visibility timeout and not
+# extended past now.
+_SCLAIM = (
+    _PRELUDE
+    + """
+local base = gbase(ARGV[2])
+local s, later, ext, me = base .. ':s', base .. ':later', base .. ':ext', ARGV[3]
+local vt, limit = ARGV[4], tonumber(ARGV[5])
+local now = now_ms()
+local nows = int(now)
+local due = redis.call('ZRANGEBYSCORE', later, '-inf', nows, 'LIMIT', '0', '1000')
+for _, m in ipairs(due) do
+  local a, f, body = string.match(m, '^[^|]*|(%d+)|(%d+)|(.*)$')
+  redis.call('XADD', s, '*', 'b', body, 'a', a, 'f', f)
+end
+if #due > 0 then vcall('ZREM', later, due) end
+local out = {}
+if limit > 0 then
+  local taken = 0
+  local idle = redis.call('XPENDING', s, 'n', 'IDLE', vt, '-', '+', int(limit + 100))
+  for _, p in ipairs(idle) do
+    if taken >= limit then break end
+    local id = p[1]
+    local deadline = redis.call('ZSCORE', ext, id)
+    if not deadline or tonumber(deadline) <= now then
+      if deadline then redis.call('ZREM', ext, id) end
+      local got = redis.call('XCLAIM', s, 'n', me, vt, id)
+      local e = got[1]
+      if e then
+        local fields, a, f, body = e[2], 0, '', nil
+        for j = 1, #fields, 2 do
+          local name = fields[j]
+          if name == 'b' then body = fields[j + 1]
+          elseif name == 'a' then a = tonumber(fields[j + 1])
+          elseif name == 'f' then f = fields[j + 1] end
+        end
+        if f == '' then f = string.match(id, '^(%d+)') end
+        taken = taken + 1
+        local n = #out
+        out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = id, body, a, p[4] + 1, f
+      end
+    end
+  end
+end
+local wait = -1
+local nxt = redis.call('ZRANGE', later, 0, 0, 'WITHSCORES')
+if nxt[2] then wait = math.max(0, tonumber(nxt[2]) - now) end
+return {out, wait}
+"""
+)
+
+# ARGV: P, the settlements in one string, a line each: group TAB action TAB id TAB
+# consumer TAB delivery count TAB attempt TAB first ms TAB arg, then the sender
+# -> {1|0 ...}. Settles an unordered function's deliveries whose owner must be checked:
+# a settlement counts only while the entry is pending to the same consumer with the
+# same delivery count (a takeover changes one or the other). arg: delay ms (nack),
+# lease ms (extend), failure JSON (dead).
+_SSETTLE = (
+    _PRELUDE
+    + """
+local now = now_ms()
+local nows = int(now)
+local res, woken = {}, {}
+local line = '([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\t\\n]*)\\t'
+  .. '([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\n]*)'
+for g, action, id, me, count, a, first, arg in string.gmatch(ARGV[2], line) do
+  local base = gbase(g)
+  local s = base .. ':s'
+  local ok = 0
+  local p = redis.pcall('XPENDING', s, 'n', id, id, '1', me)
+  if type(p) == 'table' and p[1] and tostring(p[1][4]) == count then
+    ok = 1
+    if action == 'extend' then
+      redis.call('ZADD', base .. ':ext', int(now + tonumber(arg)), id)
+    else
+      local body = nil
+      if action ~= 'ack' then
+        local e = redis.call('XRANGE', s, id, id)[1]
+        if e then
+          local fields = e[2]
+          for j = 1, #fields, 2 do
+            if fields[j] == 'b' then body = fields[j + 1] end
+          end
+        end
+      end
+      redis.call('XACK', s, 'n', id)
+      redis.call('XDEL', s, id)
+      redis.call('ZREM', base .. ':ext', id)
+      if action == 'ack' then
+        redis.call('HINCRBY', base .. ':cnt', 'processed', 1)
+      elseif body and action == 'nack' then
+        redis.call('HINCRBY', base .. ':cnt', 'retried', 1)
+        if tonumber(arg) > 0 then
+          redis.call('ZADD', base .. ':later', int(now + tonumber(arg)),
+            id .. '|' .. a .. '|' .. first .. '|' .. body)
+          redis.call('PUBLISH', P .. ':wake', arg .. ' ' .. g .. '\t' .. ARGV[3])
+        else
+          redis.call('XADD', s, '*', 'b', body, 'a', a, 'f', first)
+        end
+      elseif body then
+        local dl = redis.call('INCR', P .. ':dl:seq')
+        redis.call('HSET', P .. ':dl:' .. dl, 'g', g, 'b', body, 'f', arg, 't', nows)
+        redis.call('ZADD', P .. ':dl', dl, dl)
+        redis.call('ZADD', base .. ':dl', dl, dl)
+        redis.call('HINCRBY', base .. ':cnt', 'dead_lettered', 1)
+      end
+    end
+  end
+  res[#res + 1] = ok
+end
+return res
+"""
+)
+
+# ARGV: P, group, consumer -> 1 if the consumer, holding no entry, left the group
+_SLEAVE = (
+    _PRELUDE
+    + """
+local s = gbase(ARGV[2]) .. ':s'
+local p = redis.pcall('XPENDING', s, 'n', '-', '+', '1', ARGV[3])
+if type(p) == 'table' and #p == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', s, 'n', ARGV[3])
+  return 1
+end
+return 0
 """
 )
 
@@ -727,6 +897,92 @@ class RedisDelivery:
         return f"<RedisDelivery {self.group}#{self.entry_id} attempt={self.attempt}>"
 
 
+class StreamDelivery:
+    """A delivery of an unordered function's stream entry. Its lease is the entry
+    pending to this consumer with this delivery count; until ``lease_until`` (monotonic,
+    the visibility timeout after the read was sent, less a margin) nobody can have taken
+    it over, so an ack needs no check then: ``XACK`` + ``XDEL``, no script."""
+
+    __slots__ = (
+        "_consumer",
+        "_event",
+        "attempt",
+        "count",
+        "entry_id",
+        "extended",
+        "first_at",
+        "group",
+        "lease_until",
+        "raw",
+        "received_at",
+    )
+
+    def __init__(
+        self,
+        consumer: RedisConsumer,
+        entry_id: str,
+        raw: bytes,
+        attempt: int,
+        count: int,
+        first_at: float,
+        received_at: float,
+        lease_until: float,
+    ) -> None:
+        self._consumer = consumer
+        self._event: Event | None = None
+        self.group = consumer.group
+        self.entry_id = entry_id
+        self.raw = raw
+        self.attempt = attempt
+        self.count = count
+        self.first_at = first_at
+        self.received_at = received_at
+        self.lease_until = lease_until
+        self.extended = False
+
+    @property
+    def event(self) -> Event:
+        if self._event is None:
+            self._event = codec.decode(self.raw)
+        return self._event
+
+    async def ack(self) -> None:
+        await self._consumer.transport._ssettle(self, "ack", "")
+
+    async def nack(self, delay: float = 0.0) -> None:
+        await self._consumer.transport._ssettle(self, "nack", str(_ms(delay)))
+
+    async def dead_letter(self, failure: Failure) -> None:
+        await self._consumer.transport._ssettle(
+            self, "dead", orjson.dumps(failure.to_json()).decode()
+        )
+
+    async def extend(self, seconds: float) -> None:
+        sent = time.monotonic()
+        await self._consumer.transport._ssettle(self, "extend", str(_ms(seconds)))
+        self.extended = True
+        self.lease_until = max(self.lease_until, sent + seconds - _margin(seconds))
+
+    def line(self, action: str, arg: str) -> str:
+        """This settlement as a line of the ssettle script's argument."""
+        return (
+            f"{self.group}\t{action}\t{self.entry_id}\t{self._consumer._name}\t{self.count}"
+            f"\t{self.attempt}\t{int(self.first_at * 1000)}\t{arg}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<StreamDelivery {self.group}#{self.entry_id} attempt={self.attempt}>"
+
+
+def _margin(lease: float) -> float:
+    """What a consumer takes off a lease it counts itself, for the time between an ack's
+    sending and Redis running it."""
+    return min(1.0, lease / 4)
+
+
+_SettledStream = tuple[StreamDelivery, str, str]
+
+
 def _keyenc(key: str | None) -> str:
     """An ordering key as the scripts store it: '' for none, else '=' and the key with
     TAB, newline and % escaped (the scripts split their packed arguments on TAB and
@@ -769,14 +1025,31 @@ class RedisConsumer:
         said); until then a fetch waits in Redis for a wake token first."""
         self._closed = False
         self._declared = False
+        self._stream = not subscription.ordered
+        """An unordered function: its entries come from its stream (``_fetch_stream``)."""
+        self._name = name
+        """This consumer's name in the stream's consumer group."""
+        self._skey = f"{base}:s"
+        self._reader: aioredis.Redis | None = None
+        """A connection of this consumer's own for its blocking reads (close() ends a
+        waiting read by closing it)."""
+        self._look_at = 0.0
+        """Monotonic time of the next look for due retries and expired leases."""
+        config = transport.config
+        self._look_every = min(config.poll_interval, config.visibility_timeout / 2)
 
-    async def fetch(self, limit: int, timeout: float) -> Sequence[RedisDelivery]:
+    async def fetch(
+        self, limit: int, timeout: float
+    ) -> Sequence[RedisDelivery] | Sequence[StreamDelivery]:
         transport = self.transport
         if not self._declared:
-            await transport._require_group(self.group)
+            declared = await transport._require_group(self.group)
+            self._stream = not declared.ordered
             self._declared = True
         if limit <= 0:
             return []
+        if self._stream:
+            return await self._fetch_stream(limit, timeout)
         deadline = time.monotonic() + timeout
         while not self._closed:
             token = os.urandom(8).hex()
@@ -816,11 +1089,110 @@ class RedisConsumer:
                 return []
         return []
 
+    async def _fetch_stream(self, limit: int, timeout: float) -> list[StreamDelivery]:
+        """Up to ``limit`` entries of the function's stream: retries that came due and
+        leases that expired first (looked for every ``_look_every`` seconds), then new
+        entries (``XREADGROUP``, blocking in Redis until one arrives or it is time to
+        look again)."""
+        transport = self.transport
+        vt = transport.config.visibility_timeout
+        lease = vt - _margin(vt)
+        deadline = time.monotonic() + timeout
+        while not self._closed:
+            sent = time.monotonic()
+            out: list[StreamDelivery] = []
+            if sent >= self._look_at:
+                rows, wait_ms = await transport._look(self, limit)
+                self._look_at = sent + self._look_every
+                if wait_ms >= 0:
+                    self._look_at = min(self._look_at, sent + wait_ms / 1000 + 0.002)
+                if rows:
+                    wall = time.time()
+                    flat = iter(rows)  # id, body, attempts before, count, first_ms, ...
+                    out = [
+                        StreamDelivery(
+                            self,
+                            bytes(eid).decode(),
+                            bytes(body),
+                            int(a) + int(n),
+                            int(n),
+                            int(f) / 1000,
+                            wall,
+                            sent + lease,
+                        )
+                        for eid, body, a, n, f in zip(flat, flat, flat, flat, flat, strict=True)
+                    ]
+            if len(out) < limit:
+                sent = time.monotonic()
+                block = None
+                if not out:
+                    wait = min(deadline, self._look_at) - sent
+                    block = max(1, int(wait * 1000))
+                entries = await self._read(limit - len(out), block)
+                if entries:
+                    wall = time.time()
+                    for eid, fields in entries:
+                        a = fields.get(b"a")
+                        f = fields.get(b"f")
+                        out.append(
+                            StreamDelivery(
+                                self,
+                                eid.decode(),
+                                fields[b"b"],
+                                int(a) + 1 if a else 1,
+                                1,
+                                int(f) / 1000 if f else wall,
+                                wall,
+                                sent + lease,
+                            )
+                        )
+            if out:
+                return out
+            if time.monotonic() >= deadline:
+                return []
+        return []
+
+    async def _read(self, count: int, block: int | None) -> list[Any]:
+        """New entries of the stream for this consumer (``XREADGROUP ... >``)."""
+        transport = self.transport
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = aioredis.Redis.from_url(
+                transport.config.connection_url,
+                socket_connect_timeout=5.0,
+                decode_responses=False,
+                single_connection_client=True,
+            )
+        self.waiting = block is not None
+        try:
+            reply: Any = await reader.xreadgroup(
+                "n", self._name, {self._skey: ">"}, count=count, block=block
+            )
+        except redis_errors.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                with _translated(transport.config):
+                    raise
+            # the server lost the group (restarted without persistence): declare again
+            await transport._declare_again([self.subscription])
+            return []
+        except Exception:
+            if self._closed:  # close() closed the connection under the waiting read
+                return []
+            with _translated(transport.config):
+                raise
+        finally:
+            self.waiting = False
+        return reply[0][1] if reply else []
+
     async def ack_many(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """One settle script for the batch, its lines packed here (acks need none of
         ``_settle_batch``'s per-settlement work: no timers, no errors to build)."""
         if not deliveries:
             return []
+        if self._stream:
+            batch = [(d, "ack", "") for d in cast("Sequence[StreamDelivery]", deliveries)]
+            outcomes = await self.transport._ssettle_batch(batch)
+            return [d for d, error in zip(deliveries, outcomes, strict=True) if error]
         mine = cast("Sequence[RedisDelivery]", deliveries)  # (this consumer's)
         packed = "\n".join([f"{d.group}\tack\t{d.entry_id}\t{d.token}\t" for d in mine])
         transport = self.transport
@@ -833,6 +1205,12 @@ class RedisConsumer:
         if self.waiting:
             with contextlib.suppress(NerveError):
                 await self.transport._wake_consumer(self, stop=True)
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            with contextlib.suppress(Exception):
+                await reader.aclose()
+            with contextlib.suppress(NerveError):  # holding nothing, it leaves the group
+                await self.transport._run("sleave", [self.group, self._name])
 
 
 class _Router:
@@ -883,6 +1261,7 @@ class RedisTransport:
         (its own listener skips them: it set the timer already)."""
         self._waking: set[asyncio.Future[None]] = set()
         self._settler: Coalescer[_Settlement, None] = Coalescer(self._settle_batch)
+        self._ssettler: Coalescer[_SettledStream, None] = Coalescer(self._ssettle_batch)
         self._scripts: dict[str, Any] = {}
         self._declared: dict[str, Subscription] = {}
         self._publishing = asyncio.Semaphore(_PUBLISHES_AT_ONCE)
@@ -918,6 +1297,9 @@ class RedisTransport:
                     ("replay", _REPLAY),
                     ("purge", _PURGE),
                     ("stats", _STATS),
+                    ("sclaim", _SCLAIM),
+                    ("ssettle", _SSETTLE),
+                    ("sleave", _SLEAVE),
                 ):
                     self._scripts[name] = client.register_script(source)
                 self._pubsub = client.pubsub(ignore_subscribe_messages=True)
@@ -1053,14 +1435,26 @@ class RedisTransport:
             await self._publish(valid, None)
 
     def _wake_groups(self, groups: set[str]) -> None:
-        """Wake this process's consumers of ``groups`` that wait (a delay is due)."""
+        """Wake this process's consumers of ``groups`` that wait (a delay is due). An
+        unordered function's due retries are moved into its stream, which wakes its
+        waiting reads."""
+        streams: set[str] = set()
         for consumer in self._consumers:
             if consumer.group not in groups:
+                continue
+            if consumer._stream:
+                consumer._look_at = 0.0
+                streams.add(consumer.group)
                 continue
             if not consumer.waiting:
                 consumer._woken = True
                 continue
             task = asyncio.ensure_future(self._wake_consumer(consumer))
+            self._waking.add(task)
+            task.add_done_callback(self._wake_sent)
+        vt = _ms(self.config.visibility_timeout)
+        for group in streams:
+            task = asyncio.ensure_future(self._run("sclaim", [group, "", vt, 0]))
             self._waking.add(task)
             task.add_done_callback(self._wake_sent)
 
@@ -1114,7 +1508,7 @@ class RedisTransport:
         lost the registry: consumers and publishers of this process heal it)."""
         args: list[str | bytes | int] = [len(subscriptions)]
         for sub in subscriptions:
-            args += [sub.group, orjson.dumps(sub.to_json())]
+            args += [sub.group, orjson.dumps(sub.to_json()), "" if sub.ordered else "1"]
         await self._run("declare", args)
         await self._refresh_router(heal=False)
 
@@ -1155,8 +1549,8 @@ class RedisTransport:
                 bodies.append(body)
                 route = ingest_id
                 for sub in targets:
-                    key = event.partitionkey if sub.ordered else None
-                    route += f"\t{sub.group}\t{_keyenc(key)}"
+                    enc = _keyenc(event.partitionkey) if sub.ordered else "*"
+                    route += f"\t{sub.group}\t{enc}"
                 routes.append(route)
             routes.append("")  # every line ends with a newline
             args: list[str | bytes | int] = [
@@ -1180,12 +1574,15 @@ class RedisTransport:
         self._consumers.add(consumer)
         return consumer
 
-    async def _require_group(self, group: str) -> None:
+    async def _require_group(self, group: str) -> Subscription:
+        """The group as declared (its layout follows the declaration: an unordered
+        function's entries are in its stream, whatever a consumer's copy says)."""
         client = self._client()
         with _translated(self.config):
-            declared = await client.hexists(f"{self._prefix}:groups", group)
-        if not declared:
+            spec = await client.hget(f"{self._prefix}:groups", group)
+        if spec is None:
             raise TransportError(f"declare group {group!r} before consuming it")
+        return Subscription.from_json(orjson.loads(spec))
 
     def _claim_args(self, group: str, limit: int, token: str) -> list[str | int]:
         """The claim script's arguments after the prefix (the stop key may follow)."""
@@ -1215,6 +1612,69 @@ class RedisTransport:
         finally:
             consumer.waiting = False
         return rows, int(wait_ms)
+
+    async def _look(self, consumer: RedisConsumer, limit: int) -> tuple[list[Any], int]:
+        """Move ``consumer``'s due retries into its stream and take over up to ``limit``
+        entries whose lease expired."""
+        vt = _ms(self.config.visibility_timeout)
+        try:
+            rows, wait_ms = await self._run("sclaim", [consumer.group, consumer._name, vt, limit])
+        except TransportError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._declare_again([consumer.subscription])
+            return [], 0
+        return rows, int(wait_ms)
+
+    async def _ssettle(self, delivery: StreamDelivery, action: str, arg: str) -> None:
+        await self._ssettler.submit((delivery, action, arg))
+
+    async def _ssettle_batch(self, batch: list[_SettledStream]) -> list[BaseException | None]:
+        """Settle stream deliveries: the acks still inside their lease in one pipeline
+        (``XACK``, ``XDEL`` and the count, per group), the rest in one ssettle script,
+        which checks each one's owner first."""
+        now = time.monotonic()
+        fast: dict[str, list[StreamDelivery]] = {}
+        checked: list[int] = []
+        for i, (delivery, action, _) in enumerate(batch):
+            if action == "ack" and now < delivery.lease_until:
+                fast.setdefault(delivery.group, []).append(delivery)
+            else:
+                checked.append(i)
+        results: list[BaseException | None] = [None] * len(batch)
+        client = self._client()
+        with _translated(self.config):
+            if fast:
+                async with client.pipeline(transaction=False) as pipe:
+                    for group, acked in fast.items():
+                        for delivery in acked:
+                            delivery.lease_until = 0.0  # settled: a second try is checked
+                        base = _base(self._prefix, group)
+                        ids = [d.entry_id for d in acked]
+                        pipe.xack(f"{base}:s", "n", *ids)
+                        pipe.xdel(f"{base}:s", *ids)
+                        pipe.hincrby(f"{base}:cnt", "processed", len(ids))
+                        extended = [d.entry_id for d in acked if d.extended]
+                        if extended:
+                            pipe.zrem(f"{base}:ext", *extended)
+                    await pipe.execute()
+            if checked:
+                packed = "\n".join(batch[i][0].line(batch[i][1], batch[i][2]) for i in checked)
+                outcomes = await self._scripts["ssettle"](
+                    keys=[], args=[self._prefix, packed, self._id]
+                )
+                for i, ok in zip(checked, outcomes, strict=True):
+                    delivery, action, arg = batch[i]
+                    if ok and action != "extend":
+                        delivery.lease_until = 0.0  # settled: a second try is checked
+                    if not ok:
+                        results[i] = LeaseLost(
+                            f"{delivery!r}: the lease expired and another consumer took "
+                            f"the event over; this {action} was refused"
+                        )
+                    elif action == "nack" and int(arg) > 0:
+                        self._wake_later(delivery.group, int(arg) / 1000)
+        return results
 
     async def _settle(self, delivery: RedisDelivery, action: str, arg: str) -> None:
         await self._settler.submit((delivery, action, arg))
@@ -1309,8 +1769,10 @@ class RedisTransport:
         for entry in entries:
             sub = self._router.groups.get(entry.group)
             key = entry.event.partitionkey if entry.event is not None else None
-            ordered = sub is not None and sub.ordered and key is not None
-            args += [entry.id, _keyenc(key) if ordered else ""]
+            if sub is not None and not sub.ordered:
+                args += [entry.id, "*"]  # into its stream
+            else:
+                args += [entry.id, _keyenc(key) if sub is not None else ""]
         return int(await self._run("replay", args))
 
     async def purge(

@@ -3,6 +3,11 @@
 Each test runs once per adapter in ``conftest.ADAPTERS`` and drives the Transport API
 directly (two tests go through the Runtime, as noted). Where an adapter declares in
 ``transport.features`` that it cannot give a guarantee, the test skips saying so.
+
+Each test runs twice: once with ordered groups (the default of a function) and once
+with unordered ones (``ordered=False``), which an adapter may keep apart (Redis hands
+an unordered function's entries out of a stream); tests about per-key order
+(``@pytest.mark.ordered_groups``) run once.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +28,8 @@ from pydantic import BaseModel
 
 from nerve import App, Runtime
 from nerve import event as codec
-from nerve.app import RetryPolicy, Subscription
+from nerve.app import RetryPolicy
+from nerve.app import Subscription as Declared
 from nerve.errors import LeaseLost, PayloadTooLarge, TransportError
 from nerve.event import Event
 from nerve.runtime.context import Context
@@ -50,6 +56,33 @@ Connect = Callable[[], Awaitable[Transport]]
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+_ordered = [True]
+"""What a Subscription not saying ``ordered`` gets in the running test (``ordering``)."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "ordering" in metafunc.fixturenames:
+        once = metafunc.definition.get_closest_marker("ordered_groups") is not None
+        metafunc.parametrize("ordering", ["ordered"] if once else ["ordered", "unordered"])
+
+
+@pytest.fixture(autouse=True)
+def _groups_of_the_ordering(ordering: str) -> Iterator[None]:
+    _ordered[0] = ordering == "ordered"
+    yield
+    _ordered[0] = True
+
+
+def Subscription(
+    group: str,
+    patterns: tuple[str, ...],
+    filters: tuple[tuple[str, str], ...] = (),
+    ordered: bool | None = None,
+) -> Declared:
+    """The subscription a test declares, ordered as the ``ordering`` parameter says
+    unless the test says."""
+    return Declared(group, patterns, filters, _ordered[0] if ordered is None else ordered)
 
 
 def make(
@@ -560,6 +593,7 @@ async def test_publish_to_one_group_reaches_only_that_group(transport: Transport
 # -- 11. per-key order ------------------------------------------------------------------
 
 
+@pytest.mark.ordered_groups
 async def test_one_key_is_handed_out_one_at_a_time_in_publish_order(
     adapter: AdapterSpec, transport: Transport
 ) -> None:
@@ -615,6 +649,7 @@ async def test_one_key_is_handed_out_one_at_a_time_in_publish_order(
         await d.ack()
 
 
+@pytest.mark.ordered_groups
 async def test_dead_lettering_the_head_of_a_key_releases_the_next(
     adapter: AdapterSpec, transport: Transport
 ) -> None:
@@ -637,6 +672,7 @@ class Item(BaseModel):
     n: int
 
 
+@pytest.mark.ordered_groups
 async def test_runtime_keeps_per_key_order_under_concurrency_and_retries(
     adapter: AdapterSpec, tmp_path: Path
 ) -> None:

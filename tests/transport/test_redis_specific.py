@@ -5,6 +5,7 @@ a plain Redis client XADDs) and that settled events leave no keys behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -229,6 +230,39 @@ async def test_settled_events_leave_no_keys_behind(
     assert await left_behind(raw, base) == {f"{base}:cnt"}
 
 
+async def test_an_unordered_functions_events_pass_through_its_stream_and_leave_it_empty(
+    url: str, transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    """An unordered function's entries are its stream's: read by its consumer group,
+    all at once whatever their keys, acked inside their lease without a script (XACK +
+    XDEL), and a closed consumer that holds nothing leaves the group."""
+    sub = Subscription("g", ("order.created",), ordered=False)
+    await transport.declare([sub])
+    consumer = transport.consumer(sub)
+    await transport.publish([make(i, partitionkey=f"k{i % 3}") for i in range(30)])
+    base = f"{prefix_of(url)}:g:1:g"
+    assert await raw.xlen(f"{base}:s") == 30
+    batch = await consumer.fetch(100, SOON)
+    assert sorted(d.event.data["n"] for d in batch) == list(range(30))
+    assert (await raw.xpending(f"{base}:s", "n"))["pending"] == 30
+
+    def no_script(*args: object, **kwargs: object) -> object:
+        raise AssertionError("an ack inside its lease ran the settle script")
+
+    transport._scripts["ssettle"] = no_script
+    assert not await consumer.ack_many(batch)
+    assert await raw.xlen(f"{base}:s") == 0
+    assert (await raw.xpending(f"{base}:s", "n"))["pending"] == 0
+    assert await left_behind(raw, base) == {f"{base}:cnt", f"{base}:s"}
+    (stats,) = await transport.stats()
+    assert (stats.ready, stats.in_flight, stats.processed) == (0, 0, 30)
+    assert [c["name"] for c in await raw.xinfo_consumers(f"{base}:s", "n")] == [
+        consumer._name.encode()
+    ]
+    await consumer.close()
+    assert await raw.xinfo_consumers(f"{base}:s", "n") == []
+
+
 async def left_behind(raw: aioredis.Redis, base: str) -> set[str]:
     """The keys of the group at ``base`` that hold more than their pin (the member that
     keeps Redis from storing a queue's sets and hashes as listpacks)."""
@@ -339,15 +373,31 @@ Pair = tuple[RedisTransport, RedisTransport, Subscription]
 @pytest.fixture
 async def pair(url: str) -> AsyncIterator[Pair]:
     """Two transports on one prefix, as two processes would have, and a declared group."""
+    async with two_processes(url, ordered=True) as made:
+        yield made
+
+
+@pytest.fixture(params=["ordered", "unordered"])
+async def pairs(url: str, request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
+    """``pair``, once with an ordered group (claimed by script) and once with an
+    unordered one (read from its stream)."""
+    async with two_processes(url, ordered=request.param == "ordered") as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def two_processes(url: str, *, ordered: bool) -> AsyncIterator[Pair]:
     one = RedisTransport(url + "&poll_interval=30")
     two = RedisTransport(url + "&poll_interval=30")
     await one.start()
     await two.start()
-    sub = Subscription("g", ("order.created",))
+    sub = Subscription("g", ("order.created",), ordered=ordered)
     await one.declare([sub])
-    yield one, two, sub
-    await one.close()
-    await two.close()
+    try:
+        yield one, two, sub
+    finally:
+        await one.close()
+        await two.close()
 
 
 async def waiting_fetch(consumer: object, timeout: float = 20.0) -> asyncio.Task[list[object]]:
@@ -362,9 +412,9 @@ async def waiting_fetch(consumer: object, timeout: float = 20.0) -> asyncio.Task
 
 
 async def test_a_waiting_fetch_gets_an_event_another_process_publishes_at_once(
-    pair: Pair,
+    pairs: Pair,
 ) -> None:
-    one, two, sub = pair
+    one, two, sub = pairs
     fetching = await waiting_fetch(one.consumer(sub))
     started = time.monotonic()
     await two.publish([make(1)])
@@ -374,9 +424,9 @@ async def test_a_waiting_fetch_gets_an_event_another_process_publishes_at_once(
 
 
 async def test_a_retry_delay_wakes_a_consumer_waiting_in_another_process(
-    pair: Pair,
+    pairs: Pair,
 ) -> None:
-    one, two, sub = pair
+    one, two, sub = pairs
     await one.publish([make(1)])
     (delivery,) = await drain(two.consumer(sub), 1)
     waiting = await waiting_fetch(one.consumer(sub))
@@ -387,11 +437,11 @@ async def test_a_retry_delay_wakes_a_consumer_waiting_in_another_process(
     assert again.attempt == 2  # type: ignore[attr-defined]
 
 
-async def test_a_retry_delay_sets_one_timer_in_each_process(pair: Pair) -> None:
+async def test_a_retry_delay_sets_one_timer_in_each_process(pairs: Pair) -> None:
     """The nacking transport sets its timer when the settle returns; the wake-up its
     script sends every process over Pub/Sub reaches its own listener too, which skips
     it (it set a second timer, and a second wake-up, for every delayed nack)."""
-    one, two, sub = pair
+    one, two, sub = pairs
     await one.publish([make(1)])
     (delivery,) = await drain(one.consumer(sub), 1)
     await delivery.nack(5.0)  # type: ignore[attr-defined]
@@ -404,9 +454,9 @@ async def test_a_retry_delay_sets_one_timer_in_each_process(pair: Pair) -> None:
 
 
 async def test_closing_a_consumer_ends_its_waiting_fetch_at_once(
-    pair: Pair,
+    pairs: Pair,
 ) -> None:
-    one, _, sub = pair
+    one, _, sub = pairs
     closing = one.consumer(sub)
     waiting = await waiting_fetch(closing)
     closed = time.monotonic()
