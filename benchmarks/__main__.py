@@ -14,6 +14,7 @@ The last line printed is a one-line JSON summary (``events_per_s``, ``p50_ms``,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     brk.add_argument("--events", type=int, default=10_000, help="events per run (10000)")
     brk.add_argument("--batch", type=int, default=100, help="publish batch (100)")
     brk.add_argument("--runs", type=int, default=3, help="runs per side and broker (3)")
+    brk.add_argument(
+        "--ordered",
+        action="store_true",
+        help="nerve's function keeps per-key order (by default it does not, as the raw "
+        "client does not)",
+    )
     brk.add_argument(
         "--profile",
         action="store_true",
@@ -165,6 +172,8 @@ def _brokers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     settings = BrokerSettings(
         brokers=brokers, events=args.events, batch=args.batch, runs=max(1, args.runs)
     )
+    if args.ordered:  # read by benchmarks.apps in the consumer and producer processes
+        os.environ["NERVE_BENCH_ORDERED"] = "1"
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)

@@ -1,11 +1,11 @@
 """The nerve side of ``python -m benchmarks brokers``.
 
 - ``app``: ``sink`` consumes ``order.placed`` (the events of ``benchmarks/apps.py``,
-  concurrency 100, the default 30 s timeout) and does nothing, except counting: a
-  warm-up order (customer id ``cus_warmup``) makes it touch ``$NERVE_BENCH_READY``; after the
-  ``$NERVE_BENCH_EXPECT``-th other event it writes ``time.time()`` to
-  ``$NERVE_BENCH_DONE``. (That is when the handler of the last event starts; nerve acks
-  it right after the handler returns.)
+  concurrency 100, the default 30 s timeout, unordered unless ``BENCH_ORDERED``) and does
+  nothing, except counting: a warm-up order (customer id ``cus_warmup``) makes it touch
+  ``$NERVE_BENCH_READY``; after the ``$NERVE_BENCH_EXPECT``-th other event it writes
+  ``time.time()`` to ``$NERVE_BENCH_DONE``. (That is when the handler of the last event
+  starts; nerve acks it right after the handler returns.)
 - ``python -m benchmarks.broker_apps BROKER_URL N BATCH READY_FILE``: the producer.
   It publishes a warm-up event every second until the consumer has seen one, then the
   N events of ``make_orders`` with ``client.publish_events`` in batches of BATCH (with
@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from benchmarks.apps import ORDER_TYPE, OrderPlaced, _declare, make_orders
+from benchmarks.apps import BENCH_ORDERED, ORDER_TYPE, OrderPlaced, _declare, make_orders
 from nerve import App
 
 WARMUP_CUSTOMER = "cus_warmup"
@@ -40,7 +40,7 @@ _done = os.environ.get("NERVE_BENCH_DONE", "")
 _seen = 0
 
 
-@app.function(consumes=ORDER_TYPE, concurrency=100)
+@app.function(consumes=ORDER_TYPE, concurrency=100, ordered=BENCH_ORDERED)
 async def sink(order: OrderPlaced, ctx: Any) -> None:
     """Does nothing but count (the cost measured is nerve's, not the handler's)."""
     global _seen

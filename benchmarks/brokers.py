@@ -399,8 +399,10 @@ def markdown(
             "",
             f"- server: {env['servers'][broker]}; client: {env['clients'][broker]}",
             f"- nerve: consumer `{s.consumer.replace('URL', NERVE_URLS[broker])}` "
-            "(`benchmarks.broker_apps:app`, one no-op function, concurrency 100, default "
-            "timeout, adapter defaults); producer `python -m benchmarks.broker_apps` "
+            "(`benchmarks.broker_apps:app`, one no-op function, "
+            + ("ordered" if os.environ.get("NERVE_BENCH_ORDERED") == "1" else "unordered")
+            + ", concurrency 100, default timeout, adapter defaults); producer "
+            "`python -m benchmarks.broker_apps` "
             f"(`client.publish_events`, batches of {s.batch}); store (idempotency records): "
             + (
                 "the default beside a PostgreSQL broker, the same database (records and acks "
@@ -696,7 +698,6 @@ def run_callgrind(settings: Settings, console: Console) -> dict[str, Any]:
                     asyncio.run(nerve_teardown(broker, name))
                 counts[broker].append((total / settings.events, main / settings.events))
                 progress.advance(task)
-    shutil.rmtree(base, ignore_errors=True)
     table = Table(
         title="nerve's consumer: instructions per event (callgrind)",
         caption=f"{settings.events:,} events drained; median \\[min-max] of {settings.runs}",

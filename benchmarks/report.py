@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from benchmarks import raw_clients
+from benchmarks.apps import BENCH_ORDERED
 from benchmarks.peers import MODULES, PEERS
 
 if TYPE_CHECKING:
@@ -209,8 +210,15 @@ def settings_text(system: str, broker: str, workload: str, s: Settings) -> str:
         return (
             f"`nerve run ... --broker {NERVE_URLS[broker]}` (adapter defaults, `--no-http`), "
             "one no-op function per handler (`benchmarks/peers/nerve_side.py`, "
-            "`benchmarks/broker_apps.py`), concurrency 100, the default 30 s timeout, ack after "
-            "the handler; producer " + producer
+            "`benchmarks/broker_apps.py`), "
+            + (
+                "ordered"
+                if BENCH_ORDERED
+                else "unordered (`ordered=False`: the raw clients and the peers keep no "
+                "per-key order)"
+            )
+            + ", concurrency 100, the default 30 s timeout, ack after the handler; producer "
+            + producer
         )
     if system == "floor":
         if workload == "latency":

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks.apps import ORDER_TYPE, OrderPlaced, _declare
+from benchmarks.apps import BENCH_ORDERED, ORDER_TYPE, OrderPlaced, _declare
 from benchmarks.peers.common import (
     Config,
     Tracker,
@@ -61,7 +61,9 @@ def _app(name: str, functions: int) -> App:
     built = App(name, source="/bench/orders")
     _declare(built)
     for k in range(functions):
-        built.function(consumes=ORDER_TYPE, concurrency=100, name=f"f{k}")(_function(k))
+        built.function(consumes=ORDER_TYPE, concurrency=100, name=f"f{k}", ordered=BENCH_ORDERED)(
+            _function(k)
+        )
     return built
 
 
