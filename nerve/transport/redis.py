@@ -840,7 +840,9 @@ def _translated(config: RedisConfig) -> Iterator[None]:
 _Settlement = tuple["RedisDelivery", str, str]
 
 
-class RedisDelivery:
+class _RedisDelivery:
+    """What both kinds of Redis delivery share: settling goes through ``_settle``."""
+
     __slots__ = (
         "_consumer",
         "_event",
@@ -850,14 +852,12 @@ class RedisDelivery:
         "group",
         "raw",
         "received_at",
-        "token",
     )
 
     def __init__(
         self,
         consumer: RedisConsumer,
         entry_id: str,
-        token: str,
         raw: bytes,
         attempt: int,
         first_at: float,
@@ -867,7 +867,6 @@ class RedisDelivery:
         self._event: Event | None = None
         self.group = consumer.group
         self.entry_id = entry_id
-        self.token = token
         self.raw = raw
         self.attempt = attempt
         self.first_at = first_at
@@ -879,43 +878,54 @@ class RedisDelivery:
             self._event = codec.decode(self.raw)
         return self._event
 
+    async def _settle(self, action: str, arg: str) -> None:
+        raise NotImplementedError
+
     async def ack(self) -> None:
-        await self._consumer.transport._settle(self, "ack", "")
+        await self._settle("ack", "")
 
     async def nack(self, delay: float = 0.0) -> None:
-        await self._consumer.transport._settle(self, "nack", str(_ms(delay)))
+        await self._settle("nack", str(_ms(delay)))
 
     async def dead_letter(self, failure: Failure) -> None:
-        await self._consumer.transport._settle(
-            self, "dead", orjson.dumps(failure.to_json()).decode()
-        )
+        await self._settle("dead", orjson.dumps(failure.to_json()).decode())
 
     async def extend(self, seconds: float) -> None:
-        await self._consumer.transport._settle(self, "extend", str(_ms(seconds)))
+        await self._settle("extend", str(_ms(seconds)))
 
     def __repr__(self) -> str:
-        return f"<RedisDelivery {self.group}#{self.entry_id} attempt={self.attempt}>"
+        return f"<{type(self).__name__} {self.group}#{self.entry_id} attempt={self.attempt}>"
 
 
-class StreamDelivery:
+class RedisDelivery(_RedisDelivery):
+    """A delivery of an ordered function's entry, leased with a random token."""
+
+    __slots__ = ("token",)
+
+    def __init__(
+        self,
+        consumer: RedisConsumer,
+        entry_id: str,
+        token: str,
+        raw: bytes,
+        attempt: int,
+        first_at: float,
+        received_at: float,
+    ) -> None:
+        super().__init__(consumer, entry_id, raw, attempt, first_at, received_at)
+        self.token = token
+
+    async def _settle(self, action: str, arg: str) -> None:
+        await self._consumer.transport._settle(self, action, arg)
+
+
+class StreamDelivery(_RedisDelivery):
     """A delivery of an unordered function's stream entry. Its lease is the entry
     pending to this consumer with this delivery count; until ``lease_until`` (monotonic,
     the visibility timeout after the read was sent, less a margin) nobody can have taken
     it over, so an ack needs no check then: ``XACK`` + ``XDEL``, no script."""
 
-    __slots__ = (
-        "_consumer",
-        "_event",
-        "attempt",
-        "count",
-        "entry_id",
-        "extended",
-        "first_at",
-        "group",
-        "lease_until",
-        "raw",
-        "received_at",
-    )
+    __slots__ = ("count", "extended", "lease_until")
 
     def __init__(
         self,
@@ -928,38 +938,17 @@ class StreamDelivery:
         received_at: float,
         lease_until: float,
     ) -> None:
-        self._consumer = consumer
-        self._event: Event | None = None
-        self.group = consumer.group
-        self.entry_id = entry_id
-        self.raw = raw
-        self.attempt = attempt
+        super().__init__(consumer, entry_id, raw, attempt, first_at, received_at)
         self.count = count
-        self.first_at = first_at
-        self.received_at = received_at
         self.lease_until = lease_until
         self.extended = False
 
-    @property
-    def event(self) -> Event:
-        if self._event is None:
-            self._event = codec.decode(self.raw)
-        return self._event
-
-    async def ack(self) -> None:
-        await self._consumer.transport._ssettle(self, "ack", "")
-
-    async def nack(self, delay: float = 0.0) -> None:
-        await self._consumer.transport._ssettle(self, "nack", str(_ms(delay)))
-
-    async def dead_letter(self, failure: Failure) -> None:
-        await self._consumer.transport._ssettle(
-            self, "dead", orjson.dumps(failure.to_json()).decode()
-        )
+    async def _settle(self, action: str, arg: str) -> None:
+        await self._consumer.transport._ssettle(self, action, arg)
 
     async def extend(self, seconds: float) -> None:
         sent = time.monotonic()
-        await self._consumer.transport._ssettle(self, "extend", str(_ms(seconds)))
+        await super().extend(seconds)
         self.extended = True
         self.lease_until = max(self.lease_until, sent + seconds - _margin(seconds))
 
@@ -969,9 +958,6 @@ class StreamDelivery:
             f"{self.group}\t{action}\t{self.entry_id}\t{self._consumer._name}\t{self.count}"
             f"\t{self.attempt}\t{int(self.first_at * 1000)}\t{arg}"
         )
-
-    def __repr__(self) -> str:
-        return f"<StreamDelivery {self.group}#{self.entry_id} attempt={self.attempt}>"
 
 
 def _margin(lease: float) -> float:
