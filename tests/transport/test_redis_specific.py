@@ -20,7 +20,7 @@ from nerve.app import Subscription
 from nerve.errors import BrokerUnavailable, ConfigError, TransportError
 from nerve.event import Event
 from nerve.transport import from_url
-from nerve.transport.redis import RedisConfig, RedisTransport
+from nerve.transport.redis import RedisConfig, RedisTransport, _resp
 
 from .adapter_redis import make_url
 
@@ -261,6 +261,26 @@ async def test_an_unordered_functions_events_pass_through_its_stream_and_leave_i
     ]
     await consumer.close()
     assert await raw.xinfo_consumers(f"{base}:s", "n") == []
+
+
+def test_commands_sent_as_resp_count_utf8_bytes() -> None:
+    assert _resp([["SET", "clé", "v"], ["XACK", "s", "n", "1-0"]]) == (
+        b"*3\r\n$3\r\nSET\r\n$4\r\ncl\xc3\xa9\r\n$1\r\nv\r\n"
+        b"*4\r\n$4\r\nXACK\r\n$1\r\ns\r\n$1\r\nn\r\n$3\r\n1-0\r\n"
+    )
+
+
+async def test_a_stream_of_a_function_with_a_non_ascii_name_is_read_and_acked(
+    url: str, transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    sub = Subscription("grüße", ("order.created",), ordered=False)
+    await transport.declare([sub])
+    consumer = transport.consumer(sub)
+    await transport.publish([make(i) for i in range(3)])
+    batch = await drain(consumer, 3)
+    assert not await consumer.ack_many(batch)  # type: ignore[arg-type]
+    stream = f"{prefix_of(url)}:g:{len('grüße'.encode())}:grüße:s"
+    assert (await raw.xlen(stream), (await raw.xpending(stream, "n"))["pending"]) == (0, 0)
 
 
 async def left_behind(raw: aioredis.Redis, base: str) -> set[str]:
