@@ -368,7 +368,7 @@ async def test_small_idempotency_checks_read_on_the_loop_and_fall_back_to_the_th
         done = [f"e{i}" for i in range(0, 40, 2)]
         await store.commit_records([("f", e, []) for e in done])
         small = ["e0", "e1", "e2"]
-        large = [f"e{i}" for i in range(40)]
+        large = [f"e{i}" for i in range(sqlite_store.INLINE_READ + 44)]
         assert len(small) <= sqlite_store.INLINE_READ < len(large)
         reads: list[str] = []
         inline, call = store._inline, store._reader.call
