@@ -241,6 +241,14 @@ local function pass_key(base, dz, id, k, nows)
   redis.call('ZADD', dz, nows, nxt)
   return true
 end
+-- keep a raw event of function g (keys at base) as a dead letter with its failure JSON
+local function dead_letter(base, g, body, failure, nows)
+  local dl = redis.call('INCR', P .. ':dl:seq')
+  redis.call('HSET', P .. ':dl:' .. dl, 'g', g, 'b', body, 'f', failure, 't', nows)
+  redis.call('ZADD', P .. ':dl', dl, dl)
+  redis.call('ZADD', base .. ':dl', dl, dl)
+  redis.call('HINCRBY', base .. ':cnt', 'dead_lettered', 1)
+end
 -- wake a consumer of the group at base: a token in its wake list, where waiting consumers
 -- block (BLPOP, followed by a claim in the same round trip); a few tokens at most
 local function wake(base)
@@ -528,11 +536,7 @@ for g, gl in pairs(groups) do
             redis.call('ZREM', lz, id)
             redis.call('HDEL', meta, id)
             redis.call('HDEL', bodies, id)
-            local dl = redis.call('INCR', P .. ':dl:seq')
-            redis.call('HSET', P .. ':dl:' .. dl, 'g', g, 'b', body, 'f', arg, 't', nows)
-            redis.call('ZADD', P .. ':dl', dl, dl)
-            redis.call('ZADD', base .. ':dl', dl, dl)
-            redis.call('HINCRBY', base .. ':cnt', 'dead_lettered', 1)
+            dead_letter(base, g, body, arg, nows)
           end
         end
       end
@@ -749,7 +753,7 @@ _SSETTLE = (
     + """
 local now = now_ms()
 local nows = int(now)
-local res, woken = {}, {}
+local res = {}
 local line = '([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\t\\n]*)\\t'
   .. '([^\\t\\n]*)\\t([^\\t\\n]*)\\t([^\\n]*)'
 for g, action, id, me, count, a, first, arg in string.gmatch(ARGV[2], line) do
@@ -787,11 +791,7 @@ for g, action, id, me, count, a, first, arg in string.gmatch(ARGV[2], line) do
           redis.call('XADD', s, '*', 'b', body, 'a', a, 'f', first)
         end
       elseif body then
-        local dl = redis.call('INCR', P .. ':dl:seq')
-        redis.call('HSET', P .. ':dl:' .. dl, 'g', g, 'b', body, 'f', arg, 't', nows)
-        redis.call('ZADD', P .. ':dl', dl, dl)
-        redis.call('ZADD', base .. ':dl', dl, dl)
-        redis.call('HINCRBY', base .. ':cnt', 'dead_lettered', 1)
+        dead_letter(base, g, body, arg, nows)
       end
     end
   end
