@@ -813,7 +813,7 @@ async def test_invalid_data_is_dead_lettered_without_calling_the_handler(
     app.event("order.created")(Order)
     called: list[str] = []
 
-    @app.function("order.created")
+    @app.function("order.created", ordered=_ordered[0])
     async def take(order: Order, ctx: Context) -> None:
         called.append(order.order_id)
 
