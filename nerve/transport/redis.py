@@ -241,6 +241,18 @@ local function pass_key(base, dz, id, k, nows)
   redis.call('ZADD', dz, nows, nxt)
   return true
 end
+-- a stream entry's fields (name, value, ...): its raw event, the attempts made before
+-- the entry (0 if none) and the first attempt's ms ('' if none)
+local function entry_fields(fields)
+  local body, a, f = nil, 0, ''
+  for j = 1, #fields, 2 do
+    local name = fields[j]
+    if name == 'b' then body = fields[j + 1]
+    elseif name == 'a' then a = tonumber(fields[j + 1])
+    elseif name == 'f' then f = fields[j + 1] end
+  end
+  return body, a, f
+end
 -- keep a raw event of function g (keys at base) as a dead letter with its failure JSON
 local function dead_letter(base, g, body, failure, nows)
   local dl = redis.call('INCR', P .. ':dl:seq')
@@ -720,13 +732,7 @@ if limit > 0 then
       local got = redis.call('XCLAIM', s, 'n', me, vt, id)
       local e = got[1]
       if e then
-        local fields, a, f, body = e[2], 0, '', nil
-        for j = 1, #fields, 2 do
-          local name = fields[j]
-          if name == 'b' then body = fields[j + 1]
-          elseif name == 'a' then a = tonumber(fields[j + 1])
-          elseif name == 'f' then f = fields[j + 1] end
-        end
+        local body, a, f = entry_fields(e[2])
         if f == '' then f = string.match(id, '^(%d+)') end
         taken = taken + 1
         local n = #out
@@ -769,12 +775,7 @@ for g, action, id, me, count, a, first, arg in string.gmatch(ARGV[2], line) do
       local body = nil
       if action ~= 'ack' then
         local e = redis.call('XRANGE', s, id, id)[1]
-        if e then
-          local fields = e[2]
-          for j = 1, #fields, 2 do
-            if fields[j] == 'b' then body = fields[j + 1] end
-          end
-        end
+        if e then body = entry_fields(e[2]) end
       end
       redis.call('XACK', s, 'n', id)
       redis.call('XDEL', s, id)
@@ -1663,23 +1664,14 @@ class RedisTransport:
                 if extended:
                     commands.append(["ZREM", f"{base}:ext", *extended])
             await self._send(commands)
-        with _translated(self.config):
-            if checked:
-                packed = "\n".join(batch[i][0].line(batch[i][1], batch[i][2]) for i in checked)
-                outcomes = await self._scripts["ssettle"](
-                    keys=[], args=[self._prefix, packed, self._id]
-                )
-                for i, ok in zip(checked, outcomes, strict=True):
-                    delivery, action, arg = batch[i]
-                    if ok and action != "extend":
-                        delivery.lease_until = 0.0  # settled: a second try is checked
-                    if not ok:
-                        results[i] = LeaseLost(
-                            f"{delivery!r}: the lease expired and another consumer took "
-                            f"the event over; this {action} was refused"
-                        )
-                    elif action == "nack" and int(arg) > 0:
-                        self._wake_later(delivery.group, int(arg) / 1000)
+        if checked:
+            packed = "\n".join(batch[i][0].line(batch[i][1], batch[i][2]) for i in checked)
+            outcomes = await self._run("ssettle", [packed, self._id])
+            for i, ok in zip(checked, outcomes, strict=True):
+                delivery, action, arg = batch[i]
+                if ok and action != "extend":
+                    delivery.lease_until = 0.0  # settled: a second try is checked
+                results[i] = self._outcome(delivery, action, arg, ok)
         return results
 
     async def _send(self, commands: list[list[str]]) -> list[Any]:
@@ -1705,20 +1697,24 @@ class RedisTransport:
             f"{d.group}\t{action}\t{d.entry_id}\t{d.token}\t{arg}" for d, action, arg in batch
         )
         outcomes = await self._run("settle", [len(batch), packed, self._id])
-        results: list[BaseException | None] = []
-        for (delivery, action, arg), ok in zip(batch, outcomes, strict=True):
-            if not ok:
-                results.append(
-                    LeaseLost(
-                        f"{delivery!r}: the lease expired and another consumer took "
-                        f"the event over; this {action} was refused"
-                    )
-                )
-                continue
-            results.append(None)
-            if action == "nack" and int(arg) > 0:
-                self._wake_later(delivery.group, int(arg) / 1000)
-        return results
+        return [
+            self._outcome(delivery, action, arg, ok)
+            for (delivery, action, arg), ok in zip(batch, outcomes, strict=True)
+        ]
+
+    def _outcome(
+        self, delivery: _RedisDelivery, action: str, arg: str, ok: int
+    ) -> BaseException | None:
+        """What a settle script's answer for one settlement means: LeaseLost if it was
+        refused; a delayed nack also sets this process's timer for the retry."""
+        if not ok:
+            return LeaseLost(
+                f"{delivery!r}: the lease expired and another consumer took "
+                f"the event over; this {action} was refused"
+            )
+        if action == "nack" and int(arg) > 0:
+            self._wake_later(delivery.group, int(arg) / 1000)
+        return None
 
     # -- optional abilities: dead letters, stats, log ----------------------------------
 
