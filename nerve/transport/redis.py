@@ -1177,11 +1177,11 @@ class RedisConsumer:
             # the server lost the group (restarted without persistence): declare again
             await transport._declare_again([self.subscription])
             return []
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 await conn.disconnect()  # (what is left unread must not reach the next)
-            if self._closed:  # close() closed the connection under the waiting read
-                return []
+            if self._closed and not isinstance(exc, asyncio.CancelledError):
+                return []  # close() closed the connection under the waiting read
             with _translated(transport.config):
                 raise
         finally:
