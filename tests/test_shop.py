@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transport.conftest import ADAPTERS
@@ -401,7 +402,7 @@ async def test_chaos_two_workers_failures_poison_and_kill(tmp_path: Path, broker
         while problems and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             problems = await invariants.check(store, dead_lettered=bad_orders)
-        assert problems == []
+        assert problems == [], await _diagnosis(transport, store, problems)
 
         dead = await transport.dead_letters(limit=10_000)
         found = Counter((entry.group, entry.event.id if entry.event else "?") for entry in dead)
@@ -429,6 +430,23 @@ async def test_chaos_two_workers_failures_poison_and_kill(tmp_path: Path, broker
         await workers.stop()
         await store.close()
         await transport.close()
+
+
+async def _diagnosis(transport: Any, store: SqliteStore, problems: list[str]) -> str:
+    """What a failed chaos run leaves to look at: the problems (the first 20), every
+    dead letter by group and reason, each group's stats as this process sees them, and
+    how many idempotency records each function holds."""
+    lines = [f"{len(problems)} invariants fail:", *problems[:20]]
+    dead = await transport.dead_letters(limit=10_000)
+    by_reason = Counter((e.group, e.failure.reason) for e in dead)
+    lines.append(f"dead letters by (group, reason): {dict(by_reason)}")
+    lines += [f"stats: {s}" for s in await transport.stats()]
+    with contextlib.suppress(Exception):  # the table's name is the store's business
+        rows = await store.query(
+            "SELECT function, count(*) AS n FROM nerve_processed GROUP BY function"
+        )
+        lines.append(f"processed records: { {r['function']: r['n'] for r in rows} }")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
