@@ -446,6 +446,18 @@ async def _diagnosis(transport: Any, store: SqliteStore, problems: list[str]) ->
             "SELECT function, count(*) AS n FROM nerve_processed GROUP BY function"
         )
         lines.append(f"processed records: { {r['function']: r['n'] for r in rows} }")
+    if "rabbitmq" in type(transport).__name__.lower():
+        # the delay queues other processes used are not in this process's stats
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            listed = await asyncio.to_thread(
+                subprocess.run,
+                ["rabbitmqctl", "-q", "list_queues", "name", "messages", "messages_ready"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            queues = listed.stdout.splitlines()
+            lines += [f"queue: {q}" for q in queues if q.split()[1:2] not in (["0"], [])]
     return "\n".join(lines)
 
 
