@@ -9,14 +9,16 @@ producer process, consumed durably by a separate consumer process; events/s = N 
   no-op function, concurrency 100), producer ``python -m benchmarks.broker_apps``
   (``client.publish_events`` per batch).
 - raw: ``python -m benchmarks.raw_clients consume|produce`` (the broker's own client
-  doing the same durable work; see that module).
+  doing the same durable work; see that module); its consumer parses each event.
+- raw-typed: the same, its consumer also validating each event's data with the pydantic
+  model nerve's function receives (what validation costs, which nerve always does).
 
-Both sides: the producer first sends a warm-up message until the consumer has seen one
+Every side: the producer first sends a warm-up message until the consumer has seen one
 (so connection set-up and declarations are not timed), then starts the clock; the
 consumer writes the wall time to a file when it has handled the N-th event (raw: after
 its ack; nerve: when the handler of the N-th event runs, the ack follows it). Runs of
-nerve and raw alternate; every run uses fresh streams/queues/keys/schemas, deleted
-after the run.
+nerve, raw and raw-typed alternate; every run uses fresh streams/queues/keys/schemas,
+deleted after the run.
 """
 
 from __future__ import annotations
@@ -189,6 +191,12 @@ handled to the last event handled is ``server_cpu_us`` (the local server runs on
 same cores as the consumer and the producer)."""
 
 
+SIDES = ("nerve", "raw", "raw-typed")
+"""The sides of a run, alternating: nerve, the raw client parsing each event, the raw
+client also validating each event's data (``$NERVE_BENCH_RAW_TYPED``)."""
+TAGS = {"nerve": "nb", "raw": "rb", "raw-typed": "rt"}
+
+
 def client_version(broker: str) -> str:
     dist = CLIENTS[broker]
     try:
@@ -260,7 +268,7 @@ class Bench:
         s = self.s
         logdir = self.base / f"{broker}-{side}-{run}"
         logdir.mkdir(parents=True, exist_ok=True)
-        name = f"{'nb' if side == 'nerve' else 'rb'}_{self.tag}_{run}"
+        name = f"{TAGS[side]}_{self.tag}_{run}"
         if broker == "rabbitmq":
             name = name.replace("_", ".")
         ready, done = logdir / "ready", logdir / "done"
@@ -272,6 +280,8 @@ class Bench:
         }
         if profile is not None:
             env["NERVE_BENCH_GO"] = str(logdir / "go")
+        if side == "raw-typed":
+            env["NERVE_BENCH_RAW_TYPED"] = "1"
         if broker != "postgres":
             env["NERVE_STORE"] = f"sqlite:///{logdir / 'store.db'}"  # a fresh store per run
         # on PostgreSQL the default store: the same database (schema NAME_store, fresh per
@@ -338,11 +348,16 @@ def fmt(runs: list[dict[str, float]]) -> str:
 
 def results_table(results: dict[str, dict[str, list[dict[str, float]]]], s: Settings) -> Table:
     table = Table(title=f"nerve vs raw client, {s.events:,} events, median \\[min-max] of {s.runs}")
-    for col in ("broker", "nerve events/s", "raw events/s", "nerve/raw"):
+    columns = ("broker", "nerve events/s", "raw events/s", "nerve/raw")
+    for col in (*columns, "raw-typed events/s", "nerve/raw-typed"):
         table.add_column(col, justify="left" if col == "broker" else "right")
     for broker, sides in results.items():
-        ratio = stat(sides["nerve"])[0] / stat(sides["raw"])[0]
-        table.add_row(broker, fmt(sides["nerve"]), fmt(sides["raw"]), f"{ratio:.2f}x")
+        nerve = stat(sides["nerve"])[0]
+        row = [broker, fmt(sides["nerve"]), fmt(sides["raw"])]
+        row.append(f"{nerve / stat(sides['raw'])[0]:.2f}x")
+        typed = sides.get("raw-typed")
+        row += [fmt(typed), f"{nerve / stat(typed)[0]:.2f}x"] if typed else ["-", "-"]
+        table.add_row(*row)
     return table
 
 
@@ -351,6 +366,9 @@ def summary_line(results: dict[str, dict[str, list[dict[str, float]]]]) -> dict[
     for broker, sides in results.items():
         nerve, raw = stat(sides["nerve"])[0], stat(sides["raw"])[0]
         out[broker] = {"nerve": round(nerve), "raw": round(raw), "ratio": round(nerve / raw, 3)}
+        if sides.get("raw-typed"):
+            typed = stat(sides["raw-typed"])[0]
+            out[broker] |= {"raw_typed": round(typed), "ratio_typed": round(nerve / typed, 3)}
     return out
 
 
@@ -369,19 +387,28 @@ def markdown(
         "",
         f"Throughput, end to end (first publish to last ack), {s.events:,} events of "
         f"~{env['event_bytes']} bytes, published in batches of {s.batch}; median [min-max] "
-        f"of {s.runs} runs, nerve and raw alternating.",
+        f"of {s.runs} runs, nerve, raw and raw-typed alternating.",
         "",
-        "| broker | nerve events/s | raw events/s | nerve/raw |",
-        "|---|---:|---:|---:|",
+        "| broker | nerve events/s | raw events/s | nerve/raw | raw-typed events/s "
+        "| nerve/raw-typed |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for broker, sides in results.items():
+        typed = sides.get("raw-typed")
         lines.append(
             f"| {broker} | {fmt(sides['nerve'])} | {fmt(sides['raw'])} | "
-            f"{summary[broker]['ratio']:.2f}x |"
+            f"{summary[broker]['ratio']:.2f}x | {fmt(typed) if typed else '-'} | "
+            + (f"{summary[broker]['ratio_typed']:.2f}x |" if typed else "- |")
         )
     lines += [
         "",
-        "Goal: nerve >= 0.6x the raw client on every broker.",
+        "Goal: nerve >= 0.6x the raw client on every broker (nerve/raw).",
+        "",
+        "raw: the raw client's consumer parses each event (orjson) and acks it. raw-typed: "
+        "it also validates the event's data with the pydantic model nerve's function "
+        "receives (`OrderPlaced.model_validate`), as a typed handler written against the "
+        "raw client would; nerve always validates (the event's contract). The difference "
+        "between the two raw columns is what that validation costs the raw client.",
         "",
         "## Machine",
         "",
@@ -432,6 +459,10 @@ def markdown(
     return "\n".join(lines)
 
 
+PLOT_SIDES = (("nerve", "#3b6ea8"), ("raw", "#9a9a9a"), ("raw-typed", "#c8c8c8"))
+PLOT_LABELS = {"nerve": "nerve", "raw": "raw client", "raw-typed": "raw client + validation"}
+
+
 def plot(results: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> bool:
     try:
         import matplotlib
@@ -441,11 +472,14 @@ def plot(results: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> b
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.38
     brokers = list(results)
-    for i, (side, color) in enumerate((("nerve", "#3b6ea8"), ("raw", "#9a9a9a"))):
+    drawn = [
+        (side, color) for side, color in PLOT_SIDES if all(results[b].get(side) for b in brokers)
+    ]
+    width = 0.8 / len(drawn)
+    for i, (side, color) in enumerate(drawn):
         stats = [stat(results[b][side]) for b in brokers]
-        xs = [j + (i - 0.5) * width for j in range(len(brokers))]
+        xs = [j + (i - (len(drawn) - 1) / 2) * width for j in range(len(brokers))]
         ax.bar(
             xs,
             [med for med, _, _ in stats],
@@ -453,15 +487,18 @@ def plot(results: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> b
             yerr=[[med - lo for med, lo, _ in stats], [hi - med for med, _, hi in stats]],
             color=color,
             capsize=4,
-            label="nerve" if side == "nerve" else "raw client",
+            label=PLOT_LABELS[side],
         )
     for j, b in enumerate(brokers):
-        ratio = stat(results[b]["nerve"])[0] / stat(results[b]["raw"])[0]
-        top = max(stat(results[b][side])[2] for side in ("nerve", "raw"))
-        ax.annotate(f"{ratio:.2f}x", (j, top), ha="center", va="bottom")
+        nerve = stat(results[b]["nerve"])[0]
+        label = f"{nerve / stat(results[b]['raw'])[0]:.2f}x raw"
+        if results[b].get("raw-typed"):
+            label += f"\n{nerve / stat(results[b]['raw-typed'])[0]:.2f}x typed"
+        top = max(stat(results[b][side])[2] for side, _ in drawn)
+        ax.annotate(label, (j, top), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(brokers)), brokers)
     ax.set_ylabel("events/s (median, min-max)")
-    ax.set_title("Throughput, end to end: nerve vs raw client")
+    ax.set_title("Throughput, end to end: nerve vs raw client (nerve/raw above the bars)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -492,14 +529,14 @@ def run(settings: Settings, console: Console) -> dict[str, Any]:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     load_before = os.getloadavg()
     results: dict[str, dict[str, list[dict[str, float]]]] = {
-        b: {"nerve": [], "raw": []} for b in settings.brokers
+        b: {side: [] for side in SIDES} for b in settings.brokers
     }
     with _progress(console) as progress:
         bench = Bench(settings, use_cli, progress, stamp)
         for broker in settings.brokers:
             for i in range(1, settings.runs + 1):  # alternating, so drift hits both alike
-                results[broker]["nerve"].append(bench.one(broker, "nerve", i))
-                results[broker]["raw"].append(bench.one(broker, "raw", i))
+                for side in SIDES:
+                    results[broker][side].append(bench.one(broker, side, i))
     summary = summary_line(results)
     console.print(results_table(results, settings))
 
@@ -528,6 +565,8 @@ def run(settings: Settings, console: Console) -> dict[str, Any]:
                     "function": "sink, concurrency 100, default 30 s timeout, no-op",
                 },
                 "raw": raw_clients.SETTINGS[b].replace("BATCH", str(settings.batch)),
+                "raw-typed": "raw, its consumer also validating each event's data "
+                "(OrderPlaced.model_validate)",
             }
             for b in settings.brokers
         },

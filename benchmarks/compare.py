@@ -82,6 +82,7 @@ FANOUT = 4
 SHORT = {
     "nerve": "nb",
     "raw": "rw",
+    "raw-typed": "rt",
     "faststream": "fs",
     "dramatiq": "dq",
     "celery": "ce",
@@ -90,6 +91,7 @@ SHORT = {
 COLORS = {
     "nerve": "#2f6db5",
     "raw": "#8c8c8c",
+    "raw-typed": "#bdbdbd",
     "floor": "#8c8c8c",
     "faststream": "#e08a2c",
     "dramatiq": "#6aa84f",
@@ -104,6 +106,7 @@ EXPECTED_RATE = {
               "kafka": 3000.0, "sqlite": 10000.0},
     "raw": {"nats": 12000.0, "rabbitmq": 2500.0, "redis": 15000.0, "postgres": 30000.0,
             "kafka": 5000.0},
+    "raw-typed": {"nats": 10000.0, "rabbitmq": 2500.0, "redis": 12000.0, "postgres": 20000.0},
     "floor": {"sqlite": 15000.0},
     "faststream": {"nats": 4000.0, "rabbitmq": 1000.0, "redis": 1500.0, "kafka": 2000.0},
     "dramatiq": {"redis": 1500.0, "rabbitmq": 700.0},
@@ -216,6 +219,8 @@ def plan(s: Settings) -> list[list[Case]]:
     if "throughput" in s.workloads:
         for broker in network:
             cases = [Case("throughput", broker, "nerve"), Case("throughput", broker, "raw")]
+            if broker in BROKERS_PY:  # the raw client validating as nerve does
+                cases.append(Case("throughput", broker, "raw-typed"))
             cases += [Case("throughput", broker, peer) for peer in s.peers if broker in PEERS[peer]]
             groups.append(cases)
         if "sqlite" in s.brokers:
@@ -330,7 +335,7 @@ class Runner:
         return result
 
     def _run(self, case: Case, rep: int) -> dict[str, float]:
-        if case.workload == "throughput" and case.system in ("nerve", "raw"):
+        if case.workload == "throughput" and case.system in ("nerve", "raw", "raw-typed"):
             if case.broker == "kafka":
                 return self.peer(case, rep)
             if case.broker == "sqlite":

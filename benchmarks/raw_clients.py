@@ -19,7 +19,11 @@ nerve's adapters, written directly against each broker's client library.
   (at-least-once), and LISTENs when the table is empty.
 
 Every message body is the same structured CloudEvent bytes nerve sends; the consumer
-"handles" a message by parsing it with orjson. A first ``warmup`` message (re-sent every
+"handles" a message by parsing it with orjson. With ``$NERVE_BENCH_RAW_TYPED=1`` (the
+``raw-typed`` side of the reports) it also validates the event's data with the pydantic
+model nerve's function receives (``benchmarks.apps.OrderPlaced``), as a typed handler
+written against the raw client would: the difference between the two raw sides is what
+validation costs, which nerve always does. A first ``warmup`` message (re-sent every
 second until the consumer has seen it) tells the producer the consumer is ready; the
 clock starts after it. The consumer writes ``time.time()`` to DONE_FILE after acking
 the N-th event.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +41,10 @@ from typing import Any
 
 import orjson
 
+from benchmarks.apps import OrderPlaced
+
 WARMUP = b"warmup"
+TYPED = os.environ.get("NERVE_BENCH_RAW_TYPED", "") == "1"
 HOST = "127.0.0.1"
 NATS_URL = f"nats://{HOST}:4222"
 AMQP_URL = f"amqp://guest:guest@{HOST}:5672/"
@@ -276,7 +284,9 @@ class Counter:
             if not Path(self.ready).exists():
                 Path(self.ready).touch()
             return
-        orjson.loads(body)
+        doc = orjson.loads(body)
+        if TYPED:
+            OrderPlaced.model_validate(doc["data"])
         self.seen += 1
 
     def acked(self) -> None:

@@ -128,9 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--events", type=int, default=2000, help="N: the small run's events (2000; 4N too)"
     )
-    parser.add_argument(
-        "--workloads", default="steady,bulk", help="comma-separated: steady, bulk"
-    )
+    parser.add_argument("--workloads", default="steady,bulk", help="comma-separated: steady, bulk")
     parser.add_argument("--keep", action="store_true", help="keep callgrind's output files")
 
 

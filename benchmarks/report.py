@@ -16,7 +16,9 @@ from benchmarks.peers import MODULES, PEERS
 if TYPE_CHECKING:
     from benchmarks.compare import Goal, Series, Settings
 
-SYSTEM_ORDER = ("nerve", "raw", "floor", "faststream", "dramatiq", "celery", "taskiq")
+SYSTEM_ORDER = (
+    "nerve", "raw", "raw-typed", "floor", "faststream", "dramatiq", "celery", "taskiq"
+)  # fmt: skip
 BROKER_ORDER = ("nats", "rabbitmq", "redis", "postgres", "kafka", "sqlite")
 BROKER_NAMES = {
     "nats": "NATS JetStream",
@@ -233,6 +235,11 @@ def settings_text(system: str, broker: str, workload: str, s: Settings) -> str:
             "leases and acks NORMAL, as nerve's), insert batches of "
             f"{batch}; the consumer leases up to {batch} rows (UPDATE ... RETURNING), then "
             "deletes them and bumps a counter (= ack)"
+        )
+    if system == "raw-typed":
+        return (
+            "the raw client above, its consumer also validating each event's data with the "
+            "pydantic model nerve's function receives (`OrderPlaced.model_validate`)"
         )
     if system == "raw":
         if workload == "throughput" and broker in raw_clients.SETTINGS:

@@ -120,7 +120,13 @@ def test_plan_alternates_systems_and_bounds_every_run() -> None:
     settings = Settings.quick_mode()
     groups = plan(settings)
     throughput_nats = next(g for g in groups if g[0].key == "throughput/nats/nerve")
-    assert [c.system for c in throughput_nats] == ["nerve", "raw", "faststream", "taskiq"]
+    assert [c.system for c in throughput_nats] == [
+        "nerve",
+        "raw",
+        "raw-typed",
+        "faststream",
+        "taskiq",
+    ]
     assert all(g[0].system == "nerve" for g in groups)
     latency = [c for g in groups for c in g if c.workload == "latency"]
     assert {c.param for c in latency} == {500.0, 1000.0}
