@@ -11,8 +11,9 @@ The attempt number is ``x-nerve-attempt`` (carried by copies) plus the quorum qu
 ``x-delivery-count``. A lease is the consumer's own timer: when it runs out the
 consumer requeues the message itself, and settling it afterwards raises LeaseLost (a
 dead process's leases end when its connection does). A nack with a delay publishes a
-copy to a delay queue ``<prefix>.g.<group>.delay.<ms>`` (one per delay bucket, with a
-queue TTL and the group queue as dead-letter target) and then acks the original. Dead
+copy to a delay queue ``<prefix>.g.<group>.delay.<ms>.e<epoch>`` (one per delay bucket
+and epoch of wall-clock time, with a message TTL and the group queue as dead-letter
+target) and then acks the original. Dead
 letters are kept in the quorum queue ``<prefix>.g.<group>.dlq``.
 
 URL options: ``?prefix=nerve&visibility_timeout=30&max_payload=1048576&prefetch=256
@@ -173,6 +174,10 @@ def binding_key(pattern: str) -> str:
             words.append("#")
     key = ".".join(words)
     return key if len(key.encode()) <= 255 else "#"
+
+
+DELAY_EPOCH = 3600.0
+"""Seconds a delay queue takes copies for at most (less with ``queue_expires``)."""
 
 
 def delay_bucket(delay: float) -> int:
@@ -759,7 +764,11 @@ class RabbitMQTransport:
         self._publisher_lock = asyncio.Lock()
         self._groups: dict[str, Subscription] = {}
         self._consumers: set[RabbitMQConsumer] = set()
-        self._delay_queues: dict[tuple[str, int], float] = {}
+        self._delay_queues: dict[tuple[str, int, int], float] = {}
+        """When this process declared each delay queue, by (group, delay ms, epoch)."""
+        self._delay_span = min(config.queue_expires or DELAY_EPOCH, DELAY_EPOCH)
+        """Seconds a delay queue takes copies for (see :meth:`_publish_delayed`)."""
+        self._delay_epoch = 0
         self._dlqs: dict[str, float] = {}
         self._declaring: dict[str, asyncio.Lock] = {}
         self._counters: dict[str, dict[str, int]] = {}
@@ -1017,18 +1026,38 @@ class RabbitMQTransport:
         props = self._copy_properties(delivery, headers)
         await self._send("", [(delivery.message.body, props, queue)], True, delivery.group)
 
+    def _delay_name(self, group: str, ms: int, epoch: int) -> str:
+        return f"{self._queue(group)}.delay.{ms}.e{epoch}"
+
     async def _publish_delayed(self, delivery: RabbitMQDelivery, delay: float) -> None:
+        """Publish a copy of ``delivery`` that reaches its group queue ``delay`` s later.
+
+        A quorum queue expires ``x-expires`` after it was declared, however often it is
+        declared again (RabbitMQ 3.10: rabbitmq-server#5894), and deletes what it holds.
+        A delay queue used for longer than its expiry lost the copies waiting in it
+        (acknowledged retries, gone). So a delay queue takes copies during one epoch of
+        wall-clock time only (``queue_expires``, at most an hour; the next epoch has a
+        queue of its own) and expires two epochs and two delays after it was created:
+        every copy, published at most an epoch (plus the clock skew between processes)
+        after the queue was created, has left it well before.
+        """
         ms = delay_bucket(delay)
-        name = f"{self._queue(delivery.group)}.delay.{ms}"
-        key = (delivery.group, ms)
-        # declared once per half expiry period: declaring keeps an idle queue alive, and
-        # everything in it has expired into the group queue before it can expire itself
-        expires_ms = 2 * ms + (self._expires_ms or 3_600_000)
+        group = delivery.group
+        span = self._delay_span
+        epoch = int(time.time() // span)
+        if epoch != self._delay_epoch:  # forget the queues of epochs past
+            self._delay_epoch = epoch
+            for old in [k for k in self._delay_queues if k[2] < epoch - 1]:
+                del self._delay_queues[old]
+        name = self._delay_name(group, ms, epoch)
+        key = (group, ms, epoch)
+        expires_ms = int(2 * span * 1000) + 2 * ms
 
         async def declare() -> None:
-            await self._declare_delay_queue(delivery.group, name, ms, expires_ms)
+            await self._declare_delay_queue(group, name, ms, expires_ms)
 
-        await self._ensure(name, self._delay_queues, key, expires_ms / 2000, declare)
+        # declared once (declaring again would not renew it); again only if it vanished
+        await self._ensure(name, self._delay_queues, key, math.inf, declare)
         await self._publish_retrying(
             lambda: self._publish_copy(delivery, delivery.attempt + 1, name),
             lambda: self._ensure(name, self._delay_queues, key, 0.0, declare),
@@ -1304,7 +1333,7 @@ class RabbitMQTransport:
                 channel, dead = await self._message_count(channel, self._dlq(group))
                 delayed = 0
                 for key in [k for k in self._delay_queues if k[0] == group]:
-                    name = f"{self._queue(group)}.delay.{key[1]}"
+                    name = self._delay_name(*key)
                     channel, n = await self._message_count(channel, name)
                     delayed += n
                 mine = [c for c in list(self._consumers) if c.group == group]
