@@ -1049,6 +1049,9 @@ class RabbitMQTransport:
             self._delay_epoch = epoch
             for old in [k for k in self._delay_queues if k[2] < epoch - 1]:
                 del self._delay_queues[old]
+                lock = self._declaring.get(self._delay_name(*old))
+                if lock is not None and not lock.locked():
+                    del self._declaring[self._delay_name(*old)]
         name = self._delay_name(group, ms, epoch)
         key = (group, ms, epoch)
         expires_ms = int(2 * span * 1000) + 2 * ms
