@@ -45,6 +45,11 @@ from benchmarks.apps import OrderPlaced
 
 WARMUP = b"warmup"
 TYPED = os.environ.get("NERVE_BENCH_RAW_TYPED", "") == "1"
+TYPED_SETTING = (
+    "the raw client, its consumer also validating each event's data with the pydantic "
+    "model nerve's function receives (`OrderPlaced.model_validate`)"
+)
+"""What the ``raw-typed`` side is, as the reports say it."""
 HOST = "127.0.0.1"
 NATS_URL = f"nats://{HOST}:4222"
 AMQP_URL = f"amqp://guest:guest@{HOST}:5672/"

@@ -237,10 +237,7 @@ def settings_text(system: str, broker: str, workload: str, s: Settings) -> str:
             "deletes them and bumps a counter (= ack)"
         )
     if system == "raw-typed":
-        return (
-            "the raw client above, its consumer also validating each event's data with the "
-            "pydantic model nerve's function receives (`OrderPlaced.model_validate`)"
-        )
+        return raw_clients.TYPED_SETTING
     if system == "raw":
         if workload == "throughput" and broker in raw_clients.SETTINGS:
             return raw_clients.SETTINGS[broker].replace("BATCH", batch)
