@@ -166,8 +166,10 @@ async def test_webhook_refusals_publish_nothing(edge: Edge) -> None:
     body = b'{"ref": "x"}'
     before = await edge.log_size()
     bad_sig = _signed(body, "m1", secret="whsec_" + "B" * 32)
-    stale = _signed(body, "m2", at=time.time() - 301)
-    future = _signed(body, "m3", at=time.time() + 301)
+    # well past the 300 s tolerance: a stamp is whole seconds (int() takes up to 1 s off
+    # a future one) and the requests before it take time (301 s once passed as 299.9)
+    stale = _signed(body, "m2", at=time.time() - 330)
+    future = _signed(body, "m3", at=time.time() + 330)
     tampered = _signed(body, "m4")
     unsigned = {"content-type": "application/json"}
     cases = [
