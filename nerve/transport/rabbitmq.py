@@ -13,8 +13,8 @@ consumer requeues the message itself, and settling it afterwards raises LeaseLos
 dead process's leases end when its connection does). A nack with a delay publishes a
 copy to a delay queue ``<prefix>.g.<group>.delay.<ms>.e<epoch>`` (one per delay bucket
 and epoch of wall-clock time, with a message TTL and the group queue as dead-letter
-target) and then acks the original. Dead
-letters are kept in the quorum queue ``<prefix>.g.<group>.dlq``.
+target) and then acks the original. Dead letters are kept in the quorum queue
+``<prefix>.g.<group>.dlq``.
 
 URL options: ``?prefix=nerve&visibility_timeout=30&max_payload=1048576&prefetch=256
 &queue_expires=&connect_timeout=5&heartbeat=60``.
@@ -1049,9 +1049,10 @@ class RabbitMQTransport:
             self._delay_epoch = epoch
             for old in [k for k in self._delay_queues if k[2] < epoch - 1]:
                 del self._delay_queues[old]
-                lock = self._declaring.get(self._delay_name(*old))
+                old_name = self._delay_name(*old)
+                lock = self._declaring.get(old_name)
                 if lock is not None and not lock.locked():
-                    del self._declaring[self._delay_name(*old)]
+                    del self._declaring[old_name]
         name = self._delay_name(group, ms, epoch)
         key = (group, ms, epoch)
         expires_ms = int(2 * span * 1000) + 2 * ms
