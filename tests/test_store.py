@@ -312,6 +312,34 @@ async def test_commit_records_in_one_batch_refuses_repeats_and_earlier_records(
     assert await store.outbox_pending(older_than=0) == [(first[0], b"a")]
 
 
+async def test_commit_records_of_one_function_without_outbox(
+    store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner's usual batch: one function's records, no outbox rows (on SQLite one
+    statement that commits by itself). An event recorded before, by this store or by
+    another process's store on the same database, or twice in the batch, gets None;
+    the others get [] and are recorded."""
+    if isinstance(store, SqliteStore):  # the one-statement path, not the transaction's
+
+        def refuse(*_: Any) -> None:
+            raise AssertionError("a batch of light records took the transaction path")
+
+        monkeypatch.setattr("nerve.store.sqlite._record_many", refuse)
+    assert await store.commit_records([("f", "old", [])]) == [[]]
+    other = store_from_url(store_url)
+    await other.start([SCHEMA])
+    try:
+        assert await other.commit_records([("f", "theirs", [])]) == [[]]
+    finally:
+        await other.close()
+    batch = [("f", e, []) for e in ("a", "old", "theirs", "a", "b")]
+    assert await store.commit_records(batch) == [[], None, None, None, []]
+    for event_id in ("a", "b", "old", "theirs"):
+        assert await store.is_processed("f", event_id)
+    assert not await store.is_processed("g", "a")
+    assert await store.commit_records([("f", e, []) for e in ("c", "d")]) == [[], []]
+
+
 async def test_a_units_session_changes_do_not_outlive_it(store_url: str) -> None:
     """A handler's SQL may change its connection's session (SET without LOCAL): the
     next user of that pooled connection starts from the defaults again."""

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from nerve._batch import Coalescer
-from nerve._sqlite import Worker, begin_immediate, connect, require_features
+from nerve._sqlite import Worker, begin_immediate, connect, execute_write, require_features
 from nerve.errors import ConfigError, StoreError
 
 SCHEMA = """
@@ -205,7 +205,7 @@ class SqliteStore:
             await self.records_due()  # one commit an interval, at most
         self._next_commit = time.monotonic() + self._commit_interval
         rows = list(items)
-        return await self._in_turn(lambda conn: _record_many(conn, rows))
+        return await self._in_turn(lambda conn: _record_many(conn, rows), _records_alone(rows))
 
     async def records_due(self) -> None:
         """Wait until the next commit of records without outbox rows may start (at most
@@ -312,12 +312,40 @@ class SqliteStore:
         step.add_done_callback(lambda f: self._settle_turn(f, mine, commit))
         return mine
 
-    async def _in_turn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` as a whole unit in one round trip; returns once committed."""
+    async def _in_turn(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        alone: Callable[[sqlite3.Connection], T] | None = None,
+    ) -> T:
+        """Run ``fn`` as a whole unit in one round trip; returns once committed.
+        ``alone``: the same work as one statement, which commits by itself; used
+        instead when the unit would commit on its own anyway (see :meth:`_shot_alone`)."""
         await self._acquire()
         commit = self._commit_due()
-        result: T = await self._step(lambda c: self._shot(c, fn, commit), commit)
+        if alone is not None and commit:
+            result: T = await self._step(lambda c: self._shot_alone(c, fn, alone), commit)
+        else:
+            result = await self._step(lambda c: self._shot(c, fn, commit), commit)
         return result
+
+    def _shot_alone(
+        self,
+        conn: sqlite3.Connection,
+        fn: Callable[[sqlite3.Connection], T],
+        alone: Callable[[sqlite3.Connection], T],
+    ) -> _Step:
+        """A unit that commits alone, as one statement outside any transaction: SQLite
+        takes the write lock, writes, commits and lets go inside one C call. Written as
+        BEGIN, SAVEPOINT, the statements, RELEASE and COMMIT, the worker thread let go
+        of the GIL five to seven times and took it back from a busy event loop thread
+        each time (up to the switch interval, 5 ms, each). With a transaction open
+        (earlier units waiting for its COMMIT), ``fn`` joins it as before."""
+        if self._tx_open:
+            return self._shot(conn, fn, True)
+        try:
+            return alone(conn), None, None
+        except Exception as exc:
+            return None, _translate(exc), None
 
     async def _open_turn(self) -> None:
         """Take the turn for a unit that will run statements across awaits."""
@@ -448,6 +476,57 @@ _RECORD = (
 )
 """The idempotency records' check and insert: one function, its event ids as one JSON
 array (see :func:`_record_many`)."""
+_RECORD_NEW = (
+    "INSERT OR IGNORE INTO nerve_processed (function, event_id, processed_at) "
+    "SELECT ?1, value, ?2 FROM json_each(?3)"
+)
+_RECORDED_AT = (
+    "SELECT json_group_array(event_id) FROM nerve_processed "
+    "WHERE function = ?1 AND processed_at = ?2 AND event_id IN (SELECT value FROM json_each(?3))"
+)
+"""A batch of records as one statement (:func:`_record_alone`), and the records it wrote
+when it did not write them all."""
+
+
+def _records_alone(
+    items: Sequence[tuple[str, str, list[bytes]]],
+) -> Callable[[sqlite3.Connection], list[list[int] | None]] | None:
+    """:func:`_record_many` of ``items`` as one statement, if they can be: records of
+    one function without outbox rows (a runner's usual batch). Else None."""
+    if not items:
+        return None
+    function = items[0][0]
+    for name, _, outbox in items:
+        if outbox or name != function:
+            return None
+    return lambda conn: _record_alone(conn, function, items)
+
+
+def _record_alone(
+    conn: sqlite3.Connection, function: str, items: Sequence[tuple[str, str, list[bytes]]]
+) -> list[list[int] | None]:
+    """Record ``items`` (one function's, no outbox rows) with one ``INSERT OR IGNORE``,
+    a transaction of its own; each gets ``[]``, or None if recorded before (or earlier
+    in the batch). When the statement wrote fewer rows than ids, the rows stamped with
+    this call's time are the ones it wrote. (Another writer's record of the same event
+    stamped to the same bit of a float would count as ours: a duplicate counted as
+    processed, nothing more, as these units have no outbox rows.)"""
+    now = time.time()
+    unique = list(dict.fromkeys(event_id for _, event_id, _ in items))
+    ids = orjson.dumps(unique).decode()
+    ours: set[str] | None = None  # None: all of them (the common case)
+    if execute_write(conn, _RECORD_NEW, (function, now, ids)) != len(unique):
+        (found,) = conn.execute(_RECORDED_AT, (function, now, ids)).fetchall()[0]
+        ours = set(orjson.loads(found))
+    taken: set[str] = set()
+    results: list[list[int] | None] = []
+    for _, event_id, _ in items:
+        if event_id in taken or (ours is not None and event_id not in ours):
+            results.append(None)
+        else:
+            taken.add(event_id)
+            results.append([])
+    return results
 
 
 def _record_many(
