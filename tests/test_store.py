@@ -465,6 +465,34 @@ async def test_many_openers_of_one_new_database_all_succeed(tmp_path: Path) -> N
         assert errors == [], f"round {round_}: {errors}"
 
 
+async def test_records_join_a_transaction_left_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records that come while a unit holds the write turn wait for it; the unit leaves
+    its transaction open for them (someone waits), and they join it instead of
+    committing alone: one COMMIT for both, which each returns only after."""
+
+    def refuse(*_: Any) -> None:
+        raise AssertionError("the records committed alone beside an open transaction")
+
+    monkeypatch.setattr("nerve.store.sqlite._record_alone", refuse)
+    store = SqliteStore(f"sqlite:///{tmp_path}/store.db")
+    store._max_batch_age = 60.0  # (a slow machine must not commit the unit for its age)
+    await store.start([SCHEMA])
+    try:
+        unit = store.unit("f", "e1")
+        assert await unit.execute("INSERT INTO t VALUES (?, ?)", ("a", 1)) == 1  # the turn
+        records = asyncio.create_task(store.commit_records([("g", "e2", [])]))
+        await asyncio.sleep(0.05)
+        assert not records.done()  # waiting for the turn
+        assert await unit.commit([]) == []
+        assert await records == [[]]
+        assert await store.is_processed("f", "e1") and await store.is_processed("g", "e2")
+        assert await table(store) == [("a", 1)]
+    finally:
+        await store.close()
+
+
 async def test_records_commit_at_most_once_per_commit_interval(tmp_path: Path) -> None:
     """commit_records waits out the rest of ``commit_interval`` after the last commit
     began (at low rates a handled event would otherwise fsync on its own), except for

@@ -129,6 +129,8 @@ class SqliteStore:
             )
         )
         self._max_batch = max_batch
+        self._max_batch_age = 0.05
+        """Seconds a shared transaction may stay open while units wait for the turn."""
         self._inline: sqlite3.Connection | None = None
         """A read connection of the event loop's own, for small idempotency checks."""
         self._turn = asyncio.Lock()
@@ -236,7 +238,7 @@ class SqliteStore:
         return (
             self._waiting == 0
             or len(self._batch) + 1 >= self._max_batch
-            or time.monotonic() - self._batch_started > 0.05
+            or time.monotonic() - self._batch_started > self._max_batch_age
         )
 
     def _begin(self, conn: sqlite3.Connection) -> None:
