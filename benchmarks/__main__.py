@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -66,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     brk.add_argument("--events", type=int, default=10_000, help="events per run (10000)")
     brk.add_argument("--batch", type=int, default=100, help="publish batch (100)")
     brk.add_argument("--runs", type=int, default=3, help="runs per side and broker (3)")
+    brk.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for brokers.json, .md, .png (benchmarks/results)",
+    )
+    brk.add_argument(
+        "--sides",
+        default="nerve,raw,raw-typed",
+        help="comma-separated, alternating (nerve,raw,raw-typed); on postgres also sql and "
+        "sql-norec: nerve's own statements without its runtime (benchmarks/pg_sql.py)",
+    )
     brk.add_argument(
         "--ordered",
         action="store_true",
@@ -159,7 +172,8 @@ def _add_compare(sub: Any) -> None:
 
 
 def _brokers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from benchmarks.brokers import BROKERS
+    from benchmarks.brokers import BROKERS, EXTRA_SIDES
+    from benchmarks.brokers import SIDES as BROKER_SIDES
     from benchmarks.brokers import Settings as BrokerSettings
     from benchmarks.brokers import run as run_brokers
 
@@ -169,9 +183,17 @@ def _brokers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--brokers: choose from {','.join(BROKERS)}")
     if args.events < 1 or args.batch < 1:
         parser.error("--events and --batch must be positive")
+    sides = [side.strip() for side in args.sides.split(",") if side.strip()]
+    known = [*BROKER_SIDES, *EXTRA_SIDES]
+    if [side for side in sides if side not in known] or not {"nerve", "raw"} <= set(sides):
+        parser.error(
+            f"--sides: choose from {','.join(known)}, with nerve and raw (the ratio is theirs)"
+        )
     settings = BrokerSettings(
-        brokers=brokers, events=args.events, batch=args.batch, runs=max(1, args.runs)
+        brokers=brokers, events=args.events, batch=args.batch, runs=max(1, args.runs), sides=sides
     )
+    if args.out is not None:
+        settings.out = args.out.resolve()
     if args.ordered:  # read by benchmarks.apps in the consumer and producer processes
         os.environ["NERVE_BENCH_ORDERED"] = "1"
     console = Console()

@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from benchmarks import raw_clients
+from benchmarks import pg_sql, raw_clients
 from benchmarks.embedded import (
     PYTHON,
     RESULTS_DIR,
@@ -80,6 +80,8 @@ class Settings:
     batch: int = 100
     runs: int = 3
     consumer: str = ""
+    sides: list[str] = field(default_factory=lambda: list(SIDES))
+    out: Path = RESULTS_DIR
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,9 +194,17 @@ same cores as the consumer and the producer)."""
 
 
 SIDES = ("nerve", "raw", "raw-typed")
-"""The sides of a run, alternating: nerve, the raw client parsing each event, the raw
-client also validating each event's data (``$NERVE_BENCH_RAW_TYPED``)."""
-TAGS = {"nerve": "nb", "raw": "rb", "raw-typed": "rt"}
+"""The sides of a run by default, alternating: nerve, the raw client parsing each event,
+the raw client also validating each event's data (``$NERVE_BENCH_RAW_TYPED``)."""
+EXTRA_SIDES = {"sql": ("postgres",), "sql-norec": ("postgres",)}
+"""Sides to ask for (``--sides``), and the brokers that have them: nerve's own statements
+without its runtime (:mod:`benchmarks.pg_sql`)."""
+TAGS = {"nerve": "nb", "raw": "rb", "raw-typed": "rt", "sql": "sq", "sql-norec": "sn"}
+
+
+def sides_of(broker: str, sides: list[str]) -> list[str]:
+    """The sides of ``sides`` that ``broker`` has, in order."""
+    return [side for side in sides if broker in EXTRA_SIDES.get(side, (broker,))]
 
 
 def client_version(broker: str) -> str:
@@ -293,6 +303,10 @@ class Bench:
                 PYTHON, "-m", "benchmarks.broker_apps", url, str(s.events), str(s.batch),
                 str(ready),
             ]  # fmt: skip
+        elif side in pg_sql.SIDES:
+            args = [side, name, str(s.events), str(s.batch), str(ready)]
+            consumer_cmd = [PYTHON, "-m", "benchmarks.pg_sql", "consume", *args, str(done)]
+            producer_cmd = [PYTHON, "-m", "benchmarks.pg_sql", "produce", *args]
         else:
             asyncio.run(raw_clients.setup(broker, name))
             args = [broker, name, str(s.events), str(s.batch), str(ready)]
@@ -320,6 +334,8 @@ class Bench:
         finally:
             if side == "nerve":
                 asyncio.run(nerve_teardown(broker, name))
+            elif side in pg_sql.SIDES:
+                asyncio.run(pg_sql.teardown(name))
             else:
                 asyncio.run(raw_clients.teardown(broker, name))
         self.progress.update(task, completed=s.events)
@@ -369,6 +385,11 @@ def summary_line(results: dict[str, dict[str, list[dict[str, float]]]]) -> dict[
         if sides.get("raw-typed"):
             typed = stat(sides["raw-typed"])[0]
             out[broker] |= {"raw_typed": round(typed), "ratio_typed": round(nerve / typed, 3)}
+        for side in EXTRA_SIDES:
+            if sides.get(side):
+                rate = stat(sides[side])[0]
+                key = side.replace("-", "_")
+                out[broker] |= {key: round(rate), f"{key}_ratio": round(rate / raw, 3)}
     return out
 
 
@@ -383,11 +404,13 @@ def markdown(
         "# nerve vs the raw client, per broker",
         "",
         f"`python -m benchmarks brokers --events {s.events} --runs {s.runs} --batch {s.batch}"
-        f" --brokers {','.join(s.brokers)}`, {env['when']}.",
+        f" --brokers {','.join(s.brokers)}"
+        + ("" if s.sides == list(SIDES) else f" --sides {','.join(s.sides)}")
+        + f"`, {env['when']}.",
         "",
         f"Throughput, end to end (first publish to last ack), {s.events:,} events of "
         f"~{env['event_bytes']} bytes, published in batches of {s.batch}; median [min-max] "
-        f"of {s.runs} runs, nerve, raw and raw-typed alternating.",
+        f"of {s.runs} runs, the sides ({', '.join(s.sides)}) alternating.",
         "",
         "| broker | nerve events/s | raw events/s | nerve/raw | raw-typed events/s "
         "| nerve/raw-typed |",
@@ -400,6 +423,25 @@ def markdown(
             f"{summary[broker]['ratio']:.2f}x | {fmt(typed) if typed else '-'} | "
             + (f"{summary[broker]['ratio_typed']:.2f}x |" if typed else "- |")
         )
+    extra = [side for side in EXTRA_SIDES if any(sides.get(side) for sides in results.values())]
+    if extra:
+        lines += [
+            "",
+            "Further sides (see below): events/s, and as a ratio to raw.",
+            "",
+            "| broker | " + " | ".join(f"{side} events/s | {side}/raw" for side in extra) + " |",
+            "|---|" + "---:|---:|" * len(extra),
+        ]
+        for broker, sides in results.items():
+            cells = []
+            for side in extra:
+                key = side.replace("-", "_")
+                if sides.get(side):
+                    cells += [fmt(sides[side]), f"{summary[broker][f'{key}_ratio']:.2f}x"]
+                else:
+                    cells += ["-", "-"]
+            lines.append(f"| {broker} | " + " | ".join(cells) + " |")
+        lines += ["", *(f"- {side}: {pg_sql.SETTINGS[side]}" for side in extra)]
     lines += [
         "",
         "Goal: nerve >= 0.6x the raw client on every broker (nerve/raw).",
@@ -459,8 +501,20 @@ def markdown(
     return "\n".join(lines)
 
 
-PLOT_SIDES = (("nerve", "#3b6ea8"), ("raw", "#9a9a9a"), ("raw-typed", "#c8c8c8"))
-PLOT_LABELS = {"nerve": "nerve", "raw": "raw client", "raw-typed": "raw client + validation"}
+PLOT_SIDES = (
+    ("nerve", "#3b6ea8"),
+    ("sql", "#7fa7d6"),
+    ("sql-norec", "#b9d0ea"),
+    ("raw", "#9a9a9a"),
+    ("raw-typed", "#c8c8c8"),
+)
+PLOT_LABELS = {
+    "nerve": "nerve",
+    "sql": "nerve's SQL, no runtime",
+    "sql-norec": "nerve's SQL, no runtime, no records",
+    "raw": "raw client",
+    "raw-typed": "raw client + validation",
+}
 
 
 def plot(results: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> bool:
@@ -531,13 +585,13 @@ def run(settings: Settings, console: Console) -> dict[str, Any]:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     load_before = os.getloadavg()
     results: dict[str, dict[str, list[dict[str, float]]]] = {
-        b: {side: [] for side in SIDES} for b in settings.brokers
+        b: {side: [] for side in sides_of(b, settings.sides)} for b in settings.brokers
     }
     with _progress(console) as progress:
         bench = Bench(settings, use_cli, progress, stamp)
         for broker in settings.brokers:
             for i in range(1, settings.runs + 1):  # alternating, so drift hits both alike
-                for side in SIDES:
+                for side in results[broker]:
                     results[broker][side].append(bench.one(broker, side, i))
     summary = summary_line(results)
     console.print(results_table(results, settings))
@@ -557,7 +611,7 @@ def run(settings: Settings, console: Console) -> dict[str, Any]:
     }
     doc = {
         "summary": summary,
-        "settings": asdict(settings),
+        "settings": asdict(settings) | {"out": str(settings.out)},
         "sides": {
             b: {
                 "nerve": {
@@ -568,6 +622,11 @@ def run(settings: Settings, console: Console) -> dict[str, Any]:
                 },
                 "raw": raw_clients.SETTINGS[b].replace("BATCH", str(settings.batch)),
                 "raw-typed": raw_clients.TYPED_SETTING,
+            }
+            | {
+                side: pg_sql.SETTINGS[side].replace("BATCH", str(settings.batch))
+                for side in sides_of(b, settings.sides)
+                if side in pg_sql.SETTINGS
             }
             for b in settings.brokers
         },
@@ -586,14 +645,14 @@ def run(settings: Settings, console: Console) -> dict[str, Any]:
         },
         "goal": {"ratio_at_least": 0.6},
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "brokers.json").write_bytes(
-        orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
-    )
-    (RESULTS_DIR / "brokers.md").write_text(markdown(results, settings, env, summary))
-    plotted = plot(results, RESULTS_DIR / "brokers.png")
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "brokers.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    (out / "brokers.md").write_text(markdown(results, settings, env, summary))
+    plotted = plot(results, out / "brokers.png")
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     console.print(
-        f"wrote {RESULTS_DIR.relative_to(ROOT)}/brokers.json, brokers.md"
+        f"wrote {shown}/brokers.json, brokers.md"
         + (", brokers.png" if plotted else " (no plot: matplotlib is not installed)")
     )
     return summary

@@ -4,6 +4,7 @@ goal arithmetic of ``benchmarks/compare.py`` is checked on hand-made series."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import subprocess
@@ -418,3 +419,35 @@ def test_consumer_instructions_per_event_are_counted_per_broker() -> None:
         assert not list(client.scan_iter(match="cg_*", count=1000))
     finally:
         client.close()
+
+
+def test_postgres_sides_without_the_runtime_run_nerves_statements(tmp_path: Path) -> None:
+    """``brokers --sides ...,sql,sql-norec`` on a real PostgreSQL: the sides that run
+    nerve's own statements without its runtime drain every event (the harness waits for
+    the N-th), the report gives their ratios to raw, and each run's schemas are dropped."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    done = _benchmarks(
+        "brokers", "--brokers", "postgres", "--sides", "nerve,raw,sql,sql-norec",
+        "--runs", "1", "--events", "300", "--out", str(tmp_path), timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    summary = orjson.loads(done.stdout.decode().strip().splitlines()[-1])["postgres"]
+    for side in ("nerve", "raw", "sql", "sql_norec"):
+        assert summary[side] > 0, summary
+    assert summary["sql_ratio"] == pytest.approx(summary["sql"] / summary["raw"], abs=0.001)
+    page = (tmp_path / "brokers.md").read_text()
+    assert "| postgres |" in page and "sql-norec/raw" in page
+    assert (tmp_path / "brokers.json").exists()
+
+    async def leftovers() -> list[str]:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+        try:
+            rows = await conn.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspname ~ '^(nb|rb|sq|sn)_[0-9]+_1'"
+            )
+        finally:
+            await conn.close()
+        return [r[0] for r in rows]
+
+    assert asyncio.run(leftovers()) == []
