@@ -527,35 +527,36 @@ def plot(results: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> b
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
     brokers = list(results)
-    drawn = [
-        (side, color) for side, color in PLOT_SIDES if all(results[b].get(side) for b in brokers)
-    ]
-    width = 0.8 / len(drawn)
-    for i, (side, color) in enumerate(drawn):
-        stats = [stat(results[b][side]) for b in brokers]
-        xs = [j + (i - (len(drawn) - 1) / 2) * width for j in range(len(brokers))]
-        ax.bar(
-            xs,
-            [med for med, _, _ in stats],
-            width,
-            yerr=[[med - lo for med, lo, _ in stats], [hi - med for med, _, hi in stats]],
-            color=color,
-            capsize=4,
-            label=PLOT_LABELS[side],
-        )
+    colors = dict(PLOT_SIDES)
+    shown = {b: [side for side in colors if results[b].get(side)] for b in brokers}
+    width = 0.8 / max(len(sides) for sides in shown.values())
+    labelled: set[str] = set()
+    for j, b in enumerate(brokers):  # each broker's bars centred on it, its sides only
+        for i, side in enumerate(shown[b]):
+            med, lo, hi = stat(results[b][side])
+            ax.bar(
+                j + (i - (len(shown[b]) - 1) / 2) * width,
+                med,
+                width,
+                yerr=[[med - lo], [hi - med]],
+                color=colors[side],
+                capsize=4,
+                label=None if side in labelled else PLOT_LABELS[side],
+            )
+            labelled.add(side)
     summary = summary_line(results)
     for j, b in enumerate(brokers):
         label = f"{summary[b]['ratio']:.2f}x raw"
         if "ratio_typed" in summary[b]:
             label += f"\n{summary[b]['ratio_typed']:.2f}x typed"
-        top = max(stat(results[b][side])[2] for side, _ in drawn)
+        top = max(stat(results[b][side])[2] for side in shown[b])
         ax.annotate(label, (j, top), ha="center", va="bottom", fontsize=8)
-    highest = max(stat(results[b][side])[2] for b in brokers for side, _ in drawn)
+    highest = max(stat(results[b][side])[2] for b in brokers for side in shown[b])
     ax.set_ylim(0, highest * 1.2)  # room for the ratios above the bars
     ax.set_xticks(range(len(brokers)), brokers)
     ax.set_ylabel("events/s (median, min-max)")
     ax.set_title("Throughput, end to end: nerve vs raw client (nerve/raw above the bars)")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -439,6 +439,8 @@ def test_postgres_sides_without_the_runtime_run_nerves_statements(tmp_path: Path
     page = (tmp_path / "brokers.md").read_text()
     assert "| postgres |" in page and "sql-norec/raw" in page
     assert (tmp_path / "brokers.json").exists()
+    if importlib.util.find_spec("matplotlib") is not None:  # the bench extra's
+        assert (tmp_path / "brokers.png").stat().st_size > 10_000
 
     async def leftovers() -> list[str]:
         conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
