@@ -441,7 +441,10 @@ def markdown(
                 else:
                     cells += ["-", "-"]
             lines.append(f"| {broker} | " + " | ".join(cells) + " |")
-        lines += ["", *(f"- {side}: {pg_sql.SETTINGS[side]}" for side in extra)]
+        lines += [""]
+        lines += [
+            f"- {side}: {pg_sql.SETTINGS[side].replace('BATCH', str(s.batch))}" for side in extra
+        ]
     lines += [
         "",
         "Goal: nerve >= 0.6x the raw client on every broker (nerve/raw).",

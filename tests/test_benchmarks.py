@@ -438,6 +438,7 @@ def test_postgres_sides_without_the_runtime_run_nerves_statements(tmp_path: Path
     assert summary["sql_ratio"] == pytest.approx(summary["sql"] / summary["raw"], abs=0.001)
     page = (tmp_path / "brokers.md").read_text()
     assert "| postgres |" in page and "sql-norec/raw" in page
+    assert "BATCH" not in page  # the batch size is filled in
     assert (tmp_path / "brokers.json").exists()
     if importlib.util.find_spec("matplotlib") is not None:  # the bench extra's
         assert (tmp_path / "brokers.png").stat().st_size > 10_000
