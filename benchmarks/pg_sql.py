@@ -27,14 +27,12 @@ sql/raw what nerve's SQL design costs against a plain ``SKIP LOCKED`` queue.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 import uuid
 from typing import Any
 
-import orjson
-
+from benchmarks import raw_clients
 from benchmarks.raw_clients import PG_DSN, WARMUP, Counter, _timed
 
 SIDES = ("sql", "sql-norec")
@@ -128,22 +126,7 @@ async def teardown(name: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
-    mode, side, name, *rest = argv
-    if side not in SIDES:
-        raise SystemExit(f"unknown side {side!r}: choose from {', '.join(SIDES)}")
-    if mode == "produce":
-        result = asyncio.run(produce(side, name, int(rest[0]), int(rest[1]), rest[2]))
-        sys.stdout.write(orjson.dumps(result).decode() + "\n")
-    elif mode == "consume":
-        asyncio.run(consume(side, name, int(rest[0]), int(rest[1]), rest[2], rest[3]))
-    else:
-        raise SystemExit(f"unknown mode {mode!r}: produce or consume")
+    raw_clients.main(argv, produce, consume, SIDES)
 
 
 if __name__ == "__main__":

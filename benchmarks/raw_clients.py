@@ -36,6 +36,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -384,21 +385,33 @@ async def consume(broker: str, name: str, count: int, batch: int, ready: str, do
         raise ValueError(broker)
 
 
-def main(argv: list[str]) -> None:
+def main(
+    argv: list[str],
+    producer: Any = None,
+    consumer: Any = None,
+    kinds: Sequence[str] | None = None,
+) -> None:
+    """``produce|consume KIND NAME N BATCH READY [DONE]``: run ``producer`` (it prints
+    its JSON result) or ``consumer`` under uvloop. KIND is the broker here, one of
+    ``kinds`` for another side's module (``benchmarks.pg_sql``)."""
     try:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    mode, broker, name, *rest = argv
+    mode, kind, name, *rest = argv
+    if kinds is not None and kind not in kinds:
+        raise SystemExit(f"unknown side {kind!r}: choose from {', '.join(kinds)}")
     if mode == "produce":
-        result = asyncio.run(produce(broker, name, int(rest[0]), int(rest[1]), rest[2]))
+        run = producer or produce
+        result = asyncio.run(run(kind, name, int(rest[0]), int(rest[1]), rest[2]))
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
     elif mode == "consume":
-        asyncio.run(consume(broker, name, int(rest[0]), int(rest[1]), rest[2], rest[3]))
+        run = consumer or consume
+        asyncio.run(run(kind, name, int(rest[0]), int(rest[1]), rest[2], rest[3]))
     else:
-        raise SystemExit(f"unknown mode {mode!r}")
+        raise SystemExit(f"unknown mode {mode!r}: produce or consume")
 
 
 if __name__ == "__main__":
