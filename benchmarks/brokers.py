@@ -353,6 +353,19 @@ class Bench:
 # Report
 
 
+CPU_KEYS = ("consumer_cpu_us", "producer_cpu_us", "server_cpu_us")
+
+
+def cpu_totals(runs: list[dict[str, float]]) -> tuple[float, ...] | None:
+    """Medians of a side's CPU time per event, µs: consumer, producer, broker server, and
+    their sum (None if a run did not measure one of them, or none was counted)."""
+    if not runs or any(r.get(key) is None for r in runs for key in CPU_KEYS):
+        return None
+    parts = [statistics.median(r[key] for r in runs) for key in CPU_KEYS]
+    total = sum(parts)
+    return (*parts, total) if total > 0 else None  # a run too short for the clock's ticks
+
+
 def stat(runs: list[dict[str, float]], key: str = "events_per_s") -> tuple[float, float, float]:
     values = [r[key] for r in runs]
     return statistics.median(values), min(values), max(values)
@@ -382,6 +395,13 @@ def summary_line(results: dict[str, dict[str, list[dict[str, float]]]]) -> dict[
     for broker, sides in results.items():
         nerve, raw = stat(sides["nerve"])[0], stat(sides["raw"])[0]
         out[broker] = {"nerve": round(nerve), "raw": round(raw), "ratio": round(nerve / raw, 3)}
+        cpu, raw_cpu = cpu_totals(sides["nerve"]), cpu_totals(sides["raw"])
+        if cpu and raw_cpu:  # µs of CPU time per event, all processes (cpu_section)
+            out[broker] |= {
+                "nerve_cpu_us": round(cpu[3], 1),
+                "raw_cpu_us": round(raw_cpu[3], 1),
+                "cpu_ratio": round(raw_cpu[3] / cpu[3], 3),
+            }
         if sides.get("raw-typed"):
             typed = stat(sides["raw-typed"])[0]
             out[broker] |= {"raw_typed": round(typed), "ratio_typed": round(nerve / typed, 3)}
@@ -391,6 +411,44 @@ def summary_line(results: dict[str, dict[str, list[dict[str, float]]]]) -> dict[
                 key = side.replace("-", "_")
                 out[broker] |= {key: round(rate), f"{key}_ratio": round(rate / raw, 3)}
     return out
+
+
+def cpu_section(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
+    """The page's table of CPU time per event, per side, with the ratio that CPU time
+    alone would give next to the ratio measured."""
+    rows = []
+    for broker, sides in results.items():
+        raw = cpu_totals(sides.get("raw", []))
+        raw_rate = stat(sides["raw"])[0] if sides.get("raw") else None
+        for side, runs in sides.items():
+            cpu = cpu_totals(runs)
+            if cpu is None:
+                continue
+            cells = [f"{x:,.1f}" for x in cpu]
+            if raw is not None and side != "raw":
+                cells.append(f"{raw[3] / cpu[3]:.2f}x")
+                cells.append(f"{stat(runs)[0] / raw_rate:.2f}x" if raw_rate else "-")
+            else:
+                cells += ["-", "-"]
+            rows.append(f"| {broker} | {side} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## CPU time per event",
+        "",
+        "Medians, µs of CPU time per event: the consumer process's (all threads, from the "
+        "warm-up handled to the last event handled), the producer's (over its publishing) "
+        "and the broker server's (all its processes, over the consumer's window). The "
+        "three share this machine's cores, so when they keep the cores busy the "
+        "throughput ratio follows the ratio of the totals: raw total / side total is the "
+        "ratio CPU time alone would give, next to the one measured.",
+        "",
+        "| broker | side | consumer | producer | server | total | raw/side CPU | side/raw "
+        "events/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def markdown(
@@ -454,6 +512,8 @@ def markdown(
         "receives (`OrderPlaced.model_validate`), as a typed handler written against the "
         "raw client would; nerve always validates (the event's contract). The difference "
         "between the two raw columns is what that validation costs the raw client.",
+        "",
+        *cpu_section(results),
         "",
         "## Machine",
         "",
@@ -712,8 +772,7 @@ def run_profiles(settings: Settings, console: Console) -> list[Path]:
             ]
             for side, result in (("nerve (profiled)", nerve), ("raw client", raw)):
                 cells = [
-                    "-" if result.get(key) is None else f"{result[key]:,.1f}"
-                    for key in ("consumer_cpu_us", "producer_cpu_us", "server_cpu_us")
+                    "-" if result.get(key) is None else f"{result[key]:,.1f}" for key in CPU_KEYS
                 ]
                 lines.append(f"| {side} | {result['events_per_s']:,.0f} | {' | '.join(cells)} |")
             if cpu and raw_cpu:

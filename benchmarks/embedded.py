@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from rich.console import Console
@@ -494,15 +494,26 @@ def throughput_result(events: int, sent: dict[str, float], done_at: float) -> di
 # What the machine's CPUs did during a run
 
 
-def _stat(pid: int | str) -> tuple[str, float] | None:
-    """A process's command name (``/proc/PID/stat``'s, at most 15 characters) and its
-    user + system CPU seconds so far, all its threads; None where that cannot be read
-    (no such process, no ``/proc``)."""
+class ProcessCpu(NamedTuple):
+    """A process's CPU seconds so far (user + system, all its threads, and those of
+    the children it has waited for) and its parent's pid."""
+
+    seconds: float
+    parent: int
+
+
+def _stat(pid: int | str) -> tuple[str, float, ProcessCpu] | None:
+    """A process's command name (``/proc/PID/stat``'s, at most 15 characters), its own
+    user + system CPU seconds so far (all its threads), and :class:`ProcessCpu`; None
+    where that cannot be read (no such process, no ``/proc``)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         name, _, rest = stat.partition(" (")[2].rpartition(")")
         fields = rest.split()
-        return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        own = (int(fields[11]) + int(fields[12])) / tick
+        reaped = (int(fields[13]) + int(fields[14])) / tick
+        return name, own, ProcessCpu(own + reaped, int(fields[1]))
     except (OSError, ValueError, IndexError):
         return None
 
@@ -514,29 +525,38 @@ def cpu_seconds(pid: int) -> float | None:
     return None if found is None else found[1]
 
 
-def cpu_by_name(prefixes: tuple[str, ...]) -> dict[int, float]:
-    """pid -> user + system CPU seconds so far, of every process whose command name
-    starts with one of ``prefixes``: a broker server and its workers (PostgreSQL runs a
-    backend per connection). Empty where ``/proc`` cannot be read, or for no prefix."""
+def cpu_by_name(prefixes: tuple[str, ...]) -> dict[int, ProcessCpu]:
+    """pid -> :class:`ProcessCpu`, of every process whose command name starts with one
+    of ``prefixes``: a broker server and its workers (PostgreSQL runs a backend per
+    connection). Empty where ``/proc`` cannot be read, or for no prefix."""
     if not prefixes:
         return {}
     try:
         entries = os.listdir("/proc")
     except OSError:
         return {}
-    found: dict[int, float] = {}
+    found: dict[int, ProcessCpu] = {}
     for entry in entries:
         if entry.isdigit():
             stat = _stat(entry)  # None: gone meanwhile
             if stat is not None and stat[0].startswith(prefixes):
-                found[int(entry)] = stat[1]
+                found[int(entry)] = stat[2]
     return found
 
 
-def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds spent between two :func:`cpu_by_name` readings by the processes of
-    the second (one started meanwhile counts from zero; one that ended is not seen)."""
-    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+def cpu_since(before: dict[int, ProcessCpu], after: dict[int, ProcessCpu]) -> float:
+    """CPU seconds spent between two :func:`cpu_by_name` readings by those processes.
+
+    One started meanwhile counts from zero. One that ended meanwhile counts when a
+    process of the second reading waited for it (its time is then in that parent's:
+    PostgreSQL's postmaster reaps the backend of a connection closed, such as a
+    producer's that finished publishing before the consumer finished); else it is not
+    seen."""
+    spent = sum(cpu.seconds - before[pid].seconds if pid in before else cpu.seconds
+                for pid, cpu in after.items())  # fmt: skip
+    return spent - sum(
+        cpu.seconds for pid, cpu in before.items() if pid not in after and cpu.parent in after
+    )
 
 
 class CpuSampler:

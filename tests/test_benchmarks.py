@@ -343,12 +343,58 @@ def test_cpu_by_name_counts_every_process_of_a_server_started_or_not() -> None:
         time.sleep(1.0)  # the child has spun and now sleeps
         after = cpu_by_name((name,))
         assert child.pid in after and child.pid not in before
-        assert after[child.pid] >= 0.2  # started meanwhile: counted from zero
-        assert cpu_since(before, after) >= after[child.pid]
+        assert after[child.pid].seconds >= 0.2  # started meanwhile: counted from zero
+        assert after[child.pid].parent == os.getpid()
+        assert cpu_since(before, after) >= after[child.pid].seconds
         assert cpu_by_name(("no-such-server-x",)) == {}
     finally:
         child.kill()
         child.wait()
+
+
+def test_cpu_since_counts_a_process_that_ended_when_a_named_parent_reaped_it() -> None:
+    """A PostgreSQL backend whose connection closed within the window (a producer done
+    publishing) is gone from the second reading; its time is in the postmaster's, which
+    reaped it. Here a parent process (named ``nrvcpu-parent``) runs a child
+    (``nrvcpu-child``) that spins before the window and in it, then ends and is reaped:
+    the window's CPU time holds the child's spin in the window, not the one before."""
+    import subprocess
+    import sys
+
+    from benchmarks.embedded import ProcessCpu, cpu_by_name, cpu_since
+
+    name = "import ctypes\nctypes.CDLL(None).prctl(15, b'nrvcpu-{}', 0, 0, 0)\n"
+    spin = "end = time.monotonic() + {}\nwhile time.monotonic() < end: pass\n"
+    child = name.format("child") + "import sys, time\n" + spin.format(0.3)
+    child += "sys.stdin.readline()\n" + spin.format(0.4)
+    parent = name.format("parent") + "import subprocess, sys\n"
+    parent += f"c = subprocess.Popen([sys.executable, '-c', {child!r}], stdin=subprocess.PIPE)\n"
+    parent += "sys.stdin.readline()\nc.communicate(b'go\\n')\nprint('reaped', flush=True)\n"
+    parent += "sys.stdin.readline()\n"
+    with subprocess.Popen(
+        [sys.executable, "-c", parent], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            time.sleep(1.5)  # the child has spun its 0.3 s and waits
+            before = cpu_by_name(("nrvcpu",))
+            (kid,) = [pid for pid, cpu in before.items() if cpu.parent == proc.pid]
+            assert proc.pid in before and before[kid].seconds >= 0.1
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == b"reaped\n"  # the child spun 0.4 s, ended
+            after = cpu_by_name(("nrvcpu",))
+        finally:
+            proc.kill()
+    assert kid not in after and proc.pid in after
+    spent = cpu_since(before, after)
+    # the parent's time grew by the child's whole time; the part before the window
+    # is taken off, once
+    grown = after[proc.pid].seconds - before[proc.pid].seconds
+    assert spent == pytest.approx(grown - before[kid].seconds)
+    assert 0.05 < spent < grown
+    # a process gone without a parent in the reading is not seen: nothing taken off
+    assert cpu_since(before | {1: ProcessCpu(5.0, 0)}, after) == pytest.approx(spent)
 
 
 @pytest.mark.slow
@@ -454,3 +500,41 @@ def test_postgres_sides_without_the_runtime_run_nerves_statements(tmp_path: Path
         return [r[0] for r in rows]
 
     assert asyncio.run(leftovers()) == []
+
+
+def test_brokers_page_sets_each_sides_cpu_per_event_beside_its_ratio() -> None:
+    """The page's CPU table: per side, the medians of consumer, producer and server CPU
+    per event and their sum; raw's total over the side's next to the measured ratio; a
+    side whose runs did not all measure CPU is left out, and the summary line carries
+    nerve's and raw's totals."""
+    from benchmarks.brokers import cpu_section, summary_line
+
+    def run(rate: float, consumer: float, producer: float, server: float) -> dict[str, float]:
+        return {
+            "events_per_s": rate,
+            "consumer_cpu_us": consumer,
+            "producer_cpu_us": producer,
+            "server_cpu_us": server,
+        }
+
+    results = {
+        "postgres": {
+            "nerve": [run(30_000, 15, 6, 14), run(40_000, 14, 5, 16), run(35_000, 16, 7, 15)],
+            "raw": [run(100_000, 3, 1.5, 3.5), run(90_000, 3, 1.5, 4.5)],
+            "sql": [run(40_000, 6, 1.5, 15), {"events_per_s": 41_000}],
+        }
+    }
+    lines = cpu_section(results)
+    # nerve: medians 15 + 6 + 15 = 36; raw: 3 + 1.5 + 4 = 8.5; 8.5 / 36 = 0.24
+    assert "| postgres | nerve | 15.0 | 6.0 | 15.0 | 36.0 | 0.24x | 0.37x |" in lines
+    assert "| postgres | raw | 3.0 | 1.5 | 4.0 | 8.5 | - | - |" in lines
+    assert not [line for line in lines if "| sql |" in line]  # one run not measured
+    summary = summary_line(results)["postgres"]
+    assert summary["nerve_cpu_us"] == 36.0 and summary["raw_cpu_us"] == 8.5
+    assert summary["cpu_ratio"] == pytest.approx(8.5 / 36, abs=0.001)
+    assert cpu_section({"kafka": {"nerve": [{"events_per_s": 1.0}], "raw": []}}) == []
+    zero = {"nerve": [run(1.0, 0, 0, 0)], "raw": [run(2.0, 1, 1, 1)]}
+    lines = cpu_section({"redis": zero})  # nerve's run too short to count: left out
+    assert "| redis | raw | 1.0 | 1.0 | 1.0 | 3.0 | - | - |" in lines
+    assert not [line for line in lines if "| nerve |" in line]
+    assert "cpu_ratio" not in summary_line({"redis": zero})["redis"]
